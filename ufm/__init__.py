@@ -1,0 +1,14 @@
+"""ufm: unconstrained features models of neural collapse, solved and checked against theory, in JAX."""
+
+from ._model import Forward as Forward
+from ._model import Params as Params
+from ._model import fit_loss as fit_loss
+from ._model import forward as forward
+from ._model import init_params as init_params
+from ._model import objective as objective
+from ._model import objective_parts as objective_parts
+from ._model import regulariser as regulariser
+from ._model import targets as targets
+from ._problem import UFM as UFM
+
+__version__ = "0.1.0"
