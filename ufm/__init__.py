@@ -12,3 +12,8 @@ from ._model import targets as targets
 from ._problem import UFM as UFM
 
 __version__ = "0.1.0"
+from ._solution import History as History
+from ._solution import Snapshots as Snapshots
+from ._solution import Solution as Solution
+from ._solver import solve as solve
+from ._solver import solve_batch as solve_batch

@@ -1,0 +1,109 @@
+"""The result of a solve: an immutable pytree that speaks SciPy (``success``, ``message``)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import numpy as np
+
+from ._model import Params
+
+# status codes, decided once at the end of the loop
+CONVERGED = 0
+MAX_STEPS = 1
+NONFINITE_INIT = 2
+DIVERGED = 3
+STALLED = 4
+RUNNING = -1
+
+STATUS_NAMES = {
+    CONVERGED: "converged",
+    MAX_STEPS: "max_steps",
+    NONFINITE_INIT: "nonfinite_init",
+    DIVERGED: "diverged",
+    STALLED: "stalled",
+    RUNNING: "running",
+}
+
+MESSAGES = {
+    CONVERGED: "Converged: the gradient norm fell below tol.",
+    MAX_STEPS: "Stopped at max_steps before the gradient norm reached tol: raise max_steps, raise lr, "
+    "or use method='lbfgs' (much faster to high precision).",
+    NONFINITE_INIT: "The initial loss or gradient is not finite: check the init parameters, init_scale and lambdas.",
+    DIVERGED: "Diverged: the loss became non-finite or grew above 1e4 * max(1, initial loss). "
+    "The learning rate is too large for this problem: lower lr (or init_scale).",
+    STALLED: "Stalled: neither the loss nor the gradient norm improved for `patience` steps while the gradient "
+    "norm was above tol. This is the precision floor of this dtype/method: use float64 "
+    "(jax_enable_x64), method='lbfgs', or a looser tol.",
+    RUNNING: "Running.",
+}
+
+
+class History(NamedTuple):
+    """Per-step traces, recorded every ``history_every`` steps: entry j is step ``j * history_every``
+    (entry 0 is the initial point). Entries after the last step are NaN."""
+
+    loss: jax.Array
+    grad_norm: jax.Array
+
+
+class Snapshots(NamedTuple):
+    """Parameters saved every ``snapshot_every`` steps: ``params`` has a leading snapshot axis;
+    ``step[j]`` is the step of snapshot j, or -1 for an unused slot."""
+
+    step: jax.Array
+    params: Params
+
+
+class Solution(NamedTuple):
+    """Result of `ufm.solve` (fields gain a leading batch axis from `ufm.solve_batch`).
+
+    Attributes:
+      params: the final `Params` (H, Ws, b).
+      value: the objective f at ``params``.
+      grad_norm: ||grad f(params)||_2, the Euclidean norm over all parameters.
+      num_steps: optimiser steps taken.
+      status: int code (0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled); see
+        ``message`` for what to do next.
+      history: `History` of loss and gradient norm, or None.
+      snapshots: `Snapshots`, or None.
+    """
+
+    params: Params
+    value: jax.Array
+    grad_norm: jax.Array
+    num_steps: jax.Array
+    status: jax.Array
+    history: History | None = None
+    snapshots: Snapshots | None = None
+
+    @property
+    def success(self):
+        """True where ``status == 0`` (a bool, or a bool array for a batch)."""
+        s = np.asarray(self.status)
+        return bool(s == CONVERGED) if s.ndim == 0 else s == CONVERGED
+
+    @property
+    def status_name(self):
+        s = np.asarray(self.status)
+        if s.ndim == 0:
+            return STATUS_NAMES[int(s)]
+        return np.vectorize(lambda c: STATUS_NAMES[int(c)])(s)
+
+    @property
+    def message(self):
+        """Human-readable outcome with the next thing to try (a list for a batch)."""
+        s = np.asarray(self.status)
+        if s.ndim == 0:
+            return MESSAGES[int(s)]
+        return [MESSAGES[int(c)] for c in s.ravel()]
+
+    def take(self, i) -> Solution:
+        """Run(s) ``i`` of a batched solution: ``sols.take(3)`` is the 4th run, ``sols.take(mask)`` a subset."""
+        return jax.tree_util.tree_map(lambda x: x[i], self)
+
+    @property
+    def batch_size(self) -> int | None:
+        s = np.shape(self.status)
+        return s[0] if len(s) else None
