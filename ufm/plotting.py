@@ -1,0 +1,520 @@
+"""Figures of a UFM solution: training curves, per-layer collapse, class-mean Grams, spectra, class means.
+
+Every function returns a `matplotlib.figure.Figure` built without pyplot: nothing is shown, no global figure
+state is touched, and any backend (Agg in scripts and tests, inline in notebooks) can render it; save it with
+``fig.savefig("name.png", dpi=150)``. matplotlib is imported inside the functions so that ``import ufm`` stays
+light.
+
+Figures are sized for a paper (about 7-10 inches wide, 9-10 pt text). Log axes show exact zeros as a floor
+marked "0" rather than dropping them silently.
+
+Layers follow `ufm.forward` and THEORY.md §4: H_1 are the free features, H_l = s(W_{l-1} H_{l-1}) (l >= 2) the
+input of W_l, and "out" = W_L H_L + b the output. Metrics come from `ufm.metrics` (names and formulas there).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "nc1_over_training",
+    "training_curves",
+    "collapse_bars",
+    "gram_heatmaps",
+    "singular_value_plot",
+    "class_means_plot",
+]
+
+_FLOOR = 1e-17  # where exact zeros are drawn on log axes (below float64 rounding of O(1) quantities)
+_RC = {
+    "font.size": 9,
+    "axes.titlesize": 10,
+    "axes.labelsize": 9,
+    "legend.fontsize": 8,
+    "xtick.labelsize": 8,
+    "ytick.labelsize": 8,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+}
+
+
+def _figure(width: float, height: float):
+    from matplotlib.figure import Figure
+
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def _rc():
+    import matplotlib as mpl
+
+    return mpl.rc_context(_RC)
+
+
+def _layer_colors(n: int):
+    from matplotlib import colormaps
+
+    cmap = colormaps["viridis"]
+    return [cmap(0.85 * i / max(n - 1, 1)) for i in range(n)]
+
+
+def _positive(x) -> np.ndarray:
+    """Values for a log axis: exact zeros -> _FLOOR, NaN/negatives -> NaN (not drawn)."""
+    x = np.asarray(x, dtype=np.float64)
+    out = np.where(x > 0, x, np.nan)
+    return np.where(x == 0, _FLOOR, out)
+
+
+def _log_ylim(ax, values, min_decades: float = 2.0) -> None:
+    """Log y-limits that show every positive value and span at least ``min_decades`` (a near-constant series
+    would otherwise fill the axis with one meaningless tick range)."""
+    v = np.asarray(values, np.float64)
+    v = v[np.isfinite(v) & (v > 0)]
+    if not v.size:
+        return
+    lo, hi = float(v.min()) / 3, float(v.max()) * 3
+    if hi / lo < 10**min_decades:
+        mid = math.sqrt(lo * hi)
+        lo, hi = mid / 10 ** (min_decades / 2), mid * 10 ** (min_decades / 2)
+    ax.set_ylim(lo, hi)
+
+
+def _history_arrays(history) -> tuple[np.ndarray, np.ndarray]:
+    if hasattr(history, "history") and hasattr(history, "params"):  # a Solution
+        history = history.history
+        if history is None:
+            raise ValueError("the solution has no history: solve with history=True")
+    if hasattr(history, "loss") and hasattr(history, "grad_norm"):
+        loss, gn = history.loss, history.grad_norm
+    elif isinstance(history, (tuple, list)) and len(history) == 2:
+        loss, gn = history
+    else:
+        raise TypeError(
+            f"history must be a ufm.History, a ufm.Solution or a (loss, grad_norm) pair; got {type(history).__name__}"
+        )
+    loss = np.asarray(loss, dtype=np.float64)
+    gn = np.asarray(gn, dtype=np.float64)
+    if loss.ndim != 1 or gn.shape != loss.shape:
+        raise ValueError(
+            f"history loss and grad_norm must be 1-D of equal length (one entry per recorded step; for a batch "
+            f"pass sols.take(i)); got shapes {loss.shape} and {gn.shape}"
+        )
+    written = np.flatnonzero(~(np.isnan(loss) & np.isnan(gn)))
+    n = written[-1] + 1 if written.size else 0
+    return loss[:n], gn[:n]
+
+
+def _feature_layers(problem, params):
+    """[(name, H_l)] for l = 1..L and the output, as float64 NumPy arrays."""
+    from ._model import Params, forward
+
+    fw = forward(problem, Params(*params))
+    layers = [(f"H_{l + 1}", np.asarray(h, np.float64)) for l, h in enumerate(fw.H)]
+    layers.append(("out", np.asarray(fw.out, np.float64)))
+    return layers
+
+
+def _sub(name: str) -> str:
+    """'H_2' -> mathtext H$_2$ for titles."""
+    if "_" in name:
+        a, b = name.split("_", 1)
+        return f"${a}_{{{b}}}$"
+    return name
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# training curves
+
+
+def nc1_over_training(problem, snapshots) -> tuple[np.ndarray, np.ndarray, list[str]]:
+    """NC1 of every feature layer H_1..H_L at every parameter snapshot of a solve.
+
+    NC1 is `ufm.metrics.nc1`, ``tr(Sigma_W Sigma_B^+)/K`` (Papyan, Han, Donoho 2020). ``snapshots`` is the
+    `ufm.Snapshots` of ``ufm.solve(..., snapshot_every=k)`` (unused slots, step -1, are skipped).
+
+    Returns ``(steps (S,), nc1 (S, L), names)`` with names ``["H_1", ..., "H_L"]``.
+    """
+    import jax
+
+    from . import metrics
+    from ._model import forward
+
+    steps = np.asarray(snapshots.step)
+    if steps.ndim != 1:
+        raise ValueError(f"snapshots.step must be 1-D (one solve; for a batch pass sols.take(i)); got {steps.shape}")
+    used = steps >= 0
+    params = jax.tree_util.tree_map(lambda x: x[used], snapshots.params)
+    Hs = jax.vmap(lambda p: forward(problem, p).H)(params)
+    y = problem.labels()
+    K = problem.num_classes
+    out = np.array([[metrics.nc1(np.asarray(H[s]), y, K) for H in Hs] for s in range(int(used.sum()))])
+    return steps[used], out.reshape(int(used.sum()), problem.L), [f"H_{l + 1}" for l in range(problem.L)]
+
+
+def training_curves(
+    history,
+    *,
+    predicted_loss: float | None = None,
+    history_every: int = 1,
+    nc1: Any = None,
+    nc1_steps: Any = None,
+    layer_names: Sequence[str] | None = None,
+    tol: float | None = None,
+    title: str | None = None,
+):
+    """Training curves on log axes: the loss gap to the prediction, the gradient norm, and NC1 per layer.
+
+    Args:
+      history: a `ufm.History`, a `ufm.Solution` (its history) or a ``(loss, grad_norm)`` pair of arrays
+        (NaN padding after the last step is dropped).
+      predicted_loss: f_pred, the predicted optimal loss (``ufm.predict(problem).loss``). With it the first panel
+        is |f_k - f_pred|, steps where f_k < f_pred (the run beat the prediction) drawn in red; without it the
+        panel is the loss f_k itself, and says so.
+      history_every: steps between history entries (as passed to `ufm.solve`).
+      nc1, nc1_steps, layer_names: NC1 per layer at the snapshot steps, shape (S, L), e.g. from
+        `nc1_over_training`. Without them the third panel says that no snapshots were taken.
+      tol: the solver's gradient-norm tolerance, drawn as a dashed line.
+
+    Returns:
+      A Figure with 3 axes.
+    """
+    loss, gn = _history_arrays(history)
+    steps = np.arange(loss.size) * int(history_every)
+    with _rc():
+        fig = _figure(10.0, 3.2)
+        ax_loss, ax_grad, ax_nc1 = fig.subplots(1, 3)
+        if predicted_loss is not None and np.isfinite(predicted_loss):
+            gap = loss - float(predicted_loss)
+            above = np.where(gap >= 0, _positive(gap), np.nan)
+            below = np.where(gap < 0, -gap, np.nan)
+            ax_loss.plot(steps, above, color="C0", lw=1.5, label=r"$f_k - f_{\rm pred} \geq 0$")
+            if np.any(gap < 0):
+                ax_loss.plot(steps, below, "o", color="C3", ms=2.5,
+                             label=r"$f_{\rm pred} - f_k > 0$ (below prediction)")
+            ax_loss.set_yscale("log")
+            ax_loss.set_ylabel(r"$|f_k - f_{\rm pred}|$")
+            ax_loss.set_title(f"loss gap to prediction $f_{{\\rm pred}}$ = {float(predicted_loss):.6g}")
+            ax_loss.legend(loc="upper right")
+        else:
+            ax_loss.plot(steps, _positive(loss), color="C0", lw=1.5)
+            ax_loss.set_yscale("log")
+            ax_loss.set_ylabel(r"loss $f_k$")
+            ax_loss.set_title("loss (no prediction to compare)")
+        ax_grad.plot(steps, _positive(gn), color="C1", lw=1.5, label=r"$\|\nabla f\|_2$")
+        if tol is not None and tol > 0:
+            ax_grad.axhline(tol, color="k", ls="--", lw=1, label=f"tol = {tol:.0e}")
+            ax_grad.legend(loc="upper right")
+        ax_grad.set_yscale("log")
+        ax_grad.set_ylabel(r"gradient norm $\|\nabla f(x_k)\|_2$")
+        ax_grad.set_title("gradient norm")
+        if nc1 is not None and nc1_steps is not None and np.size(nc1):
+            nc1 = np.asarray(nc1, np.float64).reshape(len(nc1_steps), -1)
+            names = list(layer_names) if layer_names is not None else [f"H_{l + 1}" for l in range(nc1.shape[1])]
+            for l, c in enumerate(_layer_colors(nc1.shape[1])):
+                ax_nc1.plot(nc1_steps, _positive(nc1[:, l]), "-o", ms=2.5, lw=1.3, color=c, label=_sub(names[l]))
+            ax_nc1.set_yscale("log")
+            ax_nc1.legend(loc="upper right", ncol=1 + nc1.shape[1] // 5)
+            ax_nc1.set_title("within-class variability per layer")
+        else:
+            ax_nc1.text(0.5, 0.5, "no parameter snapshots:\nsolve with snapshot_every=k", ha="center", va="center",
+                        transform=ax_nc1.transAxes)
+            ax_nc1.set_title("within-class variability per layer")
+        ax_nc1.set_ylabel(r"NC1 = tr$(\Sigma_W \Sigma_B^{+})/K$")
+        for ax in (ax_loss, ax_grad, ax_nc1):
+            ax.set_xlabel("optimiser step $k$")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# per-layer collapse metrics
+
+
+def _bars(ax, names, values, colors):
+    """Bars on a log axis, each labelled with its value; exact zeros at _FLOOR ("0"), None as "n/a"."""
+    import matplotlib.transforms as mtransforms
+
+    x = np.arange(len(names))
+    vals = np.array([np.nan if v is None else float(v) for v in values])
+    heights = _positive(vals)
+    finite = heights[np.isfinite(heights)]
+    top = max(1.0, float(np.max(finite)) if finite.size else 1.0) * 30
+    bottom = min(1e-3, float(np.min(finite)) / 10 if finite.size else 1e-3)
+    ax.set_yscale("log")
+    ax.set_ylim(bottom, top)
+    ax.bar(x, np.where(np.isfinite(heights), heights - bottom, 0.0), color=colors, width=0.7, bottom=bottom)
+    base = mtransforms.blended_transform_factory(ax.transData, ax.transAxes)
+    for i, v in enumerate(vals):
+        if np.isnan(v):
+            ax.text(x[i], 0.02, "n/a", transform=base, ha="center", va="bottom", fontsize=7, color="0.4")
+            continue
+        text = "0" if v == 0 else (f"{v:.0e}" if v < 1e-2 else f"{v:.2f}")
+        ax.annotate(text, (x[i], heights[i]), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
+                    fontsize=7, annotation_clip=False)
+    ax.set_xticks(x, [_sub(n) for n in names])
+
+
+def collapse_bars(metrics: dict, *, title: str | None = None):
+    """Per-layer bars of the collapse metrics, in the shape of Parker et al. (2023)'s per-layer plots.
+
+    ``metrics`` is the dict of `ufm.metrics.layer_metrics(problem, params)`. Three panels, layers along x
+    (log y; exact zeros drawn at 1e-17 and labelled "0"; each bar is labelled with its value):
+
+    * NC1 = tr(Sigma_W Sigma_B^+)/K of every feature layer (H_1, pre-activations Z_l and post-activations H_l of
+      ReLU models, the output): within-class variability (Papyan, Han, Donoho 2020).
+    * NC2: distance of the class-mean Gram to the geometry the theory predicts for that layer
+      (`ufm.metrics.nc2_target`: simplex ETF of the centred means, or orthogonal frame of the uncentred ones);
+      "n/a" where the theory predicts none (e.g. H_1 of a ReLU model, THEORY.md §4.1).
+    * DNC3 of each W_l: 1 - weighted mean over rows of max_k |cos(w_r, mu_k)| against the class means of its
+      input H_l (Súkeník et al. 2023; W_L against H_L is the classifier's NC3-type alignment).
+
+    Returns:
+      A Figure with 3 axes.
+    """
+    if not isinstance(metrics, dict) or "features" not in metrics or "weights" not in metrics:
+        raise TypeError("metrics must be the dict returned by ufm.metrics.layer_metrics(problem, params)")
+    feats = metrics["features"]
+    weights = metrics["weights"]
+    names = [f["name"] for f in feats]
+    colors = ["#9ecae1" if n.startswith("Z_") else "#3182bd" for n in names]
+    targets = sorted({f["nc2_target"] for f in feats if f.get("nc2_target")})
+    with _rc():
+        fig = _figure(max(7.0, 1.0 + 0.55 * (2 * len(names) + len(weights))), 3.2)
+        ax1, ax2, ax3 = fig.subplots(1, 3, gridspec_kw={"width_ratios": [len(names), len(names), max(len(weights), 3)]})
+        _bars(ax1, names, [f["nc1"] for f in feats], colors)
+        ax1.set_title("NC1 (within-class variability)")
+        ax1.set_ylabel(r"tr$(\Sigma_W \Sigma_B^{+})/K$")
+        _bars(ax2, names, [f["nc2"] for f in feats], colors)
+        tnames = {"etf": "simplex ETF", "orthogonal": "orthogonal frame", "orthogonal-unequal": "general orth. frame"}
+        ax2.set_title("NC2: distance to predicted geometry")
+        ax2.set_ylabel(r"$\| G/\|G\|_F - G_{\rm pred} \|_F$")
+        if targets:
+            ax2.text(0.02, 0.97, "target: " + ", ".join(tnames.get(t, t) for t in targets), transform=ax2.transAxes,
+                     va="top", fontsize=7)
+        _bars(ax3, [w["name"] for w in weights], [w["dnc3"] for w in weights], ["#e6550d"] * len(weights))
+        ax3.set_title("DNC3 (alignment)")
+        ax3.set_ylabel(r"$1 - $mean$_r \max_k |\cos(w_r, \mu_k)|$")
+        for ax in (ax1, ax2):
+            ax.set_xlabel("feature layer (light: pre-activation $Z_l$)" if any(n.startswith("Z_") for n in names)
+                          else "feature layer")
+        ax3.set_xlabel("$W_l$ vs class means of $H_l$")
+        if title:
+            fig.suptitle(title)
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# class-mean Gram matrices
+
+
+def _target_gram(target: str | None, K: int) -> np.ndarray | None:
+    if target == "etf":
+        return (np.eye(K) - np.ones((K, K)) / K) / math.sqrt(K - 1)
+    if target == "orthogonal":
+        return np.eye(K) / math.sqrt(K)
+    return None
+
+
+def gram_heatmaps(problem, params, *, title: str | None = None):
+    """Class-mean Gram matrices of every layer as heatmaps, beside the predicted structure.
+
+    For each feature layer H_1..H_L and the output, the K x K matrix ``G / ||G||_F`` with ``G = M^T M`` of the
+    uncentred class means, or of the centred means M~ where the theory predicts a simplex ETF (CE, or MSE with a
+    bias). The last panel is the predicted Gram (`ufm.metrics.nc2_target`): ``(I - J/K)/sqrt(K-1)`` (simplex
+    ETF) or ``I/sqrt(K)`` (orthogonal frame), or a note where the theory predicts no unique geometry. One shared
+    colour scale; entries are printed when K <= 6.
+
+    Returns:
+      A Figure with L + 2 heatmap axes and one colour-bar axis.
+    """
+    from . import metrics
+
+    K = problem.num_classes
+    y = problem.labels()
+    layers = _feature_layers(problem, params)
+    mats, subtitles, targets = [], [], []
+    for name, A in layers:
+        t = metrics.nc2_target(problem, name if name != "out" else "out")
+        M, muG = metrics.class_means(A, y, K)
+        centred = t == "etf"
+        V = M - muG[:, None] if centred else M
+        G = V.T @ V
+        n = np.linalg.norm(G)
+        mats.append(G / n if n > 0 else G)
+        subtitles.append(_sub(name) + (" (centred)" if centred else ""))
+        targets.append(t)
+    predicted = [t for t in targets if t is not None]
+    t_pred = max(set(predicted), key=predicted.count) if predicted else None
+    G_pred = _target_gram(t_pred, K)
+    tnames = {"etf": "simplex ETF", "orthogonal": "orthogonal frame",
+              "orthogonal-unequal": "orth. frame, unequal norms"}
+    vmax = max(1e-12, max(float(np.max(np.abs(G))) for G in mats))
+    with _rc():
+        n = len(mats) + 1
+        fig = _figure(min(2.0 * n + 0.8, 14.0), 2.6)
+        axes = fig.subplots(1, n)
+        im = None
+        for ax, G, st in zip(axes, mats + [G_pred], subtitles + ["predicted"], strict=True):
+            ax.grid(False)
+            if G is None:
+                note = "no unique\npredicted geometry" if t_pred is None else tnames.get(t_pred, t_pred)
+                ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
+                ax.set_xticks([])
+                ax.set_yticks([])
+                ax.set_title("predicted")
+                continue
+            im = ax.imshow(G, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+            ticks = np.arange(K) if K <= 10 else np.arange(0, K, max(1, K // 5))
+            ax.set_xticks(ticks, [str(k + 1) for k in ticks])
+            ax.set_yticks(ticks, [str(k + 1) for k in ticks])
+            ax.set_xlabel("class $k$")
+            if K <= 6:
+                for i in range(K):
+                    for j in range(K):
+                        ax.text(j, i, f"{G[i, j]:.2f}", ha="center", va="center", fontsize=7,
+                                color="white" if abs(G[i, j]) > 0.6 * vmax else "black")
+            ax.set_title(st if st != "predicted" else f"predicted:\n{tnames.get(t_pred, t_pred)}")
+        axes[0].set_ylabel("class $j$")
+        if im is not None:
+            fig.colorbar(im, ax=list(axes), shrink=0.8, label=r"$G_{jk} / \|G\|_F$")
+        fig.suptitle(title or r"class-mean Gram $G = M^\top M$ per layer, normalised")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# singular values
+
+
+def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None, predicted_H: Sequence | None = None,
+                        title: str | None = None):
+    """Singular values of every weight matrix W_l (top row) and feature matrix H_l (bottom row, all N columns),
+    on a log axis, against predicted values.
+
+    ``predicted_W[l]`` / ``predicted_H[l]``: the predicted singular values of W_{l+1} / H_{l+1} (an array, drawn
+    as dashed lines at each predicted value), or None where the theory does not fix them (e.g. W_1 and H_1 of
+    the deep ReLU UFM, THEORY.md §4.1). ``ufm.predict(problem).sv_W`` / ``.sv_H`` give them where known. Exact
+    zeros are drawn at 1e-17.
+
+    Returns:
+      A Figure with 2 L axes.
+    """
+    from matplotlib.ticker import MaxNLocator
+
+    from ._model import Params
+
+    params = Params(*params)
+    L = problem.L
+    layers = _feature_layers(problem, params)[:L]
+    rows = [
+        [(f"W_{l + 1}", np.asarray(W, np.float64)) for l, W in enumerate(params.Ws)],
+        layers,
+    ]
+    preds = [list(predicted_W) if predicted_W is not None else [None] * L,
+             list(predicted_H) if predicted_H is not None else [None] * L]
+    for p in preds:
+        if len(p) != L:
+            raise ValueError(f"predicted singular values need one entry per layer (L={L}); got {len(p)}")
+    with _rc():
+        fig = _figure(min(2.6 * L + 0.8, 14.0), 5.0)
+        axes = np.asarray(fig.subplots(2, L, squeeze=False))
+        for r in range(2):
+            for l in range(L):
+                ax = axes[r, l]
+                name, A = rows[r][l]
+                s = np.linalg.svd(A, compute_uv=False)
+                j = np.arange(1, s.size + 1)
+                ax.plot(j, _positive(s), "o", ms=3.5, color="C0" if r == 0 else "C2", label="found")
+                pred = preds[r][l]
+                if pred is not None:
+                    pv = np.atleast_1d(np.asarray(pred, np.float64))
+                    ax.plot(np.arange(1, pv.size + 1), _positive(pv), "_", ms=14, mew=2, color="k", label="predicted")
+                ax.set_yscale("log")
+                shown = [_positive(s)] + ([] if pred is None else [_positive(pv)])
+                _log_ylim(ax, np.concatenate(shown))
+                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_title(_sub(name) + f"  ({A.shape[0]}$\\times${A.shape[1]})")
+                ax.set_xlabel("index $j$")
+                if l == 0:
+                    ax.set_ylabel(r"singular value $\sigma_j$")
+                if pred is not None:
+                    ax.legend(loc="upper right")
+                elif r == 1 or preds[0][l] is None:
+                    ax.text(0.97, 0.97, "no prediction", ha="right", va="top", transform=ax.transAxes, fontsize=7)
+        fig.suptitle(title or "singular values per layer: weights (top), features over all N samples (bottom)")
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# class means in 2-D / 3-D
+
+
+def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None):
+    """The class means of every layer projected to ``dim`` = 2 or 3 dimensions, with the samples.
+
+    For each layer (H_1..H_L, output) the uncentred class means M (d x K) and all samples are projected onto the
+    top-``dim`` left singular vectors of M, so the origin stays the origin: an orthogonal frame shows as K
+    arrows at right angles, a simplex ETF (free bias) as a regular simplex around the global mean (star). The
+    means are joined pairwise (the simplex edges). Each panel gives the mean pairwise angle between the centred
+    and the uncentred class means (90° for an orthogonal frame; arccos(-1/(K-1)) between centred means for a
+    simplex ETF) and the share of ||M||_F^2 the projection keeps (below 100% when rank M > dim).
+
+    Returns:
+      A Figure with L + 1 axes (3-D axes for ``dim=3``).
+    """
+    from . import metrics
+
+    if dim not in (2, 3):
+        raise ValueError(f"dim must be 2 or 3; got {dim!r}")
+    K = problem.num_classes
+    y = problem.labels()
+    layers = _feature_layers(problem, params)
+    colors = [f"C{k % 10}" for k in range(K)]
+    with _rc():
+        n = len(layers)
+        fig = _figure(min(2.9 * n, 14.0), 3.3 if dim == 2 else 3.6)
+        kw = {"projection": "3d"} if dim == 3 else {}
+        axes = [fig.add_subplot(1, n, i + 1, **kw) for i in range(n)]
+        for ax, (name, A) in zip(axes, layers, strict=True):
+            M, muG = metrics.class_means(A, y, K)
+            U, s, _ = np.linalg.svd(M, full_matrices=False)
+            q = min(dim, U.shape[1])
+            P = np.zeros((dim, A.shape[0]))
+            P[:q] = U[:, :q].T
+            Mp, Ap, gp = P @ M, P @ A, P @ muG
+            kept = float(np.sum(s[:q] ** 2) / np.sum(s**2)) if np.sum(s**2) > 0 else 1.0
+            pts = [Ap[i] for i in range(dim)]
+            ax.scatter(*pts, c=[colors[k] for k in y], s=6, alpha=0.35, linewidths=0)
+            for k in range(K):
+                ax.plot(*[[0.0, Mp[i, k]] for i in range(dim)], color=colors[k], lw=1.2)
+            for a in range(K):
+                for b in range(a + 1, K):
+                    ax.plot(*[[Mp[i, a], Mp[i, b]] for i in range(dim)], color="0.4", lw=0.8, ls=":")
+            ax.scatter(*[Mp[i] for i in range(dim)], c=colors, s=40, edgecolors="k", linewidths=0.6, zorder=3)
+            ax.scatter(*[[0.0]] * dim, marker="+", c="k", s=50)
+            ax.scatter(*[[gp[i]] for i in range(dim)], marker="*", c="k", s=50)
+            ang_u = _mean_angle(M)
+            ang_c = _mean_angle(M - muG[:, None])
+            ax.set_title(f"{_sub(name)}\nangle: {ang_u} uncentred, {ang_c} centred\nprojection keeps {100 * kept:.0f}%",
+                         fontsize=8)
+            ax.set_xlabel("PC 1")
+            ax.set_ylabel("PC 2")
+            if dim == 3:
+                ax.set_zlabel("PC 3")
+            else:
+                ax.set_aspect("equal", adjustable="datalim")
+        fig.suptitle(title or "class means (large dots), samples (small), origin (+), global mean (*)")
+    return fig
+
+
+def _mean_angle(V: np.ndarray) -> str:
+    norms = np.linalg.norm(V, axis=0)
+    if np.any(norms <= 1e-12 * max(1.0, float(norms.max()))):
+        return "n/a"
+    C = (V / norms).T @ (V / norms)
+    K = V.shape[1]
+    off = C[~np.eye(K, dtype=bool)]
+    return f"{np.degrees(np.arccos(np.clip(off, -1, 1))).mean():.1f}°"
