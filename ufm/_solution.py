@@ -34,8 +34,9 @@ MESSAGES = {
     DIVERGED: "Diverged: the loss became non-finite or grew above 1e4 * max(1, initial loss). "
     "The learning rate is too large for this problem: lower lr (or init_scale).",
     STALLED: "Stalled: neither the loss nor the gradient norm improved for `patience` steps while the gradient "
-    "norm was above tol. This is the precision floor of this dtype/method: use float64 "
-    "(jax_enable_x64), method='lbfgs', or a looser tol.",
+    "norm was above tol. Either this is the precision floor of the dtype (use float64 via jax_enable_x64, or a "
+    "looser tol), or the point is non-smooth: ReLU pre-activations sitting exactly at 0, as at the deep ReLU "
+    "(DNC) optimum, where the gradient need not vanish; judge such runs by the loss gap (ufm.check).",
     RUNNING: "Running.",
 }
 
