@@ -17,3 +17,5 @@ from ._solution import Snapshots as Snapshots
 from ._solution import Solution as Solution
 from ._solver import solve as solve
 from ._solver import solve_batch as solve_batch
+from ._sweep import load_sweep as load_sweep
+from ._sweep import sweep as sweep
