@@ -230,6 +230,7 @@ def test_ufm_reference_bounds_the_network(deep, gmm):
     assert (p.K, p.n_per_class, p.widths, p.loss, p.bias, p.activation) == (5, 40, (32,), "mse", "free", "linear")
     np.testing.assert_allclose(np.asarray(p.lam_W), WD)
     np.testing.assert_allclose(float(p.lam_H), WD)
+    assert ref.layers == ("H_4", "out")
     # the UFM objective at the network's own features, by hand: 1/(2N)||W H + b - Y||^2 + lam/2 (||W||^2 + ||H||^2)
     params = deep.params
     H, out = np_forward(params, gmm.X)
@@ -237,12 +238,44 @@ def test_ufm_reference_bounds_the_network(deep, gmm):
     Y = np.eye(5)[:, gmm.y]
     by_hand = np.sum((out - Y) ** 2) / (2 * gmm.N) + WD / 2 * (np.sum(W**2) + np.sum(H[-1] ** 2))
     np.testing.assert_allclose(ref.network_value, by_hand, rtol=1e-10)
-    # the UFM minimises over all features: every network point, rebalanced or not, lies above its optimum
+    # rebalanced by hand: a^4 = ||W||^2/||H||^2 (equal lambdas) makes the two penalties equal, sum lam ||W|| ||H||
+    pen = WD * np.linalg.norm(W) * np.linalg.norm(H[-1])
+    np.testing.assert_allclose(ref.network_value_balanced, by_hand - WD / 2 * (np.sum(W**2) + np.sum(H[-1] ** 2))
+                               + pen, rtol=1e-10)
+    np.testing.assert_allclose(ref.network["H_4"]["nc1"], np_nc1(H[-1], gmm.y, 5), rtol=1e-7)
+    # the shallow MSE UFM with a free bias is solved in closed form (THEORY.md §1): the numerical solve agrees,
+    # and every network point, rebalanced or not, lies above the optimum (the UFM minimises over all features)
+    pred = ref.prediction
+    assert pred.known and pred.regime == "collapse" and pred.target_gram == ("etf",)
     assert bool(ref.solution.success)
-    assert ref.network_value >= ref.network_value_balanced >= float(ref.solution.value)
-    assert ref.ufm["features"]["nc1"] < 1e-10 and ref.ufm["features"]["nc2_etf"] < 1e-6
-    if ref.prediction is not None and getattr(ref.prediction, "loss", None) is not None:
-        assert ref.network_value_balanced >= float(ref.prediction.loss) - 1e-9
+    np.testing.assert_allclose(float(ref.solution.value), pred.loss, rtol=1e-9)
+    assert ref.network_value >= ref.network_value_balanced >= pred.loss
+    sv = np.linalg.svd(np.asarray(ref.solution.params.H), compute_uv=False)
+    np.testing.assert_allclose(sv[:4], ref.sv_predicted[0][:4], rtol=1e-6)
+    assert ref.ufm["H_4"]["nc1"] < 1e-10 and ref.ufm["H_4"]["nc2_etf"] < 1e-6
+    assert ref.predicted["H_4"]["nc2_etf"] == 0.0 and ref.predicted["out"]["nc1"] == 0.0
+    assert "nc2_orthogonal" not in ref.predicted["H_4"]  # the ETF target says nothing about uncentred means
+
+
+def test_deep_ufm_reference_maps_the_top_layers():
+    """depth=2 on a bias-free ReLU network: the UFM's free features are H_{D-1}, its ReLU layer is H_D."""
+    data = nets.gaussian_mixture(3, 6, 5, seed=2)
+    res = nets.train(data, (8, 8, 8), bias=False, steps=5, record_steps=[5], key=3)
+    ref = nets.ufm_reference(res, data, depth=2, lam_H=1e-2, solve=False)
+    p = ref.problem
+    assert (p.widths, p.activation, p.bias, p.L) == ((8, 8), "relu", "none", 2)
+    assert ref.layers == ("H_2", "H_3", "out") and res.params.bs is None
+    H, out = np_forward(res.params, data.X)
+    Ws = [np.asarray(W) for W in res.params.Ws]
+    Y = np.eye(3)[:, data.y]
+    by_hand = (np.sum((Ws[3] @ np.maximum(Ws[2] @ H[2], 0) - Y) ** 2) / (2 * data.N)
+               + 1e-3 / 2 * (np.sum(Ws[2] ** 2) + np.sum(Ws[3] ** 2)) + 1e-2 / 2 * np.sum(H[2] ** 2))
+    np.testing.assert_allclose(ref.network_value, by_hand, rtol=1e-10)
+    np.testing.assert_allclose(ref.network["H_3"]["nc1"], np_nc1(H[3], data.y, 3), rtol=1e-7)
+    assert ref.network_value >= ref.network_value_balanced
+    # the DNC prediction: orthogonal frame for H_2 of the UFM (the network's H_3), nothing for its free H_1
+    assert ref.prediction.target_gram == (None, "orthogonal")
+    assert ref.predicted["H_3"]["nc2_orthogonal"] == 0.0 and "nc2_etf" not in ref.predicted["H_2"]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -276,8 +309,13 @@ def test_affine_floor_is_the_minimum_over_linear_maps():
         assert np_nc1(H, y, K) >= fl.floor * (1 - 1e-9)
 
 
-def test_shallow_features_cannot_collapse_the_ufm_does(deep, gmm):
-    cmp = nets.shallow_vs_expressive(gmm, width=32, deep=deep, loss="mse", weight_decay=WD, steps=STEPS, key=1)
+@pytest.fixture(scope="module")
+def comparison(deep, gmm):
+    return nets.shallow_vs_expressive(gmm, width=32, deep=deep, loss="mse", weight_decay=WD, steps=STEPS, key=1)
+
+
+def test_shallow_features_cannot_collapse_the_ufm_does(comparison, gmm):
+    cmp = comparison
     shallow, net, u = cmp.rows
     assert [r.name for r in cmp.rows] == ["shallow (affine features)", "deep ReLU MLP", "UFM"]
     fl = nets.affine_nc1_floor(gmm.X, gmm.y)
@@ -352,7 +390,7 @@ def test_fine_labels_on_held_out_digits_early_and_late():
 # plots and bad input
 
 
-def test_plots_return_figures(deep, deep_metrics, gmm):
+def test_plots_return_figures(deep, deep_metrics, gmm, comparison):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -361,7 +399,12 @@ def test_plots_return_figures(deep, deep_metrics, gmm):
     ref = nets.ufm_reference(deep, gmm, solve=False)
     fig = nets.plot_layer_metrics(deep_metrics, reference=ref)
     assert len(fig.axes) == 4
+    labels = [line.get_label() for line in fig.axes[0].lines]
+    assert "UFM prediction: 0" in labels  # NC1 = 0 predicted on H_4 and out, drawn on the log axis' bottom edge
+    fig2 = nets.plot_comparison(comparison)
+    assert len(fig2.axes) == 1
     plt.close(fig)
+    plt.close(fig2)
 
 
 def test_bad_input_raises_before_compute(gmm, deep):

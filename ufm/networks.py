@@ -747,29 +747,43 @@ def ufm_problem(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: fl
 class UFMReference(NamedTuple):
     """The UFM beside a trained network (`ufm_reference`).
 
+    The UFM of depth L covers the network layers ``layers`` = (H_{D-L+1}, ..., H_D, "out"): its free features H_1
+    stand for the network's H_{D-L+1}, its H_j for the network's H_{D-L+j}.
+
     Attributes:
       problem: the `ufm.UFM` (`ufm_problem`).
-      prediction: ``ufm.predict(problem)`` (closed-form optimum: ``.loss``, ``.structure``, ``.sv_H`` ...), or None
-        where ``ufm.predict`` is not available.
+      prediction: ``ufm.predict(problem)``: the closed-form optimum (``.loss``, ``.known``, ``.regime``,
+        ``.structure``, ``.target_gram``, ``.sv_H`` ...).
+      predicted: {layer: {metric: value}}: the `LayerMetrics` values at the predicted optimum, for the metrics the
+        prediction determines (what `plot_layer_metrics` draws): NC1 = trace ratio = CDNV = 0 and NCC accuracy 1
+        in every layer when within-class collapse is predicted (``regime`` "collapse", "low-rank" or "threshold");
+        the class-mean geometry from ``target_gram`` ("etf": ETF distance, equinorm, equiangularity and max-angle
+        0; "orthogonal": also the orthogonal-frame distance and the uncentred cosine 0, since an equinorm
+        orthogonal frame, centred, is a simplex ETF: mu_k - mu_G = c (e_k - 1/K)).
       solution: a numerical ``ufm.solve`` of the problem (L-BFGS), or None with ``solve=False``.
-      network_value: the UFM objective at the network's own (features, top weights, output bias). It is >= the
-        UFM's global optimum (the UFM minimises over all features): the gap is how far the network is from the
-        UFM optimum.
-      network_value_balanced: the same after the free rescaling H -> a H, W_1 -> W_1 / a that leaves the network's
-        function unchanged, with the best a, a^4 = lam_W1 ||W_1||^2 / (lam_H ||H||^2) (the network never pays
-        lam_H, so its raw feature norm is arbitrary). Also >= the UFM optimum, and <= network_value.
-      network: `LayerMetrics`-style metrics (a dict) of the network's UFM features H_{D-L+1} and output.
-      ufm: the same metrics of the UFM solution's H_1 and output (None without a solution).
-      layers: the network layers the UFM covers, e.g. ("H_3", "out").
+      network: {layer: metrics} of the network on the covered layers (keys as in `LayerMetrics`).
+      ufm: {layer: metrics} of the UFM solution on the same layers (None without a solution).
+      sv_network: per covered feature layer, the singular values of the network's features (all N columns).
+      sv_predicted: the predicted singular values of the UFM's H_1..H_L (``prediction.sv_H``), the same quantity.
+      network_value: the UFM objective at the network's own (features H_{D-L+1}, top L weights, output bias). It
+        is >= the UFM's global optimum (the UFM minimises over all features): the gap is how far the network is
+        from the UFM optimum.
+      network_value_balanced: the same after the free rescaling H -> a H, W -> W / a of the first covered weight,
+        which leaves the network's function unchanged, with the best a, a^4 = lam_W ||W||^2 / (lam_H ||H||^2) (the
+        network never pays lam_H, so its raw feature norm is arbitrary). Also >= the UFM optimum.
+      layers: the covered network layers, e.g. ("H_4", "out").
     """
 
     problem: Any
     prediction: Any
+    predicted: dict
     solution: Any
-    network_value: float
-    network_value_balanced: float
     network: dict
     ufm: dict | None
+    sv_network: tuple
+    sv_predicted: tuple
+    network_value: float
+    network_value_balanced: float
     layers: tuple[str, ...]
 
 
@@ -784,10 +798,32 @@ def _ufm_params(result: TrainResult, data: Dataset, L: int, snapshot: int = -1):
     return Params(H, tuple(params.Ws[D + 1 - L:]), b), lay
 
 
+_COLLAPSED = ("collapse", "low-rank", "threshold")
+
+
+def _predicted_values(prediction, layers: tuple[str, ...]) -> dict:
+    """Metric values at the predicted optimum, per covered layer (see `UFMReference.predicted`)."""
+    out = {name: {} for name in layers}
+    if prediction is None:
+        return out
+    for name in layers:
+        if prediction.regime in _COLLAPSED:
+            out[name].update(nc1=0.0, nc1_trace_ratio=0.0, cdnv=0.0, ncc_accuracy=1.0)
+    for j, target in enumerate(prediction.target_gram):
+        vals = out[layers[j]]
+        if target in ("etf", "orthogonal"):
+            vals.update(nc2_etf=0.0, equinorm=0.0, equiangularity=0.0, max_angle=0.0)
+        if target == "orthogonal":
+            vals.update(nc2_orthogonal=0.0, mean_cos_uncentred=0.0)
+        if target == "orthogonal-unequal":
+            vals.update(mean_cos_uncentred=0.0)
+    return out
+
+
 def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: float | None = None,
                   solve: bool = True, key: jax.Array | int | None = None, max_steps: int = 5000) -> UFMReference:
     """The UFM prediction for the network's K, class sizes, depth and weight decay (`ufm_problem`), beside the
-    network's own metrics, ready to plot (`plot_layer_metrics(..., reference=...)`).
+    network's own metrics on the layers the UFM stands for, ready to plot (`plot_layer_metrics(..., reference=)`).
 
     ``data`` must be the training set (the UFM objective is evaluated on the network's training features).
     ``solve=True`` also solves the UFM numerically (``ufm.solve``, L-BFGS from ``key``, at most ``max_steps``
@@ -796,6 +832,7 @@ def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: 
     import ufm as _ufm
 
     from ._model import forward, objective
+    from ._theory import predict
 
     result = _check_result(result)
     data = _check_inputs(result, data)
@@ -803,6 +840,9 @@ def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: 
     if not np.array_equal(problem.labels(), data.y):
         raise ValueError("data must be class-major (as from as_dataset) so that its columns match ufm.targets")
     L = problem.L
+    D = result.config.depth
+    K = result.config.num_classes
+    y = data.y
     params, lay = _ufm_params(result, data, L)
     network_value = float(objective(problem, params))
     lam_H_, lam_W1 = float(problem.lam_H), float(np.asarray(problem.lam_W)[0])
@@ -813,24 +853,20 @@ def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: 
         network_value_balanced = float(objective(problem, params_b))
     else:
         network_value_balanced = network_value
-    D = result.config.depth
-    K = result.config.num_classes
-    net = _feature_metrics(lay.H[D - L + 1], data.y, K)
-    net_out = _feature_metrics(lay.out, data.y, K)
-    network = {"features": net, "out": net_out}
-    predict = getattr(_ufm, "predict", None)
-    prediction = predict(problem) if predict is not None else None
+    layers = tuple(f"H_{D - L + j}" for j in range(1, L + 1)) + ("out",)
+    net_feats = [lay.H[D - L + j] for j in range(1, L + 1)] + [lay.out]
+    network = {name: _feature_metrics(A, y, K) for name, A in zip(layers, net_feats, strict=True)}
+    sv_network = tuple(_m.singular_values(A) for A in net_feats[:-1])
+    prediction = predict(problem)
     sol = None
     ufm_metrics = None
     if solve:
-        dt = params.H.dtype
-        sol = _ufm.solve(problem, key=_as_key(key), method="lbfgs", max_steps=max_steps, dtype=dt)
+        sol = _ufm.solve(problem, key=_as_key(key), method="lbfgs", max_steps=max_steps, dtype=params.H.dtype)
         fw = forward(problem, sol.params)
-        y = problem.labels()
-        ufm_metrics = {"features": _feature_metrics(np.asarray(sol.params.H), y, K),
-                       "out": _feature_metrics(np.asarray(fw.out), y, K)}
-    layers = (f"H_{D - L + 1}", "out")
-    return UFMReference(problem, prediction, sol, network_value, network_value_balanced, network, ufm_metrics, layers)
+        feats = [np.asarray(h) for h in fw.H] + [np.asarray(fw.out)]
+        ufm_metrics = {name: _feature_metrics(A, y, K) for name, A in zip(layers, feats, strict=True)}
+    return UFMReference(problem, prediction, _predicted_values(prediction, layers), sol, network, ufm_metrics,
+                        sv_network, tuple(prediction.sv_H), network_value, network_value_balanced, layers)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -1187,32 +1223,15 @@ def fine_grained(
 # plots (matplotlib imported lazily; figures are returned, never shown)
 
 
-def _reference_values(reference: UFMReference | None, K: int) -> dict[str, float]:
-    """Metric values at the UFM optimum: NC1 = 0 and NCC accuracy 1; the class-mean geometry from the predicted
-    structure (or, without a prediction, from the solved UFM)."""
-    if reference is None:
-        return {}
-    vals = {"nc1": 0.0, "nc1_trace_ratio": 0.0, "cdnv": 0.0, "ncc_accuracy": 1.0}
-    structure = str(getattr(reference.prediction, "structure", "") or "").lower()
-    if "etf" in structure or "orth" in structure:
-        # an equinorm orthogonal frame, centred, is a simplex ETF: mu_k - mu_G = c (e_k - 1/K)
-        vals.update(nc2_etf=0.0, equinorm=0.0, equiangularity=0.0, max_angle=0.0)
-    if "orth" in structure:
-        vals.update(nc2_orthogonal=0.0, mean_cos_uncentred=0.0)
-    if not structure and reference.ufm is not None:
-        for f in ("nc2_etf", "nc2_orthogonal", "equinorm", "equiangularity", "max_angle", "mean_cos_uncentred"):
-            vals[f] = reference.ufm["features"][f]
-    return vals
-
-
 def plot_layer_metrics(metrics: LayerMetrics, *, names=("nc1", "nc1_trace_ratio", "max_angle", "ncc_accuracy"),
                        reference: UFMReference | None = None, log=("nc1", "nc1_trace_ratio", "cdnv")):
     """One panel per metric: its value against the layer, one line per recorded step (darker = later), with the
-    UFM optimum's value (``reference``, `ufm_reference`) as a dashed line over the layers the UFM covers.
-    Returns the matplotlib Figure (never calls show)."""
+    UFM prediction's value (``reference`` from `ufm_reference`: its ``predicted`` dict) as black stars on the
+    layers the UFM stands for (a predicted 0 on a log axis is a triangle on the bottom edge). Returns the matplotlib
+    Figure (never calls show)."""
     import matplotlib.pyplot as plt
+    from matplotlib.transforms import blended_transform_factory
 
-    ref = _reference_values(reference, metrics.num_classes)
     fig, axes = plt.subplots(1, len(names), figsize=(3.4 * len(names), 3.0), squeeze=False)
     x = np.arange(len(metrics.layers))
     R = metrics.steps.size
@@ -1222,14 +1241,18 @@ def plot_layer_metrics(metrics: LayerMetrics, *, names=("nc1", "nc1_trace_ratio"
         for r in range(R):
             ax.plot(x, vals[r], "o-", ms=3, color=cmap(r / max(R - 1, 1)), label=f"step {metrics.steps[r]}"
                     if r in (0, R - 1) else None)
-        if f in ref:
-            cover = [metrics.layers.index(n) for n in (reference.layers if reference else ()) if n in metrics.layers]
-            xs = np.arange(min(cover), len(metrics.layers)) if cover else x
-            v = ref[f]
-            if f in log and v <= 0:
-                ax.annotate("UFM: 0", xy=(xs[-1], 0), xycoords=("data", "axes fraction"), ha="right", va="bottom")
-            else:
-                ax.plot(xs, np.full(xs.size, v), "k--", lw=1, label="UFM optimum")
+        if reference is not None:
+            pts = [(metrics.layers.index(n), v[f]) for n, v in reference.predicted.items()
+                   if f in v and n in metrics.layers]
+            on_axis = [(xv, v) for xv, v in pts if not (f in log and v <= 0)]
+            at_zero = [xv for xv, v in pts if f in log and v <= 0]
+            if on_axis:
+                xs, vs = zip(*on_axis, strict=True)
+                ax.plot(xs, vs, "k*", ms=9, ls="none", label="UFM prediction")
+            if at_zero:  # a predicted 0 on a log axis: a marker on the bottom edge
+                tr = blended_transform_factory(ax.transData, ax.transAxes)
+                ax.plot(at_zero, [0.0] * len(at_zero), "kv", ms=8, ls="none", transform=tr, clip_on=False,
+                        label="UFM prediction: 0")
         if f in log:
             ax.set_yscale("log")
         ax.set_xticks(x, metrics.layers, rotation=45)
