@@ -6,6 +6,7 @@
                              against ufm.predict, print a short report and write a results folder
     ufm check RESULTS        re-check a saved solution (prints the report; the folder is not changed)
     ufm plot RESULTS         redraw the figures of a saved solution
+    ufm sweep CONFIG         run a grid of solves (`ufm._sweep.sweep_main`; see ``ufm sweep --help``)
 
 ``python -m ufm ...`` is the same command. Every field of the problem (`ufm.UFM`) and of the solver
 (`ufm.solve`) is an option, or comes from a TOML/JSON file given with ``--config`` (tables ``[problem]`` and
@@ -185,7 +186,7 @@ _SOLVER_OPTIONS = [
 def _build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog=PROG, description="Unconstrained features models of neural collapse: solve, check, plot.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {_version()}")
-    sub = parser.add_subparsers(dest="command", metavar="{solve,check,plot}", parser_class=_Parser)
+    sub = parser.add_subparsers(dest="command", metavar="{solve,check,plot,sweep}", parser_class=_Parser)
     sub.required = True
 
     ps = sub.add_parser("solve", help="solve a UFM, check it against the theory, save and plot it",
@@ -219,6 +220,9 @@ def _build_parser() -> argparse.ArgumentParser:
     pp.add_argument("--out", type=Path, default=None, help="folder for the figures (default: the results folder)")
     pp.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="image format (default png)")
     pp.add_argument("--dpi", type=_int, default=150, help="resolution of png figures (default 150)")
+    # 'ufm sweep' is parsed by ufm._sweep.sweep_main (main() hands it the rest of the command line)
+    sub.add_parser("sweep", help="run a grid of solves into a resumable store (see 'ufm sweep --help')",
+                   add_help=False)
     return parser
 
 
@@ -449,19 +453,30 @@ class _Progress:
 # prediction, check, metrics (each degrades to a stated reason when its module is not available)
 
 
-def _predict(problem):
+def _optional(module: str, name: str):
+    """``ufm.<module>.<name>``, or None when that module is not part of this installation (an error inside an
+    existing module is not hidden)."""
+    import importlib
+
     try:
-        from ._theory import predict
-    except ImportError as e:
-        return None, f"ufm.predict is not available in this installation ({e})"
+        return getattr(importlib.import_module(f"ufm.{module}"), name)
+    except ModuleNotFoundError as e:
+        if e.name == f"ufm.{module}":
+            return None
+        raise
+
+
+def _predict(problem):
+    predict = _optional("_theory", "predict")
+    if predict is None:
+        return None, "no prediction: ufm.predict is not available in this installation"
     return predict(problem), None
 
 
 def _check(problem, solution, prediction):
-    try:
-        from ._checks import check
-    except ImportError as e:
-        return None, f"ufm.check is not available in this installation ({e})"
+    check = _optional("_checks", "check")
+    if check is None:
+        return None, "no verdict: ufm.check is not available in this installation"
     return check(problem, solution, prediction), None
 
 
@@ -479,16 +494,19 @@ def _field(obj, name, default=None):
     return getattr(obj, name, default)
 
 
-def _predicted_loss(prediction) -> float | None:
-    """The predicted optimal loss when the prediction is known (a number), else None."""
-    if prediction is None or not _field(prediction, "known", False):
-        return None
+def _predicted_loss(prediction) -> tuple[float | None, bool]:
+    """(the predicted loss, whether it is the proven/derived optimum). For ``known=False`` the loss, when finite,
+    is the best known upper bound (an explicit candidate's objective); None when there is no number."""
+    if prediction is None:
+        return None, False
     v = _field(prediction, "loss")
     try:
         v = float(v)
     except (TypeError, ValueError):
-        return None
-    return v if math.isfinite(v) else None
+        return None, False
+    if not math.isfinite(v):
+        return None, False
+    return v, bool(_field(prediction, "known", False))
 
 
 def _predicted_sv(prediction, name: str, L: int):
@@ -553,8 +571,9 @@ def _solution_summary(solution) -> dict:
 def build_report(problem, solution, prediction, check, metrics, unavailable: list[str]) -> dict:
     """The JSON report: problem, solution, prediction, loss comparison, check, per-layer metrics."""
     value = float(solution.value)
-    f_pred = _predicted_loss(prediction)
-    comparison = {"loss": value, "predicted_loss": f_pred, "gap": None, "relative_gap": None}
+    f_pred, known = _predicted_loss(prediction)
+    comparison = {"loss": value, "predicted_loss": f_pred, "predicted_is_optimum": known, "gap": None,
+                  "relative_gap": None}
     if f_pred is not None:
         comparison["gap"] = value - f_pred
         comparison["relative_gap"] = (value - f_pred) / max(abs(f_pred), 1e-300)
@@ -567,6 +586,12 @@ def build_report(problem, solution, prediction, check, metrics, unavailable: lis
         "metrics": metrics,
         "unavailable": unavailable,
     }
+
+
+def _wrap(label: str, text: str, width: int = 110) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width=width, initial_indent=f"{label:<12}", subsequent_indent=" " * 12) or [label]
 
 
 def _fmt(v, spec=".2e") -> str:
@@ -592,17 +617,26 @@ def format_report(report: dict, header: str) -> str:
     lines.append(f"loss        {sol['value']:.15g}")
     pred = report.get("prediction")
     if cmp_["predicted_loss"] is not None:
-        what = ", ".join(str(x) for x in (_field(pred, "structure"), _field(pred, "reference")) if x)
-        lines.append(f"predicted   {cmp_['predicted_loss']:.15g}" + (f"  ({what})" if what else ""))
+        if cmp_.get("predicted_is_optimum", True):
+            lines.append(f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime "
+                         f"{_field(pred, 'regime', '?')})")
+        else:
+            lines.append(f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
+                         f"{_field(pred, 'regime', '?')})")
         lines.append(f"gap         {cmp_['gap']:+.2e}  (relative {cmp_['relative_gap']:+.2e})")
     elif pred is not None:
-        lines.append(f"predicted   unknown: {_field(pred, 'reason') or 'no closed form for this problem'}")
+        lines.append("predicted   unknown")
+    for label, key in (("structure", "structure"), ("source", "reference"), ("caveat", "reason")):
+        text = _field(pred, key)
+        if text and text != "unknown":
+            lines.extend(_wrap(label, str(text)))
     check = report.get("check")
     if check is not None:
         lines.append(f"verdict     {_field(check, 'verdict')}")
         expl = _field(check, "explanation")
         if expl:
-            lines.extend("            " + s for s in str(expl).splitlines())
+            for para in str(expl).splitlines():
+                lines.extend(_wrap("", para))
     for why in report.get("unavailable", []):
         lines.append(f"note        {why}")
     m = report.get("metrics")
@@ -650,8 +684,9 @@ def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: s
     figs = {}
     if solution.history is not None:
         steps, nc1, names = trace if trace is not None else (None, None, None)
+        f_pred, known = _predicted_loss(prediction)
         figs["training"] = plotting.training_curves(
-            solution.history, predicted_loss=_predicted_loss(prediction), history_every=history_every,
+            solution.history, predicted_loss=f_pred, predicted_known=known, history_every=history_every,
             nc1=nc1, nc1_steps=steps, layer_names=names, tol=tol)
     figs["collapse"] = plotting.collapse_bars(metrics)
     figs["gram"] = plotting.gram_heatmaps(problem, solution.params)
@@ -813,6 +848,10 @@ def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``ufm`` command (``ufm = "ufm.cli:main"``); returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
     prefix = PROG
+    if argv[:1] == ["sweep"]:
+        from ._sweep import sweep_main
+
+        return sweep_main(argv[1:])
     try:
         import jax
 

@@ -158,6 +158,7 @@ def training_curves(
     history,
     *,
     predicted_loss: float | None = None,
+    predicted_known: bool = True,
     history_every: int = 1,
     nc1: Any = None,
     nc1_steps: Any = None,
@@ -172,7 +173,8 @@ def training_curves(
         (NaN padding after the last step is dropped).
       predicted_loss: f_pred, the predicted optimal loss (``ufm.predict(problem).loss``). With it the first panel
         is |f_k - f_pred|, steps where f_k < f_pred (the run beat the prediction) drawn in red; without it the
-        panel is the loss f_k itself, and says so.
+        panel is the loss f_k itself, and says so. ``predicted_known=False`` labels f_pred as the best known
+        upper bound rather than the optimum (``ufm.predict(...).known``).
       history_every: steps between history entries (as passed to `ufm.solve`).
       nc1, nc1_steps, layer_names: NC1 per layer at the snapshot steps, shape (S, L), e.g. from
         `nc1_over_training`. Without them the third panel says that no snapshots were taken.
@@ -196,7 +198,8 @@ def training_curves(
                              label=r"$f_{\rm pred} - f_k > 0$ (below prediction)")
             ax_loss.set_yscale("log")
             ax_loss.set_ylabel(r"$|f_k - f_{\rm pred}|$")
-            ax_loss.set_title(f"loss gap to prediction $f_{{\\rm pred}}$ = {float(predicted_loss):.6g}")
+            what = "prediction" if predicted_known else "best known bound"
+            ax_loss.set_title(f"loss gap to {what} $f_{{\\rm pred}}$ = {float(predicted_loss):.6g}")
             ax_loss.legend(loc="upper right")
         else:
             ax_loss.plot(steps, _positive(loss), color="C0", lw=1.5)
@@ -390,14 +393,16 @@ def gram_heatmaps(problem, params, *, title: str | None = None):
 
 
 def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None, predicted_H: Sequence | None = None,
-                        title: str | None = None):
+                        max_index: int | None = None, title: str | None = None):
     """Singular values of every weight matrix W_l (top row) and feature matrix H_l (bottom row, all N columns),
     on a log axis, against predicted values.
 
     ``predicted_W[l]`` / ``predicted_H[l]``: the predicted singular values of W_{l+1} / H_{l+1} (an array, drawn
-    as dashed lines at each predicted value), or None where the theory does not fix them (e.g. W_1 and H_1 of
-    the deep ReLU UFM, THEORY.md §4.1). ``ufm.predict(problem).sv_W`` / ``.sv_H`` give them where known. Exact
-    zeros are drawn at 1e-17.
+    as black rings at each index), or None / all-nan where the theory does not fix them (e.g. W_1 and H_1 of
+    the deep ReLU UFM, THEORY.md §4.1): such panels say "not predicted". ``ufm.predict(problem).sv_W`` /
+    ``.sv_H`` give them. Exact zeros (found or predicted) are drawn at 1e-17. Only the ``max_index`` largest are
+    drawn (default max(12, 3K): the K (or K - 1) predicted nonzero ones and the gap below them); the x label states
+    how many more there are and their largest value.
 
     Returns:
       A Figure with 2 L axes.
@@ -408,6 +413,7 @@ def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None,
 
     params = Params(*params)
     L = problem.L
+    shown_max = max(12, 3 * problem.num_classes) if max_index is None else int(max_index)
     layers = _feature_layers(problem, params)[:L]
     rows = [
         [(f"W_{l + 1}", np.asarray(W, np.float64)) for l, W in enumerate(params.Ws)],
@@ -425,26 +431,33 @@ def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None,
             for l in range(L):
                 ax = axes[r, l]
                 name, A = rows[r][l]
-                s = np.linalg.svd(A, compute_uv=False)
+                s_all = np.linalg.svd(A, compute_uv=False)
+                s = s_all[:shown_max]
                 j = np.arange(1, s.size + 1)
                 ax.plot(j, _positive(s), "o", ms=3.5, color="C0" if r == 0 else "C2", label="found")
                 pred = preds[r][l]
                 if pred is not None:
-                    pv = np.atleast_1d(np.asarray(pred, np.float64))
-                    ax.plot(np.arange(1, pv.size + 1), _positive(pv), "_", ms=14, mew=2, color="k", label="predicted")
+                    pv = np.atleast_1d(np.asarray(pred, np.float64))[:shown_max]
+                    pred = None if np.all(np.isnan(pv)) else pred  # nan: not determined by the theory
+                if pred is not None:
+                    ax.plot(np.arange(1, pv.size + 1), _positive(pv), "o", ms=8, mfc="none", mew=1.2, color="k",
+                            label="predicted")
                 ax.set_yscale("log")
                 shown = [_positive(s)] + ([] if pred is None else [_positive(pv)])
                 _log_ylim(ax, np.concatenate(shown))
                 ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                ax.set_xlim(0.3, max(s.size, pv.size if pred is not None else 0) + 0.7)
                 ax.set_title(_sub(name) + f"  ({A.shape[0]}$\\times${A.shape[1]})")
-                ax.set_xlabel("index $j$")
+                more = s_all.size - s.size
+                ax.set_xlabel("index $j$" + (f"  ({more} more, all $\\leq$ {s_all[s.size]:.0e})" if more else ""))
                 if l == 0:
                     ax.set_ylabel(r"singular value $\sigma_j$")
                 if pred is not None:
                     ax.legend(loc="upper right")
-                elif r == 1 or preds[0][l] is None:
-                    ax.text(0.97, 0.97, "no prediction", ha="right", va="top", transform=ax.transAxes, fontsize=7)
-        fig.suptitle(title or "singular values per layer: weights (top), features over all N samples (bottom)")
+                else:
+                    ax.text(0.97, 0.97, "not predicted", ha="right", va="top", transform=ax.transAxes, fontsize=7)
+        fig.suptitle(title or "singular values per layer: weights (top), features over all N samples (bottom); "
+                     "exact zeros drawn at 1e-17")
     return fig
 
 
@@ -503,7 +516,16 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
             if dim == 3:
-                ax.set_zlabel("PC 3")
+                # one common range on all three axes: a rank-2 configuration must look flat, not have its
+                # rounding-level third coordinate blown up to fill the box
+                allp = np.concatenate([Ap, Mp, np.zeros((dim, 1))], axis=1)
+                centre = (allp.max(axis=1) + allp.min(axis=1)) / 2
+                half = max(float(np.max(allp.max(axis=1) - allp.min(axis=1))) / 2, 1e-300) * 1.1
+                ax.set_xlim(centre[0] - half, centre[0] + half)
+                ax.set_ylim(centre[1] - half, centre[1] + half)
+                ax.set_zlim(centre[2] - half, centre[2] + half)
+                ax.set_box_aspect((1, 1, 1), zoom=0.78)
+                ax.set_zlabel("PC 3", labelpad=-2)
             else:
                 ax.set_aspect("equal", adjustable="datalim")
         fig.suptitle(title or "class means (large dots), samples (small), origin (+), global mean (*)")
