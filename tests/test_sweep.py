@@ -299,7 +299,9 @@ def _env(ref, **extra):
 
 def _interrupt(ref, tmp_path, sig):
     store = tmp_path / "s.jsonl"
-    cmd = RUNNER + [ref["config"], "--store", str(store), "--compile-cache", ref["cache"]]
+    # the subprocess inherits the test session's persistent compilation cache (tests/conftest.py), so it
+    # loads the executable the in-process REF sweep compiled
+    cmd = RUNNER + [ref["config"], "--store", str(store)]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(ref))
     t0 = time.monotonic()
     while time.monotonic() - t0 < 300:
@@ -348,6 +350,7 @@ def test_sharded_over_4_host_devices_equals_one_device(ref, tmp_path):
                          capture_output=True, env=env, timeout=600)
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert "on 4 device(s)" in out.stdout.decode()
+    assert os.listdir(ref["cache"])  # --compile-cache wrote the 4-device executable there
     if jax.default_backend() != "cpu":
         pytest.skip("the one-device reference ran on an accelerator; compared only on CPU")
     # Each device runs the REF chunks of 4 as batches of 1, which XLA compiles as unbatched products: like the

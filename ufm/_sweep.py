@@ -298,18 +298,21 @@ def expand_grid(grid: Mapping | Sequence[Mapping], *, x64: bool | None = None) -
     grids = [grid] if isinstance(grid, Mapping) else list(grid) if isinstance(grid, (list, tuple)) else None
     if grids is None or not grids:
         raise TypeError(f"grid must be a dict of field -> value(s) or a non-empty list of dicts; got {grid!r}")
-    out, seen = [], set()
+    out, seen, valid = [], set(), set()
     for g in grids:
         for c in _expand_one(g, x64):
             rid = run_id(c)
             if rid in seen:
                 continue
             seen.add(rid)
-            try:
-                _problem(c)
-            except (ValueError, TypeError) as e:
-                shown = {k: c[k] for k in PROBLEM_FIELDS}
-                raise ValueError(f"grid run {shown} is not a valid UFM: {e}") from None
+            shown = {k: c[k] for k in PROBLEM_FIELDS}
+            pkey = json.dumps(shown, sort_keys=True)
+            if pkey not in valid:  # each distinct problem once: the remaining checks are the UFM constructor's
+                try:
+                    _problem(c)
+                except (ValueError, TypeError) as e:
+                    raise ValueError(f"grid run {shown} is not a valid UFM: {e}") from None
+                valid.add(pkey)
             out.append(c)
     return out
 
@@ -915,6 +918,11 @@ def sweep(
     configs = expand_grid(grid)
     if not _is_int(chunk_size) or chunk_size < 1:
         raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    for name, v in (("second_order", second_order), ("metrics", metrics)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False; got {v!r}")
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be None, True or False; got {progress!r}")
     for name, v in (("rank_rtol", rank_rtol), ("rank_atol", rank_atol)):
         if not _is_num(v) or not math.isfinite(v) or v < 0:
             raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
@@ -962,10 +970,9 @@ def sweep(
                     (_, idx, _), fut, t0 = pending
                     sol = _to_host((fut.params, fut.value, fut.grad_norm, fut.num_steps, fut.status))
                     wall = (time.perf_counter() - t0) / len(idx)
-                    real = len(idx)
-                    sol = jax.tree_util.tree_map(lambda a, real=real: a[:real], sol)
-                    recs = _records(configs, idx, ids, sol, tools, settings, pred_cache, wall)
-                    recs = [r for r in recs if not finished[r["index"]]]
+                    todo = np.asarray([j for j, i in enumerate(idx) if not finished[i]])  # drops padding too
+                    sol = jax.tree_util.tree_map(lambda a, todo=todo: a[todo], sol)
+                    recs = _records(configs, [idx[j] for j in todo], ids, sol, tools, settings, pred_cache, wall)
                     if st is not None:
                         st.append(recs)
                     for r in recs:
@@ -986,7 +993,8 @@ def sweep(
 def to_columns(records: Sequence[Mapping]) -> dict[str, np.ndarray]:
     """Records as NumPy columns: nested dicts are flattened with dots (``config.lam_H``, ``ranks.H``,
     ``prediction.loss``). Numbers become float64 (null -> NaN) or int64 columns, booleans bool, strings str,
-    equal-length numeric lists 2-D float arrays; anything else an object array."""
+    equal-length lists of numbers 2-D int64 / float64 arrays (``ranks.H``: runs x layers); anything else (lists
+    of dicts, ragged lists, mixed types) an object array. A field that is null in every record is a NaN column."""
     flat = []
 
     def walk(f, prefix, v):
@@ -1094,6 +1102,21 @@ def _load_config(path: str) -> dict:
     return cfg
 
 
+_EPILOG = """config file (TOML or JSON):
+  store = "phase.jsonl"          # default: CONFIG with .jsonl, next to CONFIG
+  chunk_size = 64                # runs per compiled call
+  [grid]                         # a list = a swept field; the runs are the product
+  K = 2
+  n = 5
+  width = 8                      # widths = (width,) * L
+  L = [2, 3]
+  activation = "relu"
+  lam = {logspace = [-3, -1.5, 4]}   # lam_H = lam_W = 10**linspace(-3, -1.5, 4)
+  seeds = 4                      # seeds 0..3
+  max_steps = 2000
+other entries: second_order, metrics, rank_rtol, rank_atol, devices, x64 (default true)"""
+
+
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     """``ufm sweep CONFIG [--store PATH] [--chunk-size N] [--devices N] [--progress/--no-progress]
     [--second-order] [--compile-cache DIR]``.
@@ -1105,7 +1128,13 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
 
     Returns 0 on success, 2 for bad input (one line on stderr), 130 when interrupted (finished runs are saved).
     """
-    parser = _Parser(prog="ufm sweep", description="Run a grid of UFM solves into a resumable JSON-lines store.")
+    parser = _Parser(
+        prog="ufm sweep",
+        description="Run a grid of UFM solves into a resumable JSON-lines store. Run the same command again to "
+        "resume after an interruption (finished runs are skipped).",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("config", help="JSON or TOML file with a 'grid' table")
     parser.add_argument("--store", help="store path (overrides the config's 'store')")
     parser.add_argument("--chunk-size", type=int, help="runs per compiled call")
@@ -1140,8 +1169,9 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             metrics=cfg.get("metrics", True),
             rank_atol=cfg.get("rank_atol", 1e-8),
         )
-        if not isinstance(kw["second_order"], bool):
-            raise _UsageError(f"config entry 'second_order' must be true or false; got {kw['second_order']!r}")
+        for name in ("second_order", "metrics"):
+            if not isinstance(kw[name], bool):
+                raise _UsageError(f"config entry {name!r} must be true or false; got {kw[name]!r}")
         res = sweep(cfg["grid"], store, **kw)
     except _UsageError as e:
         print(f"ufm sweep: error: {e}", file=sys.stderr)
@@ -1149,6 +1179,8 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"ufm sweep: error: {e}", file=sys.stderr)
         return 2
+    except SystemExit as e:  # --help
+        return int(e.code or 0) if not isinstance(e.code, str) else 2
     except KeyboardInterrupt:
         n = _count_records(store)
         print(f"ufm sweep: interrupted; {n} finished runs are saved in {store}; run the same command to resume",

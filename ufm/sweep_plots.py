@@ -155,7 +155,7 @@ def phase_table(
     if categorical:
         categories = sorted({v for vs in cells.values() for v in vs})
         code = {c: i for i, c in enumerate(categories)}
-    agg = reduce or np.median
+    agg = reduce or (np.mean if value == "reach" else np.median)  # reach: the mean of 0/1 is the fraction
     for (i, j), vs in cells.items():
         counts[i, j] = len(vs)
         if categorical:
