@@ -161,6 +161,23 @@ def test_gram_heatmaps_note_when_no_geometry_is_predicted():
     assert any("no unique" in t.get_text() for t in _main_axes(fig)[-1].texts)
 
 
+def test_gram_heatmaps_draw_a_given_predicted_gram():
+    """Imbalanced bias-free MSE: the predicted geometry is an orthogonal frame with class-dependent norms
+    (Dang et al. 2023), which has no fixed target Gram; the figure draws prediction.gram_H, normalised."""
+    from types import SimpleNamespace
+
+    p = ufm.UFM(num_classes=3, n_per_class=(3, 2, 1), widths=(4, 4), activation="linear", loss="mse", bias="none",
+                lam_H=1e-3, lam_W=1e-3)
+    rng = np.random.default_rng(0)
+    params = ufm.Params(rng.standard_normal((4, 6)), (rng.standard_normal((4, 4)), rng.standard_normal((3, 4))), None)
+    G = np.diag([9.0, 4.0, 1.0])
+    fig = plotting.gram_heatmaps(p, params, prediction=SimpleNamespace(gram_H=(None, G)))
+    _png(fig)
+    ax = _main_axes(fig)[-1]
+    np.testing.assert_allclose(ax.images[0].get_array(), G / np.linalg.norm(G), rtol=1e-15)
+    assert "H_{2}" in ax.get_title() and "unequal" in ax.get_title()
+
+
 def test_singular_value_plot_against_prediction():
     p, params, alpha, beta, a = _etf_optimum(L=1)
     # closed forms (THEORY.md §1): sigma(W) = alpha (K-1 times), sigma(H over N columns) = sqrt(n) beta

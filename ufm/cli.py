@@ -609,11 +609,13 @@ def format_report(report: dict, header: str) -> str:
     run = report.get("run") or {}
     solver = report.get("solver") or {}
     t = f", {run['solve_time_s']:.1f} s" if "solve_time_s" in run else ""
+    outcome = (f"stopped at max_steps = {sol['num_steps']}" if sol["status_name"] == "max_steps"
+               else f"{sol['status_name']} after {sol['num_steps']} steps")
     lines.append(f"solver      {solver.get('method', '?')}, seed {solver.get('seed', '?')}, {sol['dtype']}: "
-                 f"{sol['status_name']} after {sol['num_steps']} steps, |grad f| = {sol['grad_norm']:.1e}"
+                 f"{outcome}, |grad f| = {sol['grad_norm']:.1e}"
                  f"{' (tol ' + format(solver['tol'], '.0e') + ')' if solver.get('tol') is not None else ''}{t}")
     if not sol["success"]:
-        lines.append(f"            {sol['message']}")
+        lines.extend(_wrap("", sol["message"]))
     lines.append(f"loss        {sol['value']:.15g}")
     pred = report.get("prediction")
     if cmp_["predicted_loss"] is not None:
@@ -689,7 +691,7 @@ def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: s
             solution.history, predicted_loss=f_pred, predicted_known=known, history_every=history_every,
             nc1=nc1, nc1_steps=steps, layer_names=names, tol=tol)
     figs["collapse"] = plotting.collapse_bars(metrics)
-    figs["gram"] = plotting.gram_heatmaps(problem, solution.params)
+    figs["gram"] = plotting.gram_heatmaps(problem, solution.params, prediction=prediction)
     figs["singular_values"] = plotting.singular_value_plot(
         problem, solution.params, predicted_W=_predicted_sv(prediction, "sv_W", L),
         predicted_H=_predicted_sv(prediction, "sv_H", L))
@@ -874,6 +876,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         sys.stderr.write(f"\n{prefix}: interrupted\n")
         return 130
+    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 1
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -322,14 +322,16 @@ def _target_gram(target: str | None, K: int) -> np.ndarray | None:
     return None
 
 
-def gram_heatmaps(problem, params, *, title: str | None = None):
+def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None):
     """Class-mean Gram matrices of every layer as heatmaps, beside the predicted structure.
 
     For each feature layer H_1..H_L and the output, the K x K matrix ``G / ||G||_F`` with ``G = M^T M`` of the
     uncentred class means, or of the centred means M~ where the theory predicts a simplex ETF (CE, or MSE with a
     bias). The last panel is the predicted Gram (`ufm.metrics.nc2_target`): ``(I - J/K)/sqrt(K-1)`` (simplex
-    ETF) or ``I/sqrt(K)`` (orthogonal frame), or a note where the theory predicts no unique geometry. One shared
-    colour scale; entries are printed when K <= 6.
+    ETF) or ``I/sqrt(K)`` (orthogonal frame); for other geometries (e.g. the orthogonal frame with class-dependent
+    norms of imbalanced data, Dang et al. 2023) the predicted class-mean Gram of the deepest layer that has one,
+    ``prediction.gram_H`` of `ufm.predict`, normalised, when ``prediction`` is given; else a note that the theory
+    predicts no unique geometry. One shared colour scale; entries are printed when K <= 6.
 
     Returns:
       A Figure with L + 2 heatmap axes and one colour-bar axis.
@@ -352,9 +354,18 @@ def gram_heatmaps(problem, params, *, title: str | None = None):
         targets.append(t)
     predicted = [t for t in targets if t is not None]
     t_pred = max(set(predicted), key=predicted.count) if predicted else None
-    G_pred = _target_gram(t_pred, K)
     tnames = {"etf": "simplex ETF", "orthogonal": "orthogonal frame",
               "orthogonal-unequal": "orth. frame, unequal norms"}
+    G_pred = _target_gram(t_pred, K)
+    pred_title = None
+    grams = getattr(prediction, "gram_H", None) if prediction is not None else None
+    if G_pred is None and grams is not None:
+        for l in range(len(grams) - 1, -1, -1):
+            G = None if grams[l] is None else np.asarray(grams[l], np.float64)
+            if G is not None and G.shape == (K, K) and np.all(np.isfinite(G)) and np.linalg.norm(G) > 0:
+                G_pred = G / np.linalg.norm(G)
+                pred_title = f"predicted, {_sub(f'H_{l + 1}')}:\n{tnames.get(t_pred, t_pred or 'ufm.predict')}"
+                break
     vmax = max(1e-12, max(float(np.max(np.abs(G))) for G in mats))
     with _rc():
         n = len(mats) + 1
@@ -380,7 +391,7 @@ def gram_heatmaps(problem, params, *, title: str | None = None):
                     for j in range(K):
                         ax.text(j, i, f"{G[i, j]:.2f}", ha="center", va="center", fontsize=7,
                                 color="white" if abs(G[i, j]) > 0.6 * vmax else "black")
-            ax.set_title(st if st != "predicted" else f"predicted:\n{tnames.get(t_pred, t_pred)}")
+            ax.set_title(st if st != "predicted" else pred_title or f"predicted:\n{tnames.get(t_pred, t_pred)}")
         axes[0].set_ylabel("class $j$")
         if im is not None:
             fig.colorbar(im, ax=list(axes), shrink=0.8, label=r"$G_{jk} / \|G\|_F$")
