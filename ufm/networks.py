@@ -187,7 +187,7 @@ def load_digits(n_per_class: int | None = None, *, seed: int = 0, dtype=np.float
     """
     try:
         from sklearn.datasets import load_digits as _sk_load_digits
-    except ImportError as e:  # pragma: no cover - exercised only without scikit-learn
+    except ImportError as e:
         raise ImportError(
             "ufm.networks.load_digits needs scikit-learn (the digits ship inside it): pip install 'ufm[networks]' "
             "(or pip install scikit-learn); gaussian_mixture needs no extra dependency"
@@ -386,6 +386,18 @@ class TrainResult(NamedTuple):
     error: float
     finite: bool
 
+    @property
+    def zero_error_step(self) -> int | None:
+        """The first step k from which the recorded training error stays 0 (history.error[j] = 0 for all j >= k,
+        and the final error is 0): the start of the terminal phase of training (Papyan et al. 2020). None if the
+        run never reached it. With minibatches the history holds batch errors, so this is only indicative."""
+        e = np.append(self.history.error, self.error)
+        nz = np.flatnonzero(e != 0)
+        if nz.size == 0:
+            return 0
+        k = int(nz[-1]) + 1
+        return k if k < e.size else None
+
     def snapshot(self, i: int) -> MLPParams:
         """The parameters of recorded snapshot i (negative i counts from the end)."""
         return jax.tree_util.tree_map(lambda a: a[i], self.snapshots)
@@ -505,7 +517,8 @@ def train(
       record_steps: the steps after which the parameters are saved (integers in [0, steps]).
       key: a `jax.random.key` or int seed (init and batches).
       init_scale: multiplies the He/LeCun init (see `init_mlp`).
-      dtype: float32 or float64 (default JAX's default float); the data are cast to it.
+      dtype: float32 or float64 (default: float32 for float32 data, else JAX's default float, float64 under
+        ``jax_enable_x64``); the data are cast to it.
 
     Returns:
       A `TrainResult`. A run whose objective became non-finite has ``finite=False`` (lower lr).
@@ -549,7 +562,7 @@ def train(
         rec = np.unique(rec)
     slots = np.full(steps + 1, -1, np.int32)
     slots[rec] = np.arange(rec.size, dtype=np.int32)
-    dt = _check_dtype(dtype)
+    dt = _check_dtype(np.float32 if (dtype is None and data.X.dtype == np.float32) else dtype)
     key = _as_key(key)
     k_init, k_batch = jax.random.split(key)
     params0 = init_mlp(config, k_init, _positive("init_scale", init_scale), dt)
@@ -763,7 +776,8 @@ class UFMReference(NamedTuple):
       solution: a numerical ``ufm.solve`` of the problem (L-BFGS), or None with ``solve=False``.
       network: {layer: metrics} of the network on the covered layers (keys as in `LayerMetrics`).
       ufm: {layer: metrics} of the UFM solution on the same layers (None without a solution).
-      sv_network: per covered feature layer, the singular values of the network's features (all N columns).
+      sv_network: per covered feature layer, the singular values of the network's features (all N columns), the
+        first layer's after the free rebalancing below (scaled by a; deeper layers do not change under it).
       sv_predicted: the predicted singular values of the UFM's H_1..H_L (``prediction.sv_H``), the same quantity.
       network_value: the UFM objective at the network's own (features H_{D-L+1}, top L weights, output bias). It
         is >= the UFM's global optimum (the UFM minimises over all features): the gap is how far the network is
@@ -847,16 +861,13 @@ def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: 
     network_value = float(objective(problem, params))
     lam_H_, lam_W1 = float(problem.lam_H), float(np.asarray(problem.lam_W)[0])
     nH, nW = float(jnp.sum(params.H**2)), float(jnp.sum(params.Ws[0] ** 2))
-    if lam_H_ > 0 and nH > 0 and nW > 0:
-        a = (lam_W1 * nW / (lam_H_ * nH)) ** 0.25
-        params_b = params._replace(H=params.H * a, Ws=(params.Ws[0] / a,) + tuple(params.Ws[1:]))
-        network_value_balanced = float(objective(problem, params_b))
-    else:
-        network_value_balanced = network_value
+    a = (lam_W1 * nW / (lam_H_ * nH)) ** 0.25 if (lam_H_ > 0 and nH > 0 and nW > 0) else 1.0
+    params_b = params._replace(H=params.H * a, Ws=(params.Ws[0] / a,) + tuple(params.Ws[1:]))
+    network_value_balanced = float(objective(problem, params_b)) if a != 1.0 else network_value
     layers = tuple(f"H_{D - L + j}" for j in range(1, L + 1)) + ("out",)
     net_feats = [lay.H[D - L + j] for j in range(1, L + 1)] + [lay.out]
     network = {name: _feature_metrics(A, y, K) for name, A in zip(layers, net_feats, strict=True)}
-    sv_network = tuple(_m.singular_values(A) for A in net_feats[:-1])
+    sv_network = tuple(_m.singular_values(A) * (a if j == 0 else 1.0) for j, A in enumerate(net_feats[:-1]))
     prediction = predict(problem)
     sol = None
     ufm_metrics = None
