@@ -172,7 +172,8 @@ def test_load_digits_without_sklearn_names_the_extra(monkeypatch):
 
 
 def test_minibatch_float32_stays_float32(gmm):
-    res = nets.train(gmm, (16,), loss="ce", batch_size=50, steps=300, dtype="float32", key=1, record_steps=[300])
+    data32 = gmm._replace(X=gmm.X.astype(np.float32))  # float32 data train in float32 by default
+    res = nets.train(data32, (16,), loss="ce", batch_size=50, steps=300, key=1, record_steps=[300])
     assert res.finite and res.history.loss.shape == (300,)
     assert all(np.asarray(x).dtype == np.float32 for x in jax.tree_util.tree_leaves(res.params))
     lay = nets.features(res, gmm)
