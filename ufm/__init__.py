@@ -19,3 +19,7 @@ from ._solver import solve as solve
 from ._solver import solve_batch as solve_batch
 from ._sweep import load_sweep as load_sweep
 from ._sweep import sweep as sweep
+from ._theory import Prediction as Prediction
+from ._theory import construct as construct
+from ._theory import predict as predict
+from ._theory import srg_ratio as srg_ratio
