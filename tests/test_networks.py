@@ -451,6 +451,8 @@ def test_bad_input_raises_before_compute(gmm, deep):
         nets.ufm_problem(deep, gmm, depth=2)
     with pytest.raises(ValueError, match="fine labels"):
         nets.fine_grained(gmm, (8,))
+    with pytest.raises(ValueError, match="snapshot index"):
+        nets.features(deep, gmm, len(RECORD))
     other = nets.gaussian_mixture(5, 4, 7, seed=0)
     with pytest.raises(ValueError, match="p = 32"):
         nets.layer_metrics(deep, other)

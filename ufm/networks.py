@@ -399,8 +399,12 @@ class TrainResult(NamedTuple):
         return k if k < e.size else None
 
     def snapshot(self, i: int) -> MLPParams:
-        """The parameters of recorded snapshot i (negative i counts from the end)."""
-        return jax.tree_util.tree_map(lambda a: a[i], self.snapshots)
+        """The parameters of recorded snapshot i (negative i counts from the end), after ``steps[i]`` steps."""
+        R = int(self.steps.size)
+        if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -R <= i < R:
+            raise ValueError(f"snapshot index must be an integer in [-R, R) with R = {R} recorded steps "
+                             f"{self.steps.tolist()}; got {i!r}")
+        return jax.tree_util.tree_map(lambda a: a[int(i)], self.snapshots)
 
 
 def _make_optimizer(optimizer, lr, momentum):
