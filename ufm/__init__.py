@@ -23,3 +23,9 @@ from ._theory import Prediction as Prediction
 from ._theory import construct as construct
 from ._theory import predict as predict
 from ._theory import srg_ratio as srg_ratio
+from . import metrics as metrics
+from ._certificates import Certificate as Certificate
+from ._certificates import certify as certify
+from ._certificates import hessian_spectrum as hessian_spectrum
+from ._checks import Report as Report
+from ._checks import check as check

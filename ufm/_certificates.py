@@ -41,6 +41,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
+import scipy.optimize
 import scipy.sparse.linalg as spla
 from jax.flatten_util import ravel_pytree
 
@@ -55,9 +56,16 @@ class Stationarity(NamedTuple):
       value: f at the point; ``fit`` and ``reg`` its two parts (fit + reg = value).
       grad_norm: ||grad f||_2 over all parameters (the solver's stopping quantity).
       grad_fit_norm, grad_reg_norm: ||grad fit||_2 and ||grad reg||_2.
-      grad_norm_rel: ``||grad f|| / (||grad fit|| + ||grad reg||)`` in [0, 1], a scale-free measure: 0 at a
-        critical point (the two forces cancel), 1 when they do not oppose at all; 0/0 (the zero point of a
-        bias-free model, where both vanish) is 0.
+      grad_norm_rel: ``||g|| / (||g_fit|| + ||g_reg||)`` in [0, 1] for the gradient g used in ``stationarity``,
+        a scale-free measure: 0 at a critical point (the two forces cancel), 1 when they do not oppose at all;
+        0/0 (the zero point of a bias-free model, where both vanish) is 0.
+      kinks: ReLU models: the number of pre-activation entries at the kink, |Z_l[i, j]| <= kink_rtol max|Z_l|
+        (0 for linear models).
+      stationarity: the first-order measure used by `ufm.check`: ``grad_norm`` for smooth points; at kinks the
+        smallest ||g(c)|| over the ReLU slopes c in [0, 1] at the kink entries (the minimal-norm element of the
+        chain-rule ("conservative", Bolte & Pauwels 2021) subdifferential; JAX's own gradient uses slope 0 at 0).
+        A local minimum has 0 in its Clarke subdifferential, which this set contains, so a large value proves
+        that the point is not a local minimum; a small one is necessary, not sufficient.
     """
 
     value: float
@@ -67,6 +75,8 @@ class Stationarity(NamedTuple):
     grad_fit_norm: float
     grad_reg_norm: float
     grad_norm_rel: float
+    kinks: int
+    stationarity: float
 
 
 class HessianSpectrum(NamedTuple):
@@ -93,17 +103,32 @@ class HessianSpectrum(NamedTuple):
     converged: bool
 
 
+class Descent(NamedTuple):
+    """An explicit decrease along the bottom eigenvector v of the (projected) Hessian:
+    ``decrease = f(theta) - min_t f(theta + t v)`` over a grid of steps t (both signs), with ``step`` the
+    minimising t and ``step_rel = |t| / ||theta||``. A positive decrease at a stationary point is a concrete
+    certificate that the point is not a local minimum (with or without kinks)."""
+
+    decrease: float
+    step: float
+    step_rel: float
+
+
 class Certificate(NamedTuple):
-    """`Stationarity` and (unless skipped) `HessianSpectrum` of the objective at one point."""
+    """`Stationarity`, and (unless skipped) `HessianSpectrum` and the `Descent` test along its bottom eigenvector,
+    of the objective at one point. ``dtype`` is the dtype of the point as given."""
 
     stationarity: Stationarity
     hessian: HessianSpectrum | None
+    descent: Descent | None
     dtype: str
 
     def to_dict(self) -> dict:
         return {
             "stationarity": self.stationarity._asdict(),
-            "hessian": None if self.hessian is None else {**self.hessian._asdict(), "smallest": list(self.hessian.smallest)},
+            "hessian": None if self.hessian is None else {**self.hessian._asdict(),
+                                                           "smallest": list(self.hessian.smallest)},
+            "descent": None if self.descent is None else self.descent._asdict(),
             "dtype": self.dtype,
         }
 
@@ -146,16 +171,113 @@ def _work_params(params: Params) -> Params:
 # first order
 
 
-def stationarity(problem: UFM, params: Params) -> Stationarity:
-    """Value, fit/penalty split and gradient norms at ``params`` (see `Stationarity`)."""
+def _forward_slopes(problem: UFM, params: Params, masks, slopes):
+    """The output with ReLU slope ``slopes[l]`` at the masked (kink) entries of Z_{l+2} and the usual 0/1 slope
+    elsewhere; the values are exactly those of `forward` (only the derivative changes)."""
+    h = params.H
+    for W, m, c in zip(params.Ws[:-1], masks, slopes, strict=True):
+        z = W @ h
+        zs = jax.lax.stop_gradient(z)
+        d = jnp.where(m, c, (zs > 0).astype(z.dtype))
+        h = jax.nn.relu(zs) + (z - zs) * d
+    out = params.Ws[-1] @ h
+    return out if params.b is None else out + params.b[:, None]
+
+
+@jax.jit
+def _slope_fit_grads(problem, params, masks, slopes):
+    """Fit gradients (flattened) for a batch of slope settings (leading axis on every slope array)."""
+
+    def one(sl):
+        fit = lambda p: fit_loss(problem, _forward_slopes(problem, p, masks, sl))
+        return ravel_pytree(jax.grad(fit)(params))[0]
+
+    return jax.vmap(one)(slopes)
+
+
+def _min_slope_gradient(problem, P, masks, gr, sweeps: int = 20):
+    """Minimise ||g_fit(c) + g_reg|| over the kink slopes c in [0, 1] by exact block-coordinate descent.
+
+    Every gradient entry is a product of the ReLU-derivative diagonals of the layers between the parameter and
+    the output, each at most once, so g(c) is affine in the slopes of any one layer: with the others fixed,
+    g(c) = g(c_0) + G (c_l - c_{l,0}) with G[:, j] = g(c_0 + e_j) - g(c_0) (one batched gradient call), and the
+    layer's slopes solve a bounded linear least-squares problem exactly (`scipy.optimize.lsq_linear`). One
+    ReLU layer (L = 2) is solved globally in one step; deeper models take sweeps until no layer improves."""
+    dt = jnp.asarray(P.H).dtype
+    jm = tuple(jnp.asarray(m) for m in masks)
+    sel = [np.flatnonzero(m.ravel()) for m in masks]
+    c = [np.zeros(m.size) for m in masks]  # JAX's convention: slope 0 at 0
+    B = 1 << int(max(idx.size for idx in sel)).bit_length()  # batch size, a power of 2 (few compiles)
+
+    def grads(rows):  # rows: list of per-layer flat slope vectors, len <= B
+        batch = []
+        for li, m in enumerate(masks):
+            arr = np.zeros((B, m.size))
+            arr[: len(rows)] = [r[li] for r in rows]
+            batch.append(jnp.asarray(arr.reshape((B,) + m.shape), dt))
+        return np.asarray(_slope_fit_grads(problem, P, jm, tuple(batch)), np.float64)[: len(rows)]
+
+    gf = grads([c])[0]
+    best = np.linalg.norm(gf + gr)
+    for _ in range(sweeps):
+        improved = False
+        for li, idx in enumerate(sel):
+            if idx.size == 0:
+                continue
+            rows = [c]
+            for j in idx:
+                cj = [x.copy() for x in c]
+                cj[li][j] += 1.0
+                rows.append(cj)
+            G = grads(rows)
+            g0 = G[0]
+            D = (G[1:] - g0).T  # n x m_l
+            r = scipy.optimize.lsq_linear(D, -(g0 + gr) + D @ c[li][idx], bounds=(0.0, 1.0), method="bvls")
+            new = [x.copy() for x in c]
+            new[li][idx] = r.x
+            gf_new = g0 + D @ (r.x - c[li][idx])
+            val = np.linalg.norm(gf_new + gr)
+            if val < best * (1 - 1e-9):
+                c, gf, best, improved = new, gf_new, val, True
+        if not improved or len(sel) == 1:
+            break
+    gf = grads([c])[0]  # recompute exactly at the final slopes
+    return gf
+
+
+def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> tuple[np.ndarray, ...]:
+    """Boolean masks of the pre-activation entries of Z_2..Z_L at the ReLU kink: ``|Z_l[i, j]| <= kink_rtol *
+    max|Z_l|`` (default kink_rtol: 1e-6 for float64 points, 1e-3 for float32). Empty for linear models."""
+    if problem.activation != "relu" or problem.L < 2:
+        return ()
+    if kink_rtol is None:
+        kink_rtol = 1e-6 if jnp.asarray(Params(*params).H).dtype == jnp.float64 else 1e-3
+    Zs = [np.abs(np.asarray(z, np.float64)) for z in forward(problem, _work_params(params)).Z]
+    return tuple(z <= kink_rtol * z.max() if z.max() > 0 else np.ones(z.shape, bool) for z in Zs)
+
+
+def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None) -> Stationarity:
+    """Value, fit/penalty split and gradient norms at ``params``, kink-aware for ReLU models (see `Stationarity`).
+
+    At kinks the slopes c in [0, 1] are chosen by exact block-coordinate descent (`_min_slope_gradient`); for
+    L >= 3 this is a local search, so ``stationarity`` is an upper bound on the minimal norm."""
     check_params(problem, params)
-    vf, vr, gf, gr = _grads(problem, _work_params(params))
+    P = _work_params(params)
+    vf, vr, gf, gr = _grads(problem, P)
     gf, gr = np.asarray(gf, np.float64), np.asarray(gr, np.float64)
-    g = np.linalg.norm(gf + gr)
-    nf, nr = np.linalg.norm(gf), np.linalg.norm(gr)
-    rel = float(g / (nf + nr)) if nf + nr > 0 else 0.0
+    g = float(np.linalg.norm(gf + gr))
+    masks = kink_masks(problem, params, kink_rtol)
+    kinks = int(sum(m.sum() for m in masks))
+    stat, gfs = g, gf
+    if kinks and g > 0:
+        gfs = _min_slope_gradient(problem, P, masks, gr)
+        stat = min(g, float(np.linalg.norm(gfs + gr)))
+        if stat == g:
+            gfs = gf
+    nf, nr = np.linalg.norm(gfs), np.linalg.norm(gr)
+    rel = float(stat / (nf + nr)) if nf + nr > 0 else 0.0
     vf, vr = float(vf), float(vr)
-    return Stationarity(vf + vr, vf, vr, float(g), float(nf), float(nr), rel)
+    return Stationarity(vf + vr, vf, vr, g, float(nf), float(nr), rel, kinks, stat)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -236,31 +358,31 @@ def _dense_hessian(problem, params, n, chunk=128) -> np.ndarray:
     return (out + out.T) / 2
 
 
-def hessian_spectrum(
-    problem: UFM,
-    params: Params,
-    *,
-    k: int = 6,
-    method: str = "auto",
-    project_symmetries: bool = True,
-    sym_rtol: float = 1e-6,
-    dense_max: int = 1500,
-    max_tangent: int = 50_000_000,
-    tol: float = 1e-10,
-    maxiter: int | None = None,
-) -> HessianSpectrum:
+def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum:
     """The k smallest eigenvalues of the Hessian of the objective at ``params``, symmetry zero modes removed.
 
-    Args:
-      k: how many of the smallest eigenvalues to return.
+    Keyword options (all optional):
+      k: how many of the smallest eigenvalues to return (default 6).
       method: "dense" (exact, from n Hessian-vector products; for n <= a few thousand), "lanczos"
         (``scipy.sparse.linalg.eigsh`` on Hessian-vector products, which="SA"; never forms the Hessian), or "auto"
-        (dense when num_params <= ``dense_max``).
-      project_symmetries: restrict to the complement of the symmetry-orbit tangent (module docstring).
-      sym_rtol: tangent singular values below ``sym_rtol`` times the largest are treated as 0.
-      max_tangent: skip the projection (``symmetry_dim=None``) when the tangent matrix would have more entries.
-      tol, maxiter: ARPACK's relative accuracy and iteration cap (default 20 n).
+        (default: dense when num_params <= ``dense_max`` = 1500).
+      project_symmetries: restrict to the complement of the symmetry-orbit tangent (default True; module
+        docstring).
+      sym_rtol: tangent singular values below ``sym_rtol`` (default 1e-6) times the largest are treated as 0.
+      max_tangent: skip the projection (``symmetry_dim=None``) when the tangent matrix would have more entries
+        (default 5e7).
+      tol, maxiter: ARPACK's relative accuracy (default 1e-10) and iteration cap (default 20 n).
+
+    At a ReLU kink the Hessian is that of JAX's convention (slope 0 and curvature 0 at 0): the Hessian of one
+    smooth piece, so a negative eigenvalue there is only a hint; `certify` checks it with an explicit `Descent`.
     """
+    return _hessian(problem, params, **options)[0]
+
+
+def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symmetries: bool = True,
+             sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-10,
+             maxiter: int | None = None) -> tuple[HessianSpectrum, np.ndarray | None]:
+    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space)."""
     check_params(problem, params)
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
@@ -272,6 +394,7 @@ def hessian_spectrum(
     if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
         Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
     r = 0 if Q is None else Q.shape[0]
+    sym = None if Q is None else r
     if method == "auto":
         method = "dense" if n <= dense_max else "lanczos"
     if method == "lanczos" and n - r < k + 2:
@@ -281,22 +404,20 @@ def hessian_spectrum(
     if method == "dense":
         Hd = _dense_hessian(problem, P, n)
         largest = float(np.linalg.eigvalsh(Hd)[-1])
-        if Q is not None and r:
-            C = scipy.linalg.null_space(Q)  # n x (n - r), orthonormal
-            Hd = C.T @ Hd @ C
-        ev = np.linalg.eigvalsh(Hd)
-        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, None if Q is None else r, n, "dense", True)
+        C = scipy.linalg.null_space(Q) if r else np.eye(n)  # n x (n - r), orthonormal
+        ev, U = np.linalg.eigh(C.T @ Hd @ C)
+        vec = C @ U[:, 0] if ev.size else None
+        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, sym, n, "dense", True), vec
 
     hv = lambda v: np.asarray(_hvp(problem, P, jnp.asarray(v, dt)), np.float64)
     maxiter = 20 * n if maxiter is None else int(maxiter)
-    rng = np.random.default_rng(0)
-    v0 = rng.standard_normal(n)
+    v0 = np.random.default_rng(0).standard_normal(n)
     op = spla.LinearOperator((n, n), matvec=hv, dtype=np.float64)
     try:
         largest = float(spla.eigsh(op, k=1, which="LA", tol=1e-6, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0])
     except spla.ArpackNoConvergence as e:
         largest = float(np.max(e.eigenvalues)) if len(e.eigenvalues) else float("nan")
-    if Q is not None and r:
+    if r:
         alpha = 2.0 * abs(largest) + 1.0 if math.isfinite(largest) else 1.0
 
         def mv(v):
@@ -304,22 +425,53 @@ def hessian_spectrum(
             w = hv(v - Q.T @ c)
             return w - Q.T @ (Q @ w) + alpha * (Q.T @ c)
 
-        opp = spla.LinearOperator((n, n), matvec=mv, dtype=np.float64)
+        op = spla.LinearOperator((n, n), matvec=mv, dtype=np.float64)
         v0 = v0 - Q.T @ (Q @ v0)
-    else:
-        opp = op
     converged = True
     try:
-        ev = spla.eigsh(opp, k=k, which="SA", tol=tol, v0=v0, maxiter=maxiter, return_eigenvectors=False)
+        ev, U = spla.eigsh(op, k=k, which="SA", tol=tol, v0=v0, maxiter=maxiter)
     except spla.ArpackNoConvergence as e:
-        ev, converged = np.asarray(e.eigenvalues), False
-    ev = np.sort(np.asarray(ev, np.float64))
-    return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, None if Q is None else r, n, "lanczos", converged)
+        ev, U, converged = np.asarray(e.eigenvalues), np.asarray(e.eigenvectors), False
+    order = np.argsort(ev)
+    ev = np.asarray(ev, np.float64)[order]
+    vec = U[:, order[0]] if ev.size else None
+    return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, sym, n, "lanczos", converged), vec
 
 
-def certify(problem: UFM, params: Params, *, hessian: bool = True, **hessian_options) -> Certificate:
-    """First- and second-order certificate at ``params``: `stationarity` and `hessian_spectrum` (options passed
-    on). ``hessian=False`` skips the second order (``Certificate.hessian`` is None)."""
-    st = stationarity(problem, params)
-    hs = hessian_spectrum(problem, params, **hessian_options) if hessian else None
-    return Certificate(st, hs, str(jnp.asarray(Params(*params).H).dtype))
+@jax.jit
+def _objective_many(problem, params, X):
+    unravel = ravel_pytree(params)[1]
+    return jax.vmap(lambda x: objective(problem, unravel(x)))(X)
+
+
+def descent_test(problem: UFM, params: Params, direction, num: int = 25) -> Descent:
+    """The best decrease of the objective along ``direction`` (flat, in `ravel_pytree` order): f is evaluated at
+    theta + t v/||v|| for t = +-s 10^j, j on ``num`` points in [-8, 0], s = max(||theta||, 1) (one vmapped call).
+    """
+    P = _work_params(params)
+    flat = _flat(P)
+    v = np.asarray(direction, np.float64)
+    v = v / np.linalg.norm(v)
+    scale = max(float(np.linalg.norm(flat)), 1.0)
+    ts = scale * np.logspace(-8, 0, num)
+    ts = np.concatenate([ts, -ts])
+    X = jnp.asarray(flat[None, :] + ts[:, None] * v[None, :], jnp.asarray(P.H).dtype)
+    f = np.asarray(_objective_many(problem, P, X), np.float64)
+    f0 = float(objective(problem, P))
+    f = np.where(np.isfinite(f), f, np.inf)
+    i = int(np.argmin(f))
+    return Descent(f0 - float(f[i]), float(ts[i]), float(abs(ts[i]) / scale))
+
+
+def certify(problem: UFM, params: Params, *, hessian: bool = True, kink_rtol: float | None = None,
+            **hessian_options) -> Certificate:
+    """First- and second-order certificate at ``params``: `stationarity`, `hessian_spectrum` (options passed on)
+    and, when the smallest eigenvalue is negative, the `descent_test` along its eigenvector. ``hessian=False``
+    skips the second order (``hessian`` and ``descent`` are None)."""
+    st = stationarity(problem, params, kink_rtol=kink_rtol)
+    hs, vec, desc = None, None, None
+    if hessian:
+        hs, vec = _hessian(problem, params, **hessian_options)
+        if vec is not None and hs.smallest and hs.smallest[0] < 0:
+            desc = descent_test(problem, params, vec)
+    return Certificate(st, hs, desc, str(jnp.asarray(Params(*params).H).dtype))

@@ -100,7 +100,8 @@ def _labels(labels: Any, N: int, num_classes: int | None, features_shape=None) -
         raise ValueError(f"collapse metrics need K >= 2 classes; got K = {K}")
     counts = np.bincount(y, minlength=K)
     if np.any(counts == 0):
-        raise ValueError(f"every class needs at least one sample; classes {np.flatnonzero(counts == 0).tolist()} have none")
+        empty = np.flatnonzero(counts == 0).tolist()
+        raise ValueError(f"every class needs at least one sample (n_k >= 1); classes {empty} have none")
     return y, K
 
 
@@ -467,7 +468,7 @@ def dnc3(W, means) -> float:
     mn = np.linalg.norm(M, axis=0)
     Mu = np.divide(M, mn, out=np.zeros_like(M), where=mn > 0)
     Wu = np.divide(W, wn[:, None], out=np.zeros_like(W), where=wn[:, None] > 0)
-    best = np.max(np.abs(Wu @ Mu), axis=1)
+    best = np.minimum(np.max(np.abs(Wu @ Mu), axis=1), 1.0)  # |cos| <= 1 up to rounding
     return float(1.0 - np.sum(wn**2 * best) / np.sum(wn**2))
 
 

@@ -1,0 +1,384 @@
+"""The verdict: is a solution the predicted optimum, a better point, a local minimum, a saddle, or unconverged?
+
+`check` gathers, for one solution of one problem: the relative loss gap to `ufm.predict`, rotation-invariant
+distances to the predicted optimum layer by layer, the collapse metrics of every layer (`ufm.metrics`), the
+first- and second-order certificates (`ufm.certify`), and a one-word verdict with a one-line explanation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+
+from . import metrics as _metrics
+from ._certificates import Certificate, certify
+from ._model import Params, check_params, forward
+from ._problem import UFM
+
+VERDICTS = ("matches", "below-prediction", "local-min", "saddle", "not-converged", "no-prediction")
+
+# Defaults by the dtype of the solution (the point is always *evaluated* in float64 when x64 is on).
+#  grad_tol:  on the stationarity measure (the gradient norm; kink-aware for ReLU). The solver stops at 1e-9
+#             (float64) / 1e-5 (float32); float32 runs often stall near 1e-4, whose rounding alone leaves a
+#             gradient of order eps32 * ||Hessian|| * ||theta||.
+#  gap_tol:   on the relative loss gap |f - f_pred| / |f_pred|. Near a minimum the gap is quadratic in the
+#             distance, so a float64 point with gradient 1e-6 is well inside 1e-6; float32 losses carry ~1e-7
+#             relative rounding per operation, 1e-4 leaves room for the accumulated error of a solve.
+#  hess_rtol: an eigenvalue counts as negative below -hess_rtol * |lambda_max|. A point that is stationary
+#             only to within g moves eigenvalues by O(g * third derivative); eigsh is accurate to ~1e-10.
+DEFAULT_TOLERANCES = {
+    "float64": {"grad_tol": 1e-6, "gap_tol": 1e-6, "hess_rtol": 1e-6},
+    "float32": {"grad_tol": 1e-3, "gap_tol": 1e-4, "hess_rtol": 1e-4},
+}
+
+
+class Report(NamedTuple):
+    """What `check` found. Never prints; ``to_dict()`` / ``to_json()`` for storage.
+
+    Attributes:
+      verdict: one of ``VERDICTS``:
+        "matches" (stationary, no negative curvature, loss within ``gap_tol`` of the prediction),
+        "below-prediction" (loss below the prediction by more than ``gap_tol``: the predicted configuration is
+        not the global optimum here; stationary or not, the point itself is the proof),
+        "local-min" (stationary, no negative curvature, loss above the prediction),
+        "saddle" (stationary with a negative Hessian eigenvalue, confirmed by an explicit descent at kinks),
+        "not-converged" (the stationarity measure exceeds ``grad_tol``, or non-finite values),
+        "no-prediction" (stationary and no negative curvature, but no predicted loss to compare with).
+      explanation: one line for a human.
+      value: the objective at the solution (float64 evaluation).
+      predicted_loss: the prediction's loss (None if there is none).
+      gap: (value - predicted_loss) / |predicted_loss| (None without prediction).
+      prediction: ``Prediction.to_dict()`` (or {"loss": x} for a bare number; None without).
+      certificate: the `Certificate` (stationarity, Hessian spectrum, descent test).
+      distances: rotation-invariant distances to the predicted optimum (`distances`), None without prediction.
+      metrics: ``ufm.metrics.layer_metrics`` of the solution (None if ``metrics=False``).
+      tolerances: the tolerances used.
+      solver: status/message/num_steps of a `ufm.Solution`, None for bare params.
+      problem: ``problem.to_dict()``.
+      dtype: the solution's dtype.
+    """
+
+    verdict: str
+    explanation: str
+    value: float
+    predicted_loss: float | None
+    gap: float | None
+    prediction: dict | None
+    certificate: Certificate
+    distances: dict | None
+    metrics: dict | None
+    tolerances: dict
+    solver: dict | None
+    problem: dict
+    dtype: str
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable dict: NumPy/JAX numbers become Python numbers, arrays lists, and non-finite
+        floats the strings "nan", "inf", "-inf" (strict JSON has no NaN)."""
+        d = self._asdict()
+        d["certificate"] = self.certificate.to_dict()
+        return _jsonable(d)
+
+    def to_json(self, **kwargs) -> str:
+        """``json.dumps(self.to_dict(), allow_nan=False, **kwargs)``."""
+        return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
+
+
+def _jsonable(x: Any):
+    if x is None or isinstance(x, (bool, str)):
+        return x
+    if isinstance(x, dict):
+        return {str(k): _jsonable(v) for k, v in x.items()}
+    if hasattr(x, "_asdict"):
+        return _jsonable(x._asdict())
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
+        return int(x)
+    if isinstance(x, np.bool_):
+        return bool(x)
+    a = np.asarray(x)
+    if a.ndim == 0:
+        if a.dtype == bool:
+            return bool(a)
+        if np.issubdtype(a.dtype, np.integer):
+            return int(a)
+        v = float(a)
+        return v if math.isfinite(v) else str(v)
+    return [_jsonable(v) for v in a]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# distances to the prediction
+
+
+def _rel(a, b) -> float | None:
+    """||a - b|| / ||b|| over the entries where b is finite (absolute ||a - b|| when b = 0); None if b has no
+    finite entry (not determined by the theory)."""
+    a = np.asarray(a, np.float64).ravel()
+    b = np.asarray(b, np.float64).ravel()
+    if b.size == 0:
+        return None
+    ok = np.isfinite(b)
+    if not np.any(ok):
+        return None
+    diff = float(np.linalg.norm(a[ok] - b[ok]))
+    nb = float(np.linalg.norm(b[ok]))
+    return diff / nb if nb > 0 else diff
+
+
+def _sv(A, n):
+    s = np.linalg.svd(np.asarray(A, np.float64), compute_uv=False)
+    s = s[:n]
+    return np.concatenate([s, np.zeros(n - s.size)])
+
+
+def distances(problem: UFM, params: Params, prediction) -> dict:
+    """Rotation-invariant distances between a solution and the predicted optimum (``construct(problem,
+    prediction.configuration)``, whose spectra, norms and Gram matrices the `Prediction` carries), layer by layer.
+
+    Every entry is a relative distance ||x - x_pred|| / ||x_pred|| (absolute where x_pred = 0), over the entries
+    the theory determines, or None where it determines none:
+
+    * ``W[l]``: ``sv`` the singular values of W_l (descending), ``norm`` ||W_l||_F;
+    * ``H[l]``: ``sv`` the singular values of the features H_l (all N columns), ``norm`` ||H_l||_F, ``gram`` the
+      class-mean Gram M_l^T M_l (K x K, in class coordinates, hence invariant under rotations of the feature
+      space; compared only where `Prediction.gram_H` is given);
+    * ``out_sv``: singular values of the output; ``gram_W``: W_L W_L^T (K x K); ``b``: the bias.
+
+    Only what is determined is compared (THEORY.md §4.1, §9.7): for the deep ReLU optimum W_1, H_1 and Z_2 are not
+    unique even modulo rotations (a one-parameter family of first layers has the same loss), so ``sv`` of W_1/H_1
+    and ``gram`` of H_1 are None and only ||W_1||_F, ||H_1||_F and (``first_layer_nuclear``) ||W_1 H_1||_* are
+    compared; with narrow widths only singular values and norms are (the Grams are None in the prediction); for
+    CE with a free bias b is determined only up to a constant (None). Where the prediction is an SRG/DNC candidate
+    that is not proven optimal, these are distances to that candidate.
+    """
+    fw = forward(problem, params)
+    y = problem.labels()
+    K = problem.num_classes
+    L = problem.L
+    out = {"W": [], "H": []}
+    for l in range(L):
+        W = np.asarray(params.Ws[l], np.float64)
+        out["W"].append({
+            "sv": _rel(_sv(W, len(prediction.sv_W[l])), prediction.sv_W[l]),
+            "norm": _rel(np.linalg.norm(W), prediction.norms_W[l]),
+        })
+        Hl = np.asarray(fw.H[l], np.float64)
+        G = prediction.gram_H[l]
+        M, _ = _metrics.class_means(Hl, y, K)
+        out["H"].append({
+            "sv": _rel(_sv(Hl, len(prediction.sv_H[l])), prediction.sv_H[l]),
+            "norm": _rel(np.linalg.norm(Hl), prediction.norms_H[l]),
+            "gram": None if G is None else _rel(M.T @ M, G),
+        })
+    o = np.asarray(fw.out, np.float64)
+    out["out_sv"] = _rel(_sv(o, len(prediction.sv_out)), prediction.sv_out)
+    WL = np.asarray(params.Ws[-1], np.float64)
+    out["gram_W"] = None if prediction.gram_W is None else _rel(WL @ WL.T, prediction.gram_W)
+    out["b"] = None if (prediction.b is None or params.b is None) else _rel(params.b, prediction.b)
+    out["first_layer_nuclear"] = None
+    if problem.activation == "relu" and L >= 2 and math.isfinite(prediction.loss):
+        from ._theory import construct
+
+        ref = construct(problem, prediction.configuration)
+        nuc = lambda W, H: float(np.linalg.norm(np.asarray(W, np.float64) @ np.asarray(H, np.float64), "nuc"))
+        out["first_layer_nuclear"] = _rel(nuc(params.Ws[0], params.H), nuc(ref.Ws[0], ref.H))
+    vals = [v for v in _leaves(out) if v is not None]
+    out["max"] = max(vals) if vals else None
+    return out
+
+
+def _leaves(d):
+    if isinstance(d, dict):
+        for v in d.values():
+            yield from _leaves(v)
+    elif isinstance(d, list):
+        for v in d:
+            yield from _leaves(v)
+    else:
+        yield d
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the verdict
+
+
+def _unpack(problem: UFM, solution):
+    if hasattr(solution, "params") and hasattr(solution, "status"):
+        if np.ndim(solution.status) > 0:
+            raise ValueError(
+                f"check takes one solution; got a batch of {np.shape(solution.status)[0]} "
+                "(pick one with solutions.take(i))"
+            )
+        st = int(np.asarray(solution.status))
+        solver = {"status": st, "num_steps": int(np.asarray(solution.num_steps)),
+                  "grad_norm": float(np.asarray(solution.grad_norm))}
+        try:
+            solver["status_name"] = solution.status_name
+            solver["message"] = solution.message
+        except (AttributeError, KeyError):
+            pass
+        params = solution.params
+    elif isinstance(solution, Params) or (isinstance(solution, tuple) and len(solution) == 3):
+        params, solver = solution, None
+    else:
+        raise TypeError(f"solution must be a ufm.Solution or ufm.Params(H, Ws, b); got {type(solution).__name__}")
+    check_params(problem, params, "solution.params" if solver is not None else "params")
+    return Params(*params), solver
+
+
+def _prediction(problem, prediction, configuration):
+    if prediction is None:
+        from ._theory import predict
+
+        prediction = predict(problem, configuration)
+    elif configuration is not None:
+        raise ValueError("give prediction or configuration, not both")
+    if isinstance(prediction, (int, float, np.floating, np.integer)) and not isinstance(prediction, bool):
+        loss = float(prediction)
+        return None, (loss if math.isfinite(loss) else None), {"loss": loss}
+    if not hasattr(prediction, "loss"):
+        raise TypeError(f"prediction must be a ufm.Prediction, a number (a reference loss) or None; "
+                        f"got {type(prediction).__name__}")
+    loss = float(prediction.loss)
+    return prediction, (loss if math.isfinite(loss) else None), prediction.to_dict()
+
+
+def _fmt(x: float) -> str:
+    return f"{x:.4g}"
+
+
+def check(
+    problem: UFM,
+    solution,
+    prediction=None,
+    *,
+    configuration: str | None = None,
+    gap_tol: float | None = None,
+    grad_tol: float | None = None,
+    hess_rtol: float | None = None,
+    hessian: bool = True,
+    metrics: bool = True,
+    kink_rtol: float | None = None,
+    hessian_options: dict | None = None,
+) -> Report:
+    """Check one solution of a UFM against the theory: gap, distances, metrics, certificates and a verdict.
+
+    The verdict, decided in this order (f = the objective at the point, f* = the predicted loss):
+
+    1. "not-converged" if f or a parameter is not finite;
+    2. "below-prediction" if (f - f*)/|f*| < -gap_tol: a point with a lower loss proves that the predicted
+       configuration is not the global optimum (for a ``known=True`` prediction this would contradict a
+       theorem: suspect the problem setup);
+    3. "not-converged" if the stationarity measure (the gradient norm; for ReLU models the minimal norm over
+       the slopes at kinks, see `ufm.certify`) exceeds ``grad_tol``;
+    4. "saddle" if the smallest eigenvalue of the Hessian, after removing the symmetry zero modes, is below
+       -hess_rtol * |lambda_max| (at ReLU kinks additionally an explicit descent along its eigenvector is
+       required, since the Hessian there is that of one smooth piece);
+    5. "no-prediction" if there is no predicted loss (metrics and certificates alone);
+    6. "matches" if |f - f*|/|f*| <= gap_tol, else "local-min" (above the prediction).
+
+    With ``hessian=False`` step 4 is skipped, so "matches"/"local-min" then mean first-order stationary only.
+
+    Args:
+      problem: the `ufm.UFM`.
+      solution: a `ufm.Solution` (one run; ``sols.take(i)`` from a batch) or bare `ufm.Params`.
+      prediction: a `ufm.Prediction`, a number (a reference loss), or None for ``ufm.predict(problem,
+        configuration)``.
+      configuration: deep ReLU: "dnc" or "srg" to check against that configuration (with ``prediction=None``).
+      gap_tol, grad_tol, hess_rtol: tolerances; None for the defaults of the solution's dtype
+        (``DEFAULT_TOLERANCES``: float64 1e-6, 1e-6, 1e-6; float32 1e-4, 1e-3, 1e-4).
+      hessian: compute the second-order certificate (Hessian-vector products; dense below 1500 parameters).
+      metrics: compute ``ufm.metrics.layer_metrics``.
+      kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
+      hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, ...).
+
+    Returns:
+      A `Report`.
+
+    Example:
+      >>> import ufm
+      >>> p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), bias="free", lam_H=1e-2, lam_W=1e-2)
+      >>> ufm.check(p, ufm.construct(p)).verdict
+      'matches'
+    """
+    if not isinstance(problem, UFM):
+        raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
+    params, solver = _unpack(problem, solution)
+    dtype = str(np.asarray(params.H).dtype)
+    tol = dict(DEFAULT_TOLERANCES["float32" if dtype in ("float32", "float16", "bfloat16") else "float64"])
+    for name, v in (("gap_tol", gap_tol), ("grad_tol", grad_tol), ("hess_rtol", hess_rtol)):
+        if v is not None:
+            if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+            tol[name] = float(v)
+    pred, f_star, pred_dict = _prediction(problem, prediction, configuration)
+
+    finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(params))
+    cert = certify(problem, params, hessian=hessian and finite, kink_rtol=kink_rtol, **(hessian_options or {}))
+    st = cert.stationarity
+    f = st.value
+    finite = finite and math.isfinite(f)
+    gap = None
+    if f_star is not None and finite:
+        gap = (f - f_star) / max(abs(f_star), np.finfo(np.float64).tiny)
+    dist = distances(problem, params, pred) if (pred is not None and f_star is not None and finite) else None
+    mets = _metrics.layer_metrics(problem, params) if (metrics and finite) else None
+
+    hs = cert.hessian
+    lam_min = hs.smallest[0] if (hs is not None and hs.smallest) else None
+    hess_tol = tol["hess_rtol"] * abs(hs.largest) if hs is not None and math.isfinite(hs.largest) else 0.0
+    tol["hess_tol"] = hess_tol
+    descent_tol = 1e-12 * max(1.0, abs(f)) if finite else math.inf
+    tol["descent_tol"] = descent_tol
+    name = "" if pred is None else (pred.configuration or "")
+    label = f"the predicted {name + ' ' if name else ''}loss"
+    caveat = ""
+    if pred is not None and not pred.known:
+        caveat = " (the prediction is a candidate, not a proven optimum)"
+    sym = "" if hs is None or not hs.symmetry_dim else f" after removing {hs.symmetry_dim} symmetry directions"
+    curv = "" if lam_min is None else f"smallest Hessian eigenvalue {_fmt(lam_min)}{sym}"
+    stat_txt = f"stationarity {_fmt(st.stationarity)}" + (f" (kink-aware, {st.kinks} kinks)" if st.kinks else "")
+
+    negative = lam_min is not None and lam_min < -hess_tol
+    descent_ok = cert.descent is not None and cert.descent.decrease > descent_tol
+    if not finite:
+        verdict, why = "not-converged", "Not converged: the objective or the parameters are not finite."
+    elif gap is not None and gap < -tol["gap_tol"]:
+        verdict = "below-prediction"
+        why = (f"Loss {_fmt(f)} is {_fmt(-100 * gap)}% below {label} {_fmt(f_star)}: the predicted configuration is "
+               f"not the global optimum here" + ("" if st.stationarity <= tol["grad_tol"] else
+                                                 f" (the point itself is not yet stationary: {stat_txt})") + ".")
+    elif not st.stationarity <= tol["grad_tol"]:
+        verdict = "not-converged"
+        why = f"Not stationary: {stat_txt} > grad_tol {_fmt(tol['grad_tol'])}"
+        why += "." if gap is None else f"; loss is {_fmt(100 * gap)}% off {label}."
+    elif negative and (st.kinks == 0 or descent_ok):
+        verdict = "saddle"
+        why = f"Saddle: stationary ({stat_txt}) but the {curv} < -{_fmt(hess_tol)}"
+        if cert.descent is not None and descent_ok:
+            why += (f"; a step {_fmt(cert.descent.step)} along its eigenvector lowers the loss by "
+                    f"{_fmt(cert.descent.decrease)}")
+        why += "."
+    else:
+        second = ("second order not checked" if hs is None else
+                  f"no negative curvature ({curv})" if not negative else
+                  f"the {curv} is negative on the smooth piece at the {st.kinks} kinks, but no descent was found "
+                  "along it")
+        if f_star is None:
+            verdict = "no-prediction"
+            reason = "" if pred is None else f" ({pred.reason.split(';')[0]})"
+            why = f"No predicted loss for this problem{reason}; the point is stationary ({stat_txt}), {second}."
+        elif abs(gap) <= tol["gap_tol"]:
+            verdict = "matches"
+            why = (f"Matches {label} {_fmt(f_star)}{caveat}: relative gap {_fmt(gap)}, {stat_txt}, {second}.")
+        else:
+            verdict = "local-min"
+            why = (f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
+                   f"({stat_txt}), {second}.")
+    return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype)
