@@ -126,6 +126,23 @@ def test_bad_grid_names_field_and_value_before_running(grid, needle, tmp_path):
     assert not store.exists()  # nothing ran, nothing written
 
 
+def test_bad_sweep_options_raise_before_running(tmp_path):
+    g = {"K": 2, "n": 2, "widths": 3}
+    store = tmp_path / "s.jsonl"
+    with pytest.raises(ValueError, match="chunk_size must be an integer >= 1; got 0"):
+        ufm.sweep(g, store, chunk_size=0)
+    with pytest.raises(ValueError, match="rank_rtol must be a finite number >= 0"):
+        ufm.sweep(g, store, rank_rtol=-1.0)
+    with pytest.raises(TypeError, match="second_order must be True or False"):
+        ufm.sweep(g, store, second_order="yes")
+    if S._tools().check is not None:
+        with pytest.raises(ValueError, match=r"check_options has unknown option\(s\) \['gap_tolerance'\]"):
+            ufm.sweep(g, store, check_options={"gap_tolerance": 1e-3})
+    with pytest.raises(ValueError, match="devices must be between 1 and"):
+        ufm.sweep(g, store, devices=10_000)
+    assert not store.exists()
+
+
 def test_plan_groups_shapes_and_pads_to_fixed_chunks():
     runs = S.expand_grid([{"K": 2, "n": 1, "widths": 3, "seeds": 10}, {"K": 3, "n": 1, "widths": 3, "seeds": 3}])
     chunks = S.plan(runs, chunk_size=4, ndev=1)
@@ -161,9 +178,21 @@ def test_sweep_equals_loop_of_single_solves(ref):
         assert rec["loss"] == pytest.approx(float(sol.value), rel=1e-12, abs=0)
         assert rec["grad_norm"] == pytest.approx(float(sol.grad_norm), rel=1e-9, abs=1e-15)
         assert rec["num_steps"] == int(sol.num_steps) == 20000 and rec["status"] == "max_steps"
-        if rec["metrics"] is not None:  # per-layer metrics of the same parameters
-            m = S._tools().layer_metrics(p, sol.params, rank_rtol=1e-4)
+        tools = S._tools()
+        if tools.layer_metrics is not None:  # per-layer metrics of the same parameters
+            m = tools.layer_metrics(p, sol.params, rank_rtol=1e-4)
             _assert_close(json.loads(json.dumps(S._jsonable(m))), rec["metrics"])
+        if tools.predict is not None:
+            pred = tools.predict(p)
+            assert rec["prediction"]["loss"] == pred.loss
+            # gap = (f - f*)/|f*|, here from the single solve's f
+            assert rec["gap"] == pytest.approx((float(sol.value) - pred.loss) / abs(pred.loss), rel=1e-9)
+            if tools.check is not None:  # first-order check (no Hessian), as the sweep's default
+                report = tools.check(p, sol, pred, hessian=False, metrics=False)
+                assert rec["verdict"] == report.verdict
+                assert rec["check"]["gap"] == pytest.approx(report.gap, rel=1e-9)
+                assert rec["check"]["certificate"]["hessian"] is None
+                assert not {"prediction", "metrics", "problem"} & set(rec["check"])
 
 
 def test_two_shape_groups_and_no_recompile_when_numbers_change(ref):
@@ -366,11 +395,11 @@ def test_sharded_over_4_host_devices_equals_one_device(ref, tmp_path):
 # phase diagrams
 
 
-def _fake(lam, L, seed, rel_gap, verdict, rank):
+def _fake(lam, L, seed, gap, verdict, rank):
     """A hand-made record (only the fields phase_table reads)."""
     return {"run": f"{lam}-{L}-{seed}", "index": 0, "config": {"lam_H": lam, "lam_W": lam, "widths": [4] * L,
                                                                "seed": seed},
-            "rel_gap": rel_gap, "verdict": verdict, "ranks": {"H": [3] * (L - 1) + [rank], "out": rank}}
+            "gap": gap, "verdict": verdict, "ranks": {"H": [3] * (L - 1) + [rank], "out": rank}}
 
 
 def test_phase_table_aggregates_cells_as_defined():
@@ -388,7 +417,7 @@ def test_phase_table_aggregates_cells_as_defined():
     v = SP.phase_table(recs, "lam", "L", "verdict")
     assert v.categories == ["optimal", "suboptimal", "unknown"]
     assert v.values[0, 0] == 0 and v.values[0, 1] == 1  # tie suboptimal/unknown -> first in sorted order
-    g = SP.phase_table(recs, "lam", "L", "rel_gap")
+    g = SP.phase_table(recs, "lam", "L", "gap")
     assert g.values[0, 0] == pytest.approx(2e-8) and g.values[0, 1] == 0.5  # median of |1e-9|, |-2e-8|, 0.3
     r = SP.phase_table(recs, "lam", "L", "rank", layer=-1)
     assert r.values[0, 0] == 3 and r.values[0, 1] == 1 and r.values[1, 0] == 2
@@ -411,3 +440,25 @@ def test_phase_diagram_draws_from_a_real_store(ref):
     ax2 = SP.phase_diagram(ref["res"], x="lam", y="lr", value="status")
     assert ax2.get_legend() is not None
     plt.close("all")
+
+
+@pytest.mark.slow
+def test_lbfgs_sweep_equals_loop_and_reaches_the_closed_form():
+    # The default method. Shallow and 3-layer linear MSE (THEORY §1, §3): every run converges (tol 1e-9), so
+    # batched and single solves agree to the solver tolerance; the landscape has a unique minimum value, so
+    # differences of round-off in the line search cannot send a run to another minimum. 1e-10 relative.
+    grid = [{"K": 3, "n": 2, "widths": [[4], [4, 4]], "bias": ["none", "free"], "lam": [1e-3, 1e-2], "seeds": 3}]
+    res = ufm.sweep(grid, chunk_size=8, metrics=False, second_order=True)
+    assert res.num_runs == 24
+    for rec in res.records:
+        c = rec["config"]
+        p = ufm.UFM(num_classes=3, n_per_class=2, widths=tuple(c["widths"]), bias=c["bias"], lam_H=c["lam_H"],
+                    lam_W=c["lam_W"])
+        sol = ufm.solve(p, key=c["seed"], history=False)
+        assert rec["status"] == sol.status_name == "converged"
+        assert rec["loss"] == pytest.approx(float(sol.value), rel=1e-10)
+        if rec["prediction"] is not None and rec["prediction"]["known"]:
+            # the record's gap is loss - f* of the closed form (ufm.predict); a converged run is at f*
+            assert abs(rec["gap"]) < 1e-8
+            if rec["check"] is not None:  # with the Hessian certificate: stationary, no negative curvature
+                assert rec["verdict"] == "matches" and rec["check"]["certificate"]["hessian"] is not None

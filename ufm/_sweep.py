@@ -506,27 +506,30 @@ def _tools() -> _Tools:
     return _Tools(get("_theory", "predict"), get("_checks", "check"), get("metrics", "layer_metrics"))
 
 
-def _call_check(check, problem, sol, prediction, second_order: bool):
+_CHECK_DUPLICATES = ("prediction", "metrics", "problem")
+
+
+def _call_check(check, problem, sol, prediction, settings: Mapping):
+    """``ufm.check`` without its second-order certificate unless asked (``hessian``), without its own copy of
+    the layer metrics (the record has them), with the sweep's ``check_options``."""
+    kw = _call_kw_names(check, hessian=settings["second_order"], metrics=False)
+    report = check(problem, sol, prediction, **kw, **settings["check_options"])
+    d = _jsonable(report)
+    if isinstance(d, dict):
+        d = {k: v for k, v in d.items() if k not in _CHECK_DUPLICATES}
+    return getattr(report, "verdict", None), d
+
+
+def _call_kw_names(fn, **kw) -> dict:
     import inspect
 
-    params = inspect.signature(check).parameters
-    kw = {}
-    for name in ("second_order", "hessian", "certify"):
-        if name in params:
-            kw[name] = second_order
-            break
-    if "prediction" in params:
-        kw["prediction"] = prediction
-        return check(problem, sol, **kw)
-    return check(problem, sol, prediction, **kw)
+    params = inspect.signature(fn).parameters
+    return {k: v for k, v in kw.items() if k in params}
 
 
 def _call_kw(fn, *args, **kw):
     """Call ``fn`` with those keyword options it accepts."""
-    import inspect
-
-    params = inspect.signature(fn).parameters
-    return fn(*args, **{k: v for k, v in kw.items() if k in params})
+    return fn(*args, **_call_kw_names(fn, **kw))
 
 
 def _error(e: BaseException) -> str:
@@ -565,11 +568,11 @@ def _records(configs, idx, ids, host, tools: _Tools, settings: Mapping, pred_cac
         rec["prediction"] = _jsonable(prediction) if prediction is not None else None
         ploss = getattr(prediction, "loss", None)
         ploss = float(ploss) if ploss is not None and math.isfinite(float(ploss)) else None
-        if ploss is not None and rec["loss"] is not None:
-            rec["gap"] = loss - ploss
-            rec["rel_gap"] = (loss - ploss) / max(abs(ploss), np.finfo(np.float64).tiny)
+        if ploss is not None and rec["loss"] is not None:  # the definitions of ufm.check's Report.gap
+            rec["gap"] = (loss - ploss) / max(abs(ploss), np.finfo(np.float64).tiny)
+            rec["gap_abs"] = loss - ploss
         else:
-            rec["gap"] = rec["rel_gap"] = None
+            rec["gap"] = rec["gap_abs"] = None
         sol = None
         if tools.check is not None or tools.layer_metrics is not None:
             p_j = jax.tree_util.tree_map(lambda a, j=j: a[j], params)
@@ -577,9 +580,7 @@ def _records(configs, idx, ids, host, tools: _Tools, settings: Mapping, pred_cac
         rec["verdict"] = rec["check"] = None
         if tools.check is not None:
             try:
-                report = _call_check(tools.check, problem, sol, prediction, settings["second_order"])
-                rec["verdict"] = _jsonable(getattr(report, "verdict", None))
-                rec["check"] = _jsonable(report)
+                rec["verdict"], rec["check"] = _call_check(tools.check, problem, sol, prediction, settings)
             except Exception as e:
                 errors["check"] = _error(e)
         rec["metrics"] = None
@@ -863,6 +864,7 @@ def sweep(
     devices=None,
     progress: bool | None = None,
     second_order: bool = False,
+    check_options: Mapping[str, Any] | None = None,
     metrics: bool = True,
     rank_rtol: float = 1e-4,
     rank_atol: float = 1e-8,
@@ -884,10 +886,13 @@ def sweep(
     * ``run`` (sha256-based id of the config), ``index`` (position in the grid), ``config`` (every field);
     * ``loss`` (the final objective f), ``grad_norm``, ``num_steps``, ``status`` (as `Solution.status_name`),
       ``success``;
-    * ``prediction`` (``ufm.predict(problem).to_dict()``), ``gap`` = loss - predicted loss and
-      ``rel_gap`` = gap / |predicted loss|;
-    * ``verdict`` and ``check`` (``ufm.check(problem, solution, prediction)``; the second-order certificate only
-      with ``second_order=True``), ``metrics`` (``ufm.metrics.layer_metrics(problem, params)``);
+    * ``prediction`` (``ufm.predict(problem).to_dict()``; its ``loss`` is f*, an upper bound where ``known`` is
+      False), ``gap`` = (f - f*)/|f*| (the definition of `ufm.check`'s ``Report.gap``) and ``gap_abs`` = f - f*;
+    * ``verdict`` ("matches", "local-min", "saddle", "below-prediction", "not-converged", "no-prediction") and
+      ``check``: ``ufm.check(problem, solution, prediction).to_dict()`` without the fields the record already
+      holds (prediction, metrics, problem). The Hessian certificate is off unless ``second_order=True``, so
+      "matches"/"local-min" then mean first-order stationary;
+    * ``metrics``: ``ufm.metrics.layer_metrics(problem, params)`` (NC1-NC4 and DNC per layer, spectra);
     * ``ranks``: numerical ranks of the class means of H_1..H_L (``H``), of Z_2..Z_L (``Z``), of W_1..W_L
       (``W``) and of the output (``out``): rank(A) = #{i : sigma_i(A) > max(rank_rtol sigma_1(A), rank_atol)};
     * ``errors`` (a dict of tool -> message when predict/check/metrics raised for this run, else null),
@@ -903,7 +908,9 @@ def sweep(
       chunk_size: runs per compiled call (rounded up to a multiple of the device count).
       devices: a list of devices or a number of them (default: all of `jax.devices()`).
       progress: draw a progress bar on stderr (default: only when stderr is a terminal).
-      second_order: ask `ufm.check` for its (expensive) second-order certificate.
+      second_order: ask `ufm.check` for its second-order (Hessian) certificate (about 10x the cost of the
+        first-order check per run, plus a compile per shape).
+      check_options: more keyword options of `ufm.check` (``gap_tol``, ``grad_tol``, ``hess_rtol``, ...).
       metrics: store ``ufm.metrics.layer_metrics`` per run (a few kB of JSON per run; off: ``metrics`` is null).
       rank_rtol, rank_atol: rank thresholds (above).
 
@@ -931,9 +938,21 @@ def sweep(
     tools = _tools()
     if not metrics:
         tools = tools._replace(layer_metrics=None)
+    check_options = dict(check_options or {})
+    if check_options:
+        if tools.check is None:
+            raise ValueError("check_options given, but ufm.check is not available in this installation")
+        import inspect
+
+        accepted = set(inspect.signature(tools.check).parameters) - {"problem", "solution", "prediction", "hessian",
+                                                                     "metrics"}
+        unknown = sorted(set(check_options) - accepted)
+        if unknown:
+            raise ValueError(f"check_options has unknown option(s) {unknown}; ufm.check accepts {sorted(accepted)}")
     settings = {
         "chunk_size": int(chunk_size), "second_order": bool(second_order), "rank_rtol": float(rank_rtol),
         "rank_atol": float(rank_atol), "x64": bool(jax.config.jax_enable_x64),
+        "check_options": _jsonable(check_options),
         "tools": {name: fn is not None for name, fn in tools._asdict().items()},
     }
     ids = [run_id(c) for c in configs]
@@ -1095,7 +1114,8 @@ def _load_config(path: str) -> dict:
         raise _UsageError(f"config file {path!r} is not valid {kind}: {e}") from None
     if not isinstance(cfg, dict) or "grid" not in cfg:
         raise _UsageError(f"config file {path!r} must be a table with a 'grid' entry (a table or a list of tables)")
-    allowed = {"grid", "store", "chunk_size", "second_order", "metrics", "rank_rtol", "rank_atol", "x64", "devices"}
+    allowed = {"grid", "store", "chunk_size", "second_order", "check_options", "metrics", "rank_rtol", "rank_atol",
+               "x64", "devices"}
     unknown = sorted(set(cfg) - allowed)
     if unknown:
         raise _UsageError(f"config file {path!r} has unknown entries {unknown}; allowed: {sorted(allowed)}")
@@ -1114,7 +1134,8 @@ _EPILOG = """config file (TOML or JSON):
   lam = {logspace = [-3, -1.5, 4]}   # lam_H = lam_W = 10**linspace(-3, -1.5, 4)
   seeds = 4                      # seeds 0..3
   max_steps = 2000
-other entries: second_order, metrics, rank_rtol, rank_atol, devices, x64 (default true)"""
+other entries: second_order, check_options (a table for ufm.check), metrics, rank_rtol, rank_atol, devices,
+x64 (default true)"""
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
@@ -1167,6 +1188,7 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
             second_order=bool(args.second_order) if args.second_order is not None else cfg.get("second_order", False),
             rank_rtol=cfg.get("rank_rtol", 1e-4),
             metrics=cfg.get("metrics", True),
+            check_options=cfg.get("check_options"),
             rank_atol=cfg.get("rank_atol", 1e-8),
         )
         for name in ("second_order", "metrics"):

@@ -25,7 +25,7 @@ import numpy as np
 
 from ._sweep import iter_fields, load_sweep
 
-VALUES = ("verdict", "status", "reach", "rel_gap", "gap", "rank", "loss")
+VALUES = ("verdict", "status", "reach", "gap", "gap_abs", "rank", "loss")
 
 
 class PhaseTable(NamedTuple):
@@ -33,7 +33,7 @@ class PhaseTable(NamedTuple):
 
     Attributes:
       x, y: the sorted distinct values of the two fields (cells are ``values[iy, ix]``).
-      values: float array (len(y), len(x)); NaN where a cell has no run (or, for "reach"/"rel_gap", no
+      values: float array (len(y), len(x)); NaN where a cell has no run (or, for "reach"/"gap", no
         prediction). For categorical values ("verdict", "status") the entry is an index into ``categories``.
       counts: runs per cell.
       categories: the category names for categorical values, else None.
@@ -74,7 +74,7 @@ def _sort_key(v):
 
 
 def _reached(r: Mapping, tol: float) -> float:
-    g = r.get("rel_gap")
+    g = r.get("gap")
     return float("nan") if g is None else float(abs(g) <= tol)
 
 
@@ -100,9 +100,9 @@ def phase_table(
       value:
         * ``"verdict"`` / ``"status"``: the most frequent verdict (of `ufm.check`) / solver status in the cell
           (ties: the first in sorted order);
-        * ``"reach"``: the fraction of runs with |rel_gap| <= ``tol``, i.e. |f - f_pred| <= tol |f_pred|, where
+        * ``"reach"``: the fraction of runs with |gap| <= ``tol``, i.e. |f - f_pred| <= tol |f_pred|, where
           f_pred is `ufm.predict`'s loss (runs without a prediction are not counted; NaN if none has one);
-        * ``"rel_gap"`` / ``"gap"``: the median of |(f - f_pred)/f_pred| / |f - f_pred|;
+        * ``"gap"`` / ``"gap_abs"``: the median of |f - f_pred|/|f_pred| / of |f - f_pred|;
         * ``"rank"``: the median numerical rank ``ranks[rank_of][layer]`` (``rank_of`` "H": class means of H_l,
           "Z": pre-activations, "W": weights; "out": the output class means, ``layer`` ignored);
         * ``"loss"`` or any dotted numeric record path: the median.
@@ -135,7 +135,7 @@ def phase_table(
             v = "none" if v is None else str(v)
         elif value == "reach":
             v = _reached(r, tol)
-        elif value in ("rel_gap", "gap"):
+        elif value in ("gap", "gap_abs"):
             g = r.get(value)
             v = float("nan") if g is None else abs(float(g))
         elif value == "rank":
@@ -170,8 +170,8 @@ def phase_table(
         "verdict": "most frequent verdict",
         "status": "most frequent solver status",
         "reach": f"fraction of runs with |f - f_pred| <= {tol:g} |f_pred|",
-        "rel_gap": "median |f - f_pred| / |f_pred|",
-        "gap": "median |f - f_pred|",
+        "gap": "median |f - f_pred| / |f_pred|",
+        "gap_abs": "median |f - f_pred|",
         "rank": "median rank of " + ("output class means" if rank_of == "out" else f"{rank_of}[{layer}]"),
     }.get(value, f"median {value}")
     if reduce is not None and not categorical and value != "reach":
@@ -201,7 +201,7 @@ def phase_diagram(
     **table_kw,
 ):
     """Draw `phase_table` as a heat map (cells on an evenly spaced grid labelled by the swept values, so
-    log-spaced lambdas read naturally). Categorical values get a legend; "rel_gap"/"gap" a log colour scale;
+    log-spaced lambdas read naturally). Categorical values get a legend; "gap"/"gap_abs" a log colour scale;
     "reach" a 0..1 scale. ``annotate`` writes the value (and run count) in each cell. Returns the Axes."""
     import matplotlib.pyplot as plt
     from matplotlib import colors
@@ -220,7 +220,7 @@ def phase_diagram(
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
         norm = None
-        if value in ("rel_gap", "gap"):
+        if value in ("gap", "gap_abs"):
             pos = t.values[np.isfinite(t.values) & (t.values > 0)]
             if pos.size:
                 norm = colors.LogNorm(vmin=max(pos.min(), 1e-16), vmax=max(pos.max(), pos.min() * 10))
