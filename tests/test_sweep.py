@@ -165,6 +165,9 @@ def test_plan_groups_shapes_and_pads_to_fixed_chunks():
 def test_sweep_equals_loop_of_single_solves(ref):
     recs = ref["res"].records
     assert len(recs) == 48 and ref["res"].num_new == 48 and ref["res"].num_chunks == 12
+    # rerun() re-solves a stored run from its record alone
+    _, again = S.rerun(recs[1])
+    assert recs[1]["loss"] == pytest.approx(float(again.value), rel=1e-12, abs=0)
     # 8 of the 48 runs, covering every lambda and lr, several seeds (a single solve is ~0.1 s per run here)
     for rec in recs[::6]:
         c = rec["config"]

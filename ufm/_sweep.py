@@ -781,6 +781,13 @@ class _Progress:
         self.total, self.done, self.stream, self.enabled = total, done, stream, enabled
         self.t0 = time.perf_counter()
         self.new = 0
+        self.status = ""
+        self.width = 0
+        self.draw()
+
+    def note(self, status: str):
+        """A short status after the counters (e.g. "compiling K=3 widths=(4, 4)"); "" clears it."""
+        self.status = status
         self.draw()
 
     def update(self, n: int):
@@ -795,12 +802,15 @@ class _Progress:
         width = 24
         fill = int(width * self.done / max(self.total, 1))
         rate_s = f"{rate:.3g} runs/s" if rate == rate else "- runs/s"
-        return (f"sweep [{'#' * fill}{'-' * (width - fill)}] {self.done}/{self.total} runs  {rate_s}  "
+        line = (f"sweep [{'#' * fill}{'-' * (width - fill)}] {self.done}/{self.total} runs  {rate_s}  "
                 f"{_fmt_time(left)} left")
+        return f"{line}  {self.status}" if self.status else line
 
     def draw(self):
         if self.enabled:
-            self.stream.write("\r" + self.line())
+            line = self.line()
+            self.stream.write("\r" + line + " " * max(0, self.width - len(line)))  # erase a longer old line
+            self.width = len(line)
             self.stream.flush()
 
     def close(self):
@@ -977,14 +987,22 @@ def sweep(
             progress = bool(getattr(sys.stderr, "isatty", lambda: False)())
         bar = _Progress(len(configs), skipped, sys.stderr, bool(progress) and writer)
         pred_cache: dict = {}
+        compiled: set = set()
         new = 0
         pending = None  # (chunk, future, t0): the next chunk is dispatched before this one is written
         try:
             for k in range(len(chunks) + 1):
                 nxt = None
                 if k < len(chunks):
-                    _, idx, size = chunks[k]
+                    key, idx, size = chunks[k]
+                    if (key, size) not in compiled:  # jit traces and compiles inside this first call
+                        c = configs[idx[0]]
+                        bar.note(f"compiling K={c['num_classes']} widths={tuple(c['widths'])} {c['method']} "
+                                 f"batch {size}")
                     nxt = (chunks[k], _dispatch(configs, idx, size, mesh), time.perf_counter())
+                    if (key, size) not in compiled:
+                        compiled.add((key, size))
+                        bar.note("")
                 if pending is not None:
                     (_, idx, _), fut, t0 = pending
                     sol = _to_host((fut.params, fut.value, fut.grad_norm, fut.num_steps, fut.status))
@@ -1223,6 +1241,23 @@ def _count_records(store: str) -> int:
         return len(_read_store(store)[1])
     except Exception:
         return 0
+
+
+def rerun(record: Mapping) -> tuple[UFM, Solution]:
+    """Re-solve one stored run with `ufm.solve` (same problem, solver options and key ``jax.random.key(seed)``)
+    to get its parameters, which the store does not keep. Returns ``(problem, solution)``; the solution equals
+    the sweep's run to round-off (the batched and the single solve may order sums differently).
+
+    Example:
+      >>> problem, sol = rerun(ufm.load_sweep("sweep.jsonl")[17])   # doctest: +SKIP
+    """
+    from ._solver import solve
+
+    c = record["config"] if "config" in record else record
+    problem = _problem(c)
+    sol = solve(problem, key=int(c["seed"]), method=c["method"], lr=c["lr"], max_steps=c["max_steps"], tol=c["tol"],
+                init_scale=c["init_scale"], dtype=c["dtype"], patience=c["patience"], history=False)
+    return problem, sol
 
 
 def iter_fields(records: Iterable[Mapping], field: str) -> list:
