@@ -91,8 +91,11 @@ def test_default_solve_end_to_end(tmp_path):
     text = out.stdout
     for word in ("loss", "predicted", "gap", "per layer", "H_3", str(folder.name)):
         assert word in text, word
-    if report["check"] is not None:
-        assert "verdict" in text
+    # ufm.check: at the K = 2 DNC optimum (a theorem) the verdict must be "matches"; 14,720 parameters is above
+    # --hessian auto's limit, so the second order is skipped and the report says so
+    assert report["check"]["verdict"] == "matches", report["check"]["explanation"]
+    assert "verdict     matches" in text
+    assert any("second-order certificate skipped" in n for n in report["notes"])
     loss_line = next(line for line in text.splitlines() if line.startswith("loss"))
     assert float(loss_line.split()[1]) == pytest.approx(value, rel=1e-14)
     # the NC1 trace over training is stored for `ufm plot`
@@ -174,6 +177,9 @@ def test_saved_run_is_complete(saved_run):
     assert rep["comparison"]["predicted_loss"] == pytest.approx(f_star, rel=1e-12)
     assert rep["solution"]["success"]
     assert rep["solution"]["value"] == pytest.approx(f_star, rel=1e-9)  # converged to ||grad|| <= 1e-9
+    # 39 parameters: --hessian auto computes the second-order certificate, and the optimum passes it
+    assert rep["check"]["verdict"] == "matches" and rep["check"]["certificate"]["hessian"] is not None
+    assert rep["notes"] == []
 
 
 def test_check_reproduces_the_saved_report(saved_run, capsys):
@@ -184,8 +190,10 @@ def test_check_reproduces_the_saved_report(saved_run, capsys):
     assert rep["solution"] == saved["solution"]
     assert rep["comparison"] == saved["comparison"]
     assert rep["metrics"]["features"][0]["nc1"] == saved["metrics"]["features"][0]["nc1"]
-    rc, out, err = _solve_in_process(["check", str(saved_run)], capsys)
+    assert rep["check"]["verdict"] == saved["check"]["verdict"] == "matches"
+    rc, out, err = _solve_in_process(["check", str(saved_run), "--hessian", "off"], capsys)
     assert rc == 0 and "loss" in out and "re-checked" in out
+    assert "verdict     matches" in out and "second-order certificate skipped (--hessian off)" in out
 
 
 def test_plot_redraws_every_figure(saved_run, capsys, tmp_path):

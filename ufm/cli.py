@@ -81,6 +81,7 @@ _FIGURES = ("training", "collapse", "gram", "singular_values", "class_means")
 _SNAPSHOT_BUDGET_BYTES = 32 * 2**20  # auto snapshot_every keeps the snapshot buffer below this
 _MAX_SNAPSHOTS = 200
 _PROGRESS_CHUNKS = 20
+_HESSIAN_AUTO_MAX = 500
 
 
 class UsageError(Exception):
@@ -208,11 +209,15 @@ def _build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the figures")
     g.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
                    help="progress on stderr (auto: when stderr is a terminal); see 'Progress' in ufm.cli's docs")
+    g.add_argument("--hessian", choices=("auto", "on", "off"), default="auto",
+                   help=f"second-order certificate in the check (auto: on up to {_HESSIAN_AUTO_MAX} parameters)")
 
     pc = sub.add_parser("check", help="re-check a saved solution", description="Re-check a saved solution against "
                         "ufm.predict and print the report (the folder is not changed).")
     pc.add_argument("results", type=Path, help="a results folder written by 'ufm solve'")
     pc.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
+    pc.add_argument("--hessian", choices=("auto", "on", "off"), default="auto",
+                    help=f"second-order certificate (auto: on up to {_HESSIAN_AUTO_MAX} parameters)")
 
     pp = sub.add_parser("plot", help="redraw the figures of a saved solution",
                         description="Redraw the figures of a results folder.")
@@ -358,8 +363,7 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
 
 def _auto_snapshot_every(problem, solver) -> int:
     """Snapshots for the NC1 curves: at most 200, and at most 32 MiB of parameters."""
-    hs, ws, bs = problem.param_shapes()
-    size = math.prod(hs) + sum(math.prod(s) for s in ws) + (bs[0] if bs else 0)
+    size = _num_params(problem)
     itemsize = 8 if solver["dtype"] == "float64" else 4
     count = max(2, min(_MAX_SNAPSHOTS, _SNAPSHOT_BUDGET_BYTES // (size * itemsize)))
     return max(1, math.ceil(solver["steps"] / count))
@@ -473,17 +477,52 @@ def _predict(problem):
     return predict(problem), None
 
 
-def _check(problem, solution, prediction):
+def _check(problem, solution, prediction, hessian: bool):
     check = _optional("_checks", "check")
     if check is None:
         return None, "no verdict: ufm.check is not available in this installation"
-    return check(problem, solution, prediction), None
+    return check(problem, solution, prediction, hessian=hessian), None
 
 
 def _layer_metrics(problem, params):
     from . import metrics
 
     return metrics.layer_metrics(problem, params)
+
+
+def _num_params(problem) -> int:
+    hs, ws, bs = problem.param_shapes()
+    return math.prod(hs) + sum(math.prod(s) for s in ws) + (bs[0] if bs else 0)
+
+
+def _use_hessian(mode: str, problem) -> tuple[bool, str | None]:
+    """--hessian auto: the second-order certificate (ufm.check's Hessian spectrum) only up to _HESSIAN_AUTO_MAX
+    parameters (it costs about 4 s of CPU at 400 parameters and minutes at 10^4)."""
+    n = _num_params(problem)
+    if mode == "on":
+        return True, None
+    if mode == "off":
+        return False, "second-order certificate skipped (--hessian off): 'matches' means first-order only"
+    if n <= _HESSIAN_AUTO_MAX:
+        return True, None
+    return False, (f"second-order certificate skipped: {n:,} parameters > {_HESSIAN_AUTO_MAX} (--hessian on computes "
+                   "it, slowly): 'matches' means first-order only")
+
+
+def _analyse(problem, solution, hessian_mode: str):
+    """prediction, check report, per-layer metrics and notes (what was not available or not done)."""
+    notes = []
+    prediction, why = _predict(problem)
+    if why:
+        notes.append(why)
+    hessian, why = _use_hessian(hessian_mode, problem)
+    check, why_check = _check(problem, solution, prediction, hessian)
+    if why_check:
+        notes.append(why_check)
+    elif why:
+        notes.append(why)
+    metrics = _field(check, "metrics") or _layer_metrics(problem, solution.params)
+    return prediction, check, metrics, notes
 
 
 def _field(obj, name, default=None):
@@ -568,8 +607,9 @@ def _solution_summary(solution) -> dict:
     }
 
 
-def build_report(problem, solution, prediction, check, metrics, unavailable: list[str]) -> dict:
-    """The JSON report: problem, solution, prediction, loss comparison, check, per-layer metrics."""
+def build_report(problem, solution, prediction, check, metrics, notes: list[str]) -> dict:
+    """The JSON report: problem, solution, prediction, loss comparison, check (``ufm.check``'s Report without
+    the metrics, prediction and problem it repeats), per-layer metrics (`ufm.metrics.layer_metrics`), notes."""
     value = float(solution.value)
     f_pred, known = _predicted_loss(prediction)
     comparison = {"loss": value, "predicted_loss": f_pred, "predicted_is_optimum": known, "gap": None,
@@ -582,10 +622,19 @@ def build_report(problem, solution, prediction, check, metrics, unavailable: lis
         "solution": _solution_summary(solution),
         "comparison": comparison,
         "prediction": _io.to_jsonable(prediction) if prediction is not None else None,
-        "check": _io.to_jsonable(check) if check is not None else None,
+        "check": _check_dict(check),
         "metrics": metrics,
-        "unavailable": unavailable,
+        "notes": notes,
     }
+
+
+def _check_dict(check) -> dict | None:
+    if check is None:
+        return None
+    d = _io.to_jsonable(check)
+    for k in ("metrics", "prediction", "problem"):
+        d.pop(k, None)
+    return d
 
 
 def _wrap(label: str, text: str, width: int = 110) -> list[str]:
@@ -628,10 +677,6 @@ def format_report(report: dict, header: str) -> str:
         lines.append(f"gap         {cmp_['gap']:+.2e}  (relative {cmp_['relative_gap']:+.2e})")
     elif pred is not None:
         lines.append("predicted   unknown")
-    for label, key in (("structure", "structure"), ("source", "reference"), ("caveat", "reason")):
-        text = _field(pred, key)
-        if text and text != "unknown":
-            lines.extend(_wrap(label, str(text)))
     check = report.get("check")
     if check is not None:
         lines.append(f"verdict     {_field(check, 'verdict')}")
@@ -639,8 +684,12 @@ def format_report(report: dict, header: str) -> str:
         if expl:
             for para in str(expl).splitlines():
                 lines.extend(_wrap("", para))
-    for why in report.get("unavailable", []):
-        lines.append(f"note        {why}")
+    for label, key in (("structure", "structure"), ("source", "reference"), ("caveat", "reason")):
+        text = _field(pred, key)
+        if text and text != "unknown":
+            lines.extend(_wrap(label, str(text)))
+    for why in report.get("notes", []):
+        lines.extend(_wrap("note", why))
     m = report.get("metrics")
     if m:
         lines.append("per layer   NC1          NC2 (to predicted geometry)   rank")
@@ -755,14 +804,7 @@ def cmd_solve(args, argv) -> int:
             bar.close()
     solve_time = time.perf_counter() - t0
 
-    unavailable = []
-    prediction, why = _predict(problem)
-    if why:
-        unavailable.append(why)
-    check, why = _check(problem, solution, prediction)
-    if why:
-        unavailable.append(why)
-    metrics = _layer_metrics(problem, solution.params)
+    prediction, check, metrics, notes = _analyse(problem, solution, args.hessian)
     trace = None
     extras = {}
     if solution.snapshots is not None:
@@ -771,7 +813,7 @@ def cmd_solve(args, argv) -> int:
         trace = nc1_over_training(problem, solution.snapshots)
         extras = {"trace_nc1_step": trace[0], "trace_nc1": trace[1]}
 
-    report = build_report(problem, solution, prediction, check, metrics, unavailable)
+    report = build_report(problem, solution, prediction, check, metrics, notes)
     report["solver"] = solver
     files = [_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE]
     report["run"] = {
@@ -809,15 +851,8 @@ def _load(folder: Path):
 
 def cmd_check(args) -> int:
     res = _load(args.results)
-    unavailable = []
-    prediction, why = _predict(res.problem)
-    if why:
-        unavailable.append(why)
-    check, why = _check(res.problem, res.solution, prediction)
-    if why:
-        unavailable.append(why)
-    metrics = _layer_metrics(res.problem, res.solution.params)
-    report = build_report(res.problem, res.solution, prediction, check, metrics, unavailable)
+    prediction, check, metrics, notes = _analyse(res.problem, res.solution, args.hessian)
+    report = build_report(res.problem, res.solution, prediction, check, metrics, notes)
     report["solver"] = res.config.get("solver", {})
     report["results"] = str(res.folder)
     _emit(report, f"{_header(res.problem)}\n(re-checked from {res.folder})", args.json)
