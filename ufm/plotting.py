@@ -220,6 +220,9 @@ def training_curves(
                 ax_nc1.plot(nc1_steps, _positive(nc1[:, l]), "-o", ms=2.5, lw=1.3, color=c, label=_sub(names[l]))
             ax_nc1.set_yscale("log")
             ax_nc1.legend(loc="upper right", ncol=1 + nc1.shape[1] // 5)
+            if np.all(nc1 == 0):
+                ax_nc1.text(0.5, 0.3, "NC1 = 0 exactly at every snapshot\n(drawn at 1e-17; e.g. one sample per class)",
+                            ha="center", va="center", transform=ax_nc1.transAxes, fontsize=8)
             ax_nc1.set_title("within-class variability per layer")
         else:
             ax_nc1.text(0.5, 0.5, "no parameter snapshots:\nsolve with snapshot_every=k", ha="center", va="center",
@@ -489,6 +492,8 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
     Returns:
       A Figure with L + 1 axes (3-D axes for ``dim=3``).
     """
+    from matplotlib.ticker import MaxNLocator
+
     from . import metrics
 
     if dim not in (2, 3):
@@ -499,7 +504,7 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
     colors = [f"C{k % 10}" for k in range(K)]
     with _rc():
         n = len(layers)
-        fig = _figure(min(2.9 * n, 14.0), 3.3 if dim == 2 else 3.6)
+        fig = _figure(min((2.9 if dim == 2 else 3.5) * n, 14.0), 3.3 if dim == 2 else 3.8)
         kw = {"projection": "3d"} if dim == 3 else {}
         axes = [fig.add_subplot(1, n, i + 1, **kw) for i in range(n)]
         for ax, (name, A) in zip(axes, layers, strict=True):
@@ -536,7 +541,9 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
                 ax.set_ylim(centre[1] - half, centre[1] + half)
                 ax.set_zlim(centre[2] - half, centre[2] + half)
                 ax.set_box_aspect((1, 1, 1), zoom=0.78)
-                ax.set_zlabel("PC 3", labelpad=-2)
+                for axis in (ax.xaxis, ax.yaxis, ax.zaxis):
+                    axis.set_major_locator(MaxNLocator(4))
+                ax.set_zlabel("PC 3", labelpad=8)
             else:
                 ax.set_aspect("equal", adjustable="datalim")
         fig.suptitle(title or "class means (large dots), samples (small), origin (+), global mean (*)")
