@@ -487,7 +487,8 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
     arrows at right angles, a simplex ETF (free bias) as a regular simplex around the global mean (star). The
     means are joined pairwise (the simplex edges). Each panel gives the mean pairwise angle between the centred
     and the uncentred class means (90° for an orthogonal frame; arccos(-1/(K-1)) between centred means for a
-    simplex ETF) and the share of ||M||_F^2 the projection keeps (below 100% when rank M > dim).
+    simplex ETF), the scale ||M||_F (near 0 in the zero regime, where the picture is rounding noise) and the share of
+    ||M||_F^2 the projection keeps (below 100% when rank M > dim).
 
     Returns:
       A Figure with L + 1 axes (3-D axes for ``dim=3``).
@@ -527,8 +528,8 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
             ax.scatter(*[[gp[i]] for i in range(dim)], marker="*", c="k", s=50)
             ang_u = _mean_angle(M)
             ang_c = _mean_angle(M - muG[:, None])
-            ax.set_title(f"{_sub(name)}\nangle: {ang_u} uncentred, {ang_c} centred\nprojection keeps {100 * kept:.0f}%",
-                         fontsize=8)
+            ax.set_title(f"{_sub(name)}\nangle: {ang_u} uncentred, {ang_c} centred\n"
+                         f"$\\|M\\|_F$ = {np.linalg.norm(M):.2g}, projection keeps {100 * kept:.0f}%", fontsize=8)
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
             if dim == 3:
