@@ -398,7 +398,7 @@ REDUCED = [
 def test_closed_form_matches_reduced_minimisation(name):
     p = GRID[name]
     pred = ufm.predict(p)
-    vals = reduced_min(p, starts=4)
+    vals = reduced_min(p, starts=3)
     assert vals.min() >= pred.loss - 1e-9 * max(1.0, pred.loss)  # nobody below the global optimum
     assert vals.min() == pytest.approx(pred.loss, rel=1e-7)  # and the best start reaches it
 
@@ -471,11 +471,6 @@ def test_solver_deep_linear():
     _solver_check(p, [(1e-2, 1e-2), (5e-3, 2e-2), (0.1, 0.1)], seeds_per=4)
 
 
-def test_solver_shallow_ce_label_smoothing():
-    p = U(3, 2, (3,), loss="ce", bias="free", lam_H=1e-2, lam_W=1e-2, label_smoothing=0.1)
-    _solver_check(p, [(1e-2, 1e-2), (0.3, 0.3)], seeds_per=4)
-
-
 def test_solver_deep_relu_binary_dnc():
     # Súkeník et al. 2023: K = 2 deep ReLU UFM, the DNC optimum (and the zero regime)
     p = U(2, 2, (3, 3, 3), activation="relu", lam_H=1e-2, lam_W=1e-2)
@@ -483,12 +478,14 @@ def test_solver_deep_relu_binary_dnc():
 
 
 def test_solver_goes_below_dnc_for_K3_L4():
-    # Súkeník et al. 2024 / THEORY §4.3: at K = 3, L = 4, lambda = 0.004 random L-BFGS starts reach ~0.978 of the
+    # Súkeník et al. 2024 / THEORY §4.3: at K = 3, L = 4, lambda = 0.004 random L-BFGS starts reach ~0.98 of the
     # DNC loss (asymmetric low-rank points): DNC is not the global optimum, and predict must not claim it is.
+    # Cheap version: 8 seeded starts, 400 steps (two of them are below DNC by then; the full run is in the slow
+    # file, K = 3..6).
     p = U(3, 1, (6, 6, 6, 6), activation="relu", lam_H=0.004, lam_W=0.004)
     pred = ufm.predict(p)
     assert not pred.known and pred.configuration == "dnc" and "not" in pred.reason
-    sols = ufm.solve_batch(p, keys=jax.random.split(jax.random.key(0), 8), max_steps=1500, history=False)
+    sols = ufm.solve_batch(p, keys=jax.random.split(jax.random.key(0), 8), max_steps=400, history=False)
     vals = np.asarray(sols.value)
     assert vals.min() < pred.dnc_loss * (1 - 5e-3), np.sort(vals / pred.dnc_loss)
 

@@ -363,8 +363,15 @@ def srg_ratio(r: int, L: int, lam: float = 0.004, n: int = 1, member: str = "pur
     * ``member="family"``: the whole SRG family of THEORY.md §4.3 (contains DNC, so the ratio is <= 1).
 
     Values below 1 prove that DNC is not a global optimum at these parameters (the SRG point is explicit).
-    With lam = 0.004, n = 1 our family beats DNC exactly for (r = 4, K = 6, L >= 4) and (r >= 5, K >= 10,
-    L >= 3) in the range checked (r = 3..8, L = 2..6); see tests/test_theory.py.
+
+    Where the family beats DNC (computed here; tests/test_theory_slow.py): with lam = 0.004, n = 1, exactly for
+    (r = 4, K = 6, L >= 4) and (r >= 5, K >= 10, L >= 3) in the range r = 3..8, L = 2..6 (never for K = 3 or
+    L = 2), the pattern of the paper's theorem (recalled: K >= 6 and L >= 4, or K >= 10 and L >= 3). The same
+    holds for lam = 0.001 and 0.01 (ratios change by < 2%). It depends on lambda near DNC's zero threshold
+    C* (THEORY §0): a low-rank point survives to larger lambda than DNC, e.g. K = 10, L = 2, lam = 0.04 (DNC is
+    the zero solution, loss 1/2) has family/DNC = 0.980, while at larger lambda both can be the zero solution
+    (ratio 1, e.g. K = 15, L = 4, lam = 0.02). Family values: r = 4: 0.944 (L=4), 0.891 (5); r = 5: 0.921 (3), 0.816 (4), 0.752 (5);
+    r = 6: 0.921 (3), 0.782 (4), 0.700 (5) (lam = 0.004, n = 1; THEORY §4.3 has the same numbers).
 
     Example:
       >>> import ufm

@@ -31,7 +31,7 @@ for a regularised bias; b = -(B - D^{1/2}) sqrt(n) / (N (1 + lam_b)).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -114,7 +114,7 @@ def phi_min(A: float, P: int) -> tuple[float, float, str]:
     if A == 0.0:
         return 1.0, 0.0, "collapse"
     if P == 2:
-        return (1.0 - A, A - A * A / 2.0, "collapse") if A < 1.0 else (0.0, 0.5, "zero" if A > 1.0 else "threshold")
+        return (1.0 - A, A - A * A / 2.0, "collapse") if A < 1.0 else (0.0, 0.5, "zero")  # continuous at A = 1
     Astar = phi_threshold(P)
     if A > Astar * (1 + _THRESH_RTOL):
         return 0.0, 0.5, "zero"
@@ -367,12 +367,6 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
     shallow = L == 1
     ref = REF_ZHOU if shallow else REF_DANG
     reasons = []
-    if dmin < K:
-        reasons.append(
-            f"narrow: min width {dmin} < K={K}: rank(WH) <= {dmin}; closed form of THEORY §9.7 (keep the largest "
-            "target directions); only spectra, norms and the loss are determined, not the Gram matrices"
-        )
-        ref = ref + "; " + REF_NARROW
     C_bal = (ns[0] * lam_H * np.prod(lam_W)) ** (1.0 / P) if problem.balanced else math.nan
     if P == 2:
         control = "rho = K sqrt(n lam_W lam_H) (zero regime iff rho >= 1)"
@@ -460,7 +454,8 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
             rs.append(
                 "deep linear UFM with a regularised bias is not treated in THEORY.md: this is the class-symmetric "
                 "candidate (per-direction optimum, loss = [(K-1) min phi(A) + mu min phi(A/mu)]/K), an upper bound; "
-                "for P >= 3 off-diagonal couplings between the mean and centred directions are not excluded"
+                "for P >= 3 no proof excludes couplings of the mean and centred directions, but 12 random starts of "
+                "the reduced problem reach exactly this value in all 24 settings of tests/test_theory_slow.py"
             )
         tg = "zero" if regime == "zero" else ("etf" if g == 0 else None)
         return dict(
@@ -477,9 +472,14 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
             cthr=cthr,
         )
 
-    # no bias / free bias (any class sizes), or regularised bias with narrow features (balanced, THEORY §9.7)
+    # no bias / free bias (any class sizes), or regularised bias with narrow features (balanced, THEORY §9.7).
+    # Per direction y_j of the target: A_j = (P/2) N kappa y_j^{2/P-2}, sigma_j(B) = y_j s_j, loss y_j^2/N phi_j*;
+    # with a rank cap (min width) only the largest y_j are kept, the others contribute y_j^2/(2N) (THEORY §9.7:
+    # the per-direction gain y^2 (1/2 - phi*)/N increases in y).
     y, Pm, Qm = _directions(problem if bias != "reg" else problem.replace(bias="free", lam_b=0.0))
     rank_cap = min(dmin, y.size)
+    truncated = rank_cap < y.size
+    tied = truncated and abs(y[rank_cap - 1] - y[rank_cap]) <= 1e-12 * y[0]
     s = np.zeros(y.size)
     vals = np.full(y.size, 0.5)
     regs = []
@@ -488,8 +488,16 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
         s[j], vals[j], rj = phi_min(A, P)
         regs.append(rj)
     loss = float(np.sum(y**2 / N * vals))
-    if bias == "reg":  # balanced narrow: the mean direction is not kept (THEORY §9.7): + mu/(2K)
+    if bias == "reg":  # balanced, d <= K-1: the mean direction is not kept (THEORY §9.7): + mu/(2K)
         loss += mu / (2.0 * K)
+        reasons.append(f"regularised bias with d_min = {dmin} <= K-1: the mean direction is off (THEORY §9.7)")
+    if truncated:
+        reasons.append(
+            f"narrow: min width {dmin} < {y.size} target directions: rank cap; the largest directions are kept "
+            "(THEORY §9.7)"
+            + ("; tied directions are cut, so only spectra, norms and the loss are determined" if tied else "")
+        )
+        ref = ref + "; " + REF_NARROW
     sig = y * s
     keep = sig > 0
     sol_B = (Pm[:, keep] * sig[keep]) @ Qm[:, keep].T
@@ -499,48 +507,46 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
         b = -(sol_B - np.diag(np.sqrt(ns))) @ np.sqrt(ns) / (N * (1.0 + (lam_b if bias == "reg" else 0.0)))
     sol = _Linear(Pm[:, keep], sig[keep], Qm[:, keep], b, P)
     regime = "zero" if not keep.any() else ("threshold" if "threshold" in regs else "collapse")
-    # structure and per-layer targets
+    # structure and per-layer targets (the same in every layer: all factors are aligned)
     if regime == "zero":
         structure = "all-zero features and weights" + ("" if b is None else f"; b = {np.array2string(b, precision=6)}")
-        target = ("zero",)
-    elif dmin < K and (bias != "none" or dmin < K):
+        target = "zero"
+    elif truncated:
         structure = (
-            f"rank-{int(keep.sum())} projection of the "
-            + ("orthogonal frame" if bias == "none" else "simplex ETF" if problem.balanced else "optimum")
-            + " (not unique: any rank-d projection within tied directions)"
+            f"rank-{int(keep.sum())} truncation of the "
+            + ("orthogonal frame" if bias == "none" else "simplex ETF" if problem.balanced else "full-width optimum")
+            + (": any rank-d projection within the tied directions (not unique)" if tied else "")
         )
-        target = (None,)
+        target = None
     elif bias == "none":
         if problem.balanced:
             structure = (
                 "orthogonal frame in every layer (class means mutually orthogonal with equal norms), W_L rows "
                 "aligned with the last class means" + ("" if shallow else ", consecutive layers aligned")
             )
-            target = ("orthogonal",)
+            target = "orthogonal"
         else:
-            zeroed = (
-                [k for k in range(K) if s[list(np.argsort(-ns, kind="stable")).index(k)] == 0] if not all(keep) else []
-            )
+            order = list(np.argsort(-ns, kind="stable"))
+            zeroed = [k for k in range(K) if s[order.index(k)] == 0]
             structure = "general orthogonal frame: orthogonal class means with class-dependent norms (Dang et al. 2023)"
             if zeroed:
                 structure += f"; minority collapse: classes {zeroed} get zero features and output (THEORY §9.1)"
-            target = ("orthogonal-unequal",)
+            target = "orthogonal-unequal"
+    elif problem.balanced:
+        structure = (
+            "simplex ETF in every layer (centred class means = class means), b = 1/K 1"
+            if bias == "free"
+            else "simplex ETF in every layer (mean direction off), b = 1/(K(1+lam_b)) 1"
+        )
+        target = "etf"
     else:
-        if problem.balanced:
-            structure = (
-                "simplex ETF in every layer (centred class means), b = 1/K"
-                if bias == "free"
-                else "simplex ETF (narrow features, mean direction off)"
-            )
-            target = ("etf",)
-        else:
-            structure = (
-                "rank-(K-1) structure of the secular equation (THEORY §9.2): not an ETF, angles depend on the "
-                "class sizes; b = n/N (the class priors)"
-            )
-            if keep.sum() < K - 1:
-                structure += f"; {K - 1 - int(keep.sum())} direction(s) thresholded (equal-size classes merge)"
-            target = (None,)
+        structure = (
+            "rank-(K-1) structure of the secular equation (THEORY §9.2): not an ETF, angles depend on the "
+            "class sizes; b = n/N (the class priors)"
+        )
+        if keep.sum() < K - 1:
+            structure += f"; {K - 1 - int(keep.sum())} direction(s) thresholded (equal-size classes merge)"
+        target = None
     return dict(
         known=True,
         loss=loss,
@@ -549,7 +555,8 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
         reference=ref,
         reason="; ".join(reasons),
         sol=sol,
-        target=target,
+        target=(target,),
+        gram_unique=not tied,
         control=control,
         cval=cval,
         cthr=cthr,
@@ -636,7 +643,7 @@ def _from_linear(problem: UFM, res: dict, lam_H, lam_W) -> Prediction:
     target = (t,) * problem.L
     gram_H = nums.pop("gram_H")
     gram_W = nums.pop("gram_W")
-    if t is None:
+    if not res.get("gram_unique", True):
         gram_H, gram_W = (None,) * problem.L, None
     return Prediction(
         known=res["known"],
@@ -883,7 +890,7 @@ def _dufm(problem: UFM, lam_H, lam_W, configuration) -> Prediction:
     d1_min = K - 1 if problem.balanced else K
     dnc_ok = all(d >= K for d in w[1:]) and w[0] >= d1_min
     dnc_reason = "" if dnc_ok else (f"the DNC point needs d_1 >= {d1_min} and d_2..d_L >= K = {K}; got widths {w}")
-    if configuration == "srg" or (configuration is None and K >= 3 and problem.balanced):
+    if K >= 3 and problem.balanced:  # the SRG family exists only for K = r(r-1)/2 (None otherwise); cached
         srg, fam = _srg_members(problem, lam_H, lam_W)
     else:
         srg, fam = None, None
@@ -921,7 +928,13 @@ def _dufm(problem: UFM, lam_H, lam_W, configuration) -> Prediction:
     if not dnc_ok:
         return _unknown(problem, dnc_reason + "; no explicit candidate", ref, configuration="dnc")
     if K == 2 and problem.balanced:
-        known, why = True, ""
+        known = True
+        why = (
+            ""
+            if w[0] >= K
+            else "d_1 = 1 < K: the theorem assumes widths >= K; the DNC point (first layer Z_2 = m_2 K/(K-1)(I - J/K), "
+            "THEORY §4.1) is feasible here and optimal in any wider network, hence optimal here"
+        )
     elif K == 2:
         known = False
         why = (
@@ -935,11 +948,16 @@ def _dufm(problem: UFM, lam_H, lam_W, configuration) -> Prediction:
             parts.append("imbalanced classes: DNC-type point with class-dependent norms (THEORY §9.5)")
         elif r is None:
             parts.append(f"K = {K} is not r(r-1)/2, so no SRG candidate was evaluated")
+        elif lowrank:
+            parts.append(
+                f"DNC is NOT optimal here: the explicit SRG point has a lower loss (SRG / DNC = "
+                f"{srg_loss / dnc_loss:.6g}; predict(problem) describes it)"
+            )
         elif fam is not None:
             parts.append(
                 f"the SRG family does not beat DNC here (best family member / DNC = {fam_loss / dnc_loss:.6g})"
             )
-        if L >= 3:
+        if L >= 3 and not lowrank:
             parts.append(
                 "random L-BFGS starts reach losses below DNC at K = 3..6, L = 4, lambda = 0.004 (THEORY §4.3, "
                 "asymmetric low-rank points), so DNC may well not be optimal"
@@ -981,10 +999,10 @@ def predict(problem: UFM, configuration: str | None = None) -> Prediction:
 
     Example:
       >>> import ufm
-      >>> p = ufm.UFM(num_classes=4, n_per_class=3, widths=(8,), bias="free", lam_H=1e-3, lam_W=1e-3)
+      >>> p = ufm.UFM(num_classes=4, n_per_class=3, widths=(8,), bias="free", lam_H=1e-2, lam_W=1e-2)
       >>> pred = ufm.predict(p)
       >>> pred.known, pred.regime, round(pred.loss, 6)   # (K-1)/(2K) rho(2 - rho), rho = K sqrt(n lam_W lam_H)
-      (True, 'collapse', 0.081551)
+      (True, 'collapse', 0.050162)
     """
     lam_H, lam_W, lam_b, alpha = _concrete_lams(problem)
     _check_configuration(problem, configuration)
@@ -1094,8 +1112,3 @@ def construct(problem: UFM, configuration: str | None = None, dtype=None) -> Par
         H, Ws = _linear_params_np(problem, sol, lam_H, lam_W)
         b = None if sol.b is None else np.nan_to_num(np.asarray(sol.b, float), nan=0.0)
     return Params(jnp.asarray(H, dt), tuple(jnp.asarray(W, dt) for W in Ws), None if b is None else jnp.asarray(b, dt))
-
-
-def theory_table(problems) -> list[dict[str, Any]]:  # pragma: no cover - convenience
-    """``[predict(p).to_dict() for p in problems]``."""
-    return [predict(p).to_dict() for p in problems]
