@@ -202,6 +202,16 @@ def _options(method, lr, max_steps, tol, patience, history_every, snapshot_every
     return lr, int(max_steps), tol, int(patience)
 
 
+def _canonical(problem: UFM, dtype) -> UFM:
+    """The problem with every array leaf (lambdas, label smoothing) as a non-weak array of the solve dtype.
+
+    jit keys its cache on each leaf's dtype *and* weak type, so without this a problem built from NumPy
+    scalars or a per-layer lam_W list (strong float64) and one built from Python floats (weak) would compile
+    the solver twice. The objective casts the leaves to the parameter dtype anyway, so values are unchanged.
+    """
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), problem)
+
+
 def _check_dtype(dtype):
     if dtype is None:
         return jnp.dtype(jnp.result_type(float))
@@ -285,8 +295,9 @@ def solve(
         init = init_params(problem, key, init_scale, dt)
     lr, max_steps, tol, patience = _options(method, lr, max_steps, tol, patience, history_every, snapshot_every, dt)
     sol = _solve_jit(
-        problem, init, lr, tol, method=method, max_steps=max_steps, patience=patience, history_every=history_every,
-        snapshot_every=snapshot_every, momentum=momentum, memory_size=memory_size, history=history,
+        _canonical(problem, dt), init, lr, tol, method=method, max_steps=max_steps, patience=patience,
+        history_every=history_every, snapshot_every=snapshot_every, momentum=momentum, memory_size=memory_size,
+        history=history,
     )
     if throw and int(sol.status) != CONVERGED:
         raise RuntimeError(f"ufm.solve did not converge (status {int(sol.status)}): {MESSAGES[int(sol.status)]}")
@@ -419,7 +430,7 @@ def solve_batch(
     if keys is None:
         keys = jax.random.split(jax.random.key(0), B)
     return _solve_batch_jit(
-        problem, keys, init, lH, lW, lb, lrs, scales, tol, method=method, max_steps=max_steps, patience=patience,
-        history_every=history_every, snapshot_every=snapshot_every, momentum=momentum, memory_size=memory_size,
-        history=history, dtype=dt, given_init=init is not None,
+        _canonical(problem, dt), keys, init, lH, lW, lb, lrs, scales, tol, method=method, max_steps=max_steps,
+        patience=patience, history_every=history_every, snapshot_every=snapshot_every, momentum=momentum,
+        memory_size=memory_size, history=history, dtype=dt, given_init=init is not None,
     )

@@ -1,0 +1,306 @@
+"""Benchmark 1: full-batch gradient-descent step throughput of the deep ReLU UFM (MSE, weight decay).
+
+    python -m benchmarks.bench_steps            # full run (~3 min on 2 quiet cores)
+    python -m benchmarks.bench_steps --smoke    # tiny sizes, seconds
+
+Compares, in one process, interleaved round by round:
+
+* ``ufm``: ``ufm.solve(p, init=x0, method="gd", lr=0.1, max_steps=S, tol=0)``, the compiled while_loop.
+  Steady-state steps/s = S / (t(2S) - t(S)) per round, which removes compile, dispatch, argument checks and
+  the initial gradient (both programs are compiled before timing).
+* ``torch eager``: the research-code loop (zero_grad / backward / SGD step), PyTorch's default threads
+  and 1 thread.
+* ``torch compiled``: the whole GD step compiled with ``torch.compile(fullgraph=True)`` on
+  ``torch.func.grad_and_value`` (2 and 1 threads).
+* ``numpy``: hand-written forward/backward (OpenBLAS, default threads; 1 thread too when threadpoolctl is
+  installed).
+
+Before timing, every implementation runs 3 steps from the same start and must land on ufm's point
+(relative parameter difference <= 1e-4 in float32, <= 1e-10 in float64): all of them do the same work.
+FLOPs per step are the forward + backward matmuls (``_common.gd_step_flops``); the machine's peak is the
+best large-matmul GFLOP/s of NumPy / JAX / torch measured in the same run (at start and at end).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+
+import numpy as np
+
+from . import _common as C
+
+SIZES = {  # name: (K, n, d, L)
+    "small": (2, 50, 64, 3),
+    "medium": (10, 100, 128, 3),
+    "large": (10, 500, 256, 5),
+}
+TINY_SIZES = {"tiny": (2, 5, 8, 3)}
+LAM = 5e-4  # lam_H = lam_W = 5e-4 (Dang et al. 2023's weight decay)
+LR = 0.1
+
+IMPLS = ("ufm", "torch eager 2thr", "torch eager 1thr", "torch compiled 2thr", "torch compiled 1thr", "numpy",
+         "numpy 1thr")
+
+
+def _problem(K, n, d, L):
+    import ufm
+
+    return ufm.UFM(num_classes=K, n_per_class=n, widths=(d,) * L, activation="relu", loss="mse", bias="none",
+                   lam_H=LAM, lam_W=LAM)
+
+
+def _calibrate(run_steps, target_s: float, max_steps: int = 100_000) -> int:
+    """Number of steps of ``run_steps(k)`` that takes about target_s (also serves as warm-up)."""
+    k = 1
+    while True:
+        t = time.perf_counter()
+        run_steps(k)
+        dt = time.perf_counter() - t
+        if dt >= 0.25 * target_s or k >= max_steps:
+            return max(1, min(max_steps, math.ceil(k * target_s / max(dt, 1e-9))))
+        k *= 4
+
+
+def _numpy_threads_ctx(n):
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:
+        return None
+    return lambda: threadpool_limits(limits=n, user_api="blas")
+
+
+def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=print) -> dict:
+    import jax
+
+    import ufm
+
+    from .peers import NumpyGD, TorchFunctional, TorchLoop, max_rel_diff, params_to_numpy
+
+    p = _problem(K, n, d, L)
+    x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
+    flops = C.gd_step_flops(K, p.N, p.widths)
+    torch, why_no_torch = C.torch_or_none()
+    res = dict(size=name, K=K, n=n, d=d, L=L, N=p.N, dtype=dtype, flops_per_step=flops, lr=LR, lam=LAM)
+
+    def ufm_solve(S):
+        return ufm.solve(p, init=x0, method="gd", lr=LR, max_steps=S, tol=0.0, history=False, patience=10 * S + 10)
+
+    # --- same-trajectory check (n_check steps from x0; the tiny run reuses its timed program) ---
+    S = 300 if name == "tiny" else max(2, min(20_000, int(target_s * 30e9 / flops)))  # ~target_s at 30 GFLOP/s
+    n_check = S if name == "tiny" else 3
+    ref = ufm_solve(n_check)
+    ref_P = params_to_numpy(ref.params, dtype)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    impls = {}
+    impls["numpy"] = NumpyGD(p, x0, dtype, LR)
+    np1 = _numpy_threads_ctx(1)
+    if torch is not None:
+        impls["torch eager 2thr"] = TorchLoop(p, x0, dtype, LR)
+        impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
+        if torch_compile:
+            impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
+            impls["torch compiled 1thr"] = TorchFunctional(p, x0, dtype, LR, threads=1)
+    check = {}
+    for k, impl in impls.items():
+        t = time.perf_counter()
+        impl.run(n_check)
+        check[k] = max_rel_diff(impl.params(), ref_P)
+        if "compiled" in k and "2thr" in k:
+            res["torch_compile_s"] = time.perf_counter() - t
+    res["same_trajectory_rel_diff"] = check
+    res["same_trajectory_tol"] = tol
+    res["same_trajectory_ok"] = all(v <= tol for v in check.values())
+    if not res["same_trajectory_ok"]:
+        log(f"  WARNING {name} {dtype}: implementations disagree after 3 steps: {check}")
+
+    # --- ufm: compile S and 2S, steady-state rate from the difference ---
+    t = time.perf_counter()
+    jax.block_until_ready(ufm_solve(S))
+    res["ufm_compile_and_first_run_s"] = time.perf_counter() - t
+    jax.block_until_ready(ufm_solve(2 * S))
+    res["ufm_steps"] = S
+    steps_done = []
+
+    def m_ufm():
+        t0 = time.perf_counter()
+        a = ufm_solve(S)
+        a.value.block_until_ready()
+        t1 = time.perf_counter()
+        b = ufm_solve(2 * S)
+        b.value.block_until_ready()
+        t2 = time.perf_counter()
+        steps_done.append((int(a.num_steps), int(b.num_steps)))
+        d_ = (t2 - t1) - (t1 - t0)
+        return S / d_ if d_ > 0 else float("nan")
+
+    measures = {"ufm": m_ufm}
+    per_impl_steps = {}
+    for k, impl in impls.items():
+        if k == "numpy" or "torch" in k:
+            pass
+        per_impl_steps[k] = _calibrate(impl.run, target_s)
+
+        def m(impl=impl, k=k):
+            s = per_impl_steps[k]
+            t0 = time.perf_counter()
+            impl.run(s)
+            return s / (time.perf_counter() - t0)
+
+        measures[k] = m
+    if np1 is not None:
+        npx = impls["numpy"]
+
+        def m_np1():
+            with np1():
+                s = per_impl_steps["numpy"]
+                t0 = time.perf_counter()
+                npx.run(s)
+                return s / (time.perf_counter() - t0)
+
+        measures["numpy 1thr"] = m_np1
+    res["peer_steps_per_measure"] = per_impl_steps
+    log(f"  {name} {dtype}: timing {list(measures)} x {rounds} rounds (ufm S={S})")
+    rates = C.interleaved(measures, rounds)
+    res["ufm_num_steps_ok"] = all(a == S and b == 2 * S for a, b in steps_done)
+    res["rates_per_round"] = rates
+    res["median_steps_per_s"] = {k: C.median(v) for k, v in rates.items()}
+    res["ratio_ufm_over"] = {k: C.median(C.per_round_ratios(rates["ufm"], v)) for k, v in rates.items() if k != "ufm"}
+    peers = {k: v for k, v in res["median_steps_per_s"].items() if k != "ufm"}
+    if peers:
+        best = max(peers, key=lambda k: peers[k])
+        # strongest peer per round, then the ratio per round
+        best_per_round = [max(rates[k][r] for k in peers if np.isfinite(rates[k][r])) for r in range(rounds)]
+        res["strongest_peer"] = best
+        res["ratio_ufm_over_strongest"] = C.median(C.per_round_ratios(rates["ufm"], best_per_round))
+    res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
+    if torch is None:
+        res["torch_skipped"] = why_no_torch
+    return res
+
+
+def run(size: str = "full", rounds: int | None = None, out_dir=None, torch_compile: bool | None = None,
+        target_s: float | None = None, log=print) -> dict:
+    """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON)."""
+    C.enable_x64()
+    if torch_compile is None:  # torch.compile costs 10-30 s per shape: not in the smoke test
+        torch_compile = size != "tiny"
+    sizes = TINY_SIZES if size == "tiny" else SIZES
+    rounds = rounds or (2 if size == "tiny" else 5)
+    target_s = target_s or (0.02 if size == "tiny" else 0.25)
+    info = C.machine_info()
+    log(f"machine: {C.machine_line(info)}")
+    peak_sizes = (256,) if size == "tiny" else (1024, 2048)
+    peak0 = C.matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
+    configs = []
+    for name, (K, n, d, L) in sizes.items():
+        for dtype in ("float64",) if size == "tiny" else ("float32", "float64"):
+            configs.append(run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log))
+    peak1 = C.matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
+    peak = {dt: {"start": peak0[dt], "end": peak1[dt], "peak": max(peak0[dt]["peak"], peak1[dt]["peak"])}
+            for dt in peak0}
+    for c in configs:
+        c["fraction_of_peak"] = {k: v / peak[c["dtype"]]["peak"] for k, v in c["gflops"].items()}
+    result = dict(benchmark="steps", size=size, rounds=rounds, machine=info, peak_gflops=peak, configs=configs)
+    result["targets"] = _targets(configs)
+    md = markdown(result)
+    paths = C.write_outputs("steps" if size != "tiny" else "steps_tiny", result, out_dir, md)
+    plot(result, paths["png"])
+    result["paths"] = paths
+    log(md)
+    return result
+
+
+def _targets(configs) -> list[dict]:
+    out = []
+    small = [c for c in configs if c["size"] in ("small", "tiny")]
+    for c in small:
+        r = c["ratio_ufm_over"].get("torch eager 2thr")
+        out.append(dict(target=f"{c['size']} {c['dtype']}: >= 20x torch eager (default threads)", value=r,
+                        met=None if r is None else r >= 20))
+    for c in configs:
+        r = c.get("ratio_ufm_over_strongest")
+        out.append(dict(target=f"{c['size']} {c['dtype']}: ahead of the strongest peer ({c.get('strongest_peer')})",
+                        value=r, met=None if r is None else r > 1))
+    for c in configs:
+        if c["size"] in ("medium", "large"):
+            f = c["fraction_of_peak"]["ufm"]
+            out.append(dict(target=f"{c['size']} {c['dtype']}: >= 75% of matmul peak", value=f, met=f >= 0.75))
+    return out
+
+
+def markdown(result) -> str:
+    cols = [k for k in IMPLS if any(k in c["median_steps_per_s"] for c in result["configs"])]
+    head = ["size (K, n, d, L)", "dtype"] + [f"{k} steps/s" for k in cols]
+    head += ["ufm / torch eager", "ufm / strongest peer", "ufm GFLOP/s", "ufm % of peak"]
+    rows = []
+    for c in result["configs"]:
+        r = [f"{c['size']} ({c['K']}, {c['n']}, {c['d']}, {c['L']})", c["dtype"]]
+        r += [C.fmt_rate(c["median_steps_per_s"].get(k)) for k in cols]
+        r += [C.fmt_ratio(c["ratio_ufm_over"].get("torch eager 2thr")),
+              f"{C.fmt_ratio(c.get('ratio_ufm_over_strongest'))} ({c.get('strongest_peer', '—')})",
+              f"{c['gflops']['ufm']:.1f}", f"{100 * c['fraction_of_peak']['ufm']:.0f}%"]
+        rows.append(r)
+    pk = result["peak_gflops"]
+    lines = [
+        "### Step throughput: deep ReLU UFM, MSE, full-batch GD (steps/s, median over rounds)",
+        "",
+        f"Machine: {C.machine_line(result['machine'])}. {result['rounds']} interleaved rounds; ratios are medians "
+        "of per-round ratios.",
+        "",
+        C.md_table(head, rows),
+        "",
+        f"Matmul peak (best of NumPy/JAX/torch, square matmuls, start and end of the run): float32 "
+        f"{pk['float32']['peak']:.1f} GFLOP/s ({pk['float32']['start']['peak_by']}), float64 "
+        f"{pk['float64']['peak']:.1f} GFLOP/s ({pk['float64']['start']['peak_by']}).",
+        "Same-trajectory check (3 GD steps from the same start): "
+        + ("all implementations agree." if all(c["same_trajectory_ok"] for c in result["configs"])
+           else "**FAILED** for " + ", ".join(f"{c['size']} {c['dtype']}" for c in result["configs"]
+                                              if not c["same_trajectory_ok"])),
+        "",
+        "Targets:",
+    ]
+    for t in result["targets"]:
+        v = t["value"]
+        vs = "—" if v is None else (f"{100 * v:.0f}%" if "peak" in t["target"] else C.fmt_ratio(v))
+        lines.append(f"- {t['target']}: {vs} — {'met' if t['met'] else 'MISSED' if t['met'] is not None else 'n/a'}")
+    if any("torch_skipped" in c for c in result["configs"]):
+        lines.append(f"- torch columns skipped: {result['configs'][0]['torch_skipped']}")
+    return "\n".join(lines)
+
+
+def plot(result, path) -> None:
+    configs = result["configs"]
+    cols = [k for k in IMPLS if any(k in c["median_steps_per_s"] for c in configs)]
+    fig, (ax, ax2) = C.new_figure(1, 2, figsize=(13, 4.5), gridspec_kw={"width_ratios": [3, 1]})
+    x = np.arange(len(configs))
+    w = 0.8 / len(cols)
+    for i, k in enumerate(cols):
+        ys = [c["median_steps_per_s"].get(k, np.nan) for c in configs]
+        ax.bar(x + (i - (len(cols) - 1) / 2) * w, ys, w, label=k)
+    ax.set_yscale("log")
+    ax.set_xticks(x, [f"{c['size']}\n{c['dtype']}" for c in configs])
+    ax.set_ylabel("GD steps / s (median)")
+    ax.set_title("Deep ReLU UFM, full-batch GD step throughput")
+    ax.legend(fontsize=7, ncol=2)
+    ax2.bar(x, [100 * c["fraction_of_peak"]["ufm"] for c in configs], color="C0")
+    ax2.axhline(75, color="k", ls="--", lw=0.8)
+    ax2.set_xticks(x, [f"{c['size'][:3]}\n{c['dtype'][-2:]}" for c in configs], fontsize=7)
+    ax2.set_ylabel("ufm, % of matmul peak")
+    C.save_figure(fig, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
+    a = ap.parse_args(argv)
+    tc = False if a.no_torch_compile else None
+    run("tiny" if a.smoke else "full", rounds=a.rounds, out_dir=a.out, torch_compile=tc)
+
+
+if __name__ == "__main__":
+    main()

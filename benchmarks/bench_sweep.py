@@ -1,0 +1,344 @@
+"""Benchmark 3: sweep throughput. 1,000 small problems (100 lambdas x 10 seeds), solved batched vs in loops.
+
+    python -m benchmarks.bench_sweep            # full run (~3 min on 2 quiet cores)
+    python -m benchmarks.bench_sweep --smoke    # tiny grid, seconds
+
+Problem: deep ReLU UFM, K=3, n=5, widths (12, 12), MSE, no bias; lam_H = lam_W = lam on a log grid
+(1e-4 .. 10^-1.5), seeds 0..9 (key ``jax.random.key(seed)``, ufm's default init), float64.
+
+Part A, the same work everywhere (heavy ball: momentum 0.9, lr 0.1, a fixed budget of S steps, tol 0):
+
+* ``ufm.solve_batch`` over all runs, in chunks of B runs per compiled call (several B are timed: on a
+  2-core CPU a vmap of many problems is not automatically faster, so we measure where batching pays);
+* ``ufm.sweep`` (the user-facing tool: batched solve + ``ufm.predict`` + ``ufm.check`` per run; metrics off);
+* a Python loop of ``ufm.solve`` (one compiled call per run; timed on a subset and extrapolated x 1000/m);
+* a Python loop of PyTorch runs (the research-code loop of ``peers.TorchLoop``, from the same init; timed on
+  a subset and extrapolated), with PyTorch's default threads and with 1 thread.
+
+Part B, to an answer: ufm's default L-BFGS (default tol) batched vs a loop of single solves (subset,
+extrapolated); the batched loop runs until its slowest member stops.
+
+Checks before timing: the PyTorch runs and the single ufm solves end at the same loss (float64, <= 1e-8
+relative) and the batched solves agree with the single ones (<= 1e-10 relative in part A).
+Compile time is excluded everywhere (every compiled call is made once before it is timed) and reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import numpy as np
+
+from . import _common as C
+
+BASE = dict(num_classes=3, n_per_class=5, widths=(12, 12), activation="relu", loss="mse", bias="none")
+LR = 0.1
+MOMENTUM = 0.9
+
+
+def _grid(size):
+    if size == "tiny":
+        lams, seeds, steps = np.logspace(-4, -1.5, 4), np.arange(2), 100
+    else:
+        lams, seeds, steps = np.logspace(-4, -1.5, 100), np.arange(10), 1000
+    L, S = np.meshgrid(lams, seeds, indexing="ij")
+    return L.ravel(), S.ravel().astype(int), steps
+
+
+def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None) -> dict:
+    C.enable_x64()
+    import jax
+    import jax.numpy as jnp
+
+    import ufm
+
+    from .peers import TorchLoop
+
+    info = C.machine_info()
+    log(f"machine: {C.machine_line(info)}")
+    tiny = size == "tiny"
+    rounds = rounds or (1 if tiny else 3)
+    lam, seed, S = _grid(size)
+    R = len(lam)
+    p0 = ufm.UFM(**BASE, lam_H=1e-3, lam_W=1e-3)
+    keys = jax.vmap(jax.random.key)(jnp.asarray(seed))
+    chunks = (R,) if tiny else (R, 250, 64)
+    m_single = 4 if tiny else 40
+    m_torch = 2 if tiny else 5
+    sub = np.linspace(0, R - 1, m_single).astype(int)  # spread over the lambda range
+    sub_t = np.linspace(0, R - 1, m_torch).astype(int)
+    torch, why = C.torch_or_none()
+    res = dict(benchmark="sweep", size=size, machine=info, runs=R, steps=S, problem=p0.to_dict(), lr=LR,
+               momentum=MOMENTUM, chunk_sizes=list(chunks), single_subset=int(m_single), torch_subset=int(m_torch))
+
+    mom = dict(method="momentum", lr=LR, momentum=MOMENTUM, max_steps=S, tol=0.0, history=False, patience=S + 1)
+
+    def batched(B, **kw):
+        vals = []
+        for i in range(0, R, B):
+            j = min(R, i + B)
+            if j - i < B:  # pad the last chunk to B (same compiled size)
+                idx = np.r_[np.arange(i, j), np.full(B - (j - i), j - 1)]
+            else:
+                idx = np.arange(i, j)
+            sol = ufm.solve_batch(p0, keys=keys[idx], lam_H=lam[idx], lam_W=lam[idx], **kw)
+            vals.append((sol.value[: j - i], sol.num_steps[: j - i], sol.status[: j - i]))
+        jax.block_until_ready(vals)
+        return tuple(np.concatenate([np.asarray(v[k]) for v in vals]) for k in range(3))
+
+    def single(i, **kw):
+        p = ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i]))
+        return jax.block_until_ready(ufm.solve(p, key=int(seed[i]), **kw))
+
+    # ---------------- compile everything once (timed: this is the compile cost a sweep pays)
+    compile_s = {}
+    for B in chunks:
+        t = time.perf_counter()
+        ufm.solve_batch(p0, keys=keys[:B], lam_H=lam[:B], lam_W=lam[:B], **mom).value.block_until_ready()
+        compile_s[f"solve_batch B={B} momentum"] = time.perf_counter() - t
+    t = time.perf_counter()
+    single(0, **mom)
+    compile_s["solve momentum"] = time.perf_counter() - t
+    res["compile_and_first_call_s"] = compile_s
+
+    # ---------------- checks: torch == single ufm; batched == single
+    checks = {}
+    ref_vals = {}
+    for i in sub_t[:2]:
+        s = single(i, **mom)
+        ref_vals[int(i)] = float(s.value)
+        if torch is not None:
+            x0 = ufm.init_params(ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i])),
+                                 jax.random.key(int(seed[i])), dtype="float64")
+            tl = TorchLoop(ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i])), x0, "float64", LR,
+                           momentum=MOMENTUM)
+            tl.run(S)
+            checks[f"torch vs ufm run {i}"] = abs(tl.loss() - float(s.value)) / abs(float(s.value))
+    vb, nb, _ = batched(chunks[0], **mom)
+    for i in sub[:3]:
+        v = float(single(i, **mom).value)
+        checks[f"batched vs single run {i}"] = abs(float(vb[i]) - v) / abs(v)
+    res["checks"] = checks
+    res["checks_ok"] = all(v <= (1e-8 if k.startswith("torch") else 1e-10) for k, v in checks.items())
+    res["steps_ok"] = bool(np.all(nb == S))
+    if not res["checks_ok"]:
+        log(f"  WARNING: checks failed: {checks}")
+
+    # ---------------- part A: interleaved rounds (extrapolated loops)
+    def m_batch(B):
+        def f():
+            t = time.perf_counter()
+            batched(B, **mom)
+            return time.perf_counter() - t
+
+        return f
+
+    def m_single():
+        t = time.perf_counter()
+        for i in sub:
+            single(i, **mom)
+        return (time.perf_counter() - t) * R / len(sub)
+
+    measures = {f"ufm.solve_batch (B={B})": m_batch(B) for B in chunks}
+    measures["loop of ufm.solve"] = m_single
+    if torch is not None:
+        def m_torch(threads):
+            def f():
+                t_tot = 0.0
+                for i in sub_t:
+                    p = ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i]))
+                    x0 = ufm.init_params(p, jax.random.key(int(seed[i])), dtype="float64")
+                    t = time.perf_counter()  # the peer's own setup + loop (init drawn outside)
+                    tl = TorchLoop(p, x0, "float64", LR, momentum=MOMENTUM, threads=threads)
+                    tl.run(S)
+                    tl.loss()
+                    t_tot += time.perf_counter() - t
+                return t_tot * R / len(sub_t)
+
+            return f
+
+        measures["loop of torch (default threads)"] = m_torch(None)
+        measures["loop of torch (1 thread)"] = m_torch(1)
+    else:
+        res["torch_skipped"] = why
+    log(f"  part A: timing {list(measures)} x {rounds} rounds ({R} runs x {S} steps)")
+    times = C.interleaved(measures, rounds)
+    res["A_seconds_per_round"] = times
+    res["A_median_s"] = {k: C.median(v) for k, v in times.items()}
+    best_b = min((k for k in times if k.startswith("ufm.solve_batch")), key=lambda k: res["A_median_s"][k])
+    res["A_best_batch"] = best_b
+
+    def ratio(a, b):
+        return C.median(C.per_round_ratios(times[b], times[a]))  # time_b / time_a per round = speedup of a
+
+    res["A_speedup_best_batch_over"] = {k: ratio(best_b, k) for k in times if k != best_b}
+
+    # ufm.sweep end to end (compile excluded: a first call compiles the sweep's own runner)
+    sweep = getattr(ufm, "sweep", None)
+    if sweep is not None:
+        grid = dict(K=BASE["num_classes"], n=BASE["n_per_class"], widths=list(BASE["widths"]),
+                    activation="relu", loss="mse", lam=[float(x) for x in np.unique(lam)],
+                    seeds=int(len(np.unique(seed))), method="momentum", lr=LR, max_steps=S, tol=0.0,
+                    patience=S + 1, dtype="float64")
+        ck = chunks[-1]
+        t = time.perf_counter()
+        sweep(grid, chunk_size=ck, metrics=False, progress=False)
+        first = time.perf_counter() - t
+        t = time.perf_counter()
+        sr = sweep(grid, chunk_size=ck, metrics=False, progress=False)
+        second = time.perf_counter() - t
+        res["A_sweep"] = dict(chunk_size=ck, first_call_s=first, second_call_s=second, runs=sr.num_runs)
+        # the sweep's own solve, same seeds and lambdas: losses must match the batched solve
+        recs = {(round(r["config"]["lam_H"], 15), r["config"]["seed"]): r["loss"] for r in sr.records}
+        dif = [abs(recs[(round(float(lam[i]), 15), int(seed[i]))] - float(vb[i])) / abs(float(vb[i]))
+               for i in sub[:5] if (round(float(lam[i]), 15), int(seed[i])) in recs]
+        res["A_sweep"]["max_rel_diff_vs_solve_batch"] = max(dif) if dif else None
+
+    # ---------------- part B: to an answer (default L-BFGS); not in the tiny run (two more compiles)
+    if tiny:
+        res["targets"] = _targets(res)
+        return _finish(res, out_dir, log)
+    Bb = chunks[0] if tiny else chunks[1]
+    t = time.perf_counter()
+    ufm.solve_batch(p0, keys=keys[:Bb], lam_H=lam[:Bb], lam_W=lam[:Bb], history=False).value.block_until_ready()
+    compile_s[f"solve_batch B={Bb} lbfgs"] = time.perf_counter() - t
+    t = time.perf_counter()
+    single(0, history=False)
+    compile_s["solve lbfgs"] = time.perf_counter() - t
+
+    lb_out = {}
+
+    def mb_batch():
+        t = time.perf_counter()
+        lb_out["batch"] = batched(Bb, history=False)
+        return time.perf_counter() - t
+
+    def mb_single():
+        t = time.perf_counter()
+        lb_out["single"] = [single(i, history=False) for i in sub]
+        return (time.perf_counter() - t) * R / len(sub)
+
+    tb = C.interleaved({f"ufm.solve_batch L-BFGS (B={Bb})": mb_batch, "loop of ufm.solve L-BFGS": mb_single},
+                       rounds)
+    res["B_seconds_per_round"] = tb
+    res["B_median_s"] = {k: C.median(v) for k, v in tb.items()}
+    vals, steps, status = lb_out["batch"]
+    res["B_batch_converged_fraction"] = float(np.mean(status == 0))
+    res["B_batch_steps"] = dict(median=float(np.median(steps)), max=int(np.max(steps)))
+    res["B_single_steps"] = dict(median=float(np.median([int(s.num_steps) for s in lb_out["single"]])))
+    res["B_batch_vs_single_max_rel_diff"] = max(abs(float(vals[i]) - float(s.value)) / abs(float(s.value))
+                                                for i, s in zip(sub, lb_out["single"], strict=True))
+    k1, k2 = list(tb)
+    res["B_speedup_batch_over_loop"] = C.median(C.per_round_ratios(tb[k2], tb[k1]))
+    res["targets"] = _targets(res)
+    return _finish(res, out_dir, log)
+
+
+def _finish(res, out_dir, log):
+    md = markdown(res)
+    paths = C.write_outputs("sweep" if res["size"] != "tiny" else "sweep_tiny", res, out_dir, md)
+    plot(res, paths["png"])
+    res["paths"] = paths
+    log(md)
+    return res
+
+
+def _targets(res):
+    out = []
+    sp = res["A_speedup_best_batch_over"]
+    for k in ("loop of torch (default threads)", "loop of torch (1 thread)"):
+        if k in sp:
+            out.append(dict(target=f"batched sweep >= 10x a {k}", value=sp[k], met=sp[k] >= 10))
+    out.append(dict(target="batched sweep never slower than the loop of single ufm solves (fixed work)",
+                    value=sp["loop of ufm.solve"], met=sp["loop of ufm.solve"] >= 1))
+    if "B_speedup_batch_over_loop" in res:
+        out.append(dict(target="batched sweep never slower than the loop of single ufm solves (L-BFGS to tol)",
+                        value=res["B_speedup_batch_over_loop"], met=res["B_speedup_batch_over_loop"] >= 1))
+    return out
+
+
+def markdown(res) -> str:
+    R, S = res["runs"], res["steps"]
+    rows = []
+    best = res["A_best_batch"]
+    for k, v in res["A_median_s"].items():
+        extra = "" if k.startswith("ufm.solve_batch") else (
+            f" (subset of {res['single_subset'] if 'ufm' in k else res['torch_subset']}, extrapolated)")
+        sp = "1 (best)" if k == best else C.fmt_ratio(res["A_speedup_best_batch_over"][k])
+        rows.append([k + extra, C.fmt_time(v), C.fmt_rate(R / v), sp])
+    if "A_sweep" in res:
+        sw = res["A_sweep"]
+        rows.append([f"ufm.sweep (chunk {sw['chunk_size']}, + predict/check per run)", C.fmt_time(sw["second_call_s"]),
+                     C.fmt_rate(R / sw["second_call_s"]), "—"])
+    rows_b = []
+    for k, v in res.get("B_median_s", {}).items():
+        extra = "" if "batch" in k else f" (subset of {res['single_subset']}, extrapolated)"
+        rows_b.append([k + extra, C.fmt_time(v), C.fmt_rate(R / v)])
+    p = res["problem"]
+    comp = ", ".join(f"{k} {C.fmt_time(v)}" for k, v in res["compile_and_first_call_s"].items())
+    lines = [
+        f"### Sweep throughput: {R} problems (lambda x seed grid), compile excluded",
+        "",
+        f"Machine: {C.machine_line(res['machine'])}.",
+        f"Problem: K={p['num_classes']}, n={p['n_per_class']}, widths={tuple(p['widths'])}, {p['activation']}, "
+        f"{p['loss']}, float64. Medians over interleaved rounds; speed-ups are medians of per-round ratios.",
+        "",
+        f"A. Same work: heavy ball (momentum {res['momentum']}, lr {res['lr']}), {S} steps per problem.",
+        "",
+        C.md_table(["implementation", f"time for {R} problems", "problems/s", f"speed-up of {best}"], rows),
+        "",
+    ]
+    if rows_b:
+        lines += [
+            "B. To an answer: ufm's default L-BFGS to its default tolerance "
+            f"(batched: {100 * res['B_batch_converged_fraction']:.0f}% converged, steps median "
+            f"{res['B_batch_steps']['median']:.0f} / max {res['B_batch_steps']['max']}; single solves: steps "
+            f"median {res['B_single_steps']['median']:.0f}; batched vs single max rel. diff of the loss "
+            f"{res['B_batch_vs_single_max_rel_diff']:.1e}).",
+            "",
+            C.md_table(["implementation", f"time for {R} problems", "problems/s"], rows_b),
+            f"Speed-up batched / loop: {C.fmt_ratio(res['B_speedup_batch_over_loop'])}.",
+            "",
+        ]
+    lines += [
+        f"Compile + first call: {comp}.",
+        f"Checks (torch vs ufm, batched vs single): {'all within tolerance' if res['checks_ok'] else 'FAILED'} "
+        f"(max {max(res['checks'].values()):.1e}).",
+        "",
+        "Targets:",
+    ]
+    for t in res["targets"]:
+        lines.append(f"- {t['target']}: {C.fmt_ratio(t['value'])} — {'met' if t['met'] else 'MISSED'}")
+    if "torch_skipped" in res:
+        lines.append(f"- torch columns skipped: {res['torch_skipped']}")
+    return "\n".join(lines)
+
+
+def plot(res, path) -> None:
+    R = res["runs"]
+    items = [(k, R / v) for k, v in res["A_median_s"].items()]
+    if "A_sweep" in res:
+        items.append(("ufm.sweep (+predict/check)", R / res["A_sweep"]["second_call_s"]))
+    items += [(k, R / v) for k, v in res.get("B_median_s", {}).items()]
+    fig, ax = C.new_figure(figsize=(8, 4))
+    ax.barh(range(len(items))[::-1], [v for _, v in items],
+            color=["C0" if "ufm" in k else "C3" for k, _ in items])
+    ax.set_yticks(range(len(items))[::-1], [k for k, _ in items], fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("problems solved per second (median)")
+    ax.set_title(f"{R} small UFM problems: batched vs loops", fontsize=9)
+    C.save_figure(fig, path)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--smoke", action="store_true", help="tiny grid (seconds)")
+    ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    a = ap.parse_args(argv)
+    run("tiny" if a.smoke else "full", out_dir=a.out, rounds=a.rounds)
+
+
+if __name__ == "__main__":
+    main()
