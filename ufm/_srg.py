@@ -3,8 +3,10 @@
 Súkeník, Lampert, Mondelli 2024 (NeurIPS), "Neural collapse versus low-rank bias: is deep neural collapse
 really optimal?" show that for the L-layer ReLU deep UFM (DUFM) with MSE loss the deep-neural-collapse (DNC)
 point stops being optimal beyond two layers or two classes, and exhibit lower-loss points built on strongly
-regular graphs: the K = C(r, 2) classes are the edges of the complete graph K_r (their Fig. 1, 3, 5; the
-theorem's exact statement and number were only *recalled*, see THEORY.md §4.3).
+regular graphs: the K = C(r, 2) classes are the edges of the complete graph K_r (their Fig. 1: L = 4, K = 10,
+r = 5, M_3 with r-1 equal nonzeros per row, rank(M_4) = r before the ReLU and K after it; Fig. 3 left: L_SRG/L_DNC
+against r for L = 3, 4, 5; Fig. 5: K = 3, 4, 5 at L = 4 beat DNC. These captions were checked against a summary of
+the paper; the theorem's exact statement and number are only *recalled*, see THEORY.md §4.3).
 
 This module implements the explicit family of THEORY.md §4.3 (derived there, re-derived below), evaluates its
 loss in closed form, minimises it over its few scalars, and builds explicit parameters of the best member.
@@ -370,8 +372,9 @@ def srg_ratio(r: int, L: int, lam: float = 0.004, n: int = 1, member: str = "pur
     holds for lam = 0.001 and 0.01 (ratios change by < 2%). It depends on lambda near DNC's zero threshold
     C* (THEORY §0): a low-rank point survives to larger lambda than DNC, e.g. K = 10, L = 2, lam = 0.04 (DNC is
     the zero solution, loss 1/2) has family/DNC = 0.980, while at larger lambda both can be the zero solution
-    (ratio 1, e.g. K = 15, L = 4, lam = 0.02). Family values: r = 4: 0.944 (L=4), 0.891 (5); r = 5: 0.921 (3), 0.816 (4), 0.752 (5);
-    r = 6: 0.921 (3), 0.782 (4), 0.700 (5) (lam = 0.004, n = 1; THEORY §4.3 has the same numbers).
+    (ratio 1, e.g. K = 15, L = 4, lam = 0.02). Family values (lam = 0.004, n = 1; THEORY §4.3 has the same
+    numbers): r = 4: 0.944 (L=4), 0.891 (5); r = 5: 0.921 (3), 0.816 (4), 0.752 (5); r = 6: 0.921 (3),
+    0.782 (4), 0.700 (5).
 
     Example:
       >>> import ufm

@@ -69,8 +69,9 @@ REF_SMI23 = (
 )
 REF_SLM24 = (
     "Súkeník, Lampert, Mondelli 2024 (NeurIPS), 'Neural collapse versus low-rank bias: is deep neural "
-    "collapse really optimal?' (SRG construction, Fig. 1-3, 5; theorem statement recalled); SRG family and "
-    "its loss: THEORY.md §4.3"
+    "collapse really optimal?' (SRG construction: Fig. 1, L = 4, K = 10, r = 5; Fig. 2, Fig. 3 left, Fig. 5 - figure "
+    "captions checked against a summary of the paper; the theorem's statement and number are recalled); SRG family "
+    "and its loss: THEORY.md §4.3"
 )
 
 _THRESH_RTOL = 1e-12  # |A - A*| <= this * A*: "threshold" (both the zero and the collapsed point are optimal)
