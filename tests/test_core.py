@@ -162,12 +162,6 @@ def test_solve_batch_equals_loop_of_solves_and_float32():
         assert int(sols.status[i]) == int(s.status) == 0
         # objective recomputed at the returned parameters equals the reported value
         np.testing.assert_allclose(ufm.objective(q, sols.take(i).params), sols.value[i], rtol=1e-12)
-    # float32 in, float32 out (one more compile, same shapes)
-    s32 = ufm.solve_batch(SMALL, keys=keys, dtype="float32", method="lbfgs", max_steps=2000)
-    assert s32.value.dtype == jnp.float32 and s32.params.H.dtype == jnp.float32
-    assert s32.history.loss.dtype == jnp.float32
-    assert np.all(np.isin(np.asarray(s32.status), [0, 4]))  # converged, or stalled at float32's precision floor
-    np.testing.assert_allclose(s32.value, ufm.solve_batch(SMALL, keys=keys, max_steps=2000).value, rtol=1e-5)
 
 
 def test_vmap_equals_loop_relu_gd_fixed_steps():
@@ -180,6 +174,14 @@ def test_vmap_equals_loop_relu_gd_fixed_steps():
         s = ufm.solve(p, key=keys[i], lr=float(lrs[i]), method="gd", max_steps=100, tol=0.0)
         np.testing.assert_allclose(sols.value[i], s.value, rtol=1e-12)
         np.testing.assert_allclose(sols.params.H[i], s.params.H, rtol=1e-9, atol=1e-12)
+    # float32 in, float32 out, batched: same arithmetic in single precision (rounding ~1e-7 per op, 100 steps)
+    # (start from the float64 init rounded to float32: the float32 random stream differs)
+    x0 = jax.vmap(lambda k: ufm.init_params(p, k))(keys)
+    x0_32 = jax.tree_util.tree_map(lambda a: a.astype(jnp.float32), x0)
+    s32 = ufm.solve_batch(p, init=x0_32, lr=lrs, method="gd", max_steps=100, tol=0.0)
+    assert s32.value.dtype == jnp.float32 and s32.params.H.dtype == jnp.float32
+    assert s32.history.loss.dtype == jnp.float32 and s32.grad_norm.dtype == jnp.float32
+    np.testing.assert_allclose(s32.value, sols.value, rtol=1e-4)
 
 
 def test_no_recompile_for_new_numbers():
@@ -213,6 +215,7 @@ def test_lbfgs_and_gd_reach_small_gradient_shallow_and_deep():
     np.testing.assert_allclose(dg.value, d.value, rtol=1e-8)
 
 
+@pytest.mark.slow  # tests/test_theory.py checks the solver against the DNC optimum in the default run
 def test_binary_deep_relu_reaches_the_dnc_loss():
     # K = 2, L = 2 deep ReLU UFM (Sukenik et al. 2023): the optimum is DNC with loss min_s phi(s),
     # phi(s) = (1-s)^2/2 + K (P/2) C s^(2/P), P = L+1 = 3, C = (n lam_H lam_W1 lam_W2)^(1/3)  (THEORY.md §4.1),
