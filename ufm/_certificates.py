@@ -195,27 +195,32 @@ def _slope_fit_grads(problem, params, masks, slopes):
     return jax.vmap(one)(slopes)
 
 
-def _min_slope_gradient(problem, P, masks, gr, sweeps: int = 20):
+def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 10):
     """Minimise ||g_fit(c) + g_reg|| over the kink slopes c in [0, 1] by exact block-coordinate descent.
 
     Every gradient entry is a product of the ReLU-derivative diagonals of the layers between the parameter and
     the output, each at most once, so g(c) is affine in the slopes of any one layer: with the others fixed,
     g(c) = g(c_0) + G (c_l - c_{l,0}) with G[:, j] = g(c_0 + e_j) - g(c_0) (one batched gradient call), and the
-    layer's slopes solve a bounded linear least-squares problem exactly (`scipy.optimize.lsq_linear`). One
-    ReLU layer (L = 2) is solved globally in one step; deeper models take sweeps until no layer improves."""
+    layer's slopes solve a box-constrained convex QP (L-BFGS-B on its m_l x m_l Gram). One ReLU layer (L = 2) is
+    solved globally in one step; deeper models take up to ``sweeps`` sweeps, stopping once a sweep improves by
+    less than 1% or the norm is below ``tol``."""
     dt = jnp.asarray(P.H).dtype
     jm = tuple(jnp.asarray(m) for m in masks)
     sel = [np.flatnonzero(m.ravel()) for m in masks]
     c = [np.zeros(m.size) for m in masks]  # JAX's convention: slope 0 at 0
-    B = 1 << int(max(idx.size for idx in sel)).bit_length()  # batch size, a power of 2 (few compiles)
+    B = min(512, 1 << int(max(idx.size for idx in sel)).bit_length())  # batch size, a power of 2 (few compiles)
 
-    def grads(rows):  # rows: list of per-layer flat slope vectors, len <= B
-        batch = []
-        for li, m in enumerate(masks):
-            arr = np.zeros((B, m.size))
-            arr[: len(rows)] = [r[li] for r in rows]
-            batch.append(jnp.asarray(arr.reshape((B,) + m.shape), dt))
-        return np.asarray(_slope_fit_grads(problem, P, jm, tuple(batch)), np.float64)[: len(rows)]
+    def grads(rows):  # rows: list of per-layer flat slope vectors, evaluated B at a time
+        out = []
+        for s in range(0, len(rows), B):
+            chunk = rows[s : s + B]
+            batch = []
+            for li, m in enumerate(masks):
+                arr = np.zeros((B, m.size))
+                arr[: len(chunk)] = [r[li] for r in chunk]
+                batch.append(jnp.asarray(arr.reshape((B,) + m.shape), dt))
+            out.append(np.asarray(_slope_fit_grads(problem, P, jm, tuple(batch)), np.float64)[: len(chunk)])
+        return np.concatenate(out)
 
     gf = grads([c])[0]
     best = np.linalg.norm(gf + gr)
@@ -232,14 +237,19 @@ def _min_slope_gradient(problem, P, masks, gr, sweeps: int = 20):
             G = grads(rows)
             g0 = G[0]
             D = (G[1:] - g0).T  # n x m_l
-            r = scipy.optimize.lsq_linear(D, -(g0 + gr) + D @ c[li][idx], bounds=(0.0, 1.0), method="bvls")
+            # the layer's slopes: min ||D x - rhs||^2 over the box [0, 1], a small convex QP in the m_l x m_l Gram
+            A = D.T @ D
+            q = D.T @ (-(g0 + gr) + D @ c[li][idx])
+            qp = lambda x, A=A, q=q: (0.5 * x @ A @ x - q @ x, A @ x - q)  # noqa: E731
+            r = scipy.optimize.minimize(qp, c[li][idx], jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * idx.size,
+                                        options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-14})
             new = [x.copy() for x in c]
             new[li][idx] = r.x
             gf_new = g0 + D @ (r.x - c[li][idx])
             val = np.linalg.norm(gf_new + gr)
             if val < best * (1 - 1e-9):
-                c, gf, best, improved = new, gf_new, val, True
-        if not improved or len(sel) == 1:
+                c, gf, best, improved = new, gf_new, val, val < best * (1 - 1e-2) or improved
+        if not improved or len(sel) == 1 or best <= tol:
             break
     gf = grads([c])[0]  # recompute exactly at the final slopes
     return gf
@@ -256,11 +266,12 @@ def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> 
     return tuple(z <= kink_rtol * z.max() if z.max() > 0 else np.ones(z.shape, bool) for z in Zs)
 
 
-def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None) -> Stationarity:
+def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None, tol: float = 0.0) -> Stationarity:
     """Value, fit/penalty split and gradient norms at ``params``, kink-aware for ReLU models (see `Stationarity`).
 
     At kinks the slopes c in [0, 1] are chosen by exact block-coordinate descent (`_min_slope_gradient`); for
-    L >= 3 this is a local search, so ``stationarity`` is an upper bound on the minimal norm."""
+    L >= 3 this is a local search, so ``stationarity`` is an upper bound on the minimal norm. The search is
+    skipped when JAX's gradient norm is already <= ``tol``."""
     check_params(problem, params)
     P = _work_params(params)
     vf, vr, gf, gr = _grads(problem, P)
@@ -269,8 +280,8 @@ def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None
     masks = kink_masks(problem, params, kink_rtol)
     kinks = int(sum(m.sum() for m in masks))
     stat, gfs = g, gf
-    if kinks and g > 0:
-        gfs = _min_slope_gradient(problem, P, masks, gr)
+    if kinks and g > tol:
+        gfs = _min_slope_gradient(problem, P, masks, gr, tol)
         stat = min(g, float(np.linalg.norm(gfs + gr)))
         if stat == g:
             gfs = gf
@@ -371,7 +382,7 @@ def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum
       sym_rtol: tangent singular values below ``sym_rtol`` (default 1e-6) times the largest are treated as 0.
       max_tangent: skip the projection (``symmetry_dim=None``) when the tangent matrix would have more entries
         (default 5e7).
-      tol, maxiter: ARPACK's relative accuracy (default 1e-10) and iteration cap (default 20 n).
+      tol, maxiter: ARPACK's relative accuracy (default 1e-8) and iteration cap (default 20 n).
 
     At a ReLU kink the Hessian is that of JAX's convention (slope 0 and curvature 0 at 0): the Hessian of one
     smooth piece, so a negative eigenvalue there is only a hint; `certify` checks it with an explicit `Descent`.
@@ -380,7 +391,7 @@ def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum
 
 
 def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symmetries: bool = True,
-             sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-10,
+             sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-8,
              maxiter: int | None = None) -> tuple[HessianSpectrum, np.ndarray | None]:
     """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space)."""
     check_params(problem, params)
@@ -463,12 +474,18 @@ def descent_test(problem: UFM, params: Params, direction, num: int = 25) -> Desc
     return Descent(f0 - float(f[i]), float(ts[i]), float(abs(ts[i]) / scale))
 
 
-def certify(problem: UFM, params: Params, *, hessian: bool = True, kink_rtol: float | None = None,
-            **hessian_options) -> Certificate:
-    """First- and second-order certificate at ``params``: `stationarity`, `hessian_spectrum` (options passed on)
-    and, when the smallest eigenvalue is negative, the `descent_test` along its eigenvector. ``hessian=False``
-    skips the second order (``hessian`` and ``descent`` are None)."""
-    st = stationarity(problem, params, kink_rtol=kink_rtol)
+def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rtol: float | None = None,
+            grad_tol: float = 0.0, **hessian_options) -> Certificate:
+    """First- and second-order certificate at ``params``: `stationarity` (``grad_tol`` is its ``tol``: no kink
+    search below it), `hessian_spectrum` (options passed on) and, when the smallest eigenvalue is negative, the
+    `descent_test` along its eigenvector. ``hessian=False`` skips the second order (``hessian`` and ``descent``
+    are None); ``hessian="if-stationary"`` computes it only when ``stationarity <= grad_tol`` (curvature away
+    from a critical point decides nothing)."""
+    if hessian not in (True, False, "if-stationary"):
+        raise ValueError(f"hessian must be True, False or 'if-stationary'; got {hessian!r}")
+    st = stationarity(problem, params, kink_rtol=kink_rtol, tol=grad_tol)
+    if hessian == "if-stationary":
+        hessian = st.stationarity <= grad_tol
     hs, vec, desc = None, None, None
     if hessian:
         hs, vec = _hessian(problem, params, **hessian_options)

@@ -29,7 +29,7 @@ VERDICTS = ("matches", "below-prediction", "local-min", "saddle", "not-converged
 #             distance, so a float64 point with gradient 1e-6 is well inside 1e-6; float32 losses carry ~1e-7
 #             relative rounding per operation, 1e-4 leaves room for the accumulated error of a solve.
 #  hess_rtol: an eigenvalue counts as negative below -hess_rtol * |lambda_max|. A point that is stationary
-#             only to within g moves eigenvalues by O(g * third derivative); eigsh is accurate to ~1e-10.
+#             only to within g moves eigenvalues by O(g * third derivative); eigsh runs at relative tol 1e-8.
 DEFAULT_TOLERANCES = {
     "float64": {"grad_tol": 1e-6, "gap_tol": 1e-6, "hess_rtol": 1e-6},
     "float32": {"grad_tol": 1e-3, "gap_tol": 1e-4, "hess_rtol": 1e-4},
@@ -283,7 +283,9 @@ def check(
     5. "no-prediction" if there is no predicted loss (metrics and certificates alone);
     6. "matches" if |f - f*|/|f*| <= gap_tol, else "local-min" (above the prediction).
 
-    With ``hessian=False`` step 4 is skipped, so "matches"/"local-min" then mean first-order stationary only.
+    The second-order certificate is computed only at stationary points (steps 4-6; ``certificate.hessian`` is
+    None otherwise). With ``hessian=False`` step 4 is skipped, so "matches"/"local-min" then mean first-order
+    stationary only.
 
     Args:
       problem: the `ufm.UFM`.
@@ -293,7 +295,8 @@ def check(
       configuration: deep ReLU: "dnc" or "srg" to check against that configuration (with ``prediction=None``).
       gap_tol, grad_tol, hess_rtol: tolerances; None for the defaults of the solution's dtype
         (``DEFAULT_TOLERANCES``: float64 1e-6, 1e-6, 1e-6; float32 1e-4, 1e-3, 1e-4).
-      hessian: compute the second-order certificate (Hessian-vector products; dense below 1500 parameters).
+      hessian: compute the second-order certificate at stationary points (Hessian-vector products; dense below
+        1500 parameters, Lanczos above).
       metrics: compute ``ufm.metrics.layer_metrics``.
       kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
       hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, ...).
@@ -320,7 +323,9 @@ def check(
     pred, f_star, pred_dict = _prediction(problem, prediction, configuration)
 
     finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(params))
-    cert = certify(problem, params, hessian=hessian and finite, kink_rtol=kink_rtol, **(hessian_options or {}))
+    cert = certify(problem, params, hessian="if-stationary" if (hessian and finite) else False, kink_rtol=kink_rtol,
+                   grad_tol=tol["grad_tol"],
+                   **(hessian_options or {}))
     st = cert.stationarity
     f = st.value
     finite = finite and math.isfinite(f)
