@@ -9,15 +9,17 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 from . import metrics as _metrics
 from ._certificates import Certificate, certify
+from ._io import to_jsonable
 from ._model import Params, check_params, forward
 from ._problem import UFM
+from ._theory import construct, predict
 
 VERDICTS = ("matches", "below-prediction", "local-min", "saddle", "not-converged", "no-prediction")
 
@@ -53,7 +55,8 @@ class Report(NamedTuple):
       predicted_loss: the prediction's loss (None if there is none).
       gap: (value - predicted_loss) / |predicted_loss| (None without prediction).
       prediction: ``Prediction.to_dict()`` (or {"loss": x} for a bare number; None without).
-      certificate: the `Certificate` (stationarity, Hessian spectrum, descent test).
+      certificate: the `Certificate` (stationarity; the Hessian spectrum and descent test only at stationary
+        points, else None).
       distances: rotation-invariant distances to the predicted optimum (`distances`), None without prediction.
       metrics: ``ufm.metrics.layer_metrics`` of the solution (None if ``metrics=False``).
       tolerances: the tolerances used.
@@ -77,39 +80,15 @@ class Report(NamedTuple):
     dtype: str
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict: NumPy/JAX numbers become Python numbers, arrays lists, and non-finite
-        floats the strings "nan", "inf", "-inf" (strict JSON has no NaN)."""
+        """A JSON-serialisable dict (`ufm._io.to_jsonable`: NumPy/JAX numbers become Python numbers, arrays lists,
+        and non-finite floats None, as everywhere in ufm: strict JSON has no NaN)."""
         d = self._asdict()
         d["certificate"] = self.certificate.to_dict()
-        return _jsonable(d)
+        return to_jsonable(d)
 
     def to_json(self, **kwargs) -> str:
         """``json.dumps(self.to_dict(), allow_nan=False, **kwargs)``."""
         return json.dumps(self.to_dict(), allow_nan=False, **kwargs)
-
-
-def _jsonable(x: Any):
-    if x is None or isinstance(x, (bool, str)):
-        return x
-    if isinstance(x, dict):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if hasattr(x, "_asdict"):
-        return _jsonable(x._asdict())
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    if isinstance(x, (int, np.integer)) and not isinstance(x, bool):
-        return int(x)
-    if isinstance(x, np.bool_):
-        return bool(x)
-    a = np.asarray(x)
-    if a.ndim == 0:
-        if a.dtype == bool:
-            return bool(a)
-        if np.issubdtype(a.dtype, np.integer):
-            return int(a)
-        v = float(a)
-        return v if math.isfinite(v) else str(v)
-    return [_jsonable(v) for v in a]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -183,25 +162,12 @@ def distances(problem: UFM, params: Params, prediction) -> dict:
     out["b"] = None if (prediction.b is None or params.b is None) else _rel(params.b, prediction.b)
     out["first_layer_nuclear"] = None
     if problem.activation == "relu" and L >= 2 and math.isfinite(prediction.loss):
-        from ._theory import construct
-
         ref = construct(problem, prediction.configuration)
         nuc = lambda W, H: float(np.linalg.norm(np.asarray(W, np.float64) @ np.asarray(H, np.float64), "nuc"))
         out["first_layer_nuclear"] = _rel(nuc(params.Ws[0], params.H), nuc(ref.Ws[0], ref.H))
-    vals = [v for v in _leaves(out) if v is not None]
+    vals = jax.tree_util.tree_leaves(out)  # None entries are empty subtrees, not leaves
     out["max"] = max(vals) if vals else None
     return out
-
-
-def _leaves(d):
-    if isinstance(d, dict):
-        for v in d.values():
-            yield from _leaves(v)
-    elif isinstance(d, list):
-        for v in d:
-            yield from _leaves(v)
-    else:
-        yield d
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -234,8 +200,6 @@ def _unpack(problem: UFM, solution):
 
 def _prediction(problem, prediction, configuration):
     if prediction is None:
-        from ._theory import predict
-
         prediction = predict(problem, configuration)
     elif configuration is not None:
         raise ValueError("give prediction or configuration, not both")

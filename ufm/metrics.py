@@ -595,7 +595,9 @@ def _feature_entry(name, A, y, K, target, rank_rtol):
 
 
 def layer_metrics(problem, params, *, rank_rtol: float = 1e-4) -> dict:
-    """Collapse metrics in every layer of a UFM solution, as a JSON-serialisable dict.
+    """Collapse metrics in every layer of a UFM solution, as a JSON-serialisable dict (Python floats, ints, lists,
+    strings, None; a degenerate ratio such as NC1 with coincident class means may be ``inf``, which ufm's strict
+    JSON writers store as null).
 
     Layers, in the notation of `ufm.forward` (THEORY.md §4): the free features H_1; for l = 2..L the
     pre-activation Z_l = W_{l-1} H_{l-1} and the post-activation H_l = s(Z_l) (for a linear model Z_l = H_l and
