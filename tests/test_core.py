@@ -83,7 +83,7 @@ def test_objective_and_gradient_against_numpy(loss, act, bias, ns, L):
         V = [rng.normal(size=np.shape(x)) for x in [H, *Ws] + ([] if b is None else [b])]
         h = 1e-6
 
-        def at(t):
+        def at(t, V=V):
             Hs = H + t * V[0]
             Wt = tuple(W + t * v for W, v in zip(Ws, V[1 : 1 + L]))
             bt = None if b is None else b + t * V[-1]

@@ -1,5 +1,11 @@
 """ufm: unconstrained features models of neural collapse, solved and checked against theory, in JAX."""
 
+from . import metrics as metrics
+from ._certificates import Certificate as Certificate
+from ._certificates import certify as certify
+from ._certificates import hessian_spectrum as hessian_spectrum
+from ._checks import Report as Report
+from ._checks import check as check
 from ._model import Forward as Forward
 from ._model import Params as Params
 from ._model import fit_loss as fit_loss
@@ -10,8 +16,6 @@ from ._model import objective_parts as objective_parts
 from ._model import regulariser as regulariser
 from ._model import targets as targets
 from ._problem import UFM as UFM
-
-__version__ = "0.1.0"
 from ._solution import History as History
 from ._solution import Snapshots as Snapshots
 from ._solution import Solution as Solution
@@ -23,9 +27,5 @@ from ._theory import Prediction as Prediction
 from ._theory import construct as construct
 from ._theory import predict as predict
 from ._theory import srg_ratio as srg_ratio
-from . import metrics as metrics
-from ._certificates import Certificate as Certificate
-from ._certificates import certify as certify
-from ._certificates import hessian_spectrum as hessian_spectrum
-from ._checks import Report as Report
-from ._checks import check as check
+
+__version__ = "0.1.0"

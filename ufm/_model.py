@@ -90,7 +90,9 @@ def init_params(problem: UFM, key: jax.Array, scale=1.0, dtype=None) -> Params:
     keys = jax.random.split(key, problem.L + 1)
     scale = jnp.asarray(scale, dtype)
     H = scale * jax.random.normal(keys[0], hs, dtype)
-    Ws = tuple(scale * jax.random.normal(k, s, dtype) / jnp.sqrt(jnp.asarray(s[1], dtype)) for k, s in zip(keys[1:], ws))
+    Ws = tuple(
+        scale * jax.random.normal(k, s, dtype) / jnp.sqrt(jnp.asarray(s[1], dtype)) for k, s in zip(keys[1:], ws)
+    )
     b = None if bs is None else jnp.zeros(bs, dtype)
     return Params(H, Ws, b)
 

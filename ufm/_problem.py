@@ -154,7 +154,9 @@ class UFM:
         lb = _check_lam("lam_b", lam_b, "(lambda_b)")
         if _is_concrete(lam_b):
             if bias == "reg" and np.any(np.asarray(lam_b) <= 0):
-                raise ValueError(f"bias='reg' needs lam_b > 0; got lam_b={lam_b!r} (use bias='free' for an unregularised bias)")
+                raise ValueError(
+                    f"bias='reg' needs lam_b > 0; got lam_b={lam_b!r} (use bias='free' for an unregularised bias)"
+                )
             if bias != "reg" and np.any(np.asarray(lam_b) != 0):
                 raise ValueError(f"lam_b={lam_b!r} is only used with bias='reg'; got bias={bias!r}")
         ls = _check_lam("label_smoothing", label_smoothing, "(alpha in [0, 1))")

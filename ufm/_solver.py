@@ -376,7 +376,9 @@ def solve_batch(
             raise ValueError("give keys or seeds, not both")
         seeds = np.asarray(seeds)
         if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer):
-            raise ValueError(f"seeds must be a 1-D sequence of B integers; got shape {seeds.shape}, dtype {seeds.dtype}")
+            raise ValueError(
+                f"seeds must be a 1-D sequence of B integers; got shape {seeds.shape}, dtype {seeds.dtype}"
+            )
         keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
     if init is not None:
         init = Params(*init)
