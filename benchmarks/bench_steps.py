@@ -101,7 +101,8 @@ def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=pri
         impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
         if torch_compile:
             impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
-            impls["torch compiled 1thr"] = TorchFunctional(p, x0, dtype, LR, threads=1)
+            impls["torch compiled 1thr"] = TorchFunctional(p, x0, dtype, LR, threads=1,
+                                                           share_step_with=impls["torch compiled 2thr"])
     check = {}
     for k, impl in impls.items():
         t = time.perf_counter()

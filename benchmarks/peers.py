@@ -221,11 +221,13 @@ class TorchLoop:
 class TorchFunctional:
     """Plain GD as one compiled pure function ``params -> (params - lr grad f(params))`` (torch.func)."""
 
-    def __init__(self, problem, params0, dtype, lr, threads=None, compiled=True):
+    def __init__(self, problem, params0, dtype, lr, threads=None, compiled=True, share_step_with=None):
         torch, why = torch_or_none()
         if torch is None:
             raise RuntimeError(why)
         self.torch = torch
+        # every instance's step is a new closure of one code object: allow one compile per shape/dtype
+        torch._dynamo.config.recompile_limit = max(64, torch._dynamo.config.recompile_limit)
         a = problem_arrays(problem)
         self.a = a
         tdt = {"float32": torch.float32, "float64": torch.float64}[np.dtype(dtype).name]
@@ -244,7 +246,10 @@ class TorchFunctional:
             g, v = gv(P)
             return [p - lr * gi for p, gi in zip(P, g)], v  # noqa: B905 (traced by dynamo)
 
-        self.step = torch.compile(step, fullgraph=True) if compiled else step
+        if share_step_with is not None:  # same problem and dtype: reuse its compiled step (no second compile)
+            self.step = share_step_with.step
+        else:
+            self.step = torch.compile(step, fullgraph=True) if compiled else step
         self.threads = threads
 
     def run(self, steps: int) -> None:

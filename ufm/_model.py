@@ -118,9 +118,14 @@ def forward(problem: UFM, params: Params) -> Forward:
 
 
 def targets(problem: UFM, dtype=None) -> jax.Array:
-    """One-hot targets Y = blockdiag(1_{n_k}^T) (K x N), class-major."""
+    """One-hot targets Y = blockdiag(1_{n_k}^T) (K x N), class-major.
+
+    Built in-graph from the N integer labels (an iota comparison) rather than baked in as a K x N constant:
+    XLA would otherwise constant-fold every operation on Y at compile time (seconds for K=10, N=5000).
+    """
     dtype = dtype or jnp.result_type(float)
-    return jnp.asarray(np.eye(problem.num_classes)[:, problem.labels()], dtype)
+    labels = jnp.asarray(problem.labels(), jnp.int32)
+    return jax.nn.one_hot(labels, problem.num_classes, dtype=dtype, axis=0)
 
 
 def fit_loss(problem: UFM, out: jax.Array) -> jax.Array:
