@@ -36,6 +36,7 @@ import numpy as np
 import optax
 
 from . import metrics as _m
+from ._solver import _check_dtype
 
 __all__ = [
     "Dataset",
@@ -455,20 +456,6 @@ def _as_key(key):
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         return jax.random.key(int(key))
     return key
-
-
-def _check_dtype(dtype):
-    if dtype is None:
-        return jnp.dtype(jnp.result_type(float))
-    try:
-        dt = jnp.dtype(dtype)
-    except TypeError as e:
-        raise TypeError(f"dtype must be a floating dtype such as 'float32' or 'float64'; got {dtype!r}") from e
-    if not jnp.issubdtype(dt, jnp.floating):
-        raise TypeError(f"dtype must be a floating dtype such as 'float32' or 'float64'; got {dtype!r}")
-    if dt == jnp.float64 and not jax.config.jax_enable_x64:
-        raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True) before any JAX call")
-    return dt
 
 
 def _positive(name, v, allow_zero=False):
