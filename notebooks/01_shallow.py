@@ -24,9 +24,9 @@
 #   (classifier rows and class means), with h = √(λ_W/(nλ_H)) w_k, and b* = 0 unless the bias is free;
 # * MSE (Zhou et al. 2022, ICML; Tirer & Bruna 2022 *[recalled]*): a **simplex ETF** with a free bias, an
 #   **orthogonal frame** without one, and in between with a regularised bias (the centred means stay an ETF);
-# * in both, every other critical point is a strict saddle, so gradient methods from random starts find the global
-#   minimum; and beyond a threshold of the collapse parameter (ρ = K√(nλ_Wλ_H) ≥ 1 for MSE, K√(nλ_Wλ_H) ≥ 1 for CE)
-#   the zero solution W = H = 0 takes over.
+# * in both, every other critical point is a strict saddle *[recalled]*, so gradient methods from random starts find
+#   the global minimum; and beyond a threshold of the collapse parameter (ρ = K√(nλ_Wλ_H) ≥ 1 for MSE,
+#   K√(nλ_Wλ_H) ≥ 1 for CE) the zero solution W = H = 0 takes over.
 #
 # The closed forms (THEORY.md §1–2) are in `ufm.predict`. This notebook solves all six (loss, bias) combinations from
 # random starts, checks each against the prediction with `ufm.check`, draws the geometry, and sweeps λ across the

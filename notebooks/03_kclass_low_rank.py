@@ -152,6 +152,7 @@ display(fig)
 # %%
 fig = Figure(figsize=(9, 3.2), layout="constrained")
 ax1, ax2 = fig.subplots(1, 2, sharey=True)
+ratios = {}
 print("     " + "".join(f"  r={r} (K={r * (r - 1) // 2:>2})" for r in RATIO_R))
 for j, depth in enumerate(RATIO_L):
     pure = [ufm.srg_ratio(r, depth, LAM) for r in RATIO_R]
@@ -160,12 +161,19 @@ for j, depth in enumerate(RATIO_L):
     ax2.plot(list(RATIO_R), family, "o-", color=f"C{j}", label=f"L = {depth}")
     print(f"L = {depth} pure   " + "".join(f"{x:15.4f}" for x in pure))
     print(f"L = {depth} family " + "".join(f"{x:15.4f}" for x in family))
+    ratios[depth] = pure
 for ax, title in ((ax1, "pure SRG member (the paper's construction)"), (ax2, "best SRG-family member")):
     ax.axhline(1.0, color="k", ls=":", lw=1)
     ax.set(xlabel="r  (K = r(r-1)/2)", title=title)
     ax.legend(fontsize=7)
 ax1.set_ylabel(r"$L_{SRG} / L_{DNC}$")
 display(fig)
+for depth, pure in ratios.items():
+    r_min = list(RATIO_R)[int(np.argmin(pure))]
+    print(f"L = {depth}: pure-SRG ratio non-increasing in r: {bool(np.all(np.diff(pure) <= 0))} (smallest at r = "
+          f"{r_min}); below 1 from r = {next((r for r, x in zip(RATIO_R, pure) if x < 1), None)}")
+deeper = all(np.all(np.asarray(ratios[b]) <= np.asarray(ratios[a])) for a, b in zip(RATIO_L, RATIO_L[1:]))
+print(f"ratio non-increasing in the depth L at every r: {deeper}")
 
 # %% [markdown]
 # ## 4. Rank at convergence against the weight decay
@@ -220,6 +228,9 @@ outcome = ("reproduced" if below.any() and reached_srg else "below DNC, not near
 print(f"Paper's claim 'GD ends below DNC, near the SRG loss': {outcome} at this size.")
 ratio = rows[:, 1].reshape(-1, SWEEP_SEEDS)
 rank_best = rows[:, 2].reshape(-1, SWEEP_SEEDS)[np.arange(SWEEP_LAMS.size), np.argmin(ratio, axis=1)]
+print("Fig. 3 (left), 'the ratio falls with r and with L': "
+      + "; ".join(f"L = {d}: {'falls' if np.all(np.diff(x) <= 0) else 'not monotone'} in r" for d, x in ratios.items())
+      + f"; {'falls' if deeper else 'not monotone'} in L.")
 print(f"Rank of Z_{L} of the lowest-loss start at each lambda {SWEEP_LAMS.tolist()}: {rank_best.astype(int).tolist()} "
       f"({'non-increasing' if np.all(np.diff(rank_best) <= 0) else 'not monotone'} in lambda; DNC has rank {K}).")
 mid = [f for f in m["features"] if f["name"] not in ("H_1", "out", f"H_{L}")]
