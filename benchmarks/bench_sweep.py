@@ -13,7 +13,8 @@ Part A, the same work everywhere (heavy ball: momentum 0.9, lr 0.1, a fixed budg
 * ``ufm.sweep`` (the user-facing tool: batched solve + ``ufm.predict`` + ``ufm.check`` per run; metrics off);
 * a Python loop of ``ufm.solve`` (one compiled call per run; timed on a subset and extrapolated x 1000/m);
 * a Python loop of PyTorch runs (the research-code loop of ``peers.TorchLoop``, from the same init; timed on
-  a subset and extrapolated), with PyTorch's default threads and with 1 thread.
+  a subset and extrapolated), with 1 thread (faster than PyTorch's default 2 threads for problems this
+  small; ``--torch-default-threads`` adds the default, which stalls badly on a loaded machine).
 
 Part B, to an answer: ufm's default L-BFGS (default tol) batched vs a loop of single solves (subset,
 extrapolated); the batched loop runs until its slowest member stops.
@@ -41,12 +42,13 @@ def _grid(size):
     if size == "tiny":
         lams, seeds, steps = np.logspace(-4, -1.5, 4), np.arange(2), 100
     else:
-        lams, seeds, steps = np.logspace(-4, -1.5, 100), np.arange(10), 1000
+        lams, seeds, steps = np.logspace(-4, -1.5, 100), np.arange(10), 300
     L, S = np.meshgrid(lams, seeds, indexing="ij")
     return L.ravel(), S.ravel().astype(int), steps
 
 
-def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None) -> dict:
+def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
+        torch_default_threads: bool = False) -> dict:
     C.enable_x64()
     import jax
     import jax.numpy as jnp
@@ -58,12 +60,12 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None) 
     info = C.machine_info()
     log(f"machine: {C.machine_line(info)}")
     tiny = size == "tiny"
-    rounds = rounds or (1 if tiny else 3)
+    rounds = rounds or (1 if tiny else 2)
     lam, seed, S = _grid(size)
     R = len(lam)
     p0 = ufm.UFM(**BASE, lam_H=1e-3, lam_W=1e-3)
     keys = jax.vmap(jax.random.key)(jnp.asarray(seed))
-    chunks = (R,) if tiny else (R, 250, 64)
+    chunks = (R,) if tiny else (R, 100)
     m_single = 4 if tiny else 40
     m_torch = 2 if tiny else 5
     sub = np.linspace(0, R - 1, m_single).astype(int)  # spread over the lambda range
@@ -158,12 +160,15 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None) 
 
             return f
 
-        measures["loop of torch (default threads)"] = m_torch(None)
+        if torch_default_threads:
+            measures["loop of torch (default threads)"] = m_torch(None)
         measures["loop of torch (1 thread)"] = m_torch(1)
     else:
         res["torch_skipped"] = why
     log(f"  part A: timing {list(measures)} x {rounds} rounds ({R} runs x {S} steps)")
+    t0 = time.perf_counter()
     times = C.interleaved(measures, rounds)
+    log(f"  part A done in {time.perf_counter() - t0:.1f} s")
     res["A_seconds_per_round"] = times
     res["A_median_s"] = {k: C.median(v) for k, v in times.items()}
     best_b = min((k for k in times if k.startswith("ufm.solve_batch")), key=lambda k: res["A_median_s"][k])
@@ -177,18 +182,24 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None) 
     # ufm.sweep end to end (compile excluded: a first call compiles the sweep's own runner)
     sweep = getattr(ufm, "sweep", None)
     if sweep is not None:
+        # ufm.sweep post-processes every run (predict, check): timed on a tenth of the grid, extrapolated
+        ul = np.unique(lam)
+        sub_l = ul if tiny else ul[:: max(1, len(ul) // 10)][:10]
         grid = dict(K=BASE["num_classes"], n=BASE["n_per_class"], widths=list(BASE["widths"]),
-                    activation="relu", loss="mse", lam=[float(x) for x in np.unique(lam)],
+                    activation="relu", loss="mse", lam=[float(x) for x in sub_l],
                     seeds=int(len(np.unique(seed))), method="momentum", lr=LR, max_steps=S, tol=0.0,
                     patience=S + 1, dtype="float64")
         ck = chunks[-1]
+        t0 = time.perf_counter()
         t = time.perf_counter()
         sweep(grid, chunk_size=ck, metrics=False, progress=False)
         first = time.perf_counter() - t
         t = time.perf_counter()
         sr = sweep(grid, chunk_size=ck, metrics=False, progress=False)
         second = time.perf_counter() - t
-        res["A_sweep"] = dict(chunk_size=ck, first_call_s=first, second_call_s=second, runs=sr.num_runs)
+        res["A_sweep"] = dict(chunk_size=ck, first_call_s=first, second_call_s=second * R / sr.num_runs,
+                              runs_timed=sr.num_runs, extrapolated_to=R)
+        log(f"  ufm.sweep done in {time.perf_counter() - t0:.1f} s ({sr.num_runs} runs)")
         # the sweep's own solve, same seeds and lambdas: losses must match the batched solve
         recs = {(round(r["config"]["lam_H"], 15), r["config"]["seed"]): r["loss"] for r in sr.records}
         dif = [abs(recs[(round(float(lam[i]), 15), int(seed[i]))] - float(vb[i])) / abs(float(vb[i]))
@@ -219,8 +230,9 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None) 
         lb_out["single"] = [single(i, history=False) for i in sub]
         return (time.perf_counter() - t) * R / len(sub)
 
-    tb = C.interleaved({f"ufm.solve_batch L-BFGS (B={Bb})": mb_batch, "loop of ufm.solve L-BFGS": mb_single},
-                       rounds)
+    t0 = time.perf_counter()
+    tb = C.interleaved({f"ufm.solve_batch L-BFGS (B={Bb})": mb_batch, "loop of ufm.solve L-BFGS": mb_single}, 1)
+    log(f"  part B done in {time.perf_counter() - t0:.1f} s")
     res["B_seconds_per_round"] = tb
     res["B_median_s"] = {k: C.median(v) for k, v in tb.items()}
     vals, steps, status = lb_out["batch"]
@@ -269,8 +281,9 @@ def markdown(res) -> str:
         rows.append([k + extra, C.fmt_time(v), C.fmt_rate(R / v), sp])
     if "A_sweep" in res:
         sw = res["A_sweep"]
-        rows.append([f"ufm.sweep (chunk {sw['chunk_size']}, + predict/check per run)", C.fmt_time(sw["second_call_s"]),
-                     C.fmt_rate(R / sw["second_call_s"]), "—"])
+        ext = "" if sw["runs_timed"] == R else f", {sw['runs_timed']} runs timed, extrapolated"
+        rows.append([f"ufm.sweep (chunk {sw['chunk_size']}, + predict/check per run{ext})",
+                     C.fmt_time(sw["second_call_s"]), C.fmt_rate(R / sw["second_call_s"]), "—"])
     rows_b = []
     for k, v in res.get("B_median_s", {}).items():
         extra = "" if "batch" in k else f" (subset of {res['single_subset']}, extrapolated)"
@@ -336,8 +349,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true", help="tiny grid (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
+    ap.add_argument("--torch-default-threads", action="store_true", help="also time torch with its default threads")
     a = ap.parse_args(argv)
-    run("tiny" if a.smoke else "full", out_dir=a.out, rounds=a.rounds)
+    run("tiny" if a.smoke else "full", out_dir=a.out, rounds=a.rounds, torch_default_threads=a.torch_default_threads)
 
 
 if __name__ == "__main__":
