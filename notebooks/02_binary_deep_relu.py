@@ -56,7 +56,7 @@ if SIZE == "full":
     N = 5  # samples per class (n enters the optimum only through n lambda_H)
     DEPTHS, WIDTH = (2, 3, 4, 5), 32
     SEEDS = 8  # random starts per setting
-    GD_STEPS, LR, POLISH_STEPS, SNAPSHOT_EVERY = 3000, 0.5, 4000, 100
+    GD_STEPS, LR, POLISH_STEPS, SNAPSHOT_EVERY = 3000, 0.5, 2500, 100
     WIDTH_DEPTH, WIDTHS = 3, (2, 4, 8, 16, 32)  # success rate against width, at this depth
 elif SIZE == "small":
     N = 2
