@@ -103,23 +103,25 @@ def child(tiny: bool, cache: str | None) -> dict:
                     compiled=[m.split(" with ")[0][len("Compiling "):] for m in comp][:8]), out
 
     base = TINY_PROBLEM if tiny else PROBLEM
-    res = dict(import_jax_s=t_jax, import_ufm_s=t_ufm, problem=dict(base))
+    # the smoke run uses GD (a 5x smaller program than L-BFGS: the compile counts are what it checks)
+    kw = dict(method="gd", max_steps=200) if tiny else {}
+    res = dict(import_jax_s=t_jax, import_ufm_s=t_ufm, problem=dict(base), method=kw.get("method", "lbfgs"))
     p1 = ufm.UFM(**base, lam_H=1e-3, lam_W=1e-3)
-    res["first_solve"], s1 = measure(lambda: ufm.solve(p1, key=0))
+    res["first_solve"], s1 = measure(lambda: ufm.solve(p1, key=0, **kw))
     res["first_solve"]["num_steps"] = int(s1.num_steps)
     res["first_solve"]["status"] = s1.status_name
     p2 = ufm.UFM(**base, lam_H=2e-3, lam_W=5e-4)
-    res["new_lambdas"], s2 = measure(lambda: ufm.solve(p2, key=0))
+    res["new_lambdas"], s2 = measure(lambda: ufm.solve(p2, key=0, **kw))
     res["new_lambdas"]["num_steps"] = int(s2.num_steps)
-    res["new_seed"], _ = measure(lambda: ufm.solve(p2, key=1))
+    res["new_seed"], _ = measure(lambda: ufm.solve(p2, key=1, **kw))
     p3 = ufm.UFM(**base, lam_H=np.float64(3e-3), lam_W=np.float64(1e-4))
-    res["numpy_lambdas"], _ = measure(lambda: ufm.solve(p3, key=0))
+    res["numpy_lambdas"], _ = measure(lambda: ufm.solve(p3, key=0, **kw))
     p4 = ufm.UFM(**base, lam_H=4e-3, lam_W=[1e-3] * len(base["widths"]))
-    res["per_layer_lam_W"], _ = measure(lambda: ufm.solve(p4, key=0))
+    res["per_layer_lam_W"], _ = measure(lambda: ufm.solve(p4, key=0, **kw))
     lams = np.logspace(-4, -2, 8)
     # a step cap keeps the batched run short (the vmapped loop runs until its slowest member stops): this
     # row measures the compile, and the cap is static, so both calls share one compiled program
-    bkw = dict(seeds=np.arange(8), max_steps=200)
+    bkw = dict(seeds=np.arange(8), max_steps=200, method=kw.get("method", "lbfgs"))
     res["batch_first"], _ = measure(lambda: ufm.solve_batch(p1, lam_H=lams, lam_W=lams, **bkw))
     res["batch_new_lambdas"], _ = measure(lambda: ufm.solve_batch(p1, lam_H=lams * 2, lam_W=lams / 2, **bkw))
     res["batch_cache_size"] = _solve_batch_jit._cache_size()

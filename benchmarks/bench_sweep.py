@@ -181,7 +181,7 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
 
     # ufm.sweep end to end (compile excluded: a first call compiles the sweep's own runner)
     sweep = getattr(ufm, "sweep", None)
-    if sweep is not None:
+    if sweep is not None and not tiny:  # (its own compiled runner: not in the smoke run)
         # ufm.sweep post-processes every run (predict, check): timed on a tenth of the grid, extrapolated
         ul = np.unique(lam)
         sub_l = ul if tiny else ul[:: max(1, len(ul) // 10)][:10]
