@@ -16,7 +16,7 @@ import numpy as np
 
 from . import metrics as _metrics
 from ._certificates import Certificate, certify
-from ._io import to_jsonable
+from ._json import to_jsonable
 from ._model import Params, check_params, forward
 from ._problem import UFM
 from ._theory import construct, predict
@@ -80,7 +80,7 @@ class Report(NamedTuple):
     dtype: str
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict (`ufm._io.to_jsonable`: NumPy/JAX numbers become Python numbers, arrays lists,
+        """A JSON-serialisable dict (`ufm._json.to_jsonable`: NumPy/JAX numbers become Python numbers, arrays lists,
         and non-finite floats None, as everywhere in ufm: strict JSON has no NaN)."""
         d = self._asdict()
         d["certificate"] = self.certificate.to_dict()

@@ -22,7 +22,7 @@ LOSSES = ("mse", "ce")
 BIASES = ("none", "free", "reg")
 
 
-def _is_concrete(x: Any) -> bool:
+def is_concrete(x: Any) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
@@ -39,7 +39,7 @@ def _check_lam(name: str, value: Any, shape_hint: str) -> jax.Array:
         raise TypeError(f"{name} must be a non-negative number {shape_hint}; got None")
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a non-negative number {shape_hint}; got {value!r}")
-    if _is_concrete(value):
+    if is_concrete(value):
         arr = np.asarray(value)
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{name} must be a non-negative number {shape_hint}; got dtype {arr.dtype}")
@@ -149,10 +149,10 @@ class UFM:
         lW = _check_lam("lam_W", lam_W, f"(a scalar or one per layer, L={L})")
         if lW.ndim == 0:
             lW = jnp.broadcast_to(lW, (L,))
-        elif lW.shape[-1] != L and _is_concrete(lam_W):
+        elif lW.shape[-1] != L and is_concrete(lam_W):
             raise ValueError(f"lam_W must be a scalar or have one entry per layer (L={L}); got shape {lW.shape}")
         lb = _check_lam("lam_b", lam_b, "(lambda_b)")
-        if _is_concrete(lam_b):
+        if is_concrete(lam_b):
             if bias == "reg" and np.any(np.asarray(lam_b) <= 0):
                 raise ValueError(
                     f"bias='reg' needs lam_b > 0; got lam_b={lam_b!r} (use bias='free' for an unregularised bias)"
@@ -160,7 +160,7 @@ class UFM:
             if bias != "reg" and np.any(np.asarray(lam_b) != 0):
                 raise ValueError(f"lam_b={lam_b!r} is only used with bias='reg'; got bias={bias!r}")
         ls = _check_lam("label_smoothing", label_smoothing, "(alpha in [0, 1))")
-        if _is_concrete(label_smoothing):
+        if is_concrete(label_smoothing):
             if np.any(np.asarray(label_smoothing) >= 1):
                 raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
             if loss != "ce" and np.any(np.asarray(label_smoothing) != 0):

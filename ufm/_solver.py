@@ -23,7 +23,7 @@ import numpy as np
 import optax
 
 from ._model import Params, check_params, init_params, objective, tree_norm
-from ._problem import UFM, _is_concrete
+from ._problem import UFM, is_concrete
 from ._solution import (
     CONVERGED,
     DIVERGED,
@@ -178,7 +178,7 @@ def _options(method, lr, max_steps, tol, patience, history_every, snapshot_every
     key = method if isinstance(method, str) else "adam"
     if lr is None:
         lr = DEFAULT_LR[key]
-    if _is_concrete(lr):
+    if is_concrete(lr):
         a = np.asarray(lr)
         if not np.issubdtype(a.dtype, np.number) or np.any(~np.isfinite(a)) or np.any(a <= 0):
             raise ValueError(f"lr must be a finite learning rate > 0; got {lr!r}")
@@ -188,7 +188,7 @@ def _options(method, lr, max_steps, tol, patience, history_every, snapshot_every
         raise ValueError(f"max_steps must be a positive integer; got {max_steps!r}")
     if tol is None:
         tol = default_tol(dtype)
-    if _is_concrete(tol) and (np.any(np.asarray(tol) < 0) or not np.all(np.isfinite(np.asarray(tol)))):
+    if is_concrete(tol) and (np.any(np.asarray(tol) < 0) or not np.all(np.isfinite(np.asarray(tol)))):
         raise ValueError(f"tol must be a finite gradient-norm tolerance >= 0; got {tol!r}")
     if patience is None:
         patience = 50 if method == "lbfgs" else 1000
@@ -395,7 +395,7 @@ def solve_batch(
     else:
         dt = _check_dtype(dtype)
     L = problem.L
-    lam_W_arr = None if lam_W is None else np.asarray(lam_W) if _is_concrete(lam_W) else lam_W
+    lam_W_arr = None if lam_W is None else np.asarray(lam_W) if is_concrete(lam_W) else lam_W
     lwb = None
     if lam_W_arr is not None:
         if np.ndim(lam_W_arr) not in (1, 2) or (np.ndim(lam_W_arr) == 2 and np.shape(lam_W_arr)[1] != L):
@@ -410,7 +410,7 @@ def solve_batch(
         raise ValueError(f"keys must have shape (B,) = ({B},); got {np.shape(keys)}")
     # validate numbers through the problem constructor (names the argument on error)
     for name, v in (("lam_H", lam_H), ("lam_W", lam_W), ("lam_b", lam_b)):
-        if v is not None and _is_concrete(v):
+        if v is not None and is_concrete(v):
             problem.replace(**{name: np.asarray(v).ravel()[0]})
             if np.any(np.asarray(v) < 0):
                 raise ValueError(f"{name} must be >= 0; got {v!r}")
