@@ -366,6 +366,7 @@ def test_shallow_features_cannot_collapse_the_ufm_does(comparison, gmm):
 
 
 def test_kmeans_and_best_matching():
+    pytest.importorskip("sklearn")
     rng = np.random.default_rng(1)
     centers = np.array([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]).T
     y = np.repeat(np.arange(3), 30)
@@ -416,20 +417,30 @@ def test_fine_labels_on_held_out_digits_early_and_late():
 
 
 def test_plots_return_figures(deep, deep_metrics, gmm, comparison):
-    import matplotlib
+    """The figures are built without pyplot (ufm.network_plots, as ufm.plotting): pyplot's figure list is unchanged."""
+    import sys
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from matplotlib.figure import Figure
 
+    before = sys.modules["matplotlib.pyplot"].get_fignums() if "matplotlib.pyplot" in sys.modules else []
     ref = nets.ufm_reference(deep, gmm, solve=False)
     fig = nets.plot_layer_metrics(deep_metrics, reference=ref)
-    assert len(fig.axes) == 4
+    assert isinstance(fig, Figure) and len(fig.axes) == 4
     labels = [line.get_label() for line in fig.axes[0].lines]
     assert "UFM prediction: 0" in labels  # NC1 = 0 predicted on H_4 and out, drawn on the log axis' bottom edge
     fig2 = nets.plot_comparison(comparison)
-    assert len(fig2.axes) == 1
-    plt.close(fig)
-    plt.close(fig2)
+    assert isinstance(fig2, Figure) and len(fig2.axes) == 1
+    fig2.savefig(__import__("io").BytesIO(), format="png")  # renders with any backend (no pyplot canvas needed)
+    after = sys.modules["matplotlib.pyplot"].get_fignums() if "matplotlib.pyplot" in sys.modules else []
+    assert after == before
+
+
+def test_kmeans_without_sklearn_names_the_extra(monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "sklearn.cluster", None)  # makes `from sklearn.cluster import ...` fail
+    with pytest.raises(ImportError, match=r"ufm\[networks\]"):
+        nets.kmeans(np.eye(3), 2)
 
 
 def test_bad_input_raises_before_compute(gmm, deep):

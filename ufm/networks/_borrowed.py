@@ -1,0 +1,11 @@
+"""The only place ``ufm.networks`` uses helpers of other ``ufm`` modules that are not (yet) public there.
+
+Kept in one small module so that renaming them (``_solver._check_dtype``, ``metrics._prepare``,
+``metrics._matrix``) is a change of these lines only.
+"""
+
+from .._solver import _check_dtype as check_dtype
+from ..metrics import _matrix as matrix
+from ..metrics import _prepare as prepare
+
+__all__ = ["check_dtype", "matrix", "prepare"]
