@@ -31,11 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # The core's seeds: the modules (dotted names below the package) that form the core, and every module they import
 # (their helper modules, found by following the imports) is core too.
-CORE_SEEDS = ("_problem", "_model", "_solver", "_solution", "_theory", "_srg", "metrics", "_checks", "_certificates",
-              "_json")
+CORE_SEEDS = (
+    "_problem",
+    "_model",
+    "_solver",
+    "_solution",
+    "_theory",
+    "_srg",
+    "metrics",
+    "_checks",
+    "_certificates",
+    "_json",
+)
 # Faces: a module whose dotted name has one of these components (or a component ending in "_cli" or "_plots").
-FACE_PARTS = frozenset({"cli", "__main__", "plotting", "sweep_plots", "network_plots", "_sweep", "sweeps", "_io", "io",
-                        "networks"})
+FACE_PARTS = frozenset(
+    {"cli", "__main__", "plotting", "sweep_plots", "network_plots", "_sweep", "sweeps", "_io", "io", "networks"}
+)
 
 
 def is_face(module: str) -> bool:
@@ -145,8 +156,12 @@ def parse_package(root: Path, package: str) -> dict[str, Module]:
                 if fname in ("import_module", "__import__"):
                     m.string_imports.append(node.lineno)
         for node in nodes:  # attribute access on an imported internal module: mod._name
-            if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                    and _is_private(node.attr)):
+            if (
+                isinstance(node, ast.Attribute)
+                and isinstance(node.value, ast.Name)
+                and node.value.id in aliases
+                and _is_private(node.attr)
+            ):
                 target = aliases[node.value.id]
                 if f"{target}.{node.attr}" not in files:  # a private module reached as an attribute is fine
                     m.private_uses.append((f"{target}.{node.attr}", node.lineno))
@@ -213,8 +228,9 @@ def check_layers(root: Path, package: str, core_seeds: Iterable[str] = CORE_SEED
             if is_face(t):
                 problems.append(f"core imports a face: {m} imports {t} (line {mods[m].lines[t]})")
             elif t == package:
-                problems.append(f"core imports the package root: {m} imports {t} (line {mods[m].lines[t]}), "
-                                "which imports the faces")
+                problems.append(
+                    f"core imports the package root: {m} imports {t} (line {mods[m].lines[t]}), which imports the faces"
+                )
     for m in sorted(mods):
         mod = mods[m]
         for name, line in mod.private_uses:
@@ -242,7 +258,7 @@ CLEAN = {
     "_solver.py": "from ._model import objective\n\ndef solve(x):\n    from . import _model\n    return objective(x)\n",
     "plotting.py": "def plot():\n    from matplotlib.figure import Figure\n    return Figure()\n",
     "cli.py": "from . import plotting\nfrom ._solver import solve\nfrom typing import TYPE_CHECKING\n"
-              "if TYPE_CHECKING:\n    from ._model import _EPS\n",
+    "if TYPE_CHECKING:\n    from ._model import _EPS\n",
 }
 
 # plant: (file, text appended, the kinds of violation it must produce, and nothing else)
@@ -251,8 +267,11 @@ PLANTS = {
     "face": ("_solver.py", "\ndef g():\n    from .plotting import plot\n", {"core imports a face"}),
     "private": ("cli.py", "\nfrom ._model import _EPS\n", {"private name crosses modules"}),
     "private_attr": ("cli.py", "\nfrom . import _model as m\nEPS = m._EPS\n", {"private name crosses modules"}),
-    "matplotlib": ("_solver.py", "\ndef h():\n    import matplotlib.pyplot as plt\n",
-                   {"matplotlib outside the plotting modules"}),
+    "matplotlib": (
+        "_solver.py",
+        "\ndef h():\n    import matplotlib.pyplot as plt\n",
+        {"matplotlib outside the plotting modules"},
+    ),
     "string": ("cli.py", "\nimport importlib\nP = importlib.import_module('fk.plotting')\n", {"import by string"}),
     # `import fk` from the core also closes a cycle: fk/__init__ imports _solver, which imports _model
     "root": ("_model.py", "\ndef k():\n    import fk\n", {"core imports the package root", "import cycle"}),

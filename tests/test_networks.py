@@ -53,8 +53,12 @@ def np_trace_ratio(A, y, K):
 
 
 def np_cos(V):
-    C = np.array([[V[:, i] @ V[:, j] / np.linalg.norm(V[:, i]) / np.linalg.norm(V[:, j]) for j in range(V.shape[1])]
-                  for i in range(V.shape[1])])
+    C = np.array(
+        [
+            [V[:, i] @ V[:, j] / np.linalg.norm(V[:, i]) / np.linalg.norm(V[:, j]) for j in range(V.shape[1])]
+            for i in range(V.shape[1])
+        ]
+    )
     return C[~np.eye(V.shape[1], dtype=bool)]
 
 
@@ -70,8 +74,9 @@ def np_orth_distance(V):
 
 
 def np_ncc_pred(A, M):
-    return np.array([np.argmin([np.linalg.norm(A[:, i] - M[:, k]) for k in range(M.shape[1])])
-                     for i in range(A.shape[1])])
+    return np.array(
+        [np.argmin([np.linalg.norm(A[:, i] - M[:, k]) for k in range(M.shape[1])]) for i in range(A.shape[1])]
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -260,8 +265,9 @@ def test_ufm_reference_bounds_the_network(deep, gmm):
     np.testing.assert_allclose(ref.network_value, by_hand, rtol=1e-10)
     # rebalanced by hand: a^4 = ||W||^2/||H||^2 (equal lambdas) makes the two penalties equal, sum lam ||W|| ||H||
     pen = WD * np.linalg.norm(W) * np.linalg.norm(H[-1])
-    np.testing.assert_allclose(ref.network_value_balanced, by_hand - WD / 2 * (np.sum(W**2) + np.sum(H[-1] ** 2))
-                               + pen, rtol=1e-10)
+    np.testing.assert_allclose(
+        ref.network_value_balanced, by_hand - WD / 2 * (np.sum(W**2) + np.sum(H[-1] ** 2)) + pen, rtol=1e-10
+    )
     np.testing.assert_allclose(ref.network["H_4"]["nc1"], np_nc1(H[-1], gmm.y, 5), rtol=1e-7)
     # the shallow MSE UFM with a free bias is solved in closed form (THEORY.md §1): the numerical solve agrees,
     # and every network point, rebalanced or not, lies above the optimum (the UFM minimises over all features)
@@ -290,8 +296,11 @@ def test_deep_ufm_reference_maps_the_top_layers():
     H, out = np_forward(res.params, data.X)
     Ws = [np.asarray(W) for W in res.params.Ws]
     Y = np.eye(3)[:, data.y]
-    by_hand = (np.sum((Ws[3] @ np.maximum(Ws[2] @ H[2], 0) - Y) ** 2) / (2 * data.N)
-               + 1e-3 / 2 * (np.sum(Ws[2] ** 2) + np.sum(Ws[3] ** 2)) + 1e-2 / 2 * np.sum(H[2] ** 2))
+    by_hand = (
+        np.sum((Ws[3] @ np.maximum(Ws[2] @ H[2], 0) - Y) ** 2) / (2 * data.N)
+        + 1e-3 / 2 * (np.sum(Ws[2] ** 2) + np.sum(Ws[3] ** 2))
+        + 1e-2 / 2 * np.sum(H[2] ** 2)
+    )
     np.testing.assert_allclose(ref.network_value, by_hand, rtol=1e-10)
     np.testing.assert_allclose(ref.network["H_3"]["nc1"], np_nc1(H[3], data.y, 3), rtol=1e-7)
     assert ref.network_value >= ref.network_value_balanced
@@ -325,8 +334,9 @@ def test_affine_floor_is_the_minimum_over_linear_maps():
         def f(v, rank=rank):
             return _nc1_of_linear_map(v.reshape(rank, p), X, y, K)
 
-        best = min(minimize(f, rng.standard_normal(rank * p), method="BFGS", options={"gtol": 1e-10}).fun
-                   for _ in range(5))
+        best = min(
+            minimize(f, rng.standard_normal(rank * p), method="BFGS", options={"gtol": 1e-10}).fun for _ in range(5)
+        )
         np.testing.assert_allclose(best, target, rtol=1e-6)
     # and no random affine map of any rank beats the floor
     for _ in range(50):
@@ -406,8 +416,9 @@ def test_fine_labels_on_held_out_digits_early_and_late():
     pytest.importorskip("sklearn")
     data = nets.coarsen(nets.load_digits(60, seed=0), np.arange(10) // 2)
     tr, te = nets.split(data, 20, seed=0)
-    fg = nets.fine_grained(tr, (64, 64, 64, 64), eval_data=te, steps=1500, record_steps=[400, 1500], key=0,
-                           weight_decay=1e-3)
+    fg = nets.fine_grained(
+        tr, (64, 64, 64, 64), eval_data=te, steps=1500, record_steps=[400, 1500], key=0, weight_decay=1e-3
+    )
     assert fg.coarse_accuracy > 0.9 and fg.fine_accuracy > 0.9
     assert fg.accuracy_by_step[0] > fg.chance + 0.25
 

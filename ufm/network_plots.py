@@ -55,8 +55,11 @@ def plot_layer_metrics(
             label = f"step {metrics.steps[r]}" if r in (0, R - 1) else None
             ax.plot(x, vals[r], "o-", ms=3, color=cmap(r / max(R - 1, 1)), label=label)
         if reference is not None:
-            pts = [(metrics.layers.index(n), v[f]) for n, v in reference.predicted.items()
-                   if f in v and n in metrics.layers]
+            pts = [
+                (metrics.layers.index(n), v[f])
+                for n, v in reference.predicted.items()
+                if f in v and n in metrics.layers
+            ]
             on_axis = [(xv, v) for xv, v in pts if not (f in log and v <= 0)]
             at_zero = [xv for xv, v in pts if f in log and v <= 0]
             if on_axis:
@@ -64,8 +67,16 @@ def plot_layer_metrics(
                 ax.plot(xs, vs, "k*", ms=9, ls="none", label="UFM prediction")
             if at_zero:  # a predicted 0 on a log axis: a marker on the bottom edge
                 tr = blended_transform_factory(ax.transData, ax.transAxes)
-                ax.plot(at_zero, [0.0] * len(at_zero), "kv", ms=8, ls="none", transform=tr, clip_on=False,
-                        label="UFM prediction: 0")
+                ax.plot(
+                    at_zero,
+                    [0.0] * len(at_zero),
+                    "kv",
+                    ms=8,
+                    ls="none",
+                    transform=tr,
+                    clip_on=False,
+                    label="UFM prediction: 0",
+                )
         if f in log:
             ax.set_yscale("log")
         ax.set_xticks(x, metrics.layers, rotation=45)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 from typing import Any
 
@@ -18,7 +19,7 @@ def positive_int(name: str, v: Any, what: str, minimum: int = 1) -> int:
 
 def positive(name: str, v: Any, allow_zero: bool = False) -> float:
     """``v`` as a finite float > 0 (>= 0 with ``allow_zero``), or a ValueError naming ``name``."""
-    bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not np.isfinite(v)
+    bad = isinstance(v, bool) or not isinstance(v, numbers.Real) or not math.isfinite(float(v))
     if bad or v < 0 or (v == 0 and not allow_zero):
         raise ValueError(f"{name} must be a finite number {'>= 0' if allow_zero else '> 0'}; got {v!r}")
     return float(v)

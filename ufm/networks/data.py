@@ -59,8 +59,9 @@ def as_dataset(X, y, *, fine=None, name: str = "") -> Dataset:
     if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
         raise TypeError(f"y must be a 1-D integer array of N labels; got shape {y.shape}, dtype {y.dtype}")
     if y.shape[0] != X.shape[0]:
-        raise ValueError(f"y must have N = {X.shape[0]} labels (the rows of X: samples are rows here); "
-                         f"got {y.shape[0]}")
+        raise ValueError(
+            f"y must have N = {X.shape[0]} labels (the rows of X: samples are rows here); got {y.shape[0]}"
+        )
     if not np.all(np.isfinite(X)):
         raise ValueError("X must be finite")
     K = int(y.max()) + 1 if y.size else 0
@@ -82,8 +83,9 @@ def as_dataset(X, y, *, fine=None, name: str = "") -> Dataset:
 def check_dataset(data: Any, name: str = "data") -> Dataset:
     """``data`` if it is a class-major `Dataset`, else a TypeError/ValueError naming ``name``."""
     if not isinstance(data, Dataset):
-        raise TypeError(f"{name} must be a ufm.networks.Dataset (see as_dataset, load_digits); "
-                        f"got {type(data).__name__}")
+        raise TypeError(
+            f"{name} must be a ufm.networks.Dataset (see as_dataset, load_digits); got {type(data).__name__}"
+        )
     if data.X.ndim != 2 or data.y.shape != (data.X.shape[1],):
         raise ValueError(f"{name}.X must be p x N and {name}.y (N,); got {data.X.shape} and {data.y.shape}")
     if np.any(np.diff(data.y) < 0):
@@ -126,8 +128,16 @@ def load_digits(n_per_class: int | None = None, *, seed: int = 0, dtype=np.float
     return as_dataset(X.astype(dtype), y, name="digits")
 
 
-def gaussian_mixture(num_classes: int, n_per_class: int, dim: int, *, separation: float = 4.0, noise: float = 1.0,
-                     seed: int = 0, dtype=np.float64) -> Dataset:
+def gaussian_mixture(
+    num_classes: int,
+    n_per_class: int,
+    dim: int,
+    *,
+    separation: float = 4.0,
+    noise: float = 1.0,
+    seed: int = 0,
+    dtype=np.float64,
+) -> Dataset:
     """A synthetic Gaussian mixture: class k has mean mu_k = separation * g_k / ||g_k|| (g_k ~ N(0, I_p), so
     ||mu_k|| = separation and the means are nearly orthogonal for p >> K) and samples mu_k + noise * N(0, I_p)."""
     K = positive_int("num_classes", num_classes, "K", 2)
@@ -150,8 +160,10 @@ def coarsen(data: Dataset, groups) -> Dataset:
     data = check_dataset(data)
     g = np.asarray(groups)
     if g.shape != (data.num_classes,) or not np.issubdtype(g.dtype, np.integer):
-        raise ValueError(f"groups must map each of the K = {data.num_classes} classes to a superclass (shape (K,), "
-                         f"integers); got shape {g.shape}")
+        raise ValueError(
+            f"groups must map each of the K = {data.num_classes} classes to a superclass (shape (K,), "
+            f"integers); got shape {g.shape}"
+        )
     return as_dataset(data.X.T, g[data.y], fine=data.y, name=f"{data.name} coarse")
 
 

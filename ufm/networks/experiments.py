@@ -58,8 +58,16 @@ def ufm_problem(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: fl
     sizes = data.class_sizes
     n = sizes[0] if len(set(sizes)) == 1 else sizes
     act = "relu" if (L > 1 and cfg.activation == "relu") else "linear"
-    return UFM(num_classes=cfg.num_classes, n_per_class=n, widths=cfg.widths[cfg.depth - L:], activation=act,
-               loss=cfg.loss, bias="free" if cfg.bias else "none", lam_H=lam_H, lam_W=result.weight_decay)
+    return UFM(
+        num_classes=cfg.num_classes,
+        n_per_class=n,
+        widths=cfg.widths[cfg.depth - L :],
+        activation=act,
+        loss=cfg.loss,
+        bias="free" if cfg.bias else "none",
+        lam_H=lam_H,
+        lam_W=result.weight_decay,
+    )
 
 
 class UFMReference(NamedTuple):
@@ -112,7 +120,7 @@ def _ufm_params(result: TrainResult, data: Dataset, L: int, snapshot: int = -1):
     D = result.config.depth
     H = jnp.asarray(lay.H[D - L + 1])
     b = None if params.bs is None else params.bs[-1]
-    return Params(H, tuple(params.Ws[D + 1 - L:]), b), lay
+    return Params(H, tuple(params.Ws[D + 1 - L :]), b), lay
 
 
 _COLLAPSED = ("collapse", "low-rank", "threshold")
@@ -120,7 +128,7 @@ _COLLAPSED = ("collapse", "low-rank", "threshold")
 
 def _predicted_values(prediction, layers: tuple[str, ...]) -> dict:
     """Metric values at the predicted optimum, per covered layer (see `UFMReference.predicted`)."""
-    out = {name: {} for name in layers}
+    out: dict[str, dict[str, float]] = {name: {} for name in layers}
     if prediction is None:
         return out
     for name in layers:
@@ -137,8 +145,16 @@ def _predicted_values(prediction, layers: tuple[str, ...]) -> dict:
     return out
 
 
-def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: float | None = None,
-                  solve: bool = True, key: jax.Array | int | None = None, max_steps: int = 5000) -> UFMReference:
+def ufm_reference(
+    result: TrainResult,
+    data: Dataset,
+    *,
+    depth: int = 1,
+    lam_H: float | None = None,
+    solve: bool = True,
+    key: jax.Array | int | None = None,
+    max_steps: int = 5000,
+) -> UFMReference:
     """The UFM prediction for the network's K, class sizes, depth and weight decay (`ufm_problem`), beside the
     network's own metrics on the layers the UFM stands for, ready to plot (`plot_layer_metrics(..., reference=)`).
 
@@ -174,8 +190,19 @@ def ufm_reference(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: 
         fw = forward(problem, sol.params)
         feats = [np.asarray(h) for h in fw.H] + [np.asarray(fw.out)]
         ufm_metrics = {name: feature_metrics(A, y, K) for name, A in zip(layers, feats, strict=True)}
-    return UFMReference(problem, prediction, _predicted_values(prediction, layers), sol, network, ufm_metrics,
-                        sv_network, tuple(prediction.sv_H), network_value, network_value_balanced, layers)
+    return UFMReference(
+        problem,
+        prediction,
+        _predicted_values(prediction, layers),
+        sol,
+        network,
+        ufm_metrics,
+        sv_network,
+        tuple(prediction.sv_H),
+        network_value,
+        network_value_balanced,
+        layers,
+    )
 
 
 class CollapseRow(NamedTuple):
@@ -208,8 +235,15 @@ class Comparison(NamedTuple):
 
 def _row(name, H, out, y, K, error, objective) -> CollapseRow:
     M, muG = metrics.class_means(np.asarray(H, np.float64), y, K)
-    return CollapseRow(name, metrics.nc1(H, y, K), metrics.nc1(out, y, K), metrics.nc1_trace_ratio(out, y, K),
-                       metrics.etf_distance(M - muG[:, None]), float(error), float(objective))
+    return CollapseRow(
+        name,
+        metrics.nc1(H, y, K),
+        metrics.nc1(out, y, K),
+        metrics.nc1_trace_ratio(out, y, K),
+        metrics.etf_distance(M - muG[:, None]),
+        float(error),
+        float(objective),
+    )
 
 
 def shallow_vs_expressive(
@@ -247,8 +281,16 @@ def shallow_vs_expressive(
     data = check_dataset(data)
     key = as_key(key)
     k1, k2, k3 = jax.random.split(key, 3)
-    kw = dict(loss=loss, bias=bias, weight_decay=weight_decay, steps=steps, optimizer=optimizer, lr=lr, dtype=dtype,
-              record_steps=[steps])
+    kw = dict(
+        loss=loss,
+        bias=bias,
+        weight_decay=weight_decay,
+        steps=steps,
+        optimizer=optimizer,
+        lr=lr,
+        dtype=dtype,
+        record_steps=[steps],
+    )
     shallow = train(data, (width,), activation="linear", key=k1, **kw)
     if deep is None:
         deep = train(data, deep_widths, activation="relu", key=k2, **kw)
@@ -256,8 +298,10 @@ def shallow_vs_expressive(
         deep = check_result(deep, "deep")
         check_inputs(deep, data)
         if deep.config.loss != loss or deep.config.bias != bias:
-            raise ValueError(f"deep was trained with loss={deep.config.loss!r}, bias={deep.config.bias}; the "
-                             f"comparison uses loss={loss!r}, bias={bias}")
+            raise ValueError(
+                f"deep was trained with loss={deep.config.loss!r}, bias={deep.config.bias}; the "
+                f"comparison uses loss={loss!r}, bias={bias}"
+            )
     K = data.num_classes
     y = data.y
     rows = []
@@ -347,8 +391,9 @@ def fine_grained(
         raise ValueError("data must carry fine labels: build it with coarsen(dataset, groups)")
     ev = data if eval_data is None else check_dataset(eval_data, "eval_data")
     if ev.fine is None or ev.p != data.p or ev.num_classes != data.num_classes:
-        raise ValueError("eval_data must have the same inputs p, superclasses and fine labels (split a coarsened "
-                         "dataset)")
+        raise ValueError(
+            "eval_data must have the same inputs p, superclasses and fine labels (split a coarsened dataset)"
+        )
     key = as_key(key)
     coarse = train(data, widths, key=key, **train_kwargs)
     fine_data = as_dataset(data.X.T, data.fine, name=f"{data.name} fine")
@@ -367,5 +412,17 @@ def fine_grained(
     ev_fine = as_dataset(ev.X.T, ev.fine)
     out_f = features(fine_net, ev_fine).out
     fine_acc = float(np.mean(np.argmax(out_f, axis=0) == ev_fine.y))
-    return FineGrained(float(acc_by[-1]), per, pred, coarse.steps, acc_by, nc1_by, float(chance), in_acc, fine_acc,
-                       coarse_acc, coarse, fine_net)
+    return FineGrained(
+        float(acc_by[-1]),
+        per,
+        pred,
+        coarse.steps,
+        acc_by,
+        nc1_by,
+        float(chance),
+        in_acc,
+        fine_acc,
+        coarse_acc,
+        coarse,
+        fine_net,
+    )

@@ -69,8 +69,18 @@ class LayerMetrics(NamedTuple):
     num_classes: int
 
 
-_LAYER_FIELDS = ("nc1", "nc1_trace_ratio", "cdnv", "nc2_etf", "nc2_orthogonal", "equinorm", "equiangularity",
-                 "max_angle", "mean_cos_uncentred", "ncc_accuracy")
+_LAYER_FIELDS = (
+    "nc1",
+    "nc1_trace_ratio",
+    "cdnv",
+    "nc2_etf",
+    "nc2_orthogonal",
+    "equinorm",
+    "equiangularity",
+    "max_angle",
+    "mean_cos_uncentred",
+    "ncc_accuracy",
+)
 
 
 def _mean_cos(V: np.ndarray) -> float:
@@ -140,7 +150,9 @@ def layer_metrics(result: TrainResult, data: Dataset, *, snapshots=None) -> Laye
         bL = None if params.bs is None else np.asarray(params.bs[-1])
         nc3[r] = metrics.nc3_product(WL, lay.H[-1], y, K, target=target)
         nc4[r] = metrics.ncc_mismatch(WL, lay.H[-1], y, K, b=bL)
-    return LayerMetrics(result.steps[idx], layers, *(vals[f] for f in _LAYER_FIELDS), loss, err, nc3, nc4, K)
+    return LayerMetrics(
+        steps=result.steps[idx], layers=layers, **vals, loss=loss, error=err, nc3=nc3, nc4=nc4, num_classes=K
+    )
 
 
 class AffineFloor(NamedTuple):
@@ -239,10 +251,13 @@ def kmeans(features: Any, k: int, *, restarts: int = 10, max_iter: int = 300, se
     try:
         from sklearn.cluster import KMeans as SklearnKMeans
     except ImportError as e:
-        raise ImportError("ufm.networks.kmeans (and fine_grained) need scikit-learn: pip install 'ufm[networks]' "
-                          "(or pip install scikit-learn)") from e
-    km = SklearnKMeans(n_clusters=k, init="k-means++", n_init=restarts, max_iter=max_iter, tol=0.0,
-                       random_state=seed).fit(A.T)
+        raise ImportError(
+            "ufm.networks.kmeans (and fine_grained) need scikit-learn: pip install 'ufm[networks]' "
+            "(or pip install scikit-learn)"
+        ) from e
+    km = SklearnKMeans(
+        n_clusters=k, init="k-means++", n_init=restarts, max_iter=max_iter, tol=0.0, random_state=seed
+    ).fit(A.T)
     return KMeans(km.labels_.astype(np.int64), km.cluster_centers_.T.copy(), float(km.inertia_), int(km.n_iter_))
 
 

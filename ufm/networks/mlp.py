@@ -117,8 +117,8 @@ def init_mlp(config: MLPConfig, key: jax.Array, scale: float = 1.0, dtype=None) 
 
 def network_forward(config: MLPConfig, params: MLPParams, X) -> NetworkLayers:
     """All layers of the MLP on inputs X (p x N); see `MLPConfig` for the formulas. Pure and jittable."""
-    H = [X]
-    Z = []
+    H: list[jax.Array] = [X]
+    Z: list[jax.Array] = []
     h = X
     D = config.depth
     for l in range(D + 1):
@@ -201,8 +201,10 @@ class TrainResult(NamedTuple):
         """The parameters of recorded snapshot i (negative i counts from the end), after ``steps[i]`` steps."""
         R = int(self.steps.size)
         if isinstance(i, bool) or not isinstance(i, numbers.Integral) or not -R <= i < R:
-            raise ValueError(f"snapshot index must be an integer in [-R, R) with R = {R} recorded steps "
-                             f"{self.steps.tolist()}; got {i!r}")
+            raise ValueError(
+                f"snapshot index must be an integer in [-R, R) with R = {R} recorded steps "
+                f"{self.steps.tolist()}; got {i!r}"
+            )
         return jax.tree_util.tree_map(lambda a: a[int(i)], self.snapshots)
 
 
@@ -310,12 +312,14 @@ def train(
     wd = positive("weight_decay", weight_decay, allow_zero=True)
     if isinstance(optimizer, str):
         if optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS} or an optax.GradientTransformation; "
-                             f"got {optimizer!r}")
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS} or an optax.GradientTransformation; got {optimizer!r}"
+            )
         lr = DEFAULT_LR[optimizer] if lr is None else positive("lr", lr)
     elif not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(f"optimizer must be a string in {OPTIMIZERS} or an optax.GradientTransformation; "
-                        f"got {optimizer!r}")
+        raise TypeError(
+            f"optimizer must be a string in {OPTIMIZERS} or an optax.GradientTransformation; got {optimizer!r}"
+        )
     else:
         lr = 0.0
     momentum = positive("momentum", momentum, allow_zero=True)
@@ -344,8 +348,19 @@ def train(
     Y = jnp.asarray(np.eye(data.num_classes)[:, data.y], dt)
     y = jnp.asarray(data.y, jnp.int32)
     params, buf, (hv, hf, he), v, fit, err = _train_jit(
-        params0, X, Y, y, k_batch, jnp.asarray(lr, dt), jnp.asarray(wd, dt), jnp.asarray(slots),
-        config=config, steps=steps, batch_size=batch_size, optimizer=optimizer, momentum=momentum,
+        params0,
+        X,
+        Y,
+        y,
+        k_batch,
+        jnp.asarray(lr, dt),
+        jnp.asarray(wd, dt),
+        jnp.asarray(slots),
+        config=config,
+        steps=steps,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        momentum=momentum,
         n_records=int(rec.size),
     )
     hist = TrainHistory(np.asarray(hv), np.asarray(hf), np.asarray(he))
@@ -364,8 +379,10 @@ def check_inputs(result: TrainResult, data: Dataset, name: str = "data") -> Data
     """``data`` if it is a `Dataset` with the p inputs and K classes ``result`` was trained on, else a ValueError."""
     data = check_dataset(data, name)
     if data.p != result.config.in_dim or data.num_classes != result.config.num_classes:
-        raise ValueError(f"{name} must have p = {result.config.in_dim} inputs and K = {result.config.num_classes} "
-                         f"classes like the training data; got p = {data.p}, K = {data.num_classes}")
+        raise ValueError(
+            f"{name} must have p = {result.config.in_dim} inputs and K = {result.config.num_classes} "
+            f"classes like the training data; got p = {data.p}, K = {data.num_classes}"
+        )
     return data
 
 
