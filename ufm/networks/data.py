@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 import numpy as np
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._args import positive_int
 
@@ -46,7 +47,7 @@ class Dataset(NamedTuple):
         return tuple(int(c) for c in np.bincount(self.y, minlength=self.num_classes))
 
 
-def as_dataset(X, y, *, fine=None, name: str = "") -> Dataset:
+def as_dataset(X: ArrayLike, y: ArrayLike, *, fine: ArrayLike | None = None, name: str = "") -> Dataset:
     """A `Dataset` from arrays in the scikit-learn layout: ``X`` is N x p (**one sample per row**), ``y`` (N,).
 
     The result stores X transposed (p x N) and sorted class-major (stably by ``y``, then by ``fine``). Labels must
@@ -108,7 +109,7 @@ def _subsample(X, y, n_per_class, seed, name):
     return X[keep], y[keep]
 
 
-def load_digits(n_per_class: int | None = None, *, seed: int = 0, dtype=np.float64) -> Dataset:
+def load_digits(n_per_class: int | None = None, *, seed: int = 0, dtype: DTypeLike = np.float64) -> Dataset:
     """scikit-learn's handwritten digits (8x8 images, K = 10, p = 64, 1797 samples; ships inside scikit-learn).
 
     Pixels are scaled to [0, 1] (divided by 16). ``n_per_class`` keeps a random balanced subset (seeded), so that
@@ -136,7 +137,7 @@ def gaussian_mixture(
     separation: float = 4.0,
     noise: float = 1.0,
     seed: int = 0,
-    dtype=np.float64,
+    dtype: DTypeLike = np.float64,
 ) -> Dataset:
     """A synthetic Gaussian mixture: class k has mean mu_k = separation * g_k / ||g_k|| (g_k ~ N(0, I_p), so
     ||mu_k|| = separation and the means are nearly orthogonal for p >> K) and samples mu_k + noise * N(0, I_p)."""
@@ -153,7 +154,7 @@ def gaussian_mixture(
     return as_dataset(X.astype(dtype), y, name=f"gaussian mixture K={K}")
 
 
-def coarsen(data: Dataset, groups) -> Dataset:
+def coarsen(data: Dataset, groups: ArrayLike) -> Dataset:
     """Merge classes into superclasses: the new label of a sample of class k is ``groups[k]``; the old labels are
     kept in ``fine``. E.g. ``groups = np.arange(10) // 2`` merges the digits into 5 superclasses {0,1}, {2,3}, ...
     """

@@ -9,11 +9,13 @@ fine-grained structure under coarse labels.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from numpy.typing import DTypeLike
 
 from .. import UFM, Params, forward, metrics, objective, predict
 from .. import solve as solve_ufm
@@ -35,7 +37,7 @@ __all__ = [
 ]
 
 
-def ufm_problem(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: float | None = None):
+def ufm_problem(result: TrainResult, data: Dataset, *, depth: int = 1, lam_H: float | None = None) -> UFM:
     """The UFM with the network's K, class sizes, loss, weight decay and top ``depth`` layers.
 
     The last ``depth`` = L weight matrices of the network act on the features H_{D-L+1}; freeing those features
@@ -250,7 +252,7 @@ def shallow_vs_expressive(
     data: Dataset,
     *,
     width: int = 32,
-    deep_widths=(64, 64, 64, 64),
+    deep_widths: Sequence[int] = (64, 64, 64, 64),
     deep: TrainResult | None = None,
     loss: str = "mse",
     bias: bool = True,
@@ -260,7 +262,7 @@ def shallow_vs_expressive(
     optimizer: str = "adam",
     lr: float | None = None,
     key: jax.Array | int | None = None,
-    dtype=None,
+    dtype: DTypeLike | None = None,
     max_steps: int = 5000,
 ) -> Comparison:
     """Side by side: a model whose penultimate features are tied to the data by a shallow (affine) map, a deep ReLU
@@ -281,7 +283,7 @@ def shallow_vs_expressive(
     data = check_dataset(data)
     key = as_key(key)
     k1, k2, k3 = jax.random.split(key, 3)
-    kw = dict(
+    kw: dict[str, Any] = dict(
         loss=loss,
         bias=bias,
         weight_decay=weight_decay,
@@ -368,13 +370,13 @@ def _cluster_within(A, coarse, fine, restarts, seed):
 
 def fine_grained(
     data: Dataset,
-    widths,
+    widths: int | Sequence[int],
     *,
     eval_data: Dataset | None = None,
     restarts: int = 10,
     seed: int = 0,
     key: jax.Array | int | None = None,
-    **train_kwargs,
+    **train_kwargs: Any,
 ) -> FineGrained:
     """Fine-grained structure under coarse labels (Yang, Steinhardt, Hu 2023).
 
@@ -384,7 +386,8 @@ def fine_grained(
     fine labels (`cluster_accuracy`), at the end and at every recorded step. Compare with the same network (same
     widths, init key and training options) trained on the fine labels, with the same clustering of the raw inputs,
     and with the trivial one-cluster-per-superclass baseline. Scores are on ``eval_data`` (default: the training
-    set; pass a held-out split from `split` to compare generalisation).
+    set; pass a held-out split from `split` to compare generalisation). The clustering needs scikit-learn
+    (``pip install 'ufm[networks]'``).
     """
     data = check_dataset(data)
     if data.fine is None:

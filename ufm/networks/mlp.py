@@ -10,12 +10,14 @@ from __future__ import annotations
 import functools
 import math
 import numbers
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from numpy.typing import ArrayLike, DTypeLike
 
 from ._args import as_key, positive, positive_int
 from ._borrowed import check_dtype
@@ -101,7 +103,7 @@ def _check_config(in_dim, widths, num_classes, activation, loss, bias) -> MLPCon
     return MLPConfig(int(in_dim), ws, int(num_classes), activation, loss, bias)
 
 
-def init_mlp(config: MLPConfig, key: jax.Array, scale: float = 1.0, dtype=None) -> MLPParams:
+def init_mlp(config: MLPConfig, key: jax.Array, scale: float = 1.0, dtype: DTypeLike | None = None) -> MLPParams:
     """Random initial parameters: ``W_l ~ N(0, g scale^2 / d_{l-1})`` with gain g = 2 into a ReLU (He et al. 2015)
     and g = 1 otherwise (linear layers and the output layer); biases 0."""
     dtype = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
@@ -115,7 +117,7 @@ def init_mlp(config: MLPConfig, key: jax.Array, scale: float = 1.0, dtype=None) 
     return MLPParams(tuple(Ws), bs)
 
 
-def network_forward(config: MLPConfig, params: MLPParams, X) -> NetworkLayers:
+def network_forward(config: MLPConfig, params: MLPParams, X: jax.Array) -> NetworkLayers:
     """All layers of the MLP on inputs X (p x N); see `MLPConfig` for the formulas. Pure and jittable."""
     H: list[jax.Array] = [X]
     Z: list[jax.Array] = []
@@ -250,9 +252,51 @@ def _train_jit(params0, X, Y, y, key, lr, wd, slots, *, config, steps, batch_siz
     return params, buf, hist, v, fit, err
 
 
+def _learning_rate(optimizer: Any, lr: float | None) -> float:
+    """The learning rate of a named optimizer (its `DEFAULT_LR` when None); 0 for an optax transformation (its own)."""
+    if isinstance(optimizer, str):
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(
+                f"optimizer must be one of {OPTIMIZERS} or an optax.GradientTransformation; got {optimizer!r}"
+            )
+        return DEFAULT_LR[optimizer] if lr is None else positive("lr", lr)
+    if not isinstance(optimizer, optax.GradientTransformation):
+        raise TypeError(
+            f"optimizer must be a string in {OPTIMIZERS} or an optax.GradientTransformation; got {optimizer!r}"
+        )
+    return 0.0
+
+
+def _batch_size(batch_size: Any, N: int) -> int | None:
+    """The minibatch size, or None for full batch (also when it equals N)."""
+    if batch_size is None:
+        return None
+    batch_size = positive_int("batch_size", batch_size, "samples per minibatch")
+    if batch_size > N:
+        raise ValueError(f"batch_size must be <= N = {N}; got {batch_size}")
+    return None if batch_size == N else batch_size
+
+
+def _record_slots(record_steps: Any, steps: int) -> tuple[np.ndarray, np.ndarray]:
+    """The sorted recorded steps (R,) (default: 11 evenly spaced in [0, steps]) and, for each step 0..steps, its
+    slot in the record buffer or -1."""
+    if record_steps is None:
+        rec = np.unique(np.linspace(0, steps, 11).round().astype(np.int64))
+    else:
+        rec = np.asarray(record_steps)
+        if rec.ndim != 1 or rec.size == 0 or not np.issubdtype(rec.dtype, np.integer):
+            raise ValueError(f"record_steps must be a non-empty 1-D sequence of integers in [0, steps]; got {rec!r}")
+        if rec.min() < 0 or rec.max() > steps:
+            raise ValueError(f"record_steps must lie in [0, steps = {steps}]; got min {rec.min()}, max {rec.max()}")
+        rec = np.unique(rec)
+    slots = np.full(steps + 1, -1, np.int32)
+    slots[rec] = np.arange(rec.size, dtype=np.int32)
+    return rec, slots
+
+
 def train(
     data: Dataset,
-    widths,
+    widths: int | Sequence[int],
     *,
     activation: str = "relu",
     loss: str = "mse",
@@ -263,10 +307,10 @@ def train(
     momentum: float = 0.9,
     steps: int = 1000,
     batch_size: int | None = None,
-    record_steps=None,
+    record_steps: ArrayLike | None = None,
     key: jax.Array | int | None = None,
     init_scale: float = 1.0,
-    dtype=None,
+    dtype: DTypeLike | None = None,
 ) -> TrainResult:
     """Train an MLP classifier (`MLPConfig`) on ``data``; the whole run is one compiled `lax.scan`.
 
@@ -310,36 +354,10 @@ def train(
     config = _check_config(data.p, widths, data.num_classes, activation, loss, bias)
     steps = positive_int("steps", steps, "optimiser steps")
     wd = positive("weight_decay", weight_decay, allow_zero=True)
-    if isinstance(optimizer, str):
-        if optimizer not in OPTIMIZERS:
-            raise ValueError(
-                f"optimizer must be one of {OPTIMIZERS} or an optax.GradientTransformation; got {optimizer!r}"
-            )
-        lr = DEFAULT_LR[optimizer] if lr is None else positive("lr", lr)
-    elif not isinstance(optimizer, optax.GradientTransformation):
-        raise TypeError(
-            f"optimizer must be a string in {OPTIMIZERS} or an optax.GradientTransformation; got {optimizer!r}"
-        )
-    else:
-        lr = 0.0
+    lr = _learning_rate(optimizer, lr)
     momentum = positive("momentum", momentum, allow_zero=True)
-    if batch_size is not None:
-        batch_size = positive_int("batch_size", batch_size, "samples per minibatch")
-        if batch_size > data.N:
-            raise ValueError(f"batch_size must be <= N = {data.N}; got {batch_size}")
-        if batch_size == data.N:
-            batch_size = None
-    if record_steps is None:
-        rec = np.unique(np.linspace(0, steps, 11).round().astype(np.int64))
-    else:
-        rec = np.asarray(record_steps)
-        if rec.ndim != 1 or rec.size == 0 or not np.issubdtype(rec.dtype, np.integer):
-            raise ValueError(f"record_steps must be a non-empty 1-D sequence of integers in [0, steps]; got {rec!r}")
-        if rec.min() < 0 or rec.max() > steps:
-            raise ValueError(f"record_steps must lie in [0, steps = {steps}]; got min {rec.min()}, max {rec.max()}")
-        rec = np.unique(rec)
-    slots = np.full(steps + 1, -1, np.int32)
-    slots[rec] = np.arange(rec.size, dtype=np.int32)
+    batch_size = _batch_size(batch_size, data.N)
+    rec, slots = _record_slots(record_steps, steps)
     dt = check_dtype(np.float32 if (dtype is None and data.X.dtype == np.float32) else dtype)
     key = as_key(key)
     k_init, k_batch = jax.random.split(key)
