@@ -541,7 +541,7 @@ def _analyse(problem, solution, hessian_mode: str):
         except (np.linalg.LinAlgError, ArithmeticError) as e:
             notes.append(f"per-layer metrics not computed: {type(e).__name__}: {e}")
     elif metrics is None:
-        notes.append(_nonfinite_note(solution, "per-layer metrics and the figures of the parameters"))
+        notes.append(_nonfinite_note(solution, "per-layer metrics"))
     return prediction, check, metrics, notes
 
 
@@ -626,7 +626,10 @@ def format_report(report: dict, header: str) -> str:
         else:
             lines.append(f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
                          f"{_field(pred, 'regime', '?')})")
-        lines.append(f"gap         {cmp_['gap']:+.2e}  (relative {cmp_['relative_gap']:+.2e})")
+        if cmp_["gap"] is None:
+            lines.append("gap         n/a (the loss is not finite)")
+        else:
+            lines.append(f"gap         {cmp_['gap']:+.2e}  (relative {cmp_['relative_gap']:+.2e})")
     elif pred is not None:
         lines.append("predicted   unknown")
     check = report.get("check")
