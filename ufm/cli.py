@@ -25,9 +25,15 @@ progress is not bit-identical to one without (it converges to the same optimum, 
 When stderr is not a terminal (scripts, pipes, tests) the run is a single `ufm.solve` call, identical to the
 Python API with the same problem, seed and options.
 
-Exit codes: 0 when the command ran (whatever the verdict); 2 for bad input (an unknown option or value, an
-invalid config field, a missing or incomplete results folder), with one line on stderr naming the field and
-no traceback; 130 when interrupted.
+Exit codes (`ufm._terminal`): 0 when the command ran (whatever the verdict or the solver's status: a non-finite
+run writes its report, with a note for each metric or figure that is undefined there); 2 for bad input or an
+unusable environment (an unknown option or value, an invalid config field, a missing or malformed results
+folder, an output folder that cannot be written, a full disk, a problem whose estimated memory exceeds what is
+available), with one line on stderr naming the field or file and no traceback; 130 when interrupted (what came
+back from the solver is saved; see `cmd_solve`).
+
+Results folders are written and read by `ufm._io` (`ufm.save_results`, `ufm.load_results`): each file atomically,
+and read back as untrusted input.
 """
 
 from __future__ import annotations
