@@ -161,3 +161,25 @@ def test_load_results_on_junk_names_the_file(kind, message, solved, tmp_path):
     text = str(e.value)
     assert message in text and "\n" not in text
     assert str(folder) in text
+
+
+BAD_CALLS = [
+    (lambda: ufm.load_results(123), TypeError, "folder must be a path"),
+    (lambda: ufm.load_results(None), TypeError, "folder must be a path"),
+    (lambda: ufm.load_results(".", max_bytes=-1), ValueError, "max_bytes must be a positive integer"),
+    (lambda: ufm.load_results(".", max_bytes="1"), TypeError, "max_bytes must be a positive integer"),
+    (lambda: ufm.load_results(".", extras="H"), TypeError, "extras must be True, False or a sequence"),
+    (lambda: ufm.save_results(None, PROBLEM, None), TypeError, "folder must be a path"),
+    (lambda: ufm.save_results("x", {"num_classes": 3}, None), TypeError, "problem must be a ufm.UFM"),
+    (lambda: ufm.save_results("x", PROBLEM, "s"), TypeError, "solution must be a ufm.Solution"),
+]
+
+
+@pytest.mark.parametrize("call,exc,message", BAD_CALLS, ids=[m + str(i) for i, (_, _, m) in enumerate(BAD_CALLS)])
+def test_api_errors_name_the_argument(call, exc, message, tmp_path, monkeypatch):
+    """Before: NumPy/pathlib messages ('expected str, bytes or os.PathLike object, not int') or a comparison error
+    deep inside; now the argument is named, before any file is touched."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(exc, match=message):
+        call()
+    assert not any(tmp_path.iterdir())

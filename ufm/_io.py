@@ -183,6 +183,22 @@ def solution_arrays(solution, history_every: int = 1) -> dict[str, np.ndarray]:
     return out
 
 
+def _as_path(value: Any, name: str) -> Path:
+    if isinstance(value, bool) or not isinstance(value, (str, os.PathLike)):
+        raise TypeError(f"{name} must be a path (str or os.PathLike); got {type(value).__name__}")
+    return Path(value)
+
+
+def _check_limits(extras: Any, max_bytes: Any) -> None:
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int):
+        raise TypeError(f"max_bytes must be a positive integer (bytes); got {max_bytes!r}")
+    if max_bytes <= 0:
+        raise ValueError(f"max_bytes must be a positive integer (bytes); got {max_bytes!r}")
+    if not (isinstance(extras, bool) or (isinstance(extras, (list, tuple))
+                                         and all(isinstance(k, str) for k in extras))):
+        raise TypeError(f"extras must be True, False or a sequence of array names; got {extras!r}")
+
+
 def _check_one(solution, name: str = "solution") -> None:
     if not (hasattr(solution, "params") and hasattr(solution, "status")):
         raise TypeError(f"{name} must be a ufm.Solution; got {type(solution).__name__}")
@@ -198,6 +214,7 @@ def save_solution(path: str | os.PathLike, solution, *, history_every: int = 1,
 
     Snapshots are not saved (they can be large); store what you computed from them in ``extras`` (numeric
     arrays)."""
+    path = _as_path(path, "path")
     _check_one(solution)
     if isinstance(history_every, bool) or not isinstance(history_every, int) or history_every < 1:
         raise ValueError(f"history_every must be a positive integer; got {history_every!r}")
@@ -313,7 +330,8 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
     from ._model import Params
     from ._solution import History, Solution
 
-    path = Path(path)
+    path = _as_path(path, "path")
+    _check_limits(extras, max_bytes)
     if not path.is_file():
         raise ResultsError(f"solution file {path} is missing")
     try:
@@ -483,10 +501,13 @@ def save_results(folder: str | os.PathLike, problem, solution, report=None, *, s
         results without ``overwrite``. OSError: the folder cannot be written (naming the file).
     """
     from ._model import check_params
+    from ._problem import UFM
 
+    folder = _as_path(folder, "folder")
+    if not isinstance(problem, UFM):
+        raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
     _check_one(solution)
     check_params(problem, solution.params, "solution.params")
-    folder = Path(folder)
     taken = [f for f in (CONFIG_FILE, REPORT_FILE, SOLUTION_FILE) if (folder / f).exists()]
     if taken and not overwrite:
         raise ValueError(f"folder {folder} already holds results ({', '.join(taken)}); pass overwrite=True")
@@ -514,7 +535,7 @@ def save_results(folder: str | os.PathLike, problem, solution, report=None, *, s
 def read_config(folder: str | os.PathLike):
     """``(config dict, UFM)`` of a results folder, reading ``config.json`` only (cheap: nothing is allocated for
     the parameters, so a caller can size the problem before `load_results`)."""
-    folder = Path(folder)
+    folder = _as_path(folder, "folder")
     if not folder.exists():
         raise ResultsError(f"results folder {folder} does not exist")
     if not folder.is_dir():
@@ -553,7 +574,8 @@ def load_results(folder: str | os.PathLike, *, extras: bool | Sequence[str] = Tr
       >>> res = ufm.load_results("ufm-results-20261123-161500")  # doctest: +SKIP
       >>> res.problem, res.solution.value, res.report["check"]["verdict"]  # doctest: +SKIP
     """
-    folder = Path(folder)
+    folder = _as_path(folder, "folder")
+    _check_limits(extras, max_bytes)
     config, problem = read_config(folder)
     report = read_json(folder / REPORT_FILE, "report file") if (folder / REPORT_FILE).exists() else None
     sol, ex, history_every = load_solution(folder / SOLUTION_FILE, problem, extras=extras, max_bytes=max_bytes)
