@@ -130,6 +130,20 @@ def test_check_and_plot_a_folder_with_nan_parameters(run, tmp_path, capsys):
     assert rc == 0 and "training.png" in out and "note: figures" in err
 
 
+def test_hand_edited_solver_table_is_not_trusted(run, tmp_path, capsys):
+    """config.json's solver table is provenance, not input, for check/plot: junk there is shown, not formatted."""
+    for i, solver in enumerate(({"tol": "x", "method": 5, "history_every": "2"}, [1, 2])):
+        folder = tmp_path / f"s{i}"
+        shutil.copytree(run, folder)
+        cfg = json.loads((folder / "config.json").read_text())
+        cfg["solver"] = solver
+        (folder / "config.json").write_text(json.dumps(cfg))
+        rc, out, err = _main(["check", str(folder), "--hessian", "off"], capsys)
+        assert rc == 0 and "Traceback" not in err and "verdict" in out, err
+        rc, out, err = _main(["plot", str(folder), "--out", str(folder / "f")], capsys)
+        assert rc == 0, err
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # item 4 (file part): memory is estimated before compute, untrusted files are read header first
 

@@ -595,6 +595,10 @@ def _device() -> str:
 build_report = _io.build_report
 
 
+def _is_real(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _wrap(label: str, text: str, width: int = 110) -> list[str]:
     import textwrap
 
@@ -620,7 +624,7 @@ def format_report(report: dict, header: str) -> str:
                else f"{sol['status_name']} after {sol['num_steps']} steps")
     lines.append(f"solver      {solver.get('method', '?')}, seed {solver.get('seed', '?')}, {sol['dtype']}: "
                  f"{outcome}, |grad f| = {sol['grad_norm']:.1e}"
-                 f"{' (tol ' + format(solver['tol'], '.0e') + ')' if solver.get('tol') is not None else ''}{t}")
+                 f"{' (tol ' + format(solver['tol'], '.0e') + ')' if _is_real(solver.get('tol')) else ''}{t}")
     if not sol["success"]:
         lines.extend(_wrap("", sol["message"]))
     lines.append(f"loss        {sol['value']:.15g}")
@@ -989,7 +993,7 @@ def cmd_check(args) -> int:
     res = _load(args.results, args.hessian, extras=False)
     prediction, check, metrics, notes = _analyse(res.problem, res.solution, args.hessian)
     report = build_report(res.problem, res.solution, prediction, check, metrics, notes)
-    report["solver"] = res.config.get("solver", {})
+    report["solver"] = res.config.get("solver") if isinstance(res.config.get("solver"), dict) else {}
     report["results"] = str(res.folder)
     _emit(report, f"{_header(res.problem)}\n(re-checked from {res.folder})", args.json)
     return 0
@@ -1023,8 +1027,7 @@ def cmd_plot(args) -> int:
     elif t_step is not None or t_nc1 is not None:
         notes.append(f"NC1 trace not drawn: trace_nc1 must have shape (len(trace_nc1_step), L={L})")
     solver = res.config.get("solver", {}) if isinstance(res.config.get("solver"), dict) else {}
-    tol = solver.get("tol")
-    tol = tol if isinstance(tol, (int, float)) and not isinstance(tol, bool) and math.isfinite(tol) else None
+    tol = solver.get("tol") if _is_real(solver.get("tol")) else None
     try:
         files = draw_figures(res.problem, res.solution, prediction, metrics, folder=out, fmt=args.format,
                              dpi=args.dpi, history_every=res.history_every, tol=tol, trace=trace, notes=notes)
