@@ -350,3 +350,29 @@ def test_interrupt_during_the_check_still_writes_the_report(tmp_path, capsys, mo
     assert rep["run"]["interrupted"] is True and rep["check"] is None
     assert any("interrupted during the check" in n for n in rep["notes"])
     assert ufm.load_results(out).solution.success
+
+
+@pytest.mark.slow
+def test_real_sigint_during_a_long_solve(tmp_path):
+    """End to end with a real SIGINT, 3 s into a 2·10^6-step gradient descent: exit 130, no traceback, and either
+    a loadable folder whose solution is the point reached (status 'interrupted': the solver honours SIGINT) or no
+    folder at all (a solver that only raises KeyboardInterrupt after its compiled loop)."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    env = dict(os.environ, MPLBACKEND="Agg")
+    proc = subprocess.Popen([sys.executable, "-m", "ufm", "solve", *TINY[:-2], "--method", "gd", "--lr", "0.01",
+                             "--tol", "0", "--steps", "2000000", "--no-plots", "--out", "r"], cwd=tmp_path,
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(3.0)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and "interrupted" in err + out
+    folder = tmp_path / "r"
+    if folder.exists():
+        res = ufm.load_results(folder)
+        assert res.solution.status_name == "interrupted" and res.report["run"]["interrupted"] is True
+        assert 0 < int(res.solution.num_steps) < 2_000_000

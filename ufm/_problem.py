@@ -150,6 +150,8 @@ class UFM:
             raise TypeError(f"n_per_class must be an integer n or a sequence of K class sizes; got {n_per_class!r}")
         if isinstance(widths, numbers.Integral) and not isinstance(widths, bool):
             widths = (widths,)
+        elif isinstance(widths, np.ndarray) and widths.ndim == 1:
+            widths = tuple(widths.tolist())
         if not isinstance(widths, (tuple, list)) or len(widths) == 0:
             raise TypeError(f"widths must be a non-empty sequence (d_1, ..., d_L) of positive integers; got {widths!r}")
         ws = tuple(_check_int(f"widths[{i}]", w, 1, f"d_{i + 1}, a layer width") for i, w in enumerate(widths))
