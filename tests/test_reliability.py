@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 import ufm
-from ufm import _io, _solution, cli
+from ufm import _io, _memory, _solution, cli
 
 TINY = ["-K", "3", "-n", "2", "--widths", "4", "--activation", "linear", "--loss", "ce", "--bias", "free",
         "--lam-H", "1e-3", "--lam-W", "2e-3", "--steps", "200"]
@@ -214,17 +214,17 @@ def test_a_problem_too_large_for_memory_is_refused_before_compute(run, tmp_path,
     _one_line_error(rc, out, err, "needs at least about", "20,010,200,000 parameters", "available")
     assert not any(tmp_path.iterdir())  # refused before the results folder was made
     # the estimate is compared with what is available: with 1 kB available even the tiny saved run is refused
-    monkeypatch.setattr(cli, "available_memory", lambda: 1000)
+    monkeypatch.setattr(_memory, "available_memory", lambda: 1000)
     rc, out, err = _main(["check", str(run)], capsys)
     _one_line_error(rc, out, err, "needs at least about", "1.0 kB available")
 
 
 def test_memory_estimate_parts_are_the_array_sizes():
-    """Each part is the bytes of the arrays it counts (docstring of `cli.estimate_memory`), checked by hand for
+    """Each part is the bytes of the arrays it counts (docstring of `ufm._memory.estimate_memory`), checked by hand for
     widths (64, 64, 64), K = 2, N = 100: P = 64*100 + 64*64*2 + 2*64 = 14,720."""
     p = ufm.UFM(num_classes=2, n_per_class=50, widths=(64, 64, 64), activation="relu", lam_H=5e-3, lam_W=5e-3)
     assert p.num_params == 64 * 100 + 64 * 64 * 2 + 2 * 64 == 14_720
-    est = cli.estimate_memory(p, dict(dtype="float64", method="lbfgs", memory_size=10, steps=10_000,
+    est = _memory.estimate_memory(p, dict(dtype="float64", method="lbfgs", memory_size=10, steps=10_000,
                                       history_every=1, snapshot_every=50), hessian=False)
     assert est["solve"] == 8 * 14_720 * 28
     assert est["history"] == 2 * 8 * 10_001

@@ -81,11 +81,3 @@ def run_command(prefix: str, command: Callable[[], int]) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         return 1
 
-
-def human_bytes(n: float) -> str:
-    """``1.5 GB``-style size (powers of 1000)."""
-    for unit in ("B", "kB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"  # pragma: no cover

@@ -49,10 +49,10 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from . import _io
+from . import _io, _memory, _report_text
+from ._memory import estimate_memory as estimate_memory
 from ._terminal import Parser as _Parser
 from ._terminal import UsageError as UsageError
-from ._terminal import human_bytes
 from ._terminal import version as _version
 from ._terminal import versions as _versions
 
@@ -595,92 +595,9 @@ def _device() -> str:
 build_report = _io.build_report
 
 
-def _is_real(v) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def _wrap(label: str, text: str, width: int = 110) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width=width, initial_indent=f"{label:<12}", subsequent_indent=" " * 12) or [label]
-
-
-def _fmt(v, spec=".2e") -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and v == 0:
-        return "0"
-    return format(v, spec)
-
-
-def format_report(report: dict, header: str) -> str:
-    """The short human report: loss, predicted loss, gap, verdict, per-layer NC metrics."""
-    sol, cmp_ = report["solution"], report["comparison"]
-    lines = [header]
-    run = report.get("run") or {}
-    solver = report.get("solver") or {}
-    t = f", {run['solve_time_s']:.1f} s" if "solve_time_s" in run else ""
-    outcome = (f"stopped at max_steps = {sol['num_steps']}" if sol["status_name"] == "max_steps"
-               else f"{sol['status_name']} after {sol['num_steps']} steps")
-    lines.append(f"solver      {solver.get('method', '?')}, seed {solver.get('seed', '?')}, {sol['dtype']}: "
-                 f"{outcome}, |grad f| = {sol['grad_norm']:.1e}"
-                 f"{' (tol ' + format(solver['tol'], '.0e') + ')' if _is_real(solver.get('tol')) else ''}{t}")
-    if not sol["success"]:
-        lines.extend(_wrap("", sol["message"]))
-    lines.append(f"loss        {sol['value']:.15g}")
-    pred = report.get("prediction")
-    if cmp_["predicted_loss"] is not None:
-        if cmp_.get("predicted_is_optimum", True):
-            lines.append(f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime "
-                         f"{_field(pred, 'regime', '?')})")
-        else:
-            lines.append(f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
-                         f"{_field(pred, 'regime', '?')})")
-        if cmp_["gap"] is None:
-            lines.append("gap         n/a (the loss is not finite)")
-        else:
-            lines.append(f"gap         {cmp_['gap']:+.2e}  (relative {cmp_['relative_gap']:+.2e})")
-    elif pred is not None:
-        lines.append("predicted   unknown")
-    check = report.get("check")
-    if check is not None:
-        lines.append(f"verdict     {_field(check, 'verdict')}")
-        expl = _field(check, "explanation")
-        if expl:
-            for para in str(expl).splitlines():
-                lines.extend(_wrap("", para))
-    for label, key in (("structure", "structure"), ("source", "reference"), ("caveat", "reason")):
-        text = _field(pred, key)
-        if text and text != "unknown":
-            lines.extend(_wrap(label, str(text)))
-    for why in report.get("notes", []):
-        lines.extend(_wrap("note", why))
-    m = report.get("metrics")
-    if m:
-        lines.append("per layer   NC1          NC2 (to predicted geometry)   rank")
-        for f in m["features"]:
-            tgt = f.get("nc2_target")
-            nc2 = f"{_fmt(f['nc2'])} ({tgt})" if tgt else "n/a (no unique prediction)"
-            lines.append(f"  {f['name']:<9} {_fmt(f['nc1']):<12} {nc2:<29} {f['numerical_rank']}")
-        c = m.get("classifier", {})
-        if c:
-            lines.append(f"classifier  NC3 ({c.get('nc3_target')}) {_fmt(c.get('nc3_product'))}, "
-                         f"NC4 (NCC mismatch) {_fmt(c.get('ncc_mismatch'))}")
-    return "\n".join(lines)
-
-
-def _header(problem) -> str:
-    d = problem.to_dict()
-    kind = {("relu", True): "deep ReLU UFM", ("linear", True): "deep linear UFM"}.get(
-        (d["activation"], problem.L >= 2), "shallow UFM")
-    lam = f"lam_H={d['lam_H']:g}, lam_W={d['lam_W'] if isinstance(d['lam_W'], list) else format(d['lam_W'], 'g')}"
-    if d["bias"] == "reg":
-        lam += f", lam_b={d['lam_b']:g}"
-    if d["loss"] == "ce" and d["label_smoothing"]:
-        lam += f", label_smoothing={d['label_smoothing']:g}"
-    n = d["n_per_class"]
-    return (f"{kind}: K={d['num_classes']}, n={n if isinstance(n, int) else ','.join(map(str, n))}, "
-            f"widths {','.join(map(str, d['widths']))}, {d['activation']}, {d['loss']}, bias {d['bias']}, {lam}")
+_is_real = _report_text.is_real
+format_report = _report_text.format_report
+_header = _report_text.header
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -739,78 +656,12 @@ def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: s
 # resources
 
 
-def available_memory() -> int | None:
-    """Bytes the computation may use: the accelerator's memory limit when JAX computes on one, else the host's
-    available memory (MemAvailable on Linux, physical memory elsewhere); None when unknown."""
-    import jax
-
-    dev = jax.devices()[0]
-    if dev.platform != "cpu":
-        try:
-            stats = dev.memory_stats() or {}
-        except Exception:  # backends without memory_stats
-            stats = {}
-        if stats.get("bytes_limit"):
-            return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
-        return None
-    try:
-        with open("/proc/meminfo") as fh:
-            for line in fh:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
-
-
-def estimate_memory(problem, solver: dict | None = None, hessian: bool = False) -> dict:
-    """A lower-bound estimate of the memory a command needs, in bytes, by part (and ``"total"``).
-
-    With P = ``problem.num_params`` parameters, itemsize s (8 float64, 4 float32), widths d_l and N samples:
-    solve = s P (2 m + 8) for L-BFGS with memory m (s, y pairs, parameters, gradient, direction, line search),
-    s P 8 for the first-order methods; history = 2 s (steps / history_every + 1); snapshots =
-    s P (steps / snapshot_every + 1); activations = 4 s N sum_l d_l (forward and backward); metrics (float64
-    SVDs of one layer's d x N features and d x d covariances) = 8 (4 N max d + 3 max d^2); Hessian certificate =
-    8 P 40 (Lanczos vectors). Without ``solver`` (re-checking a saved solution) the parameters (two copies)
-    replace the solver's parts. Each part is what the arrays alone take, so the total is a lower bound."""
-    d = max(problem.widths + (problem.num_classes,))
-    N = problem.N
-    P = problem.num_params
-    parts = {}
-    s = 8
-    if solver is not None:
-        s = 8 if solver.get("dtype", "float64") == "float64" else 4
-        m = solver.get("memory_size", 10) if solver.get("method", "lbfgs") == "lbfgs" else 0
-        parts["solve"] = s * P * (2 * m + 8)
-        steps = int(solver.get("steps") or 0)
-        parts["history"] = 2 * s * (steps // max(1, int(solver.get("history_every") or 1)) + 1)
-        se = solver.get("snapshot_every") or 0
-        parts["snapshots"] = s * P * (steps // se + 1) if se else 0
-    else:
-        parts["parameters"] = 2 * s * P
-    parts["activations"] = 4 * s * N * sum(problem.widths)
-    parts["metrics"] = 8 * (4 * N * d + 3 * d * d)
-    parts["hessian"] = 8 * P * 40 if hessian else 0
-    parts["total"] = sum(parts.values())
-    return parts
-
-
 def _check_memory(problem, solver: dict | None, hessian_mode: str, what: str) -> None:
-    """Refuse, before any compute, a problem whose estimated memory exceeds what is available."""
+    """Refuse, before any compute, a problem whose estimated memory exceeds what is available (`ufm._memory`)."""
     hessian, _ = _use_hessian(hessian_mode, problem)
-    est = estimate_memory(problem, solver, hessian)
-    avail = available_memory()
-    if avail is None or est["total"] <= avail:
-        return
-    big = max((k for k in est if k != "total"), key=est.get)
-    raise UsageError(
-        f"{what} needs at least about {human_bytes(est['total'])} of memory ({problem.num_params:,} parameters; "
-        f"the largest part, {big}, {human_bytes(est[big])}), more than the {human_bytes(avail)} available; "
-        "use smaller widths or fewer samples" + (", fewer --steps or a larger --history-every/--snapshot-every"
-                                                  if big in ("history", "snapshots") else ""))
+    why = _memory.memory_refusal(problem, solver, hessian, what)
+    if why:
+        raise UsageError(why)
 
 
 # ---------------------------------------------------------------------------------------------------------------
