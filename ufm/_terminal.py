@@ -44,10 +44,8 @@ def version() -> str:
     """The installed ufm version (the package's ``__version__`` when not installed)."""
     try:
         return metadata.version("ufm")
-    except metadata.PackageNotFoundError:
-        from . import __version__
-
-        return __version__
+    except metadata.PackageNotFoundError:  # a source tree on sys.path: the package's own number (no import cycle)
+        return str(getattr(sys.modules.get(__package__ or "ufm"), "__version__", "unknown"))
 
 
 def versions() -> dict:
