@@ -376,3 +376,22 @@ def test_real_sigint_during_a_long_solve(tmp_path):
         res = ufm.load_results(folder)
         assert res.solution.status_name == "interrupted" and res.report["run"]["interrupted"] is True
         assert 0 < int(res.solution.num_steps) < 2_000_000
+
+
+def test_overwrite_removes_the_old_report_and_figures_first(tmp_path, capsys, monkeypatch):
+    """--overwrite of a results folder: the old report.json (the completeness mark) and the old figures go
+    before anything new is written, so a failed or different rerun never leaves the last run's figures."""
+    out = tmp_path / "r"
+    out.mkdir()
+    for name in ("config.json", "report.json", "gram.png", "notes.txt"):
+        (out / name).write_text("old")
+
+    def full(fd):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(_io.os, "fsync", full)
+    rc, stdout, err = _main(["solve", *TINY, "--no-plots", "--overwrite", "--out", str(out)], capsys)
+    _one_line_error(rc, stdout, err, "cannot write", "config.json")
+    # the old config.json is whole (atomic), the completeness mark and the stale figure are gone, user files stay
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "notes.txt"]
+    assert (out / "config.json").read_text() == "old"

@@ -729,6 +729,79 @@ def _status_name(solution) -> str:
     return _io.solution_summary(solution)["status_name"]
 
 
+def _clear_old_results(out: Path) -> None:
+    """Before overwriting: remove the old report.json first (a folder without it is incomplete) and the old
+    figures (a figure this run does not draw must not survive from the last one)."""
+    for name in (_io.REPORT_FILE, *(f"{f}.{ext}" for f in _FIGURES for ext in ("png", "pdf", "svg"))):
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UsageError(f"--overwrite: cannot remove {out / name}: {e.strerror or e}") from None
+
+
+def _solve_or_none(problem, solver: dict, show: bool):
+    """`run_solver` with the progress line; None when Ctrl-C arrived before a solution came back."""
+    import jax
+
+    bar = _Progress(sys.stderr, solver["steps"]) if show else None
+    try:
+        solution = run_solver(problem, solver, bar)
+        jax.block_until_ready(solution.value)
+        return solution
+    except KeyboardInterrupt:
+        return None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _save_inputs(out: Path, created: bool, config: dict, solution, history_every: int) -> None:
+    """config.json, then solution.npz (atomically each). On a write error: a folder this command created loses
+    what it got and is removed; an overwritten folder keeps whole files and no report.json (incomplete)."""
+    try:
+        _io.write_json(out / _io.CONFIG_FILE, config)
+        _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=history_every)
+    except OSError as e:
+        if created:
+            with contextlib.suppress(OSError):
+                (out / _io.CONFIG_FILE).unlink()
+            _discard(out, created)
+        raise _write_error(e) from None
+
+
+def _analyse_and_draw(args, problem, solution, solver: dict, out: Path, interrupted: bool):
+    """prediction, check, metrics, notes and figure files; the NC1 trace (from snapshots) is added to
+    solution.npz. An interrupted solve is not checked (a note says how to); Ctrl-C here keeps what was done."""
+    prediction, check, metrics, notes, files = None, None, None, [], []
+    try:
+        if interrupted:
+            notes.append(f"the solve was interrupted after {int(solution.num_steps)} steps: the check and the "
+                         f"figures were skipped; run 'ufm check {out}' to check what was reached")
+            prediction, _ = _predict(problem)
+            return prediction, check, metrics, notes, files, interrupted
+        prediction, check, metrics, notes = _analyse(problem, solution, args.hessian)
+        trace = None
+        if solution.snapshots is not None and _finite(solution):
+            from .plotting import nc1_over_training
+
+            trace = nc1_over_training(problem, solution.snapshots)
+            _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=solver["history_every"],
+                              extras={"trace_nc1_step": trace[0], "trace_nc1": trace[1]})
+        if args.plots:
+            figs = draw_figures(problem, solution, prediction, metrics, folder=out,
+                                history_every=solver["history_every"], tol=solver["tol"], trace=trace, notes=notes)
+            files = [p.name for p in figs]
+    except KeyboardInterrupt:
+        interrupted = True
+        notes.append("interrupted during the check or the figures: what is missing was skipped; run "
+                     f"'ufm check {out}' / 'ufm plot {out}' to complete it")
+    except OSError as e:
+        raise _write_error(e) from None
+    return prediction, check, metrics, notes, files, interrupted
+
+
 def cmd_solve(args, argv) -> int:
     """``ufm solve``. Files are written in the order config.json, solution.npz, figures, report.json, each
     atomically; report.json (which lists the files) marks a complete folder. Ctrl-C: during the solve with
@@ -743,68 +816,30 @@ def cmd_solve(args, argv) -> int:
         raise UsageError("dtype float64 needs jax_enable_x64, which could not be turned on (JAX was used first)")
     _check_memory(problem, solver, args.hessian, "this problem")
     out, created = _prepare_out(args)
+    if not created and any((out / f).exists() for f in (_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE)):
+        _clear_old_results(out)  # --overwrite of a results folder (refused without it by _prepare_out)
     config = {"problem": problem.to_dict(), "solver": solver, "made_by": _io.made_by()}
 
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
-    bar = _Progress(sys.stderr, solver["steps"]) if show else None
     t0 = time.perf_counter()
-    try:
-        solution = run_solver(problem, solver, bar)
-        jax.block_until_ready(solution.value)
-    except KeyboardInterrupt:
+    solution = _solve_or_none(problem, solver, show)
+    if solution is None:
         gone = _discard(out, created)
         sys.stderr.write(f"\n{PROG} solve: interrupted before a solution came back; nothing saved"
                          f"{f' (removed the empty folder {out})' if gone else ''}\n")
         return 130
-    finally:
-        if bar is not None:
-            bar.close()
     solve_time = time.perf_counter() - t0
-    interrupted = _status_name(solution) == "interrupted"
-
-    files = [_io.CONFIG_FILE, _io.SOLUTION_FILE]
     try:
-        _io.write_json(out / _io.CONFIG_FILE, config)
-        _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=solver["history_every"])
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            (out / _io.CONFIG_FILE).unlink()
-        _discard(out, created)
-        raise _write_error(e) from None
+        _save_inputs(out, created, config, solution, solver["history_every"])
     except KeyboardInterrupt:  # the atomic writes left whole files or none
-        sys.stderr.write(f"\n{PROG} solve: interrupted while saving; {out} may be incomplete (no report.json)\n")
+        sys.stderr.write(f"\n{PROG} solve: interrupted while saving; {out} is incomplete (no report.json)\n")
         return 130
-
-    prediction, check, metrics, notes, trace, extras = None, None, None, [], None, {}
-    try:
-        if interrupted:
-            notes.append(f"the solve was interrupted after {int(solution.num_steps)} steps: the check and the "
-                         f"figures were skipped; run 'ufm check {out}' to check what was reached")
-            prediction, _ = _predict(problem)
-        else:
-            prediction, check, metrics, notes = _analyse(problem, solution, args.hessian)
-            if solution.snapshots is not None and _finite(solution):
-                from .plotting import nc1_over_training
-
-                trace = nc1_over_training(problem, solution.snapshots)
-                extras = {"trace_nc1_step": trace[0], "trace_nc1": trace[1]}
-                _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=solver["history_every"],
-                                  extras=extras)
-            if args.plots:
-                figs = draw_figures(problem, solution, prediction, metrics, folder=out,
-                                    history_every=solver["history_every"], tol=solver["tol"], trace=trace,
-                                    notes=notes)
-                files += [p.name for p in figs]
-    except KeyboardInterrupt:
-        interrupted = True
-        notes.append("interrupted during the check or the figures: what is missing was skipped; run "
-                     f"'ufm check {out}' / 'ufm plot {out}' to complete it")
-    except OSError as e:
-        raise _write_error(e) from None
+    prediction, check, metrics, notes, figs, interrupted = _analyse_and_draw(
+        args, problem, solution, solver, out, _status_name(solution) == "interrupted")
 
     report = build_report(problem, solution, prediction, check, metrics, notes)
     report["solver"] = solver
-    files.insert(1, _io.REPORT_FILE)
+    files = [_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE, *figs]
     report["run"] = {
         "command": [PROG, *argv],
         "started": started,
