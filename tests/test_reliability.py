@@ -174,14 +174,16 @@ def test_npz_declaring_a_huge_member_is_refused_from_its_header(run, tmp_path, c
     assert rc == 0, err
 
     z = dict(np.load(run / "solution.npz"))
-    for name, value, words in (
+    for i, (name, value, words) in enumerate((
         ("H", None, ("H must have shape d_1 x N = (4, 6)", "(1000000000,)")),
         ("value", np.ones(3), ("value must have shape", "a scalar ()", "(3,)")),
         ("status", np.asarray(0.5), ("status", "must be integer", "float64")),
         ("history_loss", np.ones(10**4), ("history_loss must be 1-D with at most num_steps + 1",)),
         ("W1", np.ones((3, 4), np.float32), ("one floating dtype",)),
-    ):
-        folder = tmp_path / name
+        ("num_steps", np.asarray(-5), ("num_steps must be >= 0",)),
+        ("status", np.asarray(99), ("status 99 is not a status code of this ufm", "0 converged")),
+    )):
+        folder = tmp_path / f"{name}{i}"
         shutil.copytree(run, folder)
         zz = {k: v for k, v in z.items() if k != name}
         np.savez(folder / "solution.npz", **zz)

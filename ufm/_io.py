@@ -354,6 +354,9 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         if len(dtypes) != 1:
             raise ResultsError(f"solution file {path}: H, W_l (and b) must share one floating dtype; got "
                                f"{sorted(map(str, dtypes))}")
+        if next(iter(dtypes)) not in (np.dtype(np.float32), np.dtype(np.float64)):
+            raise ResultsError(f"solution file {path}: the parameters must be float32 or float64 (the dtypes ufm "
+                               f"solves in); got {next(iter(dtypes))}")
         for name, kinds, what in (("value", "f", "the objective f"), ("grad_norm", "f", "||grad f||"),
                                   ("num_steps", "iu", "the steps taken"), ("status", "iu", "the status code")):
             needed[name] = _expect(members, name, (), kinds, f"{what}, a scalar ()", path)
@@ -365,6 +368,11 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         if num_steps < 0 or history_every < 1:
             raise ResultsError(f"solution file {path}: num_steps must be >= 0 and history_every >= 1; got "
                                f"{num_steps} and {history_every}")
+        from ._solution import STATUS_NAMES
+
+        if int(scal["status"]) not in STATUS_NAMES:
+            raise ResultsError(f"solution file {path}: status {int(scal['status'])} is not a status code of this "
+                               f"ufm ({', '.join(f'{c} {n}' for c, n in sorted(STATUS_NAMES.items()))})")
         hist_ok = all(k in members for k in _HISTORY)
         if hist_ok:
             for k in _HISTORY:
