@@ -23,17 +23,38 @@ def available_memory() -> int | None:
         if stats.get("bytes_limit"):
             return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
         return None
+    host = None
     try:
         with open("/proc/meminfo") as fh:
             for line in fh:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
+                    host = int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
         pass
-    try:
-        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        return None
+    if host is None:
+        try:
+            host = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        except (ValueError, OSError, AttributeError):
+            return None
+    limit = _cgroup_room()
+    return host if limit is None else min(host, limit)
+
+
+def _cgroup_room() -> int | None:
+    """A container's memory limit minus its usage (cgroup v2, then v1); None without a limit."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        try:
+            with open(limit_file) as fh:
+                text = fh.read().strip()
+            if text == "max" or int(text) >= 2**60:  # no limit
+                return None
+            with open(usage_file) as fh:
+                return max(0, int(text) - int(fh.read().strip()))
+        except (OSError, ValueError):
+            continue
+    return None
 
 
 def estimate_memory(problem, solver: dict | None = None, hessian: bool = False) -> dict:
