@@ -59,23 +59,30 @@ def versions() -> dict:
     return out
 
 
-def run_command(prefix: str, command: Callable[[], int]) -> int:
-    """Run ``command()`` and turn what can end it into the documented exit codes: `UsageError` -> one line
-    ``"<prog>: error: <message>"`` on stderr and 2; Ctrl-C -> ``"<prog>: interrupted"`` and 130; a closed stdout
-    (``ufm ... | head``) -> quiet exit 1; ``--help``/``--version`` -> their own code. Anything else is a bug and
-    keeps its traceback."""
-    try:
-        return command()
-    except UsageError as e:
-        sys.stderr.write(f"{e.prog or prefix}: error: {e}\n")
+def exit_code(exc: BaseException, prefix: str) -> int:
+    """The documented exit code for what ended a command, after saying so on stderr: `UsageError` -> one line
+    ``"<prog>: error: <message>"`` and 2; Ctrl-C -> ``"<prog>: interrupted"`` and 130; a closed stdout
+    (``ufm ... | head``) -> quiet exit 1 (stdout is pointed at /dev/null so the interpreter's last flush is
+    silent); ``--help``/``--version`` (SystemExit) -> their own code. Anything else is a bug: re-raised with its
+    traceback."""
+    if isinstance(exc, UsageError):
+        sys.stderr.write(f"{exc.prog or prefix}: error: {exc}\n")
         return EXIT_USAGE
-    except SystemExit as e:  # --help / --version
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
+    if isinstance(exc, SystemExit):
+        return exc.code if isinstance(exc.code, int) else 0
+    if isinstance(exc, KeyboardInterrupt):
         sys.stderr.write(f"\n{prefix}: interrupted\n")
         return EXIT_INTERRUPTED
-    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
+    if isinstance(exc, BrokenPipeError):
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 1
+    raise exc
 
+
+def run_command(prefix: str, command: Callable[[], int]) -> int:
+    """``command()``, with what can end it turned into the documented exit code (`exit_code`)."""
+    try:
+        return command()
+    except (UsageError, SystemExit, KeyboardInterrupt, BrokenPipeError) as e:
+        return exit_code(e, prefix)

@@ -53,6 +53,7 @@ from . import _io, _memory, _report_text
 from ._memory import estimate_memory as estimate_memory
 from ._terminal import Parser as _Parser
 from ._terminal import UsageError as UsageError
+from ._terminal import exit_code
 from ._terminal import version as _version
 from ._terminal import versions as _versions
 
@@ -949,17 +950,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         return cmd_plot(args)
     except UsageError as e:
-        sys.stderr.write(f"{e.prog or prefix}: error: {e}\n")
-        return 2
-    except SystemExit as e:  # --help / --version
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
-        sys.stderr.write(f"\n{prefix}: interrupted\n")
-        return 130
-    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return exit_code(e, prefix)
+    except (SystemExit, KeyboardInterrupt, BrokenPipeError) as e:  # --help, Ctrl-C, a closed stdout
+        return exit_code(e, prefix)
 
 
 if __name__ == "__main__":  # pragma: no cover
