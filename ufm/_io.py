@@ -89,7 +89,7 @@ def made_by() -> dict:
 # writing: one temporary file per target, fsync, rename
 
 
-def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], None]) -> Path:
+def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> Path:
     """Write a file all or nothing: ``write(fh)`` fills a fresh temporary file next to ``path`` (created with
     ``tempfile.mkstemp``: ``O_CREAT | O_EXCL``, so a planted symlink is never followed), which is flushed,
     fsync'ed and renamed to ``path``. On any error (a full disk, Ctrl-C) the temporary file is removed, ``path``
@@ -228,7 +228,7 @@ def save_solution(path: str | os.PathLike, solution, *, history_every: int = 1,
         if not (np.issubdtype(a.dtype, np.number) or a.dtype == bool):
             raise TypeError(f"extras[{k!r}] must be a numeric array; got dtype {a.dtype}")
         arrays[k] = a
-    return atomic_write(path, lambda fh: np.savez(fh, **arrays))
+    return atomic_write(path, lambda fh: np.savez(fh, **arrays))  # type: ignore[arg-type]
 
 
 def problem_from_dict(d: dict, where: str = "problem"):

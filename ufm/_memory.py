@@ -105,7 +105,7 @@ def memory_refusal(problem, solver: dict | None = None, hessian: bool = False, w
     avail = available_memory()
     if avail is None or est["total"] <= avail:
         return None
-    big = max((k for k in est if k != "total"), key=est.get)
+    big = max((k for k in est if k != "total"), key=lambda k: est[k])
     hint = ", fewer --steps or a larger --history-every/--snapshot-every" if big in ("history", "snapshots") else ""
     return (f"{what} needs at least about {human_bytes(est['total'])} of memory ({problem.num_params:,} parameters; "
             f"the largest part, {big}, {human_bytes(est[big])}), more than the {human_bytes(avail)} available; "

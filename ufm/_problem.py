@@ -33,6 +33,7 @@ def is_concrete(x: Any) -> bool:
 def _check_int(name: str, value: Any, minimum: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer ({what}); got {value!r} of type {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum} ({what}); got {value}")
     if value > MAX_DIM:
@@ -107,6 +108,17 @@ class UFM:
       >>> p.L, p.N, p.param_shapes()
       (2, 12, ((8, 12), ((8, 8), (3, 8)), None))
     """
+
+    num_classes: int
+    n_per_class: int | tuple[int, ...]
+    widths: tuple[int, ...]
+    activation: str
+    loss: str
+    bias: str
+    lam_H: jax.Array
+    lam_W: jax.Array
+    lam_b: jax.Array
+    label_smoothing: jax.Array
 
     __slots__ = (
         "num_classes",

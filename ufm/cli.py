@@ -46,6 +46,7 @@ import os
 import sys
 import time
 import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -605,6 +606,10 @@ _header = _report_text.header
 # figures
 
 
+def _savefig(fig, fh, *, dpi: int, fmt: str) -> None:
+    fig.savefig(fh, dpi=dpi, format=fmt)
+
+
 def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: str = "png", dpi: int = 150,
                  history_every: int = 1, tol: float | None = None, trace=None, notes: list[str] | None = None
                  ) -> list[Path]:
@@ -645,7 +650,7 @@ def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: s
         try:
             with _quiet_numerics() if not finite else contextlib.nullcontext():
                 fig = make()
-                _io.atomic_write(path, lambda fh, fig=fig: fig.savefig(fh, dpi=dpi, format=fmt))
+                _io.atomic_write(path, partial(_savefig, fig, dpi=dpi, fmt=fmt))
         except (np.linalg.LinAlgError, ArithmeticError) as e:
             notes.append(f"figure {name} not drawn: {type(e).__name__}: {e}")
             continue
@@ -775,7 +780,9 @@ def _save_inputs(out: Path, created: bool, config: dict, solution, history_every
 def _analyse_and_draw(args, problem, solution, solver: dict, out: Path, interrupted: bool):
     """prediction, check, metrics, notes and figure files; the NC1 trace (from snapshots) is added to
     solution.npz. An interrupted solve is not checked (a note says how to); Ctrl-C here keeps what was done."""
-    prediction, check, metrics, notes, files = None, None, None, [], []
+    prediction, check, metrics = None, None, None
+    notes: list[str] = []
+    files: list[str] = []
     try:
         if interrupted:
             notes.append(f"the solve was interrupted after {int(solution.num_steps)} steps: the check and the "
@@ -813,7 +820,7 @@ def cmd_solve(args, argv) -> int:
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     problem, solver = resolve_config(args)
-    if solver["dtype"] == "float64" and not jax.config.jax_enable_x64:
+    if solver["dtype"] == "float64" and not jax.config.read("jax_enable_x64"):
         raise UsageError("dtype float64 needs jax_enable_x64, which could not be turned on (JAX was used first)")
     _check_memory(problem, solver, args.hessian, "this problem")
     out, created = _prepare_out(args)
@@ -848,7 +855,7 @@ def cmd_solve(args, argv) -> int:
         "progress_chunks": show,
         "seed": solver["seed"],
         "device": _device(),
-        "x64": bool(jax.config.jax_enable_x64),
+        "x64": bool(jax.config.read("jax_enable_x64")),
         "versions": _versions(),
         "results": str(out),
         "files": files,
