@@ -109,7 +109,7 @@ def test_nonfinite_init_writes_its_report(tmp_path, capsys):
 
     rc, stdout, err = _main(["check", str(out)], capsys)
     assert rc == 0 and "not-converged" in stdout and "Traceback" not in err
-    rc, stdout, err = _main(["plot", str(out), "--out", str(tmp_path / "figs")], capsys)
+    rc, stdout, err = _main(["plot", str(out), "--out", str(tmp_path / "figs"), "--dpi", "20"], capsys)
     assert rc == 0 and [p.name for p in (tmp_path / "figs").iterdir()] == ["training.png"]
     assert "note: figures collapse" in err
 
@@ -126,7 +126,7 @@ def test_check_and_plot_a_folder_with_nan_parameters(run, tmp_path, capsys):
     rep = json.loads(out)
     assert rep["check"]["verdict"] == "not-converged" and rep["metrics"] is None
     assert any("per-layer metrics skipped" in n for n in rep["notes"])
-    rc, out, err = _main(["plot", str(bad), "--out", str(tmp_path / "f")], capsys)
+    rc, out, err = _main(["plot", str(bad), "--out", str(tmp_path / "f"), "--dpi", "20"], capsys)
     assert rc == 0 and "training.png" in out and "note: figures" in err
 
 
@@ -140,8 +140,8 @@ def test_hand_edited_solver_table_is_not_trusted(run, tmp_path, capsys):
         (folder / "config.json").write_text(json.dumps(cfg))
         rc, out, err = _main(["check", str(folder), "--hessian", "off"], capsys)
         assert rc == 0 and "Traceback" not in err and "verdict" in out, err
-        rc, out, err = _main(["plot", str(folder), "--out", str(folder / "f")], capsys)
-        assert rc == 0, err
+    rc, out, err = _main(["plot", str(folder), "--out", str(folder / "f"), "--dpi", "20"], capsys)
+    assert rc == 0, err
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -242,6 +242,14 @@ def test_dpi_out_of_range(run, tmp_path, capsys):
     for dpi in ("0", "-3", "100000"):
         rc, out, err = _main(["plot", str(run), "--dpi", dpi, "--out", str(tmp_path / "x")], capsys)
         _one_line_error(rc, out, err, "--dpi must be an integer in [1, 1200]")
+
+
+def test_oversized_config_file_is_refused_unread(tmp_path, capsys):
+    big = tmp_path / "big.json"
+    with open(big, "wb") as fh:  # a sparse 17 MiB file: refused from its size, never read
+        fh.truncate(17 * 2**20)
+    rc, out, err = _main(["solve", "--config", str(big)], capsys)
+    _one_line_error(rc, out, err, "--config", "17,825,792 bytes", "at most 16,777,216")
 
 
 def test_unwritable_output_folder(tmp_path, capsys, monkeypatch):

@@ -98,6 +98,7 @@ _HESSIAN_AUTO_MAX = 500
 
 
 _MAX_DPI = 1200
+_MAX_CONFIG_BYTES = 16 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -254,6 +255,9 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
     if not path.is_file():
         raise UsageError(f"--config: file {path} does not exist")
     suffix = path.suffix.lower()
+    size = path.stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        raise UsageError(f"--config: {path} is {size:,} bytes; a config file is at most {_MAX_CONFIG_BYTES:,}")
     try:
         if suffix == ".toml":
             import tomllib
