@@ -6,6 +6,10 @@ from ._certificates import certify as certify
 from ._certificates import hessian_spectrum as hessian_spectrum
 from ._checks import Report as Report
 from ._checks import check as check
+from ._io import Results as Results
+from ._io import ResultsError as ResultsError
+from ._io import load_results as load_results
+from ._io import save_results as save_results
 from ._model import Forward as Forward
 from ._model import Params as Params
 from ._model import fit_loss as fit_loss

@@ -22,31 +22,47 @@ LOSSES = ("mse", "ce")
 BIASES = ("none", "free", "reg")
 
 
+MAX_DIM = 2**31 - 1  # the largest class count, class size or width accepted (an int32 dimension)
+
+
 def is_concrete(x: Any) -> bool:
+    """True when ``x`` is a concrete value (not a JAX tracer): only concrete values are validated."""
     return not isinstance(x, jax.core.Tracer)
 
 
 def _check_int(name: str, value: Any, minimum: int, what: str) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer ({what}); got {value!r} of type {type(value).__name__}")
+    value = int(value)
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum} ({what}); got {value}")
+    if value > MAX_DIM:
+        raise ValueError(f"{name} must be <= {MAX_DIM} ({what}); got {value}")
     return int(value)
 
 
-def _check_lam(name: str, value: Any, shape_hint: str) -> jax.Array:
+def _check_lam(name: str, value: Any, shape_hint: str, max_ndim: int = 0, what: str = "a weight-decay strength"):
+    """Validate a number leaf: a real, finite, non-negative scalar (``max_ndim=0``) or vector (``max_ndim=1``).
+    Tracers (inside jit/vmap) are not checked; `ufm.solve_batch` validates batched values itself."""
     if value is None:
         raise TypeError(f"{name} must be a non-negative number {shape_hint}; got None")
     if isinstance(value, (str, bytes)):
         raise TypeError(f"{name} must be a non-negative number {shape_hint}; got {value!r}")
     if is_concrete(value):
-        arr = np.asarray(value)
+        try:
+            arr = np.asarray(value)
+        except (TypeError, ValueError) as e:  # ragged lists and the like
+            raise TypeError(f"{name} must be a non-negative number {shape_hint}; got {value!r} ({e})") from None
         if not (np.issubdtype(arr.dtype, np.floating) or np.issubdtype(arr.dtype, np.integer)):
             raise TypeError(f"{name} must be a non-negative number {shape_hint}; got dtype {arr.dtype}")
+        if arr.ndim > max_ndim:
+            batch = " (for a batch of values use ufm.solve_batch or ufm.sweep)"
+            raise ValueError(f"{name} must be {'a scalar' if max_ndim == 0 else 'a scalar or a vector'} "
+                             f"{shape_hint}; got shape {arr.shape}{batch}")
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name} must be finite; got {value!r}")
         if np.any(arr < 0):
-            raise ValueError(f"{name} must be >= 0 (a weight-decay strength); got {value!r}")
+            raise ValueError(f"{name} must be >= 0 ({what}); got {value!r}")
     out = jnp.asarray(value)
     if not jnp.issubdtype(out.dtype, jnp.floating):
         out = out.astype(jnp.result_type(float))
@@ -93,6 +109,17 @@ class UFM:
       (2, 12, ((8, 12), ((8, 8), (3, 8)), None))
     """
 
+    num_classes: int
+    n_per_class: int | tuple[int, ...]
+    widths: tuple[int, ...]
+    activation: str
+    loss: str
+    bias: str
+    lam_H: jax.Array
+    lam_W: jax.Array
+    lam_b: jax.Array
+    label_smoothing: jax.Array
+
     __slots__ = (
         "num_classes",
         "n_per_class",
@@ -135,6 +162,8 @@ class UFM:
             raise TypeError(f"n_per_class must be an integer n or a sequence of K class sizes; got {n_per_class!r}")
         if isinstance(widths, numbers.Integral) and not isinstance(widths, bool):
             widths = (widths,)
+        elif isinstance(widths, np.ndarray) and widths.ndim == 1:
+            widths = tuple(widths.tolist())
         if not isinstance(widths, (tuple, list)) or len(widths) == 0:
             raise TypeError(f"widths must be a non-empty sequence (d_1, ..., d_L) of positive integers; got {widths!r}")
         ws = tuple(_check_int(f"widths[{i}]", w, 1, f"d_{i + 1}, a layer width") for i, w in enumerate(widths))
@@ -146,7 +175,7 @@ class UFM:
         if bias not in BIASES:
             raise ValueError(f"bias must be one of {BIASES}; got {bias!r}")
         lH = _check_lam("lam_H", lam_H, "(lambda_H)")
-        lW = _check_lam("lam_W", lam_W, f"(a scalar or one per layer, L={L})")
+        lW = _check_lam("lam_W", lam_W, f"(lambda_W: a scalar or shape (L,) = ({L},), one per layer)", max_ndim=1)
         if lW.ndim == 0:
             lW = jnp.broadcast_to(lW, (L,))
         elif lW.shape[-1] != L and is_concrete(lam_W):
@@ -159,7 +188,7 @@ class UFM:
                 )
             if bias != "reg" and np.any(np.asarray(lam_b) != 0):
                 raise ValueError(f"lam_b={lam_b!r} is only used with bias='reg'; got bias={bias!r}")
-        ls = _check_lam("label_smoothing", label_smoothing, "(alpha in [0, 1))")
+        ls = _check_lam("label_smoothing", label_smoothing, "(alpha in [0, 1))", what="alpha in [0, 1)")
         if is_concrete(label_smoothing):
             if np.any(np.asarray(label_smoothing) >= 1):
                 raise ValueError(f"label_smoothing must be in [0, 1); got {label_smoothing!r}")
@@ -219,12 +248,35 @@ class UFM:
         return np.repeat(np.arange(self.num_classes), self.class_sizes)
 
     def replace(self, **changes) -> UFM:
-        """A copy with some fields changed (validated as in the constructor)."""
+        """A copy with some fields changed (validated as in the constructor).
+
+        A per-layer ``lam_W`` is kept when ``widths`` changes but L does not; when L changes, a ``lam_W`` equal in
+        every layer becomes that scalar, and a per-layer one that differs between layers must be given anew
+        (``ValueError`` naming lam_W otherwise)."""
+        unknown = sorted(set(changes) - set(self.__slots__))
+        if unknown:
+            raise TypeError(f"UFM.replace: unknown field {unknown[0]!r} (fields: {', '.join(self.__slots__)})")
         fields = {name: getattr(self, name) for name in self.__slots__}
-        if "lam_W" not in changes and fields["lam_W"].ndim == 1 and "widths" in changes:
-            fields["lam_W"] = fields["lam_W"][0]
+        if "lam_W" not in changes and "widths" in changes:
+            new_widths = changes["widths"]
+            new_L = 1 if isinstance(new_widths, numbers.Integral) else len(new_widths) if isinstance(
+                new_widths, (tuple, list)) else None
+            lam_W = fields["lam_W"]
+            if new_L is not None and new_L != self.L and np.ndim(lam_W) == 1:
+                if is_concrete(lam_W) and not np.all(np.asarray(lam_W) == np.asarray(lam_W)[0]):
+                    raise ValueError(
+                        f"UFM.replace: widths changes L from {self.L} to {new_L} but lam_W is per layer "
+                        f"({np.asarray(lam_W).tolist()}); give lam_W too (a scalar or shape (L,) = ({new_L},))"
+                    )
+                fields["lam_W"] = lam_W[0]
         fields.update(changes)
         return UFM(**fields)
+
+    @property
+    def num_params(self) -> int:
+        """The number of scalar parameters: d_1 N + sum_l d_{l+1} d_l (+ K with a bias)."""
+        hs, ws, bs = self.param_shapes()
+        return hs[0] * hs[1] + sum(a * b for a, b in ws) + (bs[0] if bs else 0)
 
     def static_key(self) -> tuple:
         return (self.num_classes, self.n_per_class, self.widths, self.activation, self.loss, self.bias)

@@ -25,25 +25,38 @@ progress is not bit-identical to one without (it converges to the same optimum, 
 When stderr is not a terminal (scripts, pipes, tests) the run is a single `ufm.solve` call, identical to the
 Python API with the same problem, seed and options.
 
-Exit codes: 0 when the command ran (whatever the verdict); 2 for bad input (an unknown option or value, an
-invalid config field, a missing or incomplete results folder), with one line on stderr naming the field and
-no traceback; 130 when interrupted.
+Exit codes (`ufm._terminal`): 0 when the command ran (whatever the verdict or the solver's status: a non-finite
+run writes its report, with a note for each metric or figure that is undefined there); 2 for bad input or an
+unusable environment (an unknown option or value, an invalid config field, a missing or malformed results
+folder, an output folder that cannot be written, a full disk, a problem whose estimated memory exceeds what is
+available), with one line on stderr naming the field or file and no traceback; 130 when interrupted (what came
+back from the solver is saved; see `cmd_solve`).
+
+Results folders are written and read by `ufm._io` (`ufm.save_results`, `ufm.load_results`): each file atomically,
+and read back as untrusted input.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
-import platform
 import sys
 import time
-from importlib import metadata
+import warnings
+from functools import partial
 from pathlib import Path
 from typing import Any
 
-from . import _io
+from . import _io, _memory, _report_text
+from ._memory import estimate_memory as estimate_memory
+from ._terminal import Parser as _Parser
+from ._terminal import UsageError as UsageError
+from ._terminal import exit_code
+from ._terminal import version as _version
+from ._terminal import versions as _versions
 
 PROG = "ufm"
 
@@ -84,21 +97,12 @@ _PROGRESS_CHUNKS = 20
 _HESSIAN_AUTO_MAX = 500
 
 
-class UsageError(Exception):
-    """Bad input: printed as one line, exit code 2 (``prog`` names the (sub)command when known)."""
-
-    def __init__(self, message: str, prog: str | None = None):
-        super().__init__(message)
-        self.prog = prog
+_MAX_DPI = 1200
+_MAX_CONFIG_BYTES = 16 * 2**20
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # argument parsing
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # one line, no usage dump
-        raise UsageError(f"{message} (see '{self.prog} --help')", self.prog)
 
 
 def _int_or_list(text: str):
@@ -251,6 +255,9 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
     if not path.is_file():
         raise UsageError(f"--config: file {path} does not exist")
     suffix = path.suffix.lower()
+    size = path.stat().st_size
+    if size > _MAX_CONFIG_BYTES:
+        raise UsageError(f"--config: {path} is {size:,} bytes; a config file is at most {_MAX_CONFIG_BYTES:,}")
     try:
         if suffix == ".toml":
             import tomllib
@@ -271,6 +278,8 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
     solver: dict = {}
     known_p, known_s = set(DEFAULT_PROBLEM), set(DEFAULT_SOLVER)
     for key, value in data.items():
+        if key == "made_by":  # provenance written by save_results: not an input
+            continue
         if key in ("problem", "solver"):
             if not isinstance(value, dict):
                 raise UsageError(f"--config: {path}: [{key}] must be a table of fields; got {value!r}")
@@ -457,30 +466,15 @@ class _Progress:
 # prediction, check, metrics (each degrades to a stated reason when its module is not available)
 
 
-def _optional(module: str, name: str):
-    """``ufm.<module>.<name>``, or None when that module is not part of this installation (an error inside an
-    existing module is not hidden)."""
-    import importlib
-
-    try:
-        return getattr(importlib.import_module(f"ufm.{module}"), name)
-    except ModuleNotFoundError as e:
-        if e.name == f"ufm.{module}":
-            return None
-        raise
-
-
 def _predict(problem):
-    predict = _optional("_theory", "predict")
-    if predict is None:
-        return None, "no prediction: ufm.predict is not available in this installation"
+    from ._theory import predict
+
     return predict(problem), None
 
 
 def _check(problem, solution, prediction, hessian: bool):
-    check = _optional("_checks", "check")
-    if check is None:
-        return None, "no verdict: ufm.check is not available in this installation"
+    from ._checks import check
+
     return check(problem, solution, prediction, hessian=hessian), None
 
 
@@ -491,8 +485,7 @@ def _layer_metrics(problem, params):
 
 
 def _num_params(problem) -> int:
-    hs, ws, bs = problem.param_shapes()
-    return math.prod(hs) + sum(math.prod(s) for s in ws) + (bs[0] if bs else 0)
+    return problem.num_params
 
 
 def _use_hessian(mode: str, problem) -> tuple[bool, str | None]:
@@ -509,20 +502,65 @@ def _use_hessian(mode: str, problem) -> tuple[bool, str | None]:
                    "it, slowly): 'matches' means first-order only")
 
 
+def _finite(solution) -> bool:
+    """The objective and every parameter finite: only then are metrics and figures of the parameters defined."""
+    import jax
+    import numpy as np
+
+    leaves = jax.tree_util.tree_leaves(solution.params)
+    return math.isfinite(float(solution.value)) and all(bool(np.all(np.isfinite(np.asarray(x)))) for x in leaves)
+
+
+@contextlib.contextmanager
+def _quiet_numerics():
+    """Overflow/invalid warnings off: used only where the objective is already known not to be finite."""
+    import numpy as np
+
+    with warnings.catch_warnings(), np.errstate(all="ignore"):
+        warnings.simplefilter("ignore", RuntimeWarning)
+        yield
+
+
 def _analyse(problem, solution, hessian_mode: str):
-    """prediction, check report, per-layer metrics and notes (what was not available or not done)."""
+    """prediction, check report, per-layer metrics and notes (what was not computed, and why).
+
+    At a non-finite objective (status nonfinite_init or diverged, or a hand-edited file with NaN/inf parameters)
+    the check still runs (its verdict is 'not-converged'), but the per-layer metrics are skipped with a note:
+    metrics of non-finite features are undefined, and SVDs of them fail. A numerical failure inside the metrics
+    of finite parameters (overflow at ~1e150) is also a note, never a traceback."""
+    import numpy as np
+
     notes = []
     prediction, why = _predict(problem)
     if why:
         notes.append(why)
+    finite = _finite(solution)
     hessian, why = _use_hessian(hessian_mode, problem)
-    check, why_check = _check(problem, solution, prediction, hessian)
+    if finite:
+        check, why_check = _check(problem, solution, prediction, hessian and finite)
+    else:
+        with _quiet_numerics():
+            check, why_check = _check(problem, solution, prediction, False)
+        why = None
     if why_check:
         notes.append(why_check)
     elif why:
         notes.append(why)
-    metrics = _field(check, "metrics") or _layer_metrics(problem, solution.params)
+    metrics = _field(check, "metrics")
+    if metrics is None and finite:
+        try:
+            metrics = _layer_metrics(problem, solution.params)
+        except (np.linalg.LinAlgError, ArithmeticError) as e:
+            notes.append(f"per-layer metrics not computed: {type(e).__name__}: {e}")
+    elif metrics is None:
+        notes.append(_nonfinite_note(solution, "per-layer metrics"))
     return prediction, check, metrics, notes
+
+
+def _nonfinite_note(solution, what: str) -> str:
+    summary = _io.solution_summary(solution)
+    return (f"{what} skipped: the objective or the parameters are not finite (status {summary['status_name']}, "
+            f"f = {summary['value']:g})")
 
 
 def _field(obj, name, default=None):
@@ -533,19 +571,7 @@ def _field(obj, name, default=None):
     return getattr(obj, name, default)
 
 
-def _predicted_loss(prediction) -> tuple[float | None, bool]:
-    """(the predicted loss, whether it is the proven/derived optimum). For ``known=False`` the loss, when finite,
-    is the best known upper bound (an explicit candidate's objective); None when there is no number."""
-    if prediction is None:
-        return None, False
-    v = _field(prediction, "loss")
-    try:
-        v = float(v)
-    except (TypeError, ValueError):
-        return None, False
-    if not math.isfinite(v):
-        return None, False
-    return v, bool(_field(prediction, "known", False))
+_predicted_loss = _io.predicted_loss
 
 
 def _predicted_sv(prediction, name: str, L: int):
@@ -565,25 +591,6 @@ def _predicted_sv(prediction, name: str, L: int):
 # report
 
 
-def _versions() -> dict:
-    out = {"python": platform.python_version(), "platform": platform.platform()}
-    for pkg in ("ufm", "jax", "jaxlib", "optax", "numpy", "scipy", "matplotlib"):
-        try:
-            out[pkg] = metadata.version(pkg)
-        except metadata.PackageNotFoundError:
-            out[pkg] = None
-    return out
-
-
-def _version() -> str:
-    try:
-        return metadata.version("ufm")
-    except metadata.PackageNotFoundError:
-        from . import __version__
-
-        return __version__
-
-
 def _device() -> str:
     import jax
 
@@ -591,166 +598,80 @@ def _device() -> str:
     return f"{d.platform}:{getattr(d, 'device_kind', str(d))} ({jax.device_count()} device(s))"
 
 
-def _solution_summary(solution) -> dict:
-    from ._solution import MESSAGES, STATUS_NAMES
-
-    status = int(solution.status)
-    return {
-        "value": float(solution.value),
-        "grad_norm": float(solution.grad_norm),
-        "num_steps": int(solution.num_steps),
-        "status": status,
-        "status_name": STATUS_NAMES.get(status, str(status)),
-        "success": status == 0,
-        "message": MESSAGES.get(status, ""),
-        "dtype": str(solution.params.H.dtype),
-    }
+build_report = _io.build_report
 
 
-def build_report(problem, solution, prediction, check, metrics, notes: list[str]) -> dict:
-    """The JSON report: problem, solution, prediction, loss comparison, check (``ufm.check``'s Report without
-    the metrics, prediction and problem it repeats), per-layer metrics (`ufm.metrics.layer_metrics`), notes."""
-    value = float(solution.value)
-    f_pred, known = _predicted_loss(prediction)
-    comparison = {"loss": value, "predicted_loss": f_pred, "predicted_is_optimum": known, "gap": None,
-                  "relative_gap": None}
-    if f_pred is not None:
-        comparison["gap"] = value - f_pred
-        comparison["relative_gap"] = (value - f_pred) / max(abs(f_pred), 1e-300)
-    return {
-        "problem": problem.to_dict(),
-        "solution": _solution_summary(solution),
-        "comparison": comparison,
-        "prediction": _io.to_jsonable(prediction) if prediction is not None else None,
-        "check": _check_dict(check),
-        "metrics": metrics,
-        "notes": notes,
-    }
-
-
-def _check_dict(check) -> dict | None:
-    if check is None:
-        return None
-    d = _io.to_jsonable(check)
-    for k in ("metrics", "prediction", "problem"):
-        d.pop(k, None)
-    return d
-
-
-def _wrap(label: str, text: str, width: int = 110) -> list[str]:
-    import textwrap
-
-    return textwrap.wrap(text, width=width, initial_indent=f"{label:<12}", subsequent_indent=" " * 12) or [label]
-
-
-def _fmt(v, spec=".2e") -> str:
-    if v is None:
-        return "n/a"
-    if isinstance(v, float) and v == 0:
-        return "0"
-    return format(v, spec)
-
-
-def format_report(report: dict, header: str) -> str:
-    """The short human report: loss, predicted loss, gap, verdict, per-layer NC metrics."""
-    sol, cmp_ = report["solution"], report["comparison"]
-    lines = [header]
-    run = report.get("run") or {}
-    solver = report.get("solver") or {}
-    t = f", {run['solve_time_s']:.1f} s" if "solve_time_s" in run else ""
-    outcome = (f"stopped at max_steps = {sol['num_steps']}" if sol["status_name"] == "max_steps"
-               else f"{sol['status_name']} after {sol['num_steps']} steps")
-    lines.append(f"solver      {solver.get('method', '?')}, seed {solver.get('seed', '?')}, {sol['dtype']}: "
-                 f"{outcome}, |grad f| = {sol['grad_norm']:.1e}"
-                 f"{' (tol ' + format(solver['tol'], '.0e') + ')' if solver.get('tol') is not None else ''}{t}")
-    if not sol["success"]:
-        lines.extend(_wrap("", sol["message"]))
-    lines.append(f"loss        {sol['value']:.15g}")
-    pred = report.get("prediction")
-    if cmp_["predicted_loss"] is not None:
-        if cmp_.get("predicted_is_optimum", True):
-            lines.append(f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime "
-                         f"{_field(pred, 'regime', '?')})")
-        else:
-            lines.append(f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
-                         f"{_field(pred, 'regime', '?')})")
-        lines.append(f"gap         {cmp_['gap']:+.2e}  (relative {cmp_['relative_gap']:+.2e})")
-    elif pred is not None:
-        lines.append("predicted   unknown")
-    check = report.get("check")
-    if check is not None:
-        lines.append(f"verdict     {_field(check, 'verdict')}")
-        expl = _field(check, "explanation")
-        if expl:
-            for para in str(expl).splitlines():
-                lines.extend(_wrap("", para))
-    for label, key in (("structure", "structure"), ("source", "reference"), ("caveat", "reason")):
-        text = _field(pred, key)
-        if text and text != "unknown":
-            lines.extend(_wrap(label, str(text)))
-    for why in report.get("notes", []):
-        lines.extend(_wrap("note", why))
-    m = report.get("metrics")
-    if m:
-        lines.append("per layer   NC1          NC2 (to predicted geometry)   rank")
-        for f in m["features"]:
-            tgt = f.get("nc2_target")
-            nc2 = f"{_fmt(f['nc2'])} ({tgt})" if tgt else "n/a (no unique prediction)"
-            lines.append(f"  {f['name']:<9} {_fmt(f['nc1']):<12} {nc2:<29} {f['numerical_rank']}")
-        c = m.get("classifier", {})
-        if c:
-            lines.append(f"classifier  NC3 ({c.get('nc3_target')}) {_fmt(c.get('nc3_product'))}, "
-                         f"NC4 (NCC mismatch) {_fmt(c.get('ncc_mismatch'))}")
-    return "\n".join(lines)
-
-
-def _header(problem) -> str:
-    d = problem.to_dict()
-    kind = {("relu", True): "deep ReLU UFM", ("linear", True): "deep linear UFM"}.get(
-        (d["activation"], problem.L >= 2), "shallow UFM")
-    lam = f"lam_H={d['lam_H']:g}, lam_W={d['lam_W'] if isinstance(d['lam_W'], list) else format(d['lam_W'], 'g')}"
-    if d["bias"] == "reg":
-        lam += f", lam_b={d['lam_b']:g}"
-    if d["loss"] == "ce" and d["label_smoothing"]:
-        lam += f", label_smoothing={d['label_smoothing']:g}"
-    n = d["n_per_class"]
-    return (f"{kind}: K={d['num_classes']}, n={n if isinstance(n, int) else ','.join(map(str, n))}, "
-            f"widths {','.join(map(str, d['widths']))}, {d['activation']}, {d['loss']}, bias {d['bias']}, {lam}")
+_is_real = _report_text.is_real
+format_report = _report_text.format_report
+_header = _report_text.header
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # figures
 
 
-def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: str = "png", dpi: int = 150,
-                 history_every: int = 1, tol: float | None = None, trace=None) -> list[Path]:
-    """Draw the five figures of a results folder; returns the files written."""
-    import matplotlib
+def _savefig(fig, fh, *, dpi: int, fmt: str) -> None:
+    fig.savefig(fh, dpi=dpi, format=fmt)
 
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "cairo"):
-        matplotlib.use("Agg", force=False)  # a headless command never needs a GUI
+
+def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: str = "png", dpi: int = 150,
+                 history_every: int = 1, tol: float | None = None, trace=None, notes: list[str] | None = None
+                 ) -> list[Path]:
+    """Draw the five figures of a results folder (figures from `ufm.plotting`, built without pyplot, so no
+    backend is chosen here); returns the files written, each written atomically.
+
+    A figure that cannot be drawn (the parameter figures at a non-finite objective, or a numerical failure) is
+    skipped and the reason appended to ``notes``; a file that cannot be written raises `OSError`."""
+    import numpy as np
+
     from . import plotting
 
+    notes = [] if notes is None else notes
     L = problem.L
-    figs = {}
+    finite = _finite(solution)
+    makers = {}
     if solution.history is not None:
         steps, nc1, names = trace if trace is not None else (None, None, None)
         f_pred, known = _predicted_loss(prediction)
-        figs["training"] = plotting.training_curves(
+        makers["training"] = lambda: plotting.training_curves(
             solution.history, predicted_loss=f_pred, predicted_known=known, history_every=history_every,
             nc1=nc1, nc1_steps=steps, layer_names=names, tol=tol)
-    figs["collapse"] = plotting.collapse_bars(metrics)
-    figs["gram"] = plotting.gram_heatmaps(problem, solution.params, prediction=prediction)
-    figs["singular_values"] = plotting.singular_value_plot(
-        problem, solution.params, predicted_W=_predicted_sv(prediction, "sv_W", L),
-        predicted_H=_predicted_sv(prediction, "sv_H", L))
-    figs["class_means"] = plotting.class_means_plot(problem, solution.params, dim=2 if problem.num_classes <= 3 else 3)
+    if finite and metrics is not None:
+        makers["collapse"] = lambda: plotting.collapse_bars(metrics)
+    if finite:
+        makers["gram"] = lambda: plotting.gram_heatmaps(problem, solution.params, prediction=prediction)
+        makers["singular_values"] = lambda: plotting.singular_value_plot(
+            problem, solution.params, predicted_W=_predicted_sv(prediction, "sv_W", L),
+            predicted_H=_predicted_sv(prediction, "sv_H", L))
+        makers["class_means"] = lambda: plotting.class_means_plot(
+            problem, solution.params, dim=2 if problem.num_classes <= 3 else 3)
+    else:
+        notes.append(_nonfinite_note(solution, "figures " + ", ".join(
+            n for n in _FIGURES if n != "training")))
     written = []
-    for name, fig in figs.items():
+    for name, make in makers.items():
         path = folder / f"{name}.{fmt}"
-        fig.savefig(path, dpi=dpi)
+        try:
+            with _quiet_numerics() if not finite else contextlib.nullcontext():
+                fig = make()
+                _io.atomic_write(path, partial(_savefig, fig, dpi=dpi, fmt=fmt))
+        except (np.linalg.LinAlgError, ArithmeticError) as e:
+            notes.append(f"figure {name} not drawn: {type(e).__name__}: {e}")
+            continue
         written.append(path)
     return written
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# resources
+
+
+def _check_memory(problem, solver: dict | None, hessian_mode: str, what: str) -> None:
+    """Refuse, before any compute, a problem whose estimated memory exceeds what is available (`ufm._memory`)."""
+    hessian, _ = _use_hessian(hessian_mode, problem)
+    why = _memory.memory_refusal(problem, solver, hessian, what)
+    if why:
+        raise UsageError(why)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -765,57 +686,172 @@ def _emit(report: dict, header: str, as_json: bool) -> None:
     sys.stdout.flush()
 
 
-def _prepare_out(args) -> Path:
-    if args.out is None:
-        return _io.new_results_dir(".")
-    out = args.out
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} exists and is not a folder")
-    taken = [f for f in (_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE) if (out / f).exists()]
-    if taken and not args.overwrite:
-        raise UsageError(f"--out {out} already holds results ({', '.join(taken)}); choose another folder or pass "
-                         "--overwrite")
+def _writable(folder: Path, flag: str) -> None:
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        _io.check_writable(folder)
     except OSError as e:
-        raise UsageError(f"--out {out} cannot be created: {e.strerror}") from None
-    return out
+        raise UsageError(f"{flag} {folder} is not writable: {e.strerror or e}") from None
+
+
+def _prepare_out(args) -> tuple[Path, bool]:
+    """The results folder, created if needed and checked writable; ``(folder, created)``."""
+    if args.out is None:
+        try:
+            out = _io.new_results_dir(".")
+        except OSError as e:
+            raise UsageError(f"cannot create a results folder in {Path.cwd()}: {e.strerror or e}") from None
+        created = True
+    else:
+        out = args.out
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} exists and is not a folder")
+        taken = [f for f in (_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE) if (out / f).exists()]
+        if taken and not args.overwrite:
+            raise UsageError(f"--out {out} already holds results ({', '.join(taken)}); choose another folder or "
+                             "pass --overwrite")
+        created = not out.exists()
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UsageError(f"--out {out} cannot be created: {e.strerror or e}") from None
+    try:
+        _writable(out, "--out")
+    except UsageError:
+        _discard(out, created)
+        raise
+    return out, created
+
+
+def _discard(folder: Path, created: bool) -> bool:
+    """Remove ``folder`` if this command created it and it is still empty; True if removed."""
+    if created:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+            return True
+    return False
+
+
+def _write_error(e: OSError) -> UsageError:
+    return UsageError(f"cannot write {e.filename or 'the results'}: {e.strerror or e}")
+
+
+def _status_name(solution) -> str:
+    return _io.solution_summary(solution)["status_name"]
+
+
+def _clear_old_results(out: Path) -> None:
+    """Before overwriting: remove the old report.json first (a folder without it is incomplete) and the old
+    figures (a figure this run does not draw must not survive from the last one)."""
+    for name in (_io.REPORT_FILE, *(f"{f}.{ext}" for f in _FIGURES for ext in ("png", "pdf", "svg"))):
+        try:
+            (out / name).unlink()
+        except FileNotFoundError:
+            pass
+        except OSError as e:
+            raise UsageError(f"--overwrite: cannot remove {out / name}: {e.strerror or e}") from None
+
+
+def _solve_or_none(problem, solver: dict, show: bool):
+    """`run_solver` with the progress line; None when Ctrl-C arrived before a solution came back."""
+    import jax
+
+    bar = _Progress(sys.stderr, solver["steps"]) if show else None
+    try:
+        solution = run_solver(problem, solver, bar)
+        jax.block_until_ready(solution.value)
+        return solution
+    except KeyboardInterrupt:
+        return None
+    finally:
+        if bar is not None:
+            bar.close()
+
+
+def _save_inputs(out: Path, created: bool, config: dict, solution, history_every: int) -> None:
+    """config.json, then solution.npz (atomically each). On a write error: a folder this command created loses
+    what it got and is removed; an overwritten folder keeps whole files and no report.json (incomplete)."""
+    try:
+        _io.write_json(out / _io.CONFIG_FILE, config)
+        _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=history_every)
+    except OSError as e:
+        if created:
+            with contextlib.suppress(OSError):
+                (out / _io.CONFIG_FILE).unlink()
+            _discard(out, created)
+        raise _write_error(e) from None
+
+
+def _analyse_and_draw(args, problem, solution, solver: dict, out: Path, interrupted: bool):
+    """prediction, check, metrics, notes and figure files; the NC1 trace (from snapshots) is added to
+    solution.npz. An interrupted solve is not checked (a note says how to); Ctrl-C here keeps what was done."""
+    prediction, check, metrics = None, None, None
+    notes: list[str] = []
+    files: list[str] = []
+    try:
+        if interrupted:
+            notes.append(f"the solve was interrupted after {int(solution.num_steps)} steps: the check and the "
+                         f"figures were skipped; run 'ufm check {out}' to check what was reached")
+            prediction, _ = _predict(problem)
+            return prediction, check, metrics, notes, files, interrupted
+        prediction, check, metrics, notes = _analyse(problem, solution, args.hessian)
+        trace = None
+        if solution.snapshots is not None and _finite(solution):
+            from .plotting import nc1_over_training
+
+            trace = nc1_over_training(problem, solution.snapshots)
+            _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=solver["history_every"],
+                              extras={"trace_nc1_step": trace[0], "trace_nc1": trace[1]})
+        if args.plots:
+            figs = draw_figures(problem, solution, prediction, metrics, folder=out,
+                                history_every=solver["history_every"], tol=solver["tol"], trace=trace, notes=notes)
+            files = [p.name for p in figs]
+    except KeyboardInterrupt:
+        interrupted = True
+        notes.append("interrupted during the check or the figures: what is missing was skipped; run "
+                     f"'ufm check {out}' / 'ufm plot {out}' to complete it")
+    except OSError as e:
+        raise _write_error(e) from None
+    return prediction, check, metrics, notes, files, interrupted
 
 
 def cmd_solve(args, argv) -> int:
+    """``ufm solve``. Files are written in the order config.json, solution.npz, figures, report.json, each
+    atomically; report.json (which lists the files) marks a complete folder. Ctrl-C: during the solve with
+    nothing reached, the folder is removed (when this command created it); once a solution came back (also one
+    with status 'interrupted'), config, solution and a report with a note are saved and the exit code is 130."""
     import jax
 
     t_start = time.perf_counter()
     started = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     problem, solver = resolve_config(args)
-    if solver["dtype"] == "float64" and not jax.config.jax_enable_x64:
+    if solver["dtype"] == "float64" and not jax.config.read("jax_enable_x64"):
         raise UsageError("dtype float64 needs jax_enable_x64, which could not be turned on (JAX was used first)")
-    out = _prepare_out(args)
-    config = {"problem": problem.to_dict(), "solver": solver}
+    _check_memory(problem, solver, args.hessian, "this problem")
+    out, created = _prepare_out(args)
+    if not created and any((out / f).exists() for f in (_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE)):
+        _clear_old_results(out)  # --overwrite of a results folder (refused without it by _prepare_out)
+    config = {"problem": problem.to_dict(), "solver": solver, "made_by": _io.made_by()}
 
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
-    bar = _Progress(sys.stderr, solver["steps"]) if show else None
     t0 = time.perf_counter()
-    try:
-        solution = run_solver(problem, solver, bar)
-        jax.block_until_ready(solution.value)
-    finally:
-        if bar is not None:
-            bar.close()
+    solution = _solve_or_none(problem, solver, show)
+    if solution is None:
+        gone = _discard(out, created)
+        sys.stderr.write(f"\n{PROG} solve: interrupted before a solution came back; nothing saved"
+                         f"{f' (removed the empty folder {out})' if gone else ''}\n")
+        return 130
     solve_time = time.perf_counter() - t0
-
-    prediction, check, metrics, notes = _analyse(problem, solution, args.hessian)
-    trace = None
-    extras = {}
-    if solution.snapshots is not None:
-        from .plotting import nc1_over_training
-
-        trace = nc1_over_training(problem, solution.snapshots)
-        extras = {"trace_nc1_step": trace[0], "trace_nc1": trace[1]}
+    try:
+        _save_inputs(out, created, config, solution, solver["history_every"])
+    except KeyboardInterrupt:  # the atomic writes left whole files or none
+        sys.stderr.write(f"\n{PROG} solve: interrupted while saving; {out} is incomplete (no report.json)\n")
+        return 130
+    prediction, check, metrics, notes, figs, interrupted = _analyse_and_draw(
+        args, problem, solution, solver, out, _status_name(solution) == "interrupted")
 
     report = build_report(problem, solution, prediction, check, metrics, notes)
     report["solver"] = solver
-    files = [_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE]
+    files = [_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE, *figs]
     report["run"] = {
         "command": [PROG, *argv],
         "started": started,
@@ -823,61 +859,82 @@ def cmd_solve(args, argv) -> int:
         "progress_chunks": show,
         "seed": solver["seed"],
         "device": _device(),
-        "x64": bool(jax.config.jax_enable_x64),
+        "x64": bool(jax.config.read("jax_enable_x64")),
         "versions": _versions(),
         "results": str(out),
+        "files": files,
+        "interrupted": interrupted,
+        "wall_time_s": time.perf_counter() - t_start,
     }
-    _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=solver["history_every"], extras=extras)
-    _io.write_json(out / _io.CONFIG_FILE, config)
-    if args.plots:
-        figs = draw_figures(problem, solution, prediction, metrics, folder=out, history_every=solver["history_every"],
-                            tol=solver["tol"], trace=trace)
-        files += [p.name for p in figs]
-    report["run"]["files"] = files
-    report["run"]["wall_time_s"] = time.perf_counter() - t_start
-    _io.write_json(out / _io.REPORT_FILE, report)
+    try:
+        _io.write_json(out / _io.REPORT_FILE, report)
+    except OSError as e:
+        raise _write_error(e) from None
     _emit(report, _header(problem), args.json)
     if not args.json:
         sys.stdout.write(f"results     {out}{os.sep} ({', '.join(files)})\n")
-    return 0
+    return 130 if interrupted else 0
 
 
-def _load(folder: Path):
+def _load(folder: Path, hessian_mode: str, extras):
+    """Read config.json, size the problem (refusing it before reading the arrays if it cannot fit in memory),
+    then read solution.npz; `UsageError` naming the file and field on any problem."""
     try:
-        return _io.load_results(folder)
+        _, problem = _io.read_config(folder)
+        _check_memory(problem, None, hessian_mode, f"the problem of {folder}")
+        return _io.load_results(folder, extras=extras)
     except _io.ResultsError as e:
         raise UsageError(str(e)) from None
 
 
 def cmd_check(args) -> int:
-    res = _load(args.results)
+    res = _load(args.results, args.hessian, extras=False)
     prediction, check, metrics, notes = _analyse(res.problem, res.solution, args.hessian)
     report = build_report(res.problem, res.solution, prediction, check, metrics, notes)
-    report["solver"] = res.config.get("solver", {})
+    report["solver"] = res.config.get("solver") if isinstance(res.config.get("solver"), dict) else {}
     report["results"] = str(res.folder)
     _emit(report, f"{_header(res.problem)}\n(re-checked from {res.folder})", args.json)
     return 0
 
 
 def cmd_plot(args) -> int:
-    res = _load(args.results)
+    if not 1 <= args.dpi <= _MAX_DPI:
+        raise UsageError(f"--dpi must be an integer in [1, {_MAX_DPI}]; got {args.dpi}")
+    res = _load(args.results, "off", extras=("trace_nc1_step", "trace_nc1"))
     out = args.out or res.folder
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UsageError(f"--out {out} cannot be created: {e.strerror}") from None
+        raise UsageError(f"--out {out} cannot be created: {e.strerror or e}") from None
+    _writable(out, "--out" if args.out else "results folder")
     prediction, _ = _predict(res.problem)
-    metrics = _layer_metrics(res.problem, res.solution.params)
+    notes: list[str] = []
+    metrics = None
+    if _finite(res.solution):
+        import numpy as np
+
+        try:
+            metrics = _layer_metrics(res.problem, res.solution.params)
+        except (np.linalg.LinAlgError, ArithmeticError) as e:
+            notes.append(f"per-layer metrics not computed: {type(e).__name__}: {e}")
     trace = None
-    if "trace_nc1_step" in res.extras and "trace_nc1" in res.extras:
-        L = res.problem.L
-        trace = (res.extras["trace_nc1_step"], res.extras["trace_nc1"], [f"H_{l + 1}" for l in range(L)])
+    t_step, t_nc1 = res.extras.get("trace_nc1_step"), res.extras.get("trace_nc1")
+    L = res.problem.L
+    if t_step is not None and t_nc1 is not None and t_step.ndim == 1 and t_nc1.shape == (t_step.size, L):
+        trace = (t_step, t_nc1, [f"H_{l + 1}" for l in range(L)])
+    elif t_step is not None or t_nc1 is not None:
+        notes.append(f"NC1 trace not drawn: trace_nc1 must have shape (len(trace_nc1_step), L={L})")
     solver = res.config.get("solver", {}) if isinstance(res.config.get("solver"), dict) else {}
-    he = solver.get("history_every", 1)
-    files = draw_figures(res.problem, res.solution, prediction, metrics, folder=out, fmt=args.format, dpi=args.dpi,
-                         history_every=he if isinstance(he, int) and he > 0 else 1, tol=solver.get("tol"), trace=trace)
+    tol = solver.get("tol") if _is_real(solver.get("tol")) else None
+    try:
+        files = draw_figures(res.problem, res.solution, prediction, metrics, folder=out, fmt=args.format,
+                             dpi=args.dpi, history_every=res.history_every, tol=tol, trace=trace, notes=notes)
+    except OSError as e:
+        raise _write_error(e) from None
     for p in files:
         sys.stdout.write(f"{p}\n")
+    for why in notes:
+        sys.stderr.write(f"{PROG} plot: note: {why}\n")
     return 0
 
 
@@ -904,17 +961,9 @@ def main(argv: list[str] | None = None) -> int:
             return cmd_check(args)
         return cmd_plot(args)
     except UsageError as e:
-        sys.stderr.write(f"{e.prog or prefix}: error: {e}\n")
-        return 2
-    except SystemExit as e:  # --help / --version
-        return e.code if isinstance(e.code, int) else 0
-    except KeyboardInterrupt:
-        sys.stderr.write(f"\n{prefix}: interrupted\n")
-        return 130
-    except BrokenPipeError:  # stdout closed early (e.g. piped into head): stop quietly
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        return 1
+        return exit_code(e, prefix)
+    except (SystemExit, KeyboardInterrupt, BrokenPipeError) as e:  # --help, Ctrl-C, a closed stdout
+        return exit_code(e, prefix)
 
 
 if __name__ == "__main__":  # pragma: no cover
