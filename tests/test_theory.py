@@ -264,6 +264,16 @@ GRID = {
     "relu-K4-L3": U(4, 2, (4, 5, 4), activation="relu", lam_H=5e-3, lam_W=5e-3),
     # deep ReLU, K = r(r-1)/2: the SRG configuration (Súkeník et al. 2024)
     "relu-K6-L4-srg": U(6, 1, (12, 12, 12, 12), activation="relu", lam_H=0.004, lam_W=0.004),
+    # convex reductions, certified (THEORY §9.3-9.4): imbalanced CE (Hong & Ling 2023), bias none / free / reg, label
+    # smoothing, minority collapse (classes 2, 3 merge: c = 0.08 >= sqrt(1)/14), which lets d = 2 < K-1 suffice;
+    # imbalanced MSE with a regularised bias and B0 not PSD
+    "ce-none-imb": U(3, (3, 1, 1), (3,), loss="ce", lam_H=1e-2, lam_W=1e-2),
+    "ce-free-imb-minority": U(4, (6, 6, 1, 1), (3,), loss="ce", bias="free", lam_H=0.08, lam_W=0.08),
+    "ce-none-imb-minority-narrow": U(4, (6, 6, 1, 1), (2,), loss="ce", lam_H=0.08, lam_W=0.08),
+    "ce-reg-imb-ls": U(
+        3, (4, 2, 1), (3,), loss="ce", bias="reg", lam_b=0.1, lam_H=5e-3, lam_W=5e-3, label_smoothing=0.1
+    ),
+    "mse-reg-imb-notpsd": U(3, (6, 1, 1), (3,), bias="reg", lam_b=0.01, lam_H=1e-2, lam_W=1e-2),
 }
 KNOWN = {
     "mse-none",
@@ -295,6 +305,11 @@ KNOWN = {
     "relu-K2-L2",
     "relu-K2-L4-d1",
     "relu-K2-zero",
+    "ce-none-imb",
+    "ce-free-imb-minority",
+    "ce-none-imb-minority-narrow",
+    "ce-reg-imb-ls",
+    "mse-reg-imb-notpsd",
 }
 REGIMES = {
     "mse-none-zero": "zero",
@@ -391,6 +406,10 @@ REDUCED = [
     "ce-none",
     "ce-reg-ls",
     "relu-K2-L2",
+    "ce-none-imb",
+    "ce-free-imb-minority",
+    "ce-reg-imb-ls",
+    "mse-reg-imb-notpsd",
 ]
 
 
@@ -537,11 +556,9 @@ def test_srg_structure_and_explicit_point():
 
 UNKNOWN = {
     "deep CE": U(3, 2, (4, 4), loss="ce", lam_H=1e-2, lam_W=1e-2),
-    "imbalanced CE": U(3, (3, 1, 1), (3,), loss="ce", lam_H=1e-2, lam_W=1e-2),
     "CE narrow": U(4, 2, (2,), loss="ce", lam_H=1e-2, lam_W=1e-2),
     "reg+imb+narrow": U(4, IMB, (2,), bias="reg", lam_b=1.0, lam_H=1e-2, lam_W=1e-2),
     "reg+imb deep": U(3, (3, 1, 1), (3, 3), bias="reg", lam_b=1.0, lam_H=1e-2, lam_W=1e-2),
-    "reg+imb not PSD": U(3, (6, 1, 1), (3,), bias="reg", lam_b=0.01, lam_H=1e-2, lam_W=1e-2),
     "relu CE": U(3, 2, (4, 4), activation="relu", loss="ce", lam_H=1e-2, lam_W=1e-2),
     "relu bias": U(2, 2, (4, 4), activation="relu", bias="free", lam_H=1e-2, lam_W=1e-2),
     "relu narrow": U(3, 2, (4, 2), activation="relu", lam_H=1e-2, lam_W=1e-2),

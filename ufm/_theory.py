@@ -38,6 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 from scipy.optimize import brentq
 
+from . import _convex
+from ._json import to_jsonable
 from ._model import Params
 from ._problem import UFM
 from ._srg import SRGMember, idempotents, incidence, srg_ratio, srg_search
@@ -63,6 +65,11 @@ REF_DANG = (
 )
 REF_NARROW = "narrow features (rank cap = min width): THEORY.md §9.7 (derived)"
 REF_REGIMB = "regularised bias, imbalanced classes: THEORY.md §9.3 (derived, KKT certificate)"
+REF_HONG = (
+    "Hong & Ling 2023, 'Neural collapse for unconstrained feature model under cross-entropy loss with imbalanced "
+    "data' [abstract only]: the nuclear-norm convex program; in this scaling THEORY.md §9.4"
+)
+REF_CONVEX = "convex reduction solved and certified by a duality gap (ufm/_convex.py; THEORY.md §9.3-9.4)"
 REF_SMI23 = (
     "Súkeník, Mondelli, Lampert 2023 (NeurIPS), 'Deep neural collapse is provably optimal for the deep "
     "unconstrained features model', main theorem (K = 2) [recalled]; DNC loss derived in THEORY.md §4.1"
@@ -164,7 +171,14 @@ class Prediction(NamedTuple):
         SRG configuration (best non-DNC member found, THEORY §4.3) and of the best member of the whole family
         (<= dnc_loss); nan where not applicable.
       control, control_value, control_threshold: the regime parameter (a formula), its value, and the value at
-        which the zero solution becomes optimal (nan where not a single number).
+        which the zero solution becomes optimal (nan where not a single number). For the convex reductions
+        (imbalanced CE): c = sqrt(lam_W lam_H) and the smallest merge threshold (1 - alpha) sqrt(n_B)/N of a group
+        of equal-size classes (THEORY §9.4).
+      certificate: for optima computed from a convex reduction (THEORY §9.3-9.4), a `ConvexCertificate`: primal
+        point (B, b), dual point Lam, primal and dual values, relative duality gap (<= 1e-10 when ``known``) and
+        method; None for closed forms.
+      collapsed_classes: groups of classes that share one feature mean and one logit vector at the optimum
+        (minority collapse, THEORY §9.4), as tuples of class indices; () when none (or not computed).
     """
 
     known: bool
@@ -189,22 +203,12 @@ class Prediction(NamedTuple):
     control: str = ""
     control_value: float = math.nan
     control_threshold: float = math.nan
+    certificate: _convex.ConvexCertificate | None = None
+    collapsed_classes: tuple = ()
 
     def to_dict(self) -> dict:
-        """A JSON-serialisable dict (arrays as nested lists, nan as None)."""
-
-        def py(x):
-            if x is None or isinstance(x, (bool, str)):
-                return x
-            if isinstance(x, (tuple, list)):
-                return [py(v) for v in x]
-            a = np.asarray(x, dtype=float)
-            if a.ndim == 0:
-                v = float(a)
-                return v if np.isfinite(v) else None
-            return [py(v) for v in a]
-
-        return {k: py(v) for k, v in self._asdict().items()}
+        """A JSON-serialisable dict (arrays as nested lists, nan as None; the certificate as a dict)."""
+        return to_jsonable(self._asdict())
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -231,6 +235,19 @@ def _concrete_lams(problem: UFM) -> tuple[float, np.ndarray, float, float]:
             )
         out.append(a)
     return float(out[0]), out[1].astype(np.float64), float(out[2]), float(out[3])
+
+
+def _check_dtype(dtype):
+    """The dtype of `construct`'s arrays: None (JAX's default float) or float32/float64."""
+    if dtype is None:
+        return jnp.result_type(float)
+    try:
+        dt = jnp.dtype(dtype)
+    except TypeError as e:
+        raise TypeError(f"construct: dtype must be 'float32' or 'float64' (or None); got {dtype!r}") from e
+    if dt not in (jnp.dtype("float32"), jnp.dtype("float64")):
+        raise TypeError(f"construct: dtype must be 'float32' or 'float64' (or None); got {dt.name!r}")
+    return dt
 
 
 def _check_configuration(problem: UFM, configuration):
@@ -379,31 +396,18 @@ def _mse_linear(problem: UFM, lam_H, lam_W, lam_b) -> Prediction | tuple:
     mu = lam_b / (1.0 + lam_b) if bias == "reg" else (1.0 if bias == "none" else 0.0)
 
     if bias == "reg" and not problem.balanced:
-        if P != 2 or dmin < K:
-            why = (
-                ("deep linear UFM with a regularised bias and unequal class sizes is not treated in THEORY.md (§9.9)")
-                if P != 2
-                else (
-                    "regularised bias + imbalanced classes + narrow features (d < K) has "
-                    "no closed form (THEORY §9.7: non-convex, numerical only)"
-                )
-            )
+        if P != 2:
+            why = "deep linear UFM with a regularised bias and unequal class sizes is not treated in THEORY.md (§9.9)"
             return _unknown(problem, why, ref, control=control)
         # THEORY §9.3: B0 = D^{1/2} - N c (I + u u^T / lam_b); if B0 is PSD the fit gradient at B0 is -c I, and
         # I is in the subdifferential of ||.||_* at every PSD matrix, so B0 is optimal (convex problem).
+        # Otherwise (or with narrow features) the convex program is solved and certified (ufm/_convex.py).
         c = np.sqrt(lam_W[0] * lam_H)
         u = np.sqrt(ns / N)
         B0 = np.diag(np.sqrt(ns)) - N * c * (np.eye(K) + np.outer(u, u) / lam_b)
         w, Vv = np.linalg.eigh(B0)
-        if w.min() < -1e-12 * np.abs(w).max():
-            return _unknown(
-                problem,
-                "regularised bias + imbalanced classes with B0 = D^{1/2} - N c (I + u u^T/lam_b) not PSD: the optimum "
-                "is rank deficient and couples the classes; no closed form (THEORY §9.3, solve the convex program "
-                "numerically)",
-                ref + "; " + REF_REGIMB,
-                control=control,
-            )
+        if w.min() < -1e-12 * np.abs(w).max() or dmin < K:
+            return _convex_linear(problem, lam_H, lam_W, lam_b, 0.0)
         w = np.clip(w, 0.0, None)
         loss = c * np.sum(np.sqrt(ns)) - N * c * c / 2.0 * (K + 1.0 / lam_b)
         b = -(B0 - np.diag(np.sqrt(ns))) @ np.sqrt(ns) / (N * (1.0 + lam_b))
@@ -577,14 +581,8 @@ def _ce_linear(problem: UFM, lam_H, lam_W, alpha) -> dict | Prediction:
             control=control,
         )
     if not problem.balanced:
-        return _unknown(
-            problem,
-            "imbalanced cross-entropy UFM: the optimum solves the convex nuclear-norm program of "
-            "THEORY §9.4 (no closed form; Hong & Ling 2023); equal-size classes i, j merge iff "
-            "sqrt(lam_W lam_H) >= (1 - alpha) sqrt(n_B)/N",
-            ref,
-            control=control,
-        )
+        lam_b = float(np.asarray(problem.lam_b, float)) if problem.bias == "reg" else 0.0
+        return _convex_linear(problem, lam_H, lam_W, lam_b, alpha)
     d = problem.widths[0]
     if d < K - 1:
         return _unknown(
@@ -635,6 +633,101 @@ def _ce_linear(problem: UFM, lam_H, lam_W, alpha) -> dict | Prediction:
     )
 
 
+def _merged_groups(B: np.ndarray, ns: np.ndarray, rtol: float = 1e-7) -> tuple:
+    """Groups (>= 2) of classes whose class-mean logits B_k / sqrt(n_k) coincide to ``rtol`` relative to the
+    largest entry: such classes share one feature mean too (M_H^T M_H = sqrt(lam_W/lam_H) D^{-1/2} (B^T B)^{1/2}
+    D^{-1/2}, THEORY §9.0, has equal rows and columns for them). The solver's points have the merged columns equal
+    to round-off (the SVT prox and the polish keep the symmetry); 1e-7 separates them from distinct ones."""
+    M = B / np.sqrt(ns)
+    scale = max(float(np.abs(M).max()), 1e-300)
+    seen: set = set()
+    groups = []
+    for i in range(M.shape[1]):
+        if i in seen:
+            continue
+        close = [j for j in range(i + 1, M.shape[1]) if np.abs(M[:, i] - M[:, j]).max() <= rtol * scale]
+        g = [i] + [j for j in close if j not in seen]
+        seen.update(g)
+        if len(g) > 1:
+            groups.append(tuple(g))
+    return tuple(groups)
+
+
+def _convex_linear(problem: UFM, lam_H, lam_W, lam_b, alpha) -> dict | Prediction:
+    """Shallow CE with unequal classes (bias none/free/reg; THEORY §9.4) and shallow MSE with a regularised bias
+    and unequal classes (THEORY §9.3): the convex nuclear-norm program, solved and certified by ufm/_convex.py.
+    ``known`` iff the relative duality gap is <= 1e-10 and the optimum's rank fits the feature width d (then the
+    balanced factorisation of B realises it, THEORY §0 (F)); otherwise the certified-or-not point is a candidate."""
+    ns = np.asarray(problem.class_sizes, float)
+    N = ns.sum()
+    c = float(np.sqrt(lam_W[0] * lam_H))
+    ce = problem.loss == "ce"
+    if ce:
+        res = _convex.solve_ce(ns, c, bias=problem.bias, lam_b=lam_b, alpha=alpha)
+        ref = REF_HONG + "; " + REF_CONVEX
+        sizes, counts = np.unique(ns, return_counts=True)
+        shared = sizes[counts >= 2]
+        control = "c = sqrt(lam_W lam_H) (two classes of equal size n_B merge iff c >= (1 - alpha) sqrt(n_B)/N)"
+        cthr = float((1 - alpha) * np.sqrt(shared.min()) / N) if shared.size else math.nan
+    else:
+        res = _convex.solve_mse_regbias(ns, c, lam_b)
+        ref = REF_ZHOU + "; " + REF_REGIMB + "; " + REF_CONVEX
+        control, cthr = "c = sqrt(lam_W lam_H)", math.nan
+    cert = res.certificate
+    U, sv, Vt = np.linalg.svd(cert.B)
+    r = res.rank
+    d = problem.widths[0]
+    if ce:
+        b = cert.b
+    else:  # THEORY §9.0: the eliminated bias
+        b = -(cert.B - np.diag(np.sqrt(ns))) @ np.sqrt(ns) / (N * (1.0 + lam_b))
+    reasons = []
+    if not res.certified:
+        reasons.append(
+            f"the convex reduction was not certified: relative duality gap {cert.rel_gap:.3g} > "
+            f"{_convex.GAP_RTOL:g} ({cert.method}); the loss is the primal value, an upper bound"
+        )
+    if r > d:
+        reasons.append(
+            f"the convex optimum has rank {r} > d = {d}: with the rank cap the problem is non-convex (THEORY §9.7, "
+            "§9.9); the loss is the convex program's value, a lower bound, and no explicit point is returned"
+        )
+        return _unknown(problem, "; ".join(reasons), ref, control=control, certificate=cert)
+    if ce and problem.bias == "free":
+        reasons.append("free bias: b* is unique only up to a constant (CE is shift invariant); b is reported nan")
+    groups = _merged_groups(cert.B, ns) if r > 0 else ()
+    if r == 0:
+        regime = "zero"
+        structure = "all-zero features and weights" + ("" if b is None else f"; b = {np.array2string(b, precision=6)}")
+    else:
+        regime = "collapse"
+        structure = (
+            f"convex optimum of rank {r} (certified, relative duality gap {cert.rel_gap:.1e}): within-class collapse; "
+            "class means neither an ETF nor orthogonal (angles and norms depend on the class sizes); "
+            "M_H^T M_H = sqrt(lam_W/lam_H) D^{-1/2}(B^T B)^{1/2} D^{-1/2}, W W^T = sqrt(lam_H/lam_W)(B B^T)^{1/2} "
+            "(THEORY §9.0)"
+        )
+        if groups:
+            structure += "; minority collapse: classes " + ", ".join(str(list(g)) for g in groups) + " share one "
+            structure += "feature mean and one logit vector"
+    return dict(
+        known=res.certified,
+        loss=float(cert.primal),
+        regime=regime,
+        structure=structure,
+        reference=ref,
+        reason="; ".join(reasons),
+        sol=_Linear(U[:, :r], sv[:r], Vt[:r].T, b, 2),
+        target=(None,),
+        control=control,
+        cval=c,
+        cthr=cthr,
+        b_known=not (ce and problem.bias == "free"),
+        certificate=cert,
+        collapsed=groups,
+    )
+
+
 def _from_linear(problem: UFM, res: dict, lam_H, lam_W) -> Prediction:
     sol = res["sol"]
     nums = _linear_numbers(problem, sol, lam_H, lam_W, b_known=res.get("b_known", True))
@@ -644,6 +737,9 @@ def _from_linear(problem: UFM, res: dict, lam_H, lam_W) -> Prediction:
     target = (t,) * problem.L
     gram_H = nums.pop("gram_H")
     gram_W = nums.pop("gram_W")
+    b = None if sol.b is None else np.asarray(sol.b, float)
+    if b is not None and not res.get("b_known", True):
+        b = np.full(problem.K, math.nan)
     if not res.get("gram_unique", True):
         gram_H, gram_W = (None,) * problem.L, None
     return Prediction(
@@ -653,13 +749,15 @@ def _from_linear(problem: UFM, res: dict, lam_H, lam_W) -> Prediction:
         structure=res["structure"],
         reference=res["reference"],
         reason=res["reason"],
-        b=None if sol.b is None else np.asarray(sol.b, float),
+        b=b,
         gram_H=gram_H,
         gram_W=gram_W,
         target_gram=target,
         control=res["control"],
         control_value=float(res["cval"]),
         control_threshold=float(res["cthr"]),
+        certificate=res.get("certificate"),
+        collapsed_classes=res.get("collapsed", ()),
         **nums,
     )
 
@@ -1091,11 +1189,11 @@ def construct(problem: UFM, configuration: str | None = None, dtype=None) -> Par
     Raises:
       ValueError: naming why, when no explicit point is known (``predict(...).loss`` is nan).
     """
+    dt = _check_dtype(dtype)
     pred = predict(problem, configuration)
     if not np.isfinite(pred.loss):
         raise ValueError(f"construct: no explicit optimum or candidate is known for this problem: {pred.reason}")
     lam_H, lam_W, lam_b, alpha = _concrete_lams(problem)
-    dt = jnp.dtype(dtype) if dtype is not None else jnp.result_type(float)
     if pred.configuration == "srg":
         srg, _ = _srg_members(problem, lam_H, lam_W)
         H, Ws = _srg_params_np(problem, srg, lam_H, lam_W)
