@@ -178,7 +178,8 @@ class Prediction(NamedTuple):
         point (B, b), dual point Lam, primal and dual values, relative duality gap (<= 1e-10 when ``known``) and
         method; None for closed forms.
       collapsed_classes: groups of classes that share one feature mean and one logit vector at the optimum
-        (minority collapse, THEORY §9.4), as tuples of class indices; () when none (or not computed).
+        (minority collapse, THEORY §9.4), as tuples of class indices (at a zero optimum: one group of all K);
+        () when none, and for the closed forms (not computed there).
     """
 
     known: bool
@@ -695,7 +696,7 @@ def _convex_linear(problem: UFM, lam_H, lam_W, lam_b, alpha) -> dict | Predictio
         return _unknown(problem, "; ".join(reasons), ref, control=control, certificate=cert)
     if ce and problem.bias == "free":
         reasons.append("free bias: b* is unique only up to a constant (CE is shift invariant); b is reported nan")
-    groups = _merged_groups(cert.B, ns) if r > 0 else ()
+    groups = _merged_groups(cert.B, ns)  # at the zero optimum: one group, every class (features 0, logits b)
     if r == 0:
         regime = "zero"
         structure = "all-zero features and weights" + ("" if b is None else f"; b = {np.array2string(b, precision=6)}")
