@@ -28,8 +28,7 @@ import pytest
 import scipy.optimize as so
 
 import ufm
-from ufm import _srg
-from ufm._theory import phi_min, phi_threshold
+from ufm._theory import phi_min, phi_threshold, srg
 
 # ----------------------------------------------------------------------------------------------------------------
 # An independent NumPy reference: the class-mean (NC1-collapsed) UFM, in class coordinates, with its gradient.
@@ -516,8 +515,8 @@ def test_solver_goes_below_dnc_for_K3_L4():
 
 def test_srg_ratio_reproduces_theory_table():
     # THEORY §4.3 table (n = 1, lambda = 0.004, independent computation): (K, L) -> family loss / DNC loss
-    assert _srg.srg_ratio(5, 4, member="family") == pytest.approx(0.816, abs=6e-4)
-    assert _srg.srg_ratio(4, 3, member="family") == pytest.approx(1.0, abs=1e-9)  # DNC wins (pure SRG is worse):
+    assert srg.srg_ratio(5, 4, member="family") == pytest.approx(0.816, abs=6e-4)
+    assert srg.srg_ratio(4, 3, member="family") == pytest.approx(1.0, abs=1e-9)  # DNC wins (pure SRG is worse):
     assert ufm.srg_ratio(4, 3) > 1.0
     assert ufm.srg_ratio(5, 4) == pytest.approx(0.816, abs=6e-4)  # the pure SRG member is the family optimum here
 
@@ -539,13 +538,13 @@ def test_srg_structure_and_explicit_point():
     assert np.linalg.matrix_rank(Z, tol=1e-9) == 4
     assert np.linalg.matrix_rank(np.maximum(Z, 0), tol=1e-9) == 6
     # the family formula equals the model at an arbitrary (non-optimal) explicit member too
-    m = _srg.SRGMember(
+    m = srg.SRGMember(
         4, 4, 0.0, np.array([[0.0, 0.7, 0.2], [0.0, 0.9, 0.1]]), np.array([-0.5, 0.1, 0.7]), (1, 2)
     )  # z2 = d - 2s + t = 0
-    loss = _srg.member_loss(4, 4, 0.004, 0.004, 1, m.scales, m.entries)
-    from ufm._theory import _srg_params_np
+    loss = srg.member_loss(4, 4, 0.004, 0.004, 1, m.scales, m.entries)
+    from ufm._theory import srg_params
 
-    H, Ws = _srg_params_np(p, m._replace(loss=loss), 0.004, np.full(4, 0.004))
+    H, Ws = srg_params(p, m._replace(loss=loss), 0.004, np.full(4, 0.004))
     got = float(ufm.objective(p, ufm.Params(jnp.asarray(H), tuple(map(jnp.asarray, Ws)), None)))
     assert got == pytest.approx(loss, rel=1e-10)
 
@@ -599,7 +598,7 @@ def test_validation():
     with pytest.raises(ValueError, match="not r\\(r-1\\)/2"):
         ufm.construct(GRID["relu-K4-L3"], configuration="srg")
     with pytest.raises(ValueError):
-        _srg.srg_ratio(2, 3)
+        srg.srg_ratio(2, 3)
 
 
 def test_dtype_and_threshold_regime():

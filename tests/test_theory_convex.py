@@ -1,9 +1,9 @@
-"""Tests of the optima certified by a convex program (THEORY.md §9.3-9.4; ufm/_convex.py).
+"""Tests of the optima certified by a convex program (THEORY.md §9.3-9.4; ufm/convex.py).
 
 What is checked, each against something independent of the solver that produced the number:
 
 * the certificate: its primal value F(B, b) and dual value G(Lam) recomputed here from its own points with a
-  NumPy implementation written from THEORY §9.3-9.4 (not ufm/_convex.py), the dual point checked feasible
+  NumPy implementation written from THEORY §9.3-9.4 (not ufm/convex.py), the dual point checked feasible
   (||Lam||_2 <= c, q_k in the simplex, Lam sqrt(n) = 0 with a free bias), and (F - G)/F <= 1e-10;
   a perturbed certificate is rejected (the check can fail);
 * a second formulation of the same program, written here in cvxpy and solved by Clarabel (interior point):
@@ -26,7 +26,7 @@ import pytest
 from test_theory import U, _solver_check
 
 import ufm
-from ufm import _convex
+from ufm._theory import convex
 
 # ----------------------------------------------------------------------------------------------------------------
 # An independent NumPy primal and dual (THEORY §9.3-9.4)
@@ -179,12 +179,12 @@ def test_convex_solver_reproduces_closed_forms():
     for K, n, c, a, bias in [(4, 3, 2e-3, 0.0, "none"), (4, 3, 2e-3, 0.2, "free"), (3, 2, 1e-2, 0.0, "reg")]:
         tau = a * (K - 1) / K + (K - 1) * math.sqrt(n) * c
         beta = math.log((K - 1) * (1 - tau) / tau)
-        sol = _convex.solve_ce((n,) * K, c, bias=bias, lam_b=0.5, alpha=a)
+        sol = convex.solve_ce((n,) * K, c, bias=bias, lam_b=0.5, alpha=a)
         assert sol.certified
         assert sol.certificate.primal == pytest.approx(-math.log1p(-tau) + tau * beta, rel=1e-12)
     # imbalanced MSE, regularised bias, B0 PSD (THEORY §9.3): f* = c sum sqrt(n_k) - N c^2/2 (K + 1/lam_b)
     ns, c, lb = np.array([6.0, 4.0, 3.0]), 1e-3, 2.0
-    sol = _convex.solve_mse_regbias(ns, c, lb)
+    sol = convex.solve_mse_regbias(ns, c, lb)
     assert sol.certified and sol.rank == 3
     assert sol.certificate.primal == pytest.approx(
         c * np.sqrt(ns).sum() - ns.sum() * c**2 / 2 * (3 + 1 / lb), rel=1e-12

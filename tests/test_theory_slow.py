@@ -11,7 +11,7 @@ import pytest
 from test_theory import U, _solver_check, reduced_min
 
 import ufm
-from ufm import _srg
+from ufm._theory import srg
 
 pytestmark = pytest.mark.slow
 
@@ -125,14 +125,22 @@ def test_srg_point_is_not_improved_locally():
 
 
 def test_srg_family_table_and_conditions():
-    table = {(4, 3): 1.000, (4, 4): 0.944, (4, 5): 0.891, (5, 3): 0.921, (5, 4): 0.816, (5, 5): 0.752,
-             (6, 3): 0.921, (6, 4): 0.782}  # THEORY §4.3 (r, L) -> family loss / DNC loss, n = 1, lambda = 0.004
+    table = {
+        (4, 3): 1.000,
+        (4, 4): 0.944,
+        (4, 5): 0.891,
+        (5, 3): 0.921,
+        (5, 4): 0.816,
+        (5, 5): 0.752,
+        (6, 3): 0.921,
+        (6, 4): 0.782,
+    }  # THEORY §4.3 (r, L) -> family loss / DNC loss, n = 1, lambda = 0.004
     for (r, L), want in table.items():
-        assert _srg.srg_ratio(r, L, member="family") == pytest.approx(want, abs=6e-4), (r, L)
+        assert srg.srg_ratio(r, L, member="family") == pytest.approx(want, abs=6e-4), (r, L)
     # the conditions for lambda = 0.004, n = 1: the family beats DNC iff (r = 4, L >= 4) or (r >= 5, L >= 3),
     # i.e. (K = 6, L >= 4) or (K >= 10, L >= 3): the pattern of the 2024 paper's theorem (recalled)
     for r, L in itertools.product(range(3, 9), range(2, 7)):
-        ratio = _srg.srg_ratio(r, L, member="family")
+        ratio = srg.srg_ratio(r, L, member="family")
         beats = (r == 4 and L >= 4) or (r >= 5 and L >= 3)
         assert (ratio < 1 - 1e-6) == beats, (r, L, ratio)
         assert ratio <= 1 + 1e-12
