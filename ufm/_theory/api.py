@@ -8,7 +8,7 @@ import numpy as np
 from .._model import Params
 from .._problem import UFM
 from .deep_relu import dnc_params, dufm, srg_members, srg_params
-from .linear import ce_linear, from_linear, linear_params, mse_linear
+from .linear import LinearOptimum, ce_linear, from_linear, linear_params, mse_linear
 from .prediction import Prediction, check_configuration, check_dtype, concrete_lams, unknown
 
 __all__ = ["construct", "predict"]
@@ -22,14 +22,20 @@ def predict(problem: UFM, configuration: str | None = None) -> Prediction:
     * linear (or L = 1) MSE UFM, any depth, bias none / free: per-direction scalar problems (§0, §1, §3, §9.1,
       §9.2), balanced or imbalanced, including narrow widths (§9.7) and the zero threshold (rho = K sqrt(n lam_W
       lam_H) >= 1 for P = 2, C >= C* = A*(P)/(K P/2) for P >= 3, first order);
-    * shallow MSE with a regularised bias (§1 balanced; §9.3 imbalanced when B0 is PSD); deep + regularised
-      bias: the class-symmetric candidate (``known=False``) unless narrow (§9.7, known);
+    * shallow MSE with a regularised bias (§1 balanced; §9.3 imbalanced: closed form when B0 is PSD, else the
+      convex program, certified); deep + regularised bias: the class-symmetric candidate (``known=False``) unless
+      narrow (§9.7, known);
     * shallow cross-entropy, balanced, d >= K-1, bias none / free / reg, with label smoothing (§2, §9.6);
+    * shallow cross-entropy with unequal class sizes, bias none / free / reg, label smoothing (§9.4; the
+      nuclear-norm program of Hong & Ling 2023), including minority collapse: solved in NumPy and ``known=True``
+      only with a duality-gap certificate (``Prediction.certificate``, relative gap <= 1e-10) and when the
+      optimum's rank fits the width d;
     * deep ReLU MSE without bias (L >= 2): K = 2 balanced: DNC, a theorem (Súkeník et al. 2023); K >= 3: DNC and,
       for K = r(r-1)/2, the SRG family (§4.3); the lower is reported, ``known=False`` (upper bounds only).
 
     Everything else returns ``known=False`` with the reason (never raises for a valid problem): deep CE,
-    imbalanced CE, CE with d < K-1, imbalanced + regularised bias + narrow/deep, deep ReLU with bias or CE.
+    balanced CE with d < K-1, a convex optimum whose rank exceeds d or whose gap stays above 1e-10, deep linear
+    + regularised bias + unequal classes, deep ReLU with bias or CE.
     Requirements of the theorems (widths, balance) are checked and reported in ``reason``.
 
     Args:
@@ -60,7 +66,7 @@ def predict(problem: UFM, configuration: str | None = None) -> Prediction:
     if problem.loss == "mse":
         res = mse_linear(problem, lam_H, lam_W, lam_b)
     else:
-        res = ce_linear(problem, lam_H, lam_W, alpha)
+        res = ce_linear(problem, lam_H, lam_W, lam_b, alpha)
     if isinstance(res, Prediction):
         return res
     return from_linear(problem, res, lam_H, lam_W)
@@ -77,9 +83,10 @@ def construct(problem: UFM, configuration: str | None = None, dtype=None) -> Par
     Args:
       problem: a concrete `ufm.UFM`.
       configuration: None (the predicted optimum), "dnc" or "srg" (deep ReLU only).
-      dtype: the dtype of the returned arrays (default: JAX's default float).
+      dtype: the dtype of the returned arrays, "float32" or "float64" (default: JAX's default float).
 
     Raises:
+      TypeError: ``dtype`` is not float32 / float64 (checked before any compute).
       ValueError: naming why, when no explicit point is known (``predict(...).loss`` is nan).
     """
     dt = check_dtype(dtype)
@@ -98,8 +105,9 @@ def construct(problem: UFM, configuration: str | None = None, dtype=None) -> Par
         res = (
             mse_linear(problem, lam_H, lam_W, lam_b)
             if problem.loss == "mse"
-            else ce_linear(problem, lam_H, lam_W, alpha)
+            else ce_linear(problem, lam_H, lam_W, lam_b, alpha)
         )
+        assert isinstance(res, LinearOptimum)  # a finite predicted loss comes with a point
         sol = res.sol
         H, Ws = linear_params(problem, sol, lam_H, lam_W)
         b = None if sol.b is None else np.nan_to_num(np.asarray(sol.b, float), nan=0.0)

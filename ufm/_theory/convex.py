@@ -41,7 +41,8 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import NamedTuple
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -118,11 +119,11 @@ def _entropy(q):
 
 
 class _Smooth(NamedTuple):
-    value: object  # (B, b) -> float
-    grad: object  # (B, b) -> (G_B, G_b)
-    hvp: object  # (B, b, dB, db) -> (dG_B, dG_b)
-    dual: object  # (B, b) -> (G(Lam), Lam)
-    gap: object  # (B, b, Lam) -> F - G as a sum of non-negative terms (no cancellation between F and G)
+    value: Callable[..., Any]  # (B, b) -> float
+    grad: Callable[..., Any]  # (B, b) -> (G_B, G_b)
+    hvp: Callable[..., Any]  # (B, b, dB, db) -> (dG_B, dG_b)
+    dual: Callable[..., Any]  # (B, b) -> (G(Lam), Lam)
+    gap: Callable[..., Any]  # (B, b, Lam) -> F - G as a sum of non-negative terms (no cancellation between F and G)
     a: float  # curvature bound on B
     beta: float  # curvature bound on b
     has_b: bool
@@ -379,7 +380,7 @@ def _solve_staged(sm: _Smooth, c, K, max_iter, stages) -> ConvexSolution:
     early once the gap is <= 1e-13), after each stage the Newton polish at the candidate ranks; stops as soon as the
     gap is <= GAP_RTOL/2. The best certificate wins."""
     B, b, its = None, None, 0
-    cert = None
+    cert: ConvexCertificate | None = None
     for target in [t for t in stages if t < max_iter] + [max_iter]:
         B, b, more = _fista(sm, c, K, target - its, B, b)
         its += more
@@ -393,6 +394,7 @@ def _solve_staged(sm: _Smooth, c, K, max_iter, stages) -> ConvexSolution:
             cert = cp if cp.rel_gap < cert.rel_gap else cert
         if cert.rel_gap <= GAP_RTOL / 2 or its < target:  # certified, or FISTA itself converged (gap <= 1e-13)
             break
+    assert cert is not None  # at least one stage ran
     s = np.linalg.svd(cert.B, compute_uv=False)
     rank = int(np.sum(s > 1e-12 * max(s.max(initial=0.0), 1e-300)))
     return ConvexSolution(cert, bool(cert.rel_gap <= GAP_RTOL), rank)

@@ -382,7 +382,7 @@ def _direction_structure(problem: UFM, regime, truncated, tied, keep, s, b) -> t
     return structure, target
 
 
-def ce_linear(problem: UFM, lam_H, lam_W, alpha) -> LinearOptimum | Prediction:
+def ce_linear(problem: UFM, lam_H, lam_W, lam_b, alpha) -> LinearOptimum | Prediction:
     K, L = problem.K, problem.L
     ref = REF_ZHU + ("; " + REF_GUO if alpha > 0 else "")
     control = "alpha + K sqrt(n lam_W lam_H) (zero regime iff >= 1)"
@@ -395,8 +395,7 @@ def ce_linear(problem: UFM, lam_H, lam_W, alpha) -> LinearOptimum | Prediction:
             control=control,
         )
     if not problem.balanced:
-        lam_b = float(np.asarray(problem.lam_b, float)) if problem.bias == "reg" else 0.0
-        return _convex_linear(problem, lam_H, lam_W, lam_b, alpha)
+        return _convex_linear(problem, lam_H, lam_W, lam_b if problem.bias == "reg" else 0.0, alpha)
     d = problem.widths[0]
     if d < K - 1:
         return unknown(
@@ -550,7 +549,8 @@ def from_linear(problem: UFM, res: LinearOptimum, lam_H, lam_W) -> Prediction:
     if res.regime == "zero":
         t = "zero"
     target = (t,) * problem.L
-    gram_H, gram_W = nums.gram_H, nums.gram_W
+    gram_H: tuple = nums.gram_H
+    gram_W: np.ndarray | None = nums.gram_W
     b = None if sol.b is None else np.asarray(sol.b, float)
     if b is not None and not res.b_known:
         b = np.full(problem.K, math.nan)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -196,7 +196,7 @@ def unknown(problem: UFM, reason: str, reference: str = "", regime: str = "unkno
     lw, lh = sv_len(problem)
     nanv = lambda n: np.full(n, np.nan)  # noqa: E731
     b = None if problem.bias == "none" else nanv(problem.K)
-    base = dict(
+    base: dict[str, Any] = dict(
         known=False,
         loss=math.nan,
         regime=regime,
