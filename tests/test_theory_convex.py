@@ -237,3 +237,14 @@ def test_rank_cap_and_dtype():
             ufm.construct(merged, dtype=bad)
     params = ufm.construct(merged, dtype="float32")
     assert params.H.dtype == jnp.float32 and params.b is None
+
+
+def test_uncertified_optimum_says_so(monkeypatch):
+    # a gap requirement no point can meet (negative): the prediction must fall back to known=False, say why, and
+    # keep the primal point as an explicit upper bound that construct returns
+    p = CASES["ce-free-minority"]
+    monkeypatch.setattr(convex, "GAP_RTOL", -1.0)
+    pred = ufm.predict(p)
+    assert not pred.known and "not certified" in pred.reason and np.isfinite(pred.loss)
+    assert pred.certificate is not None and pred.loss == pred.certificate.primal
+    assert float(ufm.objective(p, ufm.construct(p))) == pytest.approx(pred.loss, rel=1e-10)
