@@ -273,6 +273,8 @@ GRID = {
         3, (4, 2, 1), (3,), loss="ce", bias="reg", lam_b=0.1, lam_H=5e-3, lam_W=5e-3, label_smoothing=0.1
     ),
     "mse-reg-imb-notpsd": U(3, (6, 1, 1), (3,), bias="reg", lam_b=0.01, lam_H=1e-2, lam_W=1e-2),
+    # d = 2 < K: the convex optimum has rank <= 2, so the rank cap is not active and it is the optimum
+    "mse-reg-imb-narrow-lowrank": U(3, (6, 1, 1), (2,), bias="reg", lam_b=0.01, lam_H=0.05, lam_W=0.05),
 }
 KNOWN = {
     "mse-none",
@@ -309,6 +311,7 @@ KNOWN = {
     "ce-none-imb-minority-narrow",
     "ce-reg-imb-ls",
     "mse-reg-imb-notpsd",
+    "mse-reg-imb-narrow-lowrank",
 }
 REGIMES = {
     "mse-none-zero": "zero",
@@ -409,6 +412,7 @@ REDUCED = [
     "ce-free-imb-minority",
     "ce-reg-imb-ls",
     "mse-reg-imb-notpsd",
+    "mse-reg-imb-narrow-lowrank",
 ]
 
 
