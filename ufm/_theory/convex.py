@@ -62,10 +62,11 @@ class ConvexCertificate(NamedTuple):
     Attributes:
       primal: F(B, b), the objective at the primal point (= the full UFM objective of `construct`'s parameters).
       dual: G(Lam), the dual objective at the dual point: a rigorous lower bound on the optimum.
-      gap: primal - dual (>= 0 up to round-off).
+      gap: primal - dual: the larger of F - G and its evaluation as a sum of non-negative terms (module docstring);
+        >= 0 up to round-off.
       rel_gap: gap / |primal|.
       method: how the points were found (solver, iterations).
-      B: the primal point (K x K, class coordinates: class-mean logits B D^{-1/2}).
+      B: the primal point (K x K, class coordinates: the class-mean outputs are B D^{-1/2} + b 1^T).
       b: the primal bias (K,) for cross-entropy with a bias, else None (MSE: eliminated in closed form).
       Lam: the dual point (K x K), ||Lam||_2 <= c.
     """
