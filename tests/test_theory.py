@@ -28,8 +28,7 @@ import pytest
 import scipy.optimize as so
 
 import ufm
-from ufm import _srg
-from ufm._theory import phi_min, phi_threshold
+from ufm._theory import phi_min, phi_threshold, srg
 
 # ----------------------------------------------------------------------------------------------------------------
 # An independent NumPy reference: the class-mean (NC1-collapsed) UFM, in class coordinates, with its gradient.
@@ -264,6 +263,18 @@ GRID = {
     "relu-K4-L3": U(4, 2, (4, 5, 4), activation="relu", lam_H=5e-3, lam_W=5e-3),
     # deep ReLU, K = r(r-1)/2: the SRG configuration (Súkeník et al. 2024)
     "relu-K6-L4-srg": U(6, 1, (12, 12, 12, 12), activation="relu", lam_H=0.004, lam_W=0.004),
+    # convex reductions, certified (THEORY §9.3-9.4): imbalanced CE (Hong & Ling 2023), bias none / free / reg, label
+    # smoothing, minority collapse (classes 2, 3 merge: c = 0.08 >= sqrt(1)/14), which lets d = 2 < K-1 suffice;
+    # imbalanced MSE with a regularised bias and B0 not PSD
+    "ce-none-imb": U(3, (3, 1, 1), (3,), loss="ce", lam_H=1e-2, lam_W=1e-2),
+    "ce-free-imb-minority": U(4, (6, 6, 1, 1), (3,), loss="ce", bias="free", lam_H=0.08, lam_W=0.08),
+    "ce-none-imb-minority-narrow": U(4, (6, 6, 1, 1), (2,), loss="ce", lam_H=0.08, lam_W=0.08),
+    "ce-reg-imb-ls": U(
+        3, (4, 2, 1), (3,), loss="ce", bias="reg", lam_b=0.1, lam_H=5e-3, lam_W=5e-3, label_smoothing=0.1
+    ),
+    "mse-reg-imb-notpsd": U(3, (6, 1, 1), (3,), bias="reg", lam_b=0.01, lam_H=1e-2, lam_W=1e-2),
+    # d = 2 < K: the convex optimum has rank <= 2, so the rank cap is not active and it is the optimum
+    "mse-reg-imb-narrow-lowrank": U(3, (6, 1, 1), (2,), bias="reg", lam_b=0.01, lam_H=0.05, lam_W=0.05),
 }
 KNOWN = {
     "mse-none",
@@ -295,6 +306,12 @@ KNOWN = {
     "relu-K2-L2",
     "relu-K2-L4-d1",
     "relu-K2-zero",
+    "ce-none-imb",
+    "ce-free-imb-minority",
+    "ce-none-imb-minority-narrow",
+    "ce-reg-imb-ls",
+    "mse-reg-imb-notpsd",
+    "mse-reg-imb-narrow-lowrank",
 }
 REGIMES = {
     "mse-none-zero": "zero",
@@ -391,6 +408,11 @@ REDUCED = [
     "ce-none",
     "ce-reg-ls",
     "relu-K2-L2",
+    "ce-none-imb",
+    "ce-free-imb-minority",
+    "ce-reg-imb-ls",
+    "mse-reg-imb-notpsd",
+    "mse-reg-imb-narrow-lowrank",
 ]
 
 
@@ -497,8 +519,8 @@ def test_solver_goes_below_dnc_for_K3_L4():
 
 def test_srg_ratio_reproduces_theory_table():
     # THEORY §4.3 table (n = 1, lambda = 0.004, independent computation): (K, L) -> family loss / DNC loss
-    assert _srg.srg_ratio(5, 4, member="family") == pytest.approx(0.816, abs=6e-4)
-    assert _srg.srg_ratio(4, 3, member="family") == pytest.approx(1.0, abs=1e-9)  # DNC wins (pure SRG is worse):
+    assert srg.srg_ratio(5, 4, member="family") == pytest.approx(0.816, abs=6e-4)
+    assert srg.srg_ratio(4, 3, member="family") == pytest.approx(1.0, abs=1e-9)  # DNC wins (pure SRG is worse):
     assert ufm.srg_ratio(4, 3) > 1.0
     assert ufm.srg_ratio(5, 4) == pytest.approx(0.816, abs=6e-4)  # the pure SRG member is the family optimum here
 
@@ -520,13 +542,13 @@ def test_srg_structure_and_explicit_point():
     assert np.linalg.matrix_rank(Z, tol=1e-9) == 4
     assert np.linalg.matrix_rank(np.maximum(Z, 0), tol=1e-9) == 6
     # the family formula equals the model at an arbitrary (non-optimal) explicit member too
-    m = _srg.SRGMember(
+    m = srg.SRGMember(
         4, 4, 0.0, np.array([[0.0, 0.7, 0.2], [0.0, 0.9, 0.1]]), np.array([-0.5, 0.1, 0.7]), (1, 2)
     )  # z2 = d - 2s + t = 0
-    loss = _srg.member_loss(4, 4, 0.004, 0.004, 1, m.scales, m.entries)
-    from ufm._theory import _srg_params_np
+    loss = srg.member_loss(4, 4, 0.004, 0.004, 1, m.scales, m.entries)
+    from ufm._theory import srg_params
 
-    H, Ws = _srg_params_np(p, m._replace(loss=loss), 0.004, np.full(4, 0.004))
+    H, Ws = srg_params(p, m._replace(loss=loss), 0.004, np.full(4, 0.004))
     got = float(ufm.objective(p, ufm.Params(jnp.asarray(H), tuple(map(jnp.asarray, Ws)), None)))
     assert got == pytest.approx(loss, rel=1e-10)
 
@@ -537,11 +559,9 @@ def test_srg_structure_and_explicit_point():
 
 UNKNOWN = {
     "deep CE": U(3, 2, (4, 4), loss="ce", lam_H=1e-2, lam_W=1e-2),
-    "imbalanced CE": U(3, (3, 1, 1), (3,), loss="ce", lam_H=1e-2, lam_W=1e-2),
     "CE narrow": U(4, 2, (2,), loss="ce", lam_H=1e-2, lam_W=1e-2),
     "reg+imb+narrow": U(4, IMB, (2,), bias="reg", lam_b=1.0, lam_H=1e-2, lam_W=1e-2),
     "reg+imb deep": U(3, (3, 1, 1), (3, 3), bias="reg", lam_b=1.0, lam_H=1e-2, lam_W=1e-2),
-    "reg+imb not PSD": U(3, (6, 1, 1), (3,), bias="reg", lam_b=0.01, lam_H=1e-2, lam_W=1e-2),
     "relu CE": U(3, 2, (4, 4), activation="relu", loss="ce", lam_H=1e-2, lam_W=1e-2),
     "relu bias": U(2, 2, (4, 4), activation="relu", bias="free", lam_H=1e-2, lam_W=1e-2),
     "relu narrow": U(3, 2, (4, 2), activation="relu", lam_H=1e-2, lam_W=1e-2),
@@ -582,7 +602,7 @@ def test_validation():
     with pytest.raises(ValueError, match="not r\\(r-1\\)/2"):
         ufm.construct(GRID["relu-K4-L3"], configuration="srg")
     with pytest.raises(ValueError):
-        _srg.srg_ratio(2, 3)
+        srg.srg_ratio(2, 3)
 
 
 def test_dtype_and_threshold_regime():

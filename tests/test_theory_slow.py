@@ -11,7 +11,7 @@ import pytest
 from test_theory import U, _solver_check, reduced_min
 
 import ufm
-from ufm import _srg
+from ufm._theory import srg
 
 pytestmark = pytest.mark.slow
 
@@ -125,14 +125,22 @@ def test_srg_point_is_not_improved_locally():
 
 
 def test_srg_family_table_and_conditions():
-    table = {(4, 3): 1.000, (4, 4): 0.944, (4, 5): 0.891, (5, 3): 0.921, (5, 4): 0.816, (5, 5): 0.752,
-             (6, 3): 0.921, (6, 4): 0.782}  # THEORY §4.3 (r, L) -> family loss / DNC loss, n = 1, lambda = 0.004
+    table = {
+        (4, 3): 1.000,
+        (4, 4): 0.944,
+        (4, 5): 0.891,
+        (5, 3): 0.921,
+        (5, 4): 0.816,
+        (5, 5): 0.752,
+        (6, 3): 0.921,
+        (6, 4): 0.782,
+    }  # THEORY §4.3 (r, L) -> family loss / DNC loss, n = 1, lambda = 0.004
     for (r, L), want in table.items():
-        assert _srg.srg_ratio(r, L, member="family") == pytest.approx(want, abs=6e-4), (r, L)
+        assert srg.srg_ratio(r, L, member="family") == pytest.approx(want, abs=6e-4), (r, L)
     # the conditions for lambda = 0.004, n = 1: the family beats DNC iff (r = 4, L >= 4) or (r >= 5, L >= 3),
     # i.e. (K = 6, L >= 4) or (K >= 10, L >= 3): the pattern of the 2024 paper's theorem (recalled)
     for r, L in itertools.product(range(3, 9), range(2, 7)):
-        ratio = _srg.srg_ratio(r, L, member="family")
+        ratio = srg.srg_ratio(r, L, member="family")
         beats = (r == 4 and L >= 4) or (r >= 5 and L >= 3)
         assert (ratio < 1 - 1e-6) == beats, (r, L, ratio)
         assert ratio <= 1 + 1e-12
@@ -164,3 +172,58 @@ def test_relu_binary_imbalanced_dnc_type_not_beaten(ns):
         assert not pred.known
         v = reduced_min(p, starts=10, seed=2)
         assert v.min() >= pred.loss * (1 - 1e-8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Certified convex optima (THEORY §9.3-9.4): random instances, a second formulation, the solver, small lambda
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _random_convex_problems(count, seed=3):
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(count):
+        K = int(rng.integers(3, 7))
+        ns = tuple(int(x) for x in rng.integers(1, 15, size=K))
+        lam = float(10 ** rng.uniform(-4, -1))
+        if i % 4 == 3:
+            out.append(U(K, ns, (K,), bias="reg", lam_b=float(10 ** rng.uniform(-2, 0)), lam_H=lam, lam_W=lam))
+        else:
+            bias = ("none", "free", "reg")[i % 3]
+            alpha = float(rng.choice([0.0, 0.1]))
+            lam_b = 0.1 if bias == "reg" else 0.0
+            out.append(U(K, ns, (K,), loss="ce", bias=bias, lam_b=lam_b, label_smoothing=alpha, lam_H=lam, lam_W=lam))
+    return out
+
+
+@pytest.mark.filterwarnings("ignore:Solution may be inaccurate:UserWarning")
+def test_convex_random_instances_certified_and_match_cvxpy():
+    from test_theory_convex import _cvxpy_value, primal_dual
+
+    for p in _random_convex_problems(16):
+        if p.balanced:
+            continue
+        pred = ufm.predict(p)
+        assert pred.known, (p, pred.reason)
+        if pred.certificate is not None:  # None: MSE with B0 PSD, the closed form of THEORY §9.3
+            F, G = primal_dual(p, pred.certificate)
+            assert (F - G) / F <= 1e-10 and G <= F + 1e-14, p
+        assert _cvxpy_value(p) == pytest.approx(pred.loss, rel=1e-8), p
+        params = ufm.construct(p)
+        assert float(ufm.objective(p, params)) == pytest.approx(pred.loss, rel=1e-10), p
+
+
+def test_solver_reaches_convex_optima_mse_regbias_and_ce_regbias():
+    _solver_check(
+        U(3, (6, 1, 1), (3,), bias="reg", lam_b=0.01, lam_H=1e-2, lam_W=1e-2), [(1e-2, 1e-2), (0.05, 0.05)], 4
+    )
+    p = U(3, (4, 2, 1), (3,), loss="ce", bias="reg", lam_b=0.1, label_smoothing=0.1, lam_H=5e-3, lam_W=5e-3)
+    _solver_check(p, [(5e-3, 5e-3), (0.05, 0.05)], 4, max_steps=6000)
+
+
+@pytest.mark.parametrize("c", [1e-6, 1e-5])
+def test_convex_certified_at_small_lambda(c):
+    from ufm._theory import convex
+
+    for bias in ("none", "free"):
+        assert convex.solve_ce((12, 12, 1, 1), c, bias=bias).certified

@@ -55,6 +55,8 @@ from typing import NamedTuple
 import numpy as np
 from scipy.optimize import minimize
 
+from .scalar import classwise
+
 BLOCKS = ("alpha", "beta", "gamma")  # alpha I_K, beta B, gamma 1^T
 
 
@@ -343,14 +345,10 @@ def srg_search(
 
 def dnc_scalar(K: int, L: int, lam_H: float, lam_W, n: int = 1) -> tuple[float, float]:
     """(s*, loss) of the DNC configuration of the balanced DUFM: the bias-free deep-linear scalar problem with
-    P = L + 1 factors (THEORY.md §4.1): min_s (1-s)^2/2 + K (P/2) C s^{2/P}, C = (n lam_H prod lam_W)^{1/P}."""
-    from ._theory import phi_min
-
-    lam_W = np.broadcast_to(np.asarray(lam_W, float), (L,))
-    P = L + 1
-    C = (n * lam_H * np.prod(lam_W)) ** (1.0 / P)
-    s, v, _ = phi_min(K * P / 2 * C, P)
-    return s, v
+    P = L + 1 factors (THEORY.md §4.1): min_s (1-s)^2/2 + K (P/2) C s^{2/P}, C = (n lam_H prod lam_W)^{1/P}
+    (`scalar.classwise` with K classes of size n)."""
+    cw = classwise(np.full(K, float(n)), lam_H, np.broadcast_to(np.asarray(lam_W, float), (L,)))
+    return float(cw.s[0]), cw.loss
 
 
 def srg_ratio(r: int, L: int, lam: float = 0.004, n: int = 1, member: str = "pure") -> float:
