@@ -594,7 +594,7 @@ def test_validation():
         ufm.predict(p, configuration="dnc")  # not a deep ReLU UFM
     with pytest.raises(ValueError, match="configuration"):
         ufm.predict(GRID["relu-K2-L2"], configuration="etf")
-    batched = p.replace(lam_H=np.array([1e-2, 2e-2]))
+    batched = jax.tree_util.tree_map(lambda x: jnp.stack([x, 2 * x]), p)  # a vmapped batch of problems
     with pytest.raises(ValueError, match="not a batch"):
         ufm.predict(batched)
     with pytest.raises(ValueError, match="traced"):
