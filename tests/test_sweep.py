@@ -26,9 +26,9 @@ import pytest
 
 import ufm
 from ufm import _sweep as S
+from ufm import sweep_plots as SP
 from ufm._json import to_jsonable
 from ufm._sweep import runner as R
-from ufm import sweep_plots as SP
 
 # 3 lambdas x 2 learning rates x 8 seeds = 48 runs; chunk_size 4 -> 12 chunks of one compiled group.
 REF = {"K": 3, "n": 2, "widths": [4, 4], "activation": "relu", "lam": [1e-3, 3e-3, 1e-2], "method": "gd",
@@ -467,3 +467,94 @@ def test_lbfgs_sweep_equals_loop_and_reaches_the_closed_form():
             assert abs(rec["gap"]) < 1e-8
             if rec["check"] is not None:  # with the Hessian certificate: stationary, no negative curvature
                 assert rec["verdict"] == "matches" and rec["check"]["certificate"]["hessian"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# store integrity, temporary files, command-line errors
+
+
+def test_corrupt_and_tampered_lines_are_named_skipped_and_resumed_around(ref, tmp_path):
+    lines = _raw_lines(ref["store"])[:-1]  # header + 48 records
+    rec5 = json.loads(lines[5])  # line 6 of the file
+    rec5["loss"] *= 1.001  # an edited loss: the checksum no longer matches
+    foreign = dict(json.loads(lines[9]), index=3)  # a record moved in from elsewhere, relabelled
+    from ufm._sweep.store import seal
+
+    foreign = seal({k: v for k, v in foreign.items() if k != "sha256"}, "another-store")  # valid elsewhere
+    body = list(lines)
+    body[3] = b'{"run": "oops'  # a corrupt line in the middle (line 4)
+    body[5] = json.dumps(rec5).encode()
+    body.append(json.dumps(foreign).encode())
+    store = tmp_path / "tampered.jsonl"
+    store.write_bytes(b"\n".join(body) + b"\n")
+    with pytest.warns(S.StoreIntegrityWarning) as w:
+        recs = ufm.load_sweep(store)
+    msg = str(w[0].message)
+    assert "3 bad line(s)" in msg and "line 4: not JSON" in msg and f"line 6: checksum mismatch (run {rec5['run']}" \
+        in msg and "line 50: checksum mismatch" in msg
+    assert len(recs) == 46  # the two damaged runs are missing, the foreign one is not taken
+    with pytest.raises(ValueError, match="line 4: not JSON"):
+        ufm.load_sweep(store, strict=True)
+    # a resume recomputes exactly the two damaged runs and appends them; the store then holds all 48, as the
+    # uninterrupted sweep (the bad lines stay in the file and are reported on every load)
+    with pytest.warns(S.StoreIntegrityWarning):
+        res = ufm.sweep(REF, store, chunk_size=CHUNK)
+    assert (res.num_new, res.num_skipped) == (2, 46)
+    with pytest.warns(S.StoreIntegrityWarning, match="3 bad line"):
+        final = ufm.load_sweep(store)
+    assert _strip(final) == _strip(ref["res"].records)
+
+
+def test_store_creation_never_follows_a_planted_symlink(tmp_path):
+    from ufm._sweep.store import Store, new_header
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    store = tmp_path / "s.jsonl"
+    # the old predictable temporary name, and a few pids around ours, point at the victim
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        os.symlink(victim, f"{store}.tmp{pid}")
+    fp = {"n_runs": 1, "runs_sha256": "x", "settings": {}, "versions": {}}
+    st = Store(str(store), new_header(fp, {}, "now"))
+    st.append([{"run": "r", "index": 0}])
+    st.close()
+    assert victim.read_text() == "precious"
+    assert json.loads(store.read_text().splitlines()[0])["ufm_sweep"] == S.SCHEMA
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name and not p.is_symlink()) == []
+    # a store path that is a symlink to a file that is not a store is refused, the file untouched
+    link = tmp_path / "link.jsonl"
+    os.symlink(victim, link)
+    with pytest.raises(ValueError, match="is not a ufm sweep store"):
+        Store(str(link), new_header(fp, {}, "now"))
+    assert victim.read_text() == "precious"
+
+
+def test_cli_store_folder_read_only_devices_and_broken_pipe(ref, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"grid": REF, "chunk_size": CHUNK}))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert S.sweep_main([str(cfg), "--store", str(folder)]) == 2
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc_ro = S.sweep_main([str(cfg), "--store", str(ro / "s.jsonl")])
+    finally:
+        ro.chmod(0o700)
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"grid": REF, "devices": "cpu"}))
+    assert S.sweep_main([str(cpu)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a folder" in err[0] and "'devices' must be a number of devices" in err[-1]
+    if os.geteuid() != 0:  # root writes anywhere
+        assert rc_ro == 2 and "permission denied" in err[1]
+        assert len(err) == 3
+    assert all(line.startswith("ufm sweep: error:") for line in err)
+    # `ufm sweep ... | true`: the reader is gone before the summary line; one line on stderr, exit 2
+    proc = subprocess.Popen(RUNNER + [ref["config"], "--store", ref["store"]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(ref))
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "broken pipe" in lines[0], err.decode()[-2000:]
