@@ -558,3 +558,43 @@ def test_cli_store_folder_read_only_devices_and_broken_pipe(ref, tmp_path, capsy
     _, err = proc.communicate(timeout=300)
     lines = err.decode().strip().splitlines()
     assert proc.returncode == 2 and len(lines) == 1 and "broken pipe" in lines[0], err.decode()[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataFrames
+
+
+def test_load_sweep_as_frame_layout_and_phase_table_from_a_frame(ref, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    recs = ufm.load_sweep(ref["store"])
+    hdr, df = ufm.load_sweep(ref["store"], as_frame=True, header=True)
+    assert isinstance(df, pd.DataFrame) and len(df) == 48 and list(df.index) == list(range(48))
+    assert hdr["fingerprint"]["n_runs"] == 48
+    # nested config flattened with dots; lists of numbers are tuples (hashable for groupby)
+    assert df["config.lam_H"].tolist() == [r["config"]["lam_H"] for r in recs]
+    assert df["config.widths"].iloc[0] == (4, 4) and df["ranks.H"].iloc[0] == tuple(recs[0]["ranks"]["H"])
+    assert df["loss"].dtype == np.float64 and df["loss"].tolist() == [r["loss"] for r in recs]
+    # per-layer metrics: one column group per layer, named as ufm.metrics.layer_metrics names the layer
+    names = [f["name"] for f in recs[0]["metrics"]["features"]]
+    assert names == ["H_1", "Z_2", "H_2", "out"]
+    for j, name in enumerate(names):
+        assert df[f"metrics.features.{name}.nc1"].tolist() == [r["metrics"]["features"][j]["nc1"] for r in recs]
+    assert df["metrics.dnc.2.dnc1"].tolist() == [r["metrics"]["dnc"][1]["dnc1"] for r in recs]
+    # a theorist's pandas: the median gap per lambda equals the same median over the records
+    med = df.groupby("config.lam_H")["gap"].median()
+    for lam, v in med.items():
+        assert v == np.median([r["gap"] for r in recs if r["config"]["lam_H"] == lam])
+    # a phase diagram from a (filtered) DataFrame equals the one from the records
+    for value in ("gap", "rank", "status"):
+        t_df = SP.phase_table(df, "lam", "lr", value)
+        t_rec = SP.phase_table(recs, "lam", "lr", value)
+        np.testing.assert_array_equal(t_df.values, t_rec.values)
+        assert (t_df.x, t_df.y, t_df.categories) == (t_rec.x, t_rec.y, t_rec.categories)
+    sub = SP.phase_table(df[df["config.seed"] < 2], "lam", "lr", "gap")
+    assert (sub.counts == 2).all()
+    with pytest.raises(ValueError, match="exclusive"):
+        ufm.load_sweep(ref["store"], as_frame=True, columns=True)
+    # without pandas: a clear ImportError naming the extra
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match=r"as_frame=True needs pandas: pip install pandas \(or 'ufm\[frames\]'\)"):
+        ufm.load_sweep(ref["store"], as_frame=True)
