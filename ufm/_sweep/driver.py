@@ -21,6 +21,7 @@ from .._checks import check
 from .._json import to_jsonable
 from .._problem import UFM
 from .._solution import Solution
+from .._solver import solve
 from .columns import frame_records, to_columns, to_frame
 from .grid import expand_grid, is_int, is_num, problem_of, run_id
 from .progress import Progress, tqdm_class
@@ -353,8 +354,6 @@ def rerun(record: Mapping) -> tuple[UFM, Solution]:
     Example:
       >>> problem, sol = ufm.rerun(ufm.load_sweep("sweep.jsonl")[17])   # doctest: +SKIP
     """
-    from .._solver import solve
-
     if not isinstance(record, Mapping):
         raise TypeError(f"record must be a sweep record (a dict) or its config; got {type(record).__name__}")
     c = record["config"] if "config" in record else record
