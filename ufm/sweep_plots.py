@@ -209,7 +209,7 @@ def phase_diagram(
         ax.legend(handles=[Patch(color=cm(i), label=c) for i, c in enumerate(t.categories)], title=t.label,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
-        norm = None
+        norm: colors.Normalize | None = None
         if value in ("gap", "gap_abs"):
             pos = t.values[np.isfinite(t.values) & (t.values > 0)]
             if pos.size:

@@ -61,9 +61,9 @@ def to_columns(records: Sequence[Mapping]) -> dict[str, np.ndarray]:
         elif present and all(isinstance(v, str) for v in present) and len(present) == len(vals):
             cols[k] = np.asarray(vals, str)
         else:
-            arr = None
+            arr: np.ndarray | None = None
             if len(present) == len(vals) and all(isinstance(v, list) for v in vals):
-                items = [x for v in vals for x in v]
+                items = [x for v in vals for x in (v or [])]
                 dt = np.int64 if all(is_int(x) for x in items) else np.float64
                 try:
                     arr = np.asarray(vals, dt) if all(is_num(x) for x in items) else None
@@ -96,8 +96,8 @@ def flatten_record(record: Mapping) -> dict[str, Any]:
         if isinstance(v, Mapping):
             for k, x in v.items():
                 walk(f"{prefix}.{k}" if prefix else str(k), x)
-        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v) and _layer_keys(v) is not None:
-            for key, x in zip(_layer_keys(v), v, strict=True):
+        elif isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v) and (keys := _layer_keys(v)):
+            for key, x in zip(keys, v, strict=True):
                 walk(f"{prefix}.{key}", {k: y for k, y in x.items() if k not in ("name", "layer")})
         elif isinstance(v, list):
             flat[prefix] = tuple(tuple(x) if isinstance(x, list) else x for x in v)

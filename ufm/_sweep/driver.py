@@ -199,9 +199,9 @@ def sweep(
             raise TypeError(f"{name} must be True or False; got {v!r}")
     if progress is not None and not isinstance(progress, bool):
         raise TypeError(f"progress must be None, True or False; got {progress!r}")
-    for name, v in (("rank_rtol", rank_rtol), ("rank_atol", rank_atol)):
-        if not is_num(v) or not math.isfinite(v) or v < 0:
-            raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+    for name, tol in (("rank_rtol", rank_rtol), ("rank_atol", rank_atol)):
+        if not is_num(tol) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"{name} must be a finite number >= 0; got {tol!r}")
     check_options = validate_check_options(check_options)
     if client is not None:
         if not _is_client(client):
@@ -218,7 +218,7 @@ def sweep(
         tqdm_class(required=True)
     settings = {
         "chunk_size": int(chunk_size), "second_order": bool(second_order), "rank_rtol": float(rank_rtol),
-        "rank_atol": float(rank_atol), "x64": bool(jax.config.jax_enable_x64), "metrics": bool(metrics),
+        "rank_atol": float(rank_atol), "x64": bool(jax.config.read("jax_enable_x64")), "metrics": bool(metrics),
         "check_options": to_jsonable(check_options),
     }
     ids = [run_id(c) for c in configs]
@@ -367,7 +367,7 @@ def iter_fields(records: Iterable[Mapping], field: str) -> list:
     """The value of ``field`` in each record: a config field (``lam_H``, ``num_classes``), the derived ``L``
     (depth, len(widths)) and ``width`` (d_1 when all widths are equal, else the widths tuple), or a dotted path
     into the record (``ranks.out``, ``prediction.loss``, ``metrics.nc1``)."""
-    out = []
+    out: list[Any] = []
     for r in records:
         c = r.get("config", {})
         if field == "L":
@@ -376,8 +376,8 @@ def iter_fields(records: Iterable[Mapping], field: str) -> list:
             w = c["widths"]
             out.append(w[0] if len(set(w)) == 1 else tuple(w))
         elif field in c:
-            v = c[field]
-            out.append(tuple(v) if isinstance(v, list) else v)
+            x = c[field]
+            out.append(tuple(x) if isinstance(x, list) else x)
         else:
             v: Any = r
             for part in field.split("."):
@@ -386,7 +386,7 @@ def iter_fields(records: Iterable[Mapping], field: str) -> list:
     return out
 
 
-def as_records(source) -> list[Mapping]:
+def as_records(source) -> list:
     """Records from a store path, a `SweepResult`, a pandas DataFrame of `load_sweep(..., as_frame=True)` or a
     list of records."""
     if isinstance(source, (str, os.PathLike)):

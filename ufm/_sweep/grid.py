@@ -269,7 +269,7 @@ def expand_grid(grid: Mapping | Sequence[Mapping], *, x64: bool | None = None) -
     Raises ValueError/TypeError naming the field and the value before anything runs.
     """
     if x64 is None:
-        x64 = bool(jax.config.jax_enable_x64)
+        x64 = bool(jax.config.read("jax_enable_x64"))
     grids = [grid] if isinstance(grid, Mapping) else list(grid) if isinstance(grid, (list, tuple)) else None
     if grids is None or not grids:
         raise TypeError(f"grid must be a dict of field -> value(s) or a non-empty list of dicts; got {grid!r}")

@@ -135,7 +135,7 @@ def solve_chunk(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequen
     """Solve one whole chunk (padded to ``size``) on this process's devices and return the records of the runs
     marked in ``keep``. This is the task a Dask worker runs; it sets ``jax_enable_x64`` from the settings
     first (a worker process starts with JAX's default, float32)."""
-    if bool(jax.config.jax_enable_x64) != settings["x64"]:
+    if bool(jax.config.read("jax_enable_x64")) != settings["x64"]:
         jax.config.update("jax_enable_x64", settings["x64"])
     t0 = time.perf_counter()
     host = to_host(dispatch(rows, size, make_mesh(None)), len(rows))

@@ -93,7 +93,9 @@ def read_store(path: str) -> StoreContents:
     if not isinstance(header, dict) or header.get("ufm_sweep") is None:
         raise ValueError(f"{path!r} is not a ufm sweep store (its first line is not a ufm_sweep header)")
     store_id = str(header.get("store_id", ""))
-    records, bad, seen = [], [], {}
+    records: list[dict] = []
+    bad: list[tuple[int, str]] = []
+    seen: dict[str, int] = {}
     for lineno, line in enumerate(lines[1:], 2):
         try:
             r = json.loads(line)
@@ -240,12 +242,15 @@ class Store:
         """Seal (checksum) and append records in one write; returns the sealed records."""
         sealed = [seal(r, self.store_id) for r in records]
         data = b"".join(json.dumps(r, separators=(",", ":")).encode() + b"\n" for r in sealed)
+        if self.fd is None:
+            raise ValueError(f"sweep store {self.path!r} is closed")
+        fd = self.fd
         with defer_sigint():
             view = memoryview(data)
             while view:
-                n = os.write(self.fd, view)
+                n = os.write(fd, view)
                 view = view[n:]
-            os.fsync(self.fd)
+            os.fsync(fd)
         return sealed
 
     def close(self):
