@@ -27,6 +27,8 @@ import pytest
 import ufm
 from ufm import _sweep as S
 from ufm import sweep_plots as SP
+from ufm._json import to_jsonable
+from ufm._sweep import runner as R
 
 # 3 lambdas x 2 learning rates x 8 seeds = 48 runs; chunk_size 4 -> 12 chunks of one compiled group.
 REF = {"K": 3, "n": 2, "widths": [4, 4], "activation": "relu", "lam": [1e-3, 3e-3, 1e-2], "method": "gd",
@@ -36,8 +38,9 @@ RUNNER = [sys.executable, "-c", "import sys; from ufm._sweep import sweep_main; 
 
 
 def _strip(recs):
-    """Records without the timing field (the only non-deterministic one), keyed by run id."""
-    return {r["run"]: {k: v for k, v in r.items() if k != "wall_s"} for r in recs}
+    """Records without the timing field (the only non-deterministic one) and the checksum (salted by the store's
+    random id), keyed by run id."""
+    return {r["run"]: {k: v for k, v in r.items() if k not in ("wall_s", "sha256")} for r in recs}
 
 
 def _assert_close(a, b, path="metrics"):
@@ -135,9 +138,14 @@ def test_bad_sweep_options_raise_before_running(tmp_path):
         ufm.sweep(g, store, rank_rtol=-1.0)
     with pytest.raises(TypeError, match="second_order must be True or False"):
         ufm.sweep(g, store, second_order="yes")
-    if S._tools().check is not None:
-        with pytest.raises(ValueError, match=r"check_options has unknown option\(s\) \['gap_tolerance'\]"):
-            ufm.sweep(g, store, check_options={"gap_tolerance": 1e-3})
+    with pytest.raises(ValueError, match=r"check_options has unknown option\(s\) \['gap_tolerance'\]"):
+        ufm.sweep(g, store, check_options={"gap_tolerance": 1e-3})
+    with pytest.raises(ValueError, match=r"check_options\['gap_tol'\] must be None or a finite number >= 0; got -1"):
+        ufm.sweep(g, store, check_options={"gap_tol": -1})
+    with pytest.raises(TypeError, match="devices must be None, a number of devices or a list"):
+        ufm.sweep(g, store, devices="cpu")
+    with pytest.raises(TypeError, match="client must be a dask.distributed.Client"):
+        ufm.sweep(g, store, client="tcp://localhost:8786")
     with pytest.raises(ValueError, match="devices must be between 1 and"):
         ufm.sweep(g, store, devices=10_000)
     assert not store.exists()
@@ -166,7 +174,7 @@ def test_sweep_equals_loop_of_single_solves(ref):
     recs = ref["res"].records
     assert len(recs) == 48 and ref["res"].num_new == 48 and ref["res"].num_chunks == 12
     # rerun() re-solves a stored run from its record alone
-    _, again = S.rerun(recs[1])
+    _, again = ufm.rerun(recs[1])
     assert recs[1]["loss"] == pytest.approx(float(again.value), rel=1e-12, abs=0)
     # 8 of the 48 runs, covering every lambda and lr, several seeds (a single solve is ~0.1 s per run here)
     for rec in recs[::6]:
@@ -181,25 +189,23 @@ def test_sweep_equals_loop_of_single_solves(ref):
         assert rec["loss"] == pytest.approx(float(sol.value), rel=1e-12, abs=0)
         assert rec["grad_norm"] == pytest.approx(float(sol.grad_norm), rel=1e-9, abs=1e-15)
         assert rec["num_steps"] == int(sol.num_steps) == 20000 and rec["status"] == "max_steps"
-        tools = S._tools()
-        if tools.layer_metrics is not None:  # per-layer metrics of the same parameters
-            m = tools.layer_metrics(p, sol.params, rank_rtol=1e-4)
-            _assert_close(json.loads(json.dumps(S._jsonable(m))), rec["metrics"])
-        if tools.predict is not None:
-            pred = tools.predict(p)
-            assert rec["prediction"]["loss"] == pred.loss
-            # gap = (f - f*)/|f*|, here from the single solve's f
-            assert rec["gap"] == pytest.approx((float(sol.value) - pred.loss) / abs(pred.loss), rel=1e-9)
-            if tools.check is not None:  # first-order check (no Hessian), as the sweep's default
-                report = tools.check(p, sol, pred, hessian=False, metrics=False)
-                assert rec["verdict"] == report.verdict
-                assert rec["check"]["gap"] == pytest.approx(report.gap, rel=1e-9)
-                assert rec["check"]["certificate"]["hessian"] is None
-                assert not {"prediction", "metrics", "problem"} & set(rec["check"])
+        # per-layer metrics of the same parameters
+        m = ufm.metrics.layer_metrics(p, sol.params, rank_rtol=1e-4)
+        _assert_close(json.loads(json.dumps(to_jsonable(m))), rec["metrics"])
+        pred = ufm.predict(p)
+        assert rec["prediction"]["loss"] == pred.loss
+        # gap = (f - f*)/|f*|, here from the single solve's f
+        assert rec["gap"] == pytest.approx((float(sol.value) - pred.loss) / abs(pred.loss), rel=1e-9)
+        # first-order check (no Hessian), as the sweep's default
+        report = ufm.check(p, sol, pred, hessian=False, metrics=False)
+        assert rec["verdict"] == report.verdict
+        assert rec["check"]["gap"] == pytest.approx(report.gap, rel=1e-9)
+        assert rec["check"]["certificate"]["hessian"] is None
+        assert not {"prediction", "metrics", "problem"} & set(rec["check"])
 
 
 def test_two_shape_groups_and_no_recompile_when_numbers_change(ref):
-    fn = S._runner(S.expand_grid(REF)[0], S._mesh(None))
+    fn = R.compiled_runner(S.expand_grid(REF)[0], R.make_mesh(None))
     before = fn._cache_size()
     # same shapes and static options, other numbers (lambdas, lr, init_scale, seeds, tol) and another count of
     # runs (a partial last chunk): the REF executable is reused
@@ -311,11 +317,7 @@ def test_torn_last_line_is_ignored_and_redone(ref, tmp_path):
     final = ufm.load_sweep(store)
     assert _strip(final) == _strip(ref["res"].records)
     assert all(json.loads(x) for x in _raw_lines(store)[:-1]) and _raw_lines(store)[-1] == b""
-    # a corrupt line in the middle is not silently dropped
-    bad = tmp_path / "bad.jsonl"
-    bad.write_bytes(b"\n".join(lines[:3]) + b"\n{oops\n" + b"\n".join(lines[3:6]) + b"\n")
-    with pytest.raises(ValueError, match="line 4 is corrupt"):
-        ufm.load_sweep(bad)
+
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -465,3 +467,134 @@ def test_lbfgs_sweep_equals_loop_and_reaches_the_closed_form():
             assert abs(rec["gap"]) < 1e-8
             if rec["check"] is not None:  # with the Hessian certificate: stationary, no negative curvature
                 assert rec["verdict"] == "matches" and rec["check"]["certificate"]["hessian"] is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# store integrity, temporary files, command-line errors
+
+
+def test_corrupt_and_tampered_lines_are_named_skipped_and_resumed_around(ref, tmp_path):
+    lines = _raw_lines(ref["store"])[:-1]  # header + 48 records
+    rec5 = json.loads(lines[5])  # line 6 of the file
+    rec5["loss"] *= 1.001  # an edited loss: the checksum no longer matches
+    foreign = dict(json.loads(lines[9]), index=3)  # a record moved in from elsewhere, relabelled
+    from ufm._sweep.store import seal
+
+    foreign = seal({k: v for k, v in foreign.items() if k != "sha256"}, "another-store")  # valid elsewhere
+    body = list(lines)
+    body[3] = b'{"run": "oops'  # a corrupt line in the middle (line 4)
+    body[5] = json.dumps(rec5).encode()
+    body.append(json.dumps(foreign).encode())
+    store = tmp_path / "tampered.jsonl"
+    store.write_bytes(b"\n".join(body) + b"\n")
+    with pytest.warns(S.StoreIntegrityWarning) as w:
+        recs = ufm.load_sweep(store)
+    msg = str(w[0].message)
+    assert "3 bad line(s)" in msg and "line 4: not JSON" in msg and f"line 6: checksum mismatch (run {rec5['run']}" \
+        in msg and "line 50: checksum mismatch" in msg
+    assert len(recs) == 46  # the two damaged runs are missing, the foreign one is not taken
+    with pytest.raises(ValueError, match="line 4: not JSON"):
+        ufm.load_sweep(store, strict=True)
+    # a resume recomputes exactly the two damaged runs and appends them; the store then holds all 48, as the
+    # uninterrupted sweep (the bad lines stay in the file and are reported on every load)
+    with pytest.warns(S.StoreIntegrityWarning):
+        res = ufm.sweep(REF, store, chunk_size=CHUNK)
+    assert (res.num_new, res.num_skipped) == (2, 46)
+    with pytest.warns(S.StoreIntegrityWarning, match="3 bad line"):
+        final = ufm.load_sweep(store)
+    assert _strip(final) == _strip(ref["res"].records)
+
+
+def test_store_creation_never_follows_a_planted_symlink(tmp_path):
+    from ufm._sweep.store import Store, new_header
+
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    store = tmp_path / "s.jsonl"
+    # the old predictable temporary name, and a few pids around ours, point at the victim
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        os.symlink(victim, f"{store}.tmp{pid}")
+    fp = {"n_runs": 1, "runs_sha256": "x", "settings": {}, "versions": {}}
+    st = Store(str(store), new_header(fp, {}, "now"))
+    st.append([{"run": "r", "index": 0}])
+    st.close()
+    assert victim.read_text() == "precious"
+    assert json.loads(store.read_text().splitlines()[0])["ufm_sweep"] == S.SCHEMA
+    assert sorted(p.name for p in tmp_path.iterdir() if ".tmp" in p.name and not p.is_symlink()) == []
+    # a store path that is a symlink to a file that is not a store is refused, the file untouched
+    link = tmp_path / "link.jsonl"
+    os.symlink(victim, link)
+    with pytest.raises(ValueError, match="is not a ufm sweep store"):
+        Store(str(link), new_header(fp, {}, "now"))
+    assert victim.read_text() == "precious"
+
+
+def test_cli_store_folder_read_only_devices_and_broken_pipe(ref, tmp_path, capsys):
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"grid": REF, "chunk_size": CHUNK}))
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    assert S.sweep_main([str(cfg), "--store", str(folder)]) == 2
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    try:
+        rc_ro = S.sweep_main([str(cfg), "--store", str(ro / "s.jsonl")])
+    finally:
+        ro.chmod(0o700)
+    cpu = tmp_path / "cpu.json"
+    cpu.write_text(json.dumps({"grid": REF, "devices": "cpu"}))
+    assert S.sweep_main([str(cpu)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert "is a folder" in err[0] and "'devices' must be a number of devices" in err[-1]
+    if os.geteuid() != 0:  # root writes anywhere
+        assert rc_ro == 2 and "permission denied" in err[1]
+        assert len(err) == 3
+    assert all(line.startswith("ufm sweep: error:") for line in err)
+    # `ufm sweep ... | true`: the reader is gone before the summary line; one line on stderr, exit 2
+    proc = subprocess.Popen(RUNNER + [ref["config"], "--store", ref["store"]], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=_env(ref))
+    proc.stdout.close()
+    _, err = proc.communicate(timeout=300)
+    lines = err.decode().strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "broken pipe" in lines[0], err.decode()[-2000:]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# DataFrames
+
+
+def test_load_sweep_as_frame_layout_and_phase_table_from_a_frame(ref, monkeypatch):
+    pd = pytest.importorskip("pandas")
+    recs = ufm.load_sweep(ref["store"])
+    hdr, df = ufm.load_sweep(ref["store"], as_frame=True, header=True)
+    assert isinstance(df, pd.DataFrame) and len(df) == 48 and list(df.index) == list(range(48))
+    assert hdr["fingerprint"]["n_runs"] == 48
+    # nested config flattened with dots; lists of numbers are tuples (hashable for groupby)
+    assert df["config.lam_H"].tolist() == [r["config"]["lam_H"] for r in recs]
+    assert df["config.widths"].iloc[0] == (4, 4) and df["ranks.H"].iloc[0] == tuple(recs[0]["ranks"]["H"])
+    assert df["loss"].dtype == np.float64 and df["loss"].tolist() == [r["loss"] for r in recs]
+    # per-layer metrics: one column group per layer, named as ufm.metrics.layer_metrics names the layer
+    names = [f["name"] for f in recs[0]["metrics"]["features"]]
+    assert names == ["H_1", "Z_2", "H_2", "out"]
+    for j, name in enumerate(names):
+        assert df[f"metrics.features.{name}.nc1"].tolist() == [r["metrics"]["features"][j]["nc1"] for r in recs]
+    assert df["metrics.dnc.2.dnc1"].tolist() == [r["metrics"]["dnc"][1]["dnc1"] for r in recs]
+    # a theorist's pandas: the median gap per lambda equals the same median over the records
+    med = df.groupby("config.lam_H")["gap"].median()
+    for lam, v in med.items():
+        assert v == np.median([r["gap"] for r in recs if r["config"]["lam_H"] == lam])
+    # a phase diagram from a (filtered) DataFrame equals the one from the records
+    for value in ("gap", "rank", "status"):
+        t_df = SP.phase_table(df, "lam", "lr", value)
+        t_rec = SP.phase_table(recs, "lam", "lr", value)
+        np.testing.assert_array_equal(t_df.values, t_rec.values)
+        assert (t_df.x, t_df.y, t_df.categories) == (t_rec.x, t_rec.y, t_rec.categories)
+    sub = SP.phase_table(df[df["config.seed"] < 2], "lam", "lr", "gap")
+    assert (sub.counts == 2).all()
+    with pytest.raises(ValueError, match="exclusive"):
+        ufm.load_sweep(ref["store"], as_frame=True, columns=True)
+    # without pandas: a clear ImportError naming the extra
+    monkeypatch.setitem(sys.modules, "pandas", None)
+    with pytest.raises(ImportError, match=r"as_frame=True needs pandas: pip install pandas \(or 'ufm\[frames\]'\)"):
+        ufm.load_sweep(ref["store"], as_frame=True)

@@ -26,6 +26,7 @@ from ._solution import Solution as Solution
 from ._solver import solve as solve
 from ._solver import solve_batch as solve_batch
 from ._sweep import load_sweep as load_sweep
+from ._sweep import rerun as rerun
 from ._sweep import sweep as sweep
 from ._theory import Prediction as Prediction
 from ._theory import construct as construct

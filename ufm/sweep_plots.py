@@ -4,7 +4,7 @@ reach the predicted optimum, as a heat map over two swept fields.
 Numbers and display are apart: `phase_table` aggregates records into arrays (no matplotlib); `phase_diagram`
 draws one (matplotlib is imported inside).
 
-Example::
+Example (``source`` may also be a DataFrame of ``ufm.load_sweep(path, as_frame=True)``)::
 
     import ufm, ufm.sweep_plots as sp
     runs = ufm.load_sweep("sweep.jsonl")
@@ -16,14 +16,13 @@ Example::
 from __future__ import annotations
 
 import math
-import os
 from collections import Counter
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from ._sweep import iter_fields, load_sweep
+from ._sweep import as_records, iter_fields
 
 VALUES = ("verdict", "status", "reach", "gap", "gap_abs", "rank", "loss")
 
@@ -46,16 +45,6 @@ class PhaseTable(NamedTuple):
     counts: np.ndarray
     categories: list | None
     label: str
-
-
-def _records(source) -> list[Mapping]:
-    if isinstance(source, (str, os.PathLike)):
-        return load_sweep(source)
-    if hasattr(source, "records"):
-        return list(source.records)
-    if isinstance(source, Sequence):
-        return list(source)
-    raise TypeError(f"expected a store path, a SweepResult or a list of run records; got {type(source).__name__}")
 
 
 def _field(records, name: str) -> list:
@@ -93,7 +82,8 @@ def phase_table(
     """Aggregate sweep records over two fields into a table (runs sharing a cell, e.g. seeds, are pooled).
 
     Args:
-      source: a store path, a `SweepResult` or a list of records.
+      source: a store path, a `SweepResult`, a pandas DataFrame of ``ufm.load_sweep(..., as_frame=True)``
+        (possibly filtered) or a list of records.
       x, y: fields: any config field (``lam_H``, ``lam_W``, ``num_classes``, ``n_per_class``, ``lr``,
         ``init_scale``, ``seed``), ``lam`` (lam_H when lam_H = lam_W), ``L`` (depth = len(widths)), ``width``
         (d when all widths are equal), or a dotted record path.
@@ -114,7 +104,7 @@ def phase_table(
     Returns:
       `PhaseTable`.
     """
-    recs = _records(source)
+    recs = as_records(source)
     if where:
         for k, v in where.items():
             vals = _field(recs, k)
@@ -219,7 +209,7 @@ def phase_diagram(
         ax.legend(handles=[Patch(color=cm(i), label=c) for i, c in enumerate(t.categories)], title=t.label,
                   loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
     else:
-        norm = None
+        norm: colors.Normalize | None = None
         if value in ("gap", "gap_abs"):
             pos = t.values[np.isfinite(t.values) & (t.values > 0)]
             if pos.size:
