@@ -34,7 +34,8 @@ representable; the certificate then describes *that* point, not a float32 comput
 
 from __future__ import annotations
 
-import math
+import time
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -42,9 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.optimize
-import scipy.sparse.linalg as spla
 from jax.flatten_util import ravel_pytree
 
+from ._lanczos import lanczos, ritz
 from ._model import Params, check_params, fit_loss, forward, objective, regulariser
 from ._problem import UFM
 
@@ -84,15 +85,20 @@ class HessianSpectrum(NamedTuple):
 
     Attributes:
       smallest: the smallest eigenvalues, ascending, of the Hessian restricted to the orthogonal complement of
-        the symmetry-orbit tangent (all eigenvalues if ``project_symmetries=False``).
+        the symmetry-orbit tangent (all eigenvalues if ``project_symmetries=False``). Lanczos: the smallest Ritz
+        values, where a multiple eigenvalue appears once (a single Krylov sequence sees one copy).
       largest: the largest eigenvalue of the (unrestricted) Hessian, the scale for tolerances.
       symmetry_dim: the number of symmetry directions removed (the rank of the orbit tangent), or None when the
         projection was skipped (``project_symmetries=False``, or the tangent basis would exceed ``max_tangent``
         entries; then zero eigenvalues from symmetries remain among ``smallest``).
       num_params: the number of scalar parameters.
       method: "dense" or "lanczos".
-      converged: False if Lanczos stopped before convergence (``smallest`` then holds the Ritz values it had;
-        each is >= the true eigenvalue of the same rank, so a negative value still certifies a saddle).
+      converged: False if Lanczos stopped on its budget before convergence (``smallest`` then holds the Ritz values
+        it had; each is >= the true eigenvalue of the same rank, so a negative value still shows negative
+        curvature, but a non-negative one certifies nothing).
+      status: "converged", or "budget" (the iteration or time budget ran out first).
+      iterations: Hessian-vector products used (Lanczos steps; n for the dense Hessian).
+      seconds: wall time of the computation.
     """
 
     smallest: tuple[float, ...]
@@ -101,6 +107,9 @@ class HessianSpectrum(NamedTuple):
     num_params: int
     method: str
     converged: bool
+    status: str = "converged"
+    iterations: int = 0
+    seconds: float = 0.0
 
 
 class Descent(NamedTuple):
@@ -146,14 +155,13 @@ def _grads(problem: UFM, params: Params):
     return vf, vr, ravel_pytree(gf)[0], ravel_pytree(gr)[0]
 
 
-def _hvp_inner(problem, params, v):
+def _hvp_inner(problem, params, masks, slopes, v):
     flat, unravel = ravel_pytree(params)
-    g = lambda x: ravel_pytree(jax.grad(objective, argnums=1)(problem, unravel(x)))[0]
+    g = lambda x: ravel_pytree(jax.grad(_piece_objective, argnums=1)(problem, unravel(x), masks, slopes))[0]
     return jax.jvp(g, (flat,), (v,))[1]
 
 
-_hvp = jax.jit(_hvp_inner)
-_hvp_many = jax.jit(jax.vmap(_hvp_inner, in_axes=(None, None, 0)))
+_hvp_many = jax.jit(jax.vmap(_hvp_inner, in_axes=(None, None, None, None, 0)))
 
 
 def _flat(params: Params) -> np.ndarray:
@@ -355,7 +363,7 @@ def _orthonormal_rows(T: np.ndarray, rtol: float) -> np.ndarray:
 # second order
 
 
-def _dense_hessian(problem, params, n, chunk=128) -> np.ndarray:
+def _dense_hessian(problem, params, n, masks=(), slopes=(), chunk=128) -> np.ndarray:
     eye = np.eye(n)
     out = np.empty((n, n))
     dt = jnp.asarray(params.H).dtype
@@ -364,7 +372,7 @@ def _dense_hessian(problem, params, n, chunk=128) -> np.ndarray:
         pad = chunk - block.shape[0]
         if pad:  # one compiled shape for every chunk
             block = np.concatenate([block, np.zeros((pad, n))])
-        hv = np.asarray(_hvp_many(problem, params, jnp.asarray(block, dt)), np.float64)
+        hv = np.asarray(_hvp_many(problem, params, masks, slopes, jnp.asarray(block, dt)), np.float64)
         out[s : s + chunk] = hv[: chunk - pad]
     return (out + out.T) / 2
 
@@ -390,63 +398,197 @@ def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum
     return _hessian(problem, params, **options)[0]
 
 
+def _piece_objective(problem, params, masks, slopes):
+    """The smooth piece of the objective with ReLU slope ``slopes[l]`` at the masked (kink) entries (curvature 0
+    there); with all slopes 0 it is JAX's own convention (``jax.nn.relu`` has derivative 0 at 0)."""
+    if not masks:
+        return objective(problem, params)
+    return fit_loss(problem, _forward_slopes(problem, params, masks, slopes)) + regulariser(problem, params)
+
+
+# --- the symmetry projector, matrix-free (no n x m tangent matrix) ---------------------------------------------
+#
+# The tangent map T(S) = (dH, dW) of the skew matrices S_l (module docstring) has the adjoint
+# T*(v)_l = skew(dX_l X_l^T - W_l^T dW_l), where X_l is the matrix whose rows live in R^{d_l} (H or W_{l-1}) and W_l
+# the one whose columns do, skew(M) = (M - M^T)/2. For one rotated space the normal operator is a Lyapunov
+# operator: T*T S = skew(S X X^T + W^T W S) = (S A + A S)/2 with A = X X^T + W^T W (use S^T = -S), so in the
+# eigenbasis A = U diag(a) U^T it is diagonal: (U^T S U)_ij -> (a_i + a_j)/2 (U^T S U)_ij. The orthogonal
+# projection on the orbit tangent is T (T*T)^+ T*; pairs with a_i + a_j <= sym_rtol^2 (a_1 + a_2) are rotations
+# that (numerically) fix the point and are dropped, as the explicit basis drops singular values of T below
+# sym_rtol times the largest. Several rotated spaces (deep linear models) are coupled through the W between
+# them; there (T*T)^+ is applied by preconditioned conjugate gradients with these per-space inverses.
+
+
+def _rot_pairs(problem, P):
+    """(l, X, W) for each rotation-symmetric space: X = H or W_{l-1} (rows in R^{d_l}), W = W_l (columns)."""
+    mats = [P.H, *P.Ws]
+    return [(l, mats[l - 1], mats[l]) for l in _rotation_layers(problem)]
+
+
+def _tangent(problem, P, S):
+    dmats = [jnp.zeros_like(P.H), *[jnp.zeros_like(W) for W in P.Ws]]
+    for (l, X, W), s in zip(_rot_pairs(problem, P), S, strict=True):
+        dmats[l - 1] = dmats[l - 1] + s @ X
+        dmats[l] = dmats[l] - W @ s
+    return dmats
+
+
+def _tangent_adjoint(problem, P, dmats):
+    out = []
+    for l, X, W in _rot_pairs(problem, P):
+        M = dmats[l - 1] @ X.T - W.T @ dmats[l]
+        out.append((M - M.T) / 2)
+    return out
+
+
+def _sym_projector(problem, P, sym_rtol, cg_steps: int = 50):
+    """(apply, dim): ``apply(v)`` is the orthogonal projection of the flat vector v on the symmetry-orbit tangent
+    (rotations, and the CE bias shift), traceable; ``dim`` the rank counted from the kept pairs (exact for one
+    rotated space, None for several, where the coupling is not counted)."""
+    pairs = _rot_pairs(problem, P)
+    unravel = ravel_pytree(P)[1]
+    eig = []
+    for _, X, W in pairs:
+        a, U = jnp.linalg.eigh(X @ X.T + W.T @ W)
+        top2 = a[-1] + (a[-2] if a.shape[0] > 1 else 0.0)
+        den = (a[:, None] + a[None, :]) / 2
+        keep = (a[:, None] + a[None, :]) > sym_rtol**2 * top2
+        eig.append((U, jnp.where(keep, 1.0 / jnp.where(keep, den, 1.0), 0.0), keep))
+
+    def precond(R):
+        return [U @ ((U.T @ r @ U) * inv) @ U.T for (U, inv, _), r in zip(eig, R, strict=True)]
+
+    def normal(S):
+        return _tangent_adjoint(problem, P, _tangent(problem, P, S))
+
+    def dot(A, B):
+        return sum(jnp.vdot(a, b) for a, b in zip(A, B, strict=True))
+
+    def solve(R):  # (T*T)^+ R by PCG (exact in one step for one rotated space)
+        X = precond(R)
+        if len(pairs) == 1:
+            return X
+        Rk = [r - q for r, q in zip(R, normal(X), strict=True)]
+        Z = precond(Rk)
+        D = Z
+        rz = dot(Rk, Z)
+
+        def body(_, c):
+            X, Rk, D, rz = c
+            ND = normal(D)
+            dnd = dot(D, ND)
+            a = jnp.where(dnd > 0, rz / jnp.where(dnd > 0, dnd, 1.0), 0.0)
+            X = [x + a * d for x, d in zip(X, D, strict=True)]
+            Rk = [r - a * q for r, q in zip(Rk, ND, strict=True)]
+            Z = precond(Rk)
+            rz_new = dot(Rk, Z)
+            bt = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
+            D = [z + bt * d for z, d in zip(Z, D, strict=True)]
+            return X, Rk, D, rz_new
+
+        return jax.lax.fori_loop(0, cg_steps, body, (X, Rk, D, rz))[0]
+
+    shift = problem.loss == "ce" and problem.bias == "free"
+
+    def apply(v):
+        p = unravel(v)
+        dmats = [p.H, *p.Ws]
+        out = _tangent(problem, P, solve(_tangent_adjoint(problem, P, dmats))) if pairs else [
+            jnp.zeros_like(x) for x in dmats]
+        b = None if p.b is None else (jnp.full_like(p.b, jnp.mean(p.b)) if shift else jnp.zeros_like(p.b))
+        return ravel_pytree(Params(out[0], tuple(out[1:]), b))[0]
+
+    dim = None
+    if len(pairs) <= 1:  # a traced count inside jit; an int outside
+        dim = sum(jnp.sum(jnp.triu(k, 1)) for _, _, k in eig) + int(shift)
+    return apply, dim
+
+
+@partial(jax.jit, static_argnames=("num_steps", "project", "cg_steps"))
+def _lanczos_cycle(problem, P, masks, slopes, v0, sym_rtol, *, num_steps: int, project: bool, cg_steps: int = 50):
+    """One compiled cycle of ``num_steps`` Lanczos steps on the Hessian of the smooth piece (``slopes`` at the
+    kinks), restricted to the complement of the symmetry tangent when ``project``."""
+    flat, unravel = ravel_pytree(P)
+    grad = lambda x: ravel_pytree(jax.grad(_piece_objective, argnums=1)(problem, unravel(x), masks, slopes))[0]
+    hvp = lambda v: jax.jvp(grad, (flat,), (v,))[1]
+    if project:
+        proj = _sym_projector(problem, P, sym_rtol, cg_steps)[0]
+        perp = lambda v: v - proj(v)
+        return lanczos(lambda v: perp(hvp(perp(v))), v0, num_steps, restrict=perp)
+    return lanczos(hvp, v0, num_steps)
+
+
 def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symmetries: bool = True,
              sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-8,
-             maxiter: int | None = None) -> tuple[HessianSpectrum, np.ndarray | None]:
-    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space)."""
+             maxiter: int | None = None, krylov_dim: int = 150, max_time: float = 60.0, masks=(), slopes=(),
+             ) -> tuple[HessianSpectrum, np.ndarray | None]:
+    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space).
+    ``masks``/``slopes``: the smooth piece (see `_piece_objective`); default JAX's convention."""
     check_params(problem, params)
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer; got {k!r}")
+    for name, v in (("tol", tol), ("max_time", max_time), ("sym_rtol", sym_rtol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not v > 0:
+            raise ValueError(f"{name} must be a number > 0; got {v!r}")
+    for name, v in (("maxiter", maxiter), ("krylov_dim", krylov_dim)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    t_start = time.perf_counter()
     P = _work_params(params)
+    dt = jnp.asarray(P.H).dtype
+    masks = tuple(jnp.asarray(m) for m in masks)
+    slopes = tuple(jnp.asarray(s, dt) for s in slopes) if slopes else tuple(jnp.zeros(m.shape, dt) for m in masks)
     n = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(P)))
-    Q = None
-    if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
-        Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
-    r = 0 if Q is None else Q.shape[0]
-    sym = None if Q is None else r
     if method == "auto":
         method = "dense" if n <= dense_max else "lanczos"
-    if method == "lanczos" and n - r < k + 2:
-        method = "dense"  # ARPACK needs k < dimension - 1
-    dt = jnp.asarray(P.H).dtype
 
     if method == "dense":
-        Hd = _dense_hessian(problem, P, n)
+        Q = None
+        if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
+            Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
+        r = 0 if Q is None else Q.shape[0]
+        Hd = _dense_hessian(problem, P, n, masks, slopes)
         largest = float(np.linalg.eigvalsh(Hd)[-1])
         C = scipy.linalg.null_space(Q) if r else np.eye(n)  # n x (n - r), orthonormal
         ev, U = np.linalg.eigh(C.T @ Hd @ C)
         vec = C @ U[:, 0] if ev.size else None
-        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, sym, n, "dense", True), vec
+        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, None if Q is None else r, n, "dense",
+                               True, "converged", n, time.perf_counter() - t_start), vec
 
-    hv = lambda v: np.asarray(_hvp(problem, P, jnp.asarray(v, dt)), np.float64)
-    maxiter = 20 * n if maxiter is None else int(maxiter)
-    v0 = np.random.default_rng(0).standard_normal(n)
-    op = spla.LinearOperator((n, n), matvec=hv, dtype=np.float64)
-    try:
-        largest = float(spla.eigsh(op, k=1, which="LA", tol=1e-6, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0])
-    except spla.ArpackNoConvergence as e:
-        largest = float(np.max(e.eigenvalues)) if len(e.eigenvalues) else float("nan")
-    if r:
-        alpha = 2.0 * abs(largest) + 1.0 if math.isfinite(largest) else 1.0
-
-        def mv(v):
-            c = Q @ v
-            w = hv(v - Q.T @ c)
-            return w - Q.T @ (Q @ w) + alpha * (Q.T @ c)
-
-        op = spla.LinearOperator((n, n), matvec=mv, dtype=np.float64)
-        v0 = v0 - Q.T @ (Q @ v0)
-    converged = True
-    try:
-        ev, U = spla.eigsh(op, k=k, which="SA", tol=tol, v0=v0, maxiter=maxiter)
-    except spla.ArpackNoConvergence as e:
-        ev, U, converged = np.asarray(e.eigenvalues), np.asarray(e.eigenvectors), False
-    order = np.argsort(ev)
-    ev = np.asarray(ev, np.float64)[order]
-    vec = U[:, order[0]] if ev.size else None
-    return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, sym, n, "lanczos", converged), vec
+    # Lanczos: cycles of m compiled steps, explicitly restarted from the bottom Ritz vector, until the bottom k
+    # Ritz pairs have residual <= tol * max|theta| or the budget (maxiter steps in all, max_time seconds) is spent.
+    project = bool(project_symmetries)
+    sym = _sym_projector(problem, P, sym_rtol)[1] if project else None
+    sym = None if sym is None else int(sym)
+    r = sym or 0
+    m = int(min(krylov_dim, max(n - r, 2)))
+    maxiter = 20 * m if maxiter is None else int(maxiter)
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(n), dt)
+    steps_done, status = 0, "budget"
+    theta, res, vec = np.zeros(0), np.zeros(0), None
+    while True:
+        alpha, beta, V, steps = _lanczos_cycle(problem, P, masks, slopes, v0, sym_rtol, num_steps=m, project=project)
+        steps = int(steps)
+        steps_done += steps
+        theta, res, Y = ritz(alpha, beta, steps)
+        scale = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny) if theta.size else 1.0
+        kk = min(k, theta.size)
+        Vn = np.asarray(V[:steps], np.float64)
+        vec = Vn.T @ Y[:, 0]
+        if steps < m or np.all(res[:kk] <= tol * scale):
+            status = "converged"
+            break
+        if steps_done >= maxiter or time.perf_counter() - t_start > max_time:
+            break
+        v0 = jnp.asarray(vec, dt)
+    # Ritz values of the projected operator; on the complement (projected out: eigenvalue 0 after the projection)
+    # they are eigenvalues of the restricted Hessian. Unconverged Ritz values are still >= the true eigenvalue of
+    # the same rank (interlacing), so a negative one still shows negative curvature.
+    return HessianSpectrum(tuple(float(x) for x in theta[:k]), float(theta[-1]) if theta.size else float("nan"),
+                           sym, n, "lanczos", status == "converged", status, steps_done,
+                           time.perf_counter() - t_start), vec
 
 
 @jax.jit
