@@ -34,6 +34,7 @@ representable; the certificate then describes *that* point, not a float32 comput
 
 from __future__ import annotations
 
+import math
 import time
 from functools import partial
 from typing import NamedTuple
@@ -123,22 +124,78 @@ class Descent(NamedTuple):
     step_rel: float
 
 
+class KinkTest(NamedTuple):
+    """Second order at ReLU kinks (`certify`).
+
+    Near a kink entry a of a pre-activation (z_a = 0, activation h_a = relu(z_a)) write g_a = dF/dh_a, the
+    derivative of the fit in that activation (with the chosen slopes c downstream). Where g_a > 0 the fit
+    increases with h_a, so locally relu(z_a) = min {h_a : h_a >= 0, h_a >= z_a} and the point is a local minimum
+    of f exactly when it is one of the smooth problem in (theta, h_A) with these two inequality constraints. Its
+    KKT multipliers are mu_0 = (1 - c_a) g_a (for h_a >= 0) and mu_1 = c_a g_a (for h_a >= z_a), with c the
+    kink slopes at which grad f_c = 0 (the Clarke stationarity of `Stationarity`), both >= 0 iff g_a >= 0. The
+    Hessian of its Lagrangian on its critical cone is the Hessian of the smooth piece f_c (slopes c at the kinks,
+    curvature 0 there), restricted to the directions with dz_a = 0 where both multipliers are positive and one-sided
+    where one is; dropping those constraints gives a sufficient test: if g_a > 0 at every kink and the Hessian of
+    f_c (symmetry directions removed) has no eigenvalue below -hess_tol, the second-order condition holds (to that
+    tolerance). A kink with g_a < 0 can be opened with a first-order decrease (tried explicitly along grad z_a).
+    A kink with g_a = 0 is degenerate: opening it costs nothing at first order, and at second order the activation
+    moves by u_a = max(dz_a, 0). Treating u_a as a free variable (an additive shift of the activation, "lifted")
+    gives a quadratic form in (delta, u) whose restriction to u = max(dz, 0) is the second-order change of f; if it
+    has no negative eigenvalue neither has the restriction (a sufficient test). Kinks with grad z_a = 0 (both the
+    row of W and the column of the features entering z_a are zero) move only at second order and are not lifted:
+    at second order their activation does not move.
+
+    Attributes:
+      kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
+        |g_a| <= g_tol, g_a < -g_tol, with g_tol = ``mult_rtol`` times the largest |dF/dh| over all ReLU
+        activations (``g_scale``); ``lifted``: the degenerate kinks lifted by a shift variable.
+      min_multiplier: min_a g_a / g_scale (0 when g_scale = 0).
+    """
+
+    kinks: int
+    strong: int
+    degenerate: int
+    negative: int
+    lifted: int
+    min_multiplier: float
+    g_scale: float
+
+
+SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget",
+                "not checked")
+
+
 class Certificate(NamedTuple):
     """`Stationarity`, and (unless skipped) `HessianSpectrum` and the `Descent` test along its bottom eigenvector,
-    of the objective at one point. ``dtype`` is the dtype of the point as given."""
+    of the objective at one point. ``dtype`` is the dtype of the point as given.
+
+    ``second_order`` is one of ``SECOND_ORDER``: "certified" (no Hessian eigenvalue below -hess_tol after removing
+    the symmetry directions, Lanczos converged, and at ReLU kinks every multiplier positive: `KinkTest`),
+    "first-order only" (at kinks the test is inconclusive: a negative multiplier, or negative curvature of the
+    relaxed or lifted form, with no decrease found), "negative curvature" (a smooth point with an eigenvalue below
+    -hess_tol: not a local minimum, a theorem), "descent" (an explicit lower point was found: `descent`),
+    "not checked: budget" (Lanczos ran out of iterations or time without a conclusion), "not checked" (second
+    order not computed). ``hess_tol`` is the absolute eigenvalue tolerance used; ``kink`` the `KinkTest`."""
 
     stationarity: Stationarity
     hessian: HessianSpectrum | None
     descent: Descent | None
     dtype: str
+    second_order: str = "not checked"
+    hess_tol: float | None = None
+    kink: KinkTest | None = None
 
     def to_dict(self) -> dict:
+        kink = None if self.kink is None else self.kink._asdict()
         return {
             "stationarity": self.stationarity._asdict(),
             "hessian": None if self.hessian is None else {**self.hessian._asdict(),
                                                            "smallest": list(self.hessian.smallest)},
             "descent": None if self.descent is None else self.descent._asdict(),
             "dtype": self.dtype,
+            "second_order": self.second_order,
+            "hess_tol": self.hess_tol,
+            "kink": kink,
         }
 
 
@@ -155,13 +212,13 @@ def _grads(problem: UFM, params: Params):
     return vf, vr, ravel_pytree(gf)[0], ravel_pytree(gr)[0]
 
 
-def _hvp_inner(problem, params, masks, slopes, v):
-    flat, unravel = ravel_pytree(params)
-    g = lambda x: ravel_pytree(jax.grad(_piece_objective, argnums=1)(problem, unravel(x), masks, slopes))[0]
-    return jax.jvp(g, (flat,), (v,))[1]
+def _hvp_inner(problem, params, masks, slopes, smask, v):
+    g, n = _lifted_grad_fn(problem, params, masks, slopes, smask)
+    x = jnp.concatenate([ravel_pytree(params)[0], jnp.zeros(v.shape[0] - n, v.dtype)])
+    return jax.jvp(g, (x,), (v,))[1]
 
 
-_hvp_many = jax.jit(jax.vmap(_hvp_inner, in_axes=(None, None, None, None, 0)))
+_hvp_many = jax.jit(jax.vmap(_hvp_inner, in_axes=(None, None, None, None, None, 0)))
 
 
 def _flat(params: Params) -> np.ndarray:
@@ -179,15 +236,19 @@ def _work_params(params: Params) -> Params:
 # first order
 
 
-def _forward_slopes(problem: UFM, params: Params, masks, slopes):
+def _forward_slopes(problem: UFM, params: Params, masks, slopes, shifts=None):
     """The output with ReLU slope ``slopes[l]`` at the masked (kink) entries of Z_{l+2} and the usual 0/1 slope
-    elsewhere; the values are exactly those of `forward` (only the derivative changes)."""
+    elsewhere; the values are exactly those of `forward` (only the derivative changes). ``shifts`` (one array per
+    ReLU layer, or None) is added to the activations H_{l+2}: the derivative in it is dF/dH_{l+2}."""
     h = params.H
-    for W, m, c in zip(params.Ws[:-1], masks, slopes, strict=True):
+    shifts = shifts if shifts is not None else (None,) * len(masks)
+    for W, m, c, e in zip(params.Ws[:-1], masks, slopes, shifts, strict=True):
         z = W @ h
         zs = jax.lax.stop_gradient(z)
         d = jnp.where(m, c, (zs > 0).astype(z.dtype))
         h = jax.nn.relu(zs) + (z - zs) * d
+        if e is not None:
+            h = h + e
     out = params.Ws[-1] @ h
     return out if params.b is None else out + params.b[:, None]
 
@@ -203,7 +264,7 @@ def _slope_fit_grads(problem, params, masks, slopes):
     return jax.vmap(one)(slopes)
 
 
-def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 10):
+def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 10, deadline: float = math.inf):
     """Minimise ||g_fit(c) + g_reg|| over the kink slopes c in [0, 1] by exact block-coordinate descent.
 
     Every gradient entry is a product of the ReLU-derivative diagonals of the layers between the parameter and
@@ -211,7 +272,8 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
     g(c) = g(c_0) + G (c_l - c_{l,0}) with G[:, j] = g(c_0 + e_j) - g(c_0) (one batched gradient call), and the
     layer's slopes solve a box-constrained convex QP (L-BFGS-B on its m_l x m_l Gram). One ReLU layer (L = 2) is
     solved globally in one step; deeper models take up to ``sweeps`` sweeps, stopping once a sweep improves by
-    less than 1% or the norm is below ``tol``."""
+    less than 1%, the norm is below ``tol``, or ``time.perf_counter()`` passes ``deadline`` (the result is then an
+    upper bound of the minimum, as it is anyway for L >= 3). Returns the fit gradient and the slopes."""
     dt = jnp.asarray(P.H).dtype
     jm = tuple(jnp.asarray(m) for m in masks)
     sel = [np.flatnonzero(m.ravel()) for m in masks]
@@ -235,7 +297,7 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
     for _ in range(sweeps):
         improved = False
         for li, idx in enumerate(sel):
-            if idx.size == 0:
+            if idx.size == 0 or time.perf_counter() > deadline:
                 continue
             rows = [c]
             for j in idx:
@@ -257,10 +319,10 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
             val = np.linalg.norm(gf_new + gr)
             if val < best * (1 - 1e-9):
                 c, gf, best, improved = new, gf_new, val, val < best * (1 - 1e-2) or improved
-        if not improved or len(sel) == 1 or best <= tol:
+        if not improved or len(sel) == 1 or best <= tol or time.perf_counter() > deadline:
             break
     gf = grads([c])[0]  # recompute exactly at the final slopes
-    return gf
+    return gf, c
 
 
 def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> tuple[np.ndarray, ...]:
@@ -268,18 +330,24 @@ def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> 
     max|Z_l|`` (default kink_rtol: 1e-6 for float64 points, 1e-3 for float32). Empty for linear models."""
     if problem.activation != "relu" or problem.L < 2:
         return ()
-    if kink_rtol is None:
-        kink_rtol = 1e-6 if jnp.asarray(Params(*params).H).dtype == jnp.float64 else 1e-3
+    kink_rtol = kink_rtol_of(params, kink_rtol)
     Zs = [np.abs(np.asarray(z, np.float64)) for z in forward(problem, _work_params(params)).Z]
     return tuple(z <= kink_rtol * z.max() if z.max() > 0 else np.ones(z.shape, bool) for z in Zs)
 
 
-def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None, tol: float = 0.0) -> Stationarity:
+def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None, tol: float = 0.0,
+                 rel_tol: float = 0.0, max_time: float = 60.0) -> Stationarity:
     """Value, fit/penalty split and gradient norms at ``params``, kink-aware for ReLU models (see `Stationarity`).
 
     At kinks the slopes c in [0, 1] are chosen by exact block-coordinate descent (`_min_slope_gradient`); for
     L >= 3 this is a local search, so ``stationarity`` is an upper bound on the minimal norm. The search is
-    skipped when JAX's gradient norm is already <= ``tol``."""
+    skipped when JAX's gradient is already stationary (``grad_norm <= tol`` or its relative measure
+    ``<= rel_tol``), and stops after ``max_time`` seconds (an upper bound again)."""
+    return _stationarity(problem, params, kink_rtol, tol, rel_tol, max_time)[0]
+
+
+def _stationarity(problem, params, kink_rtol=None, tol=0.0, rel_tol=0.0, max_time=60.0):
+    """`stationarity`, the kink masks and the slopes at them (zeros when the search was skipped)."""
     check_params(problem, params)
     P = _work_params(params)
     vf, vr, gf, gr = _grads(problem, P)
@@ -287,16 +355,22 @@ def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None
     g = float(np.linalg.norm(gf + gr))
     masks = kink_masks(problem, params, kink_rtol)
     kinks = int(sum(m.sum() for m in masks))
+    slopes = [np.zeros(m.size) for m in masks]
     stat, gfs = g, gf
-    if kinks and g > tol:
-        gfs = _min_slope_gradient(problem, P, masks, gr, tol)
+    scale = float(np.linalg.norm(gf) + np.linalg.norm(gr))
+    if kinks and g > tol and g > rel_tol * scale:
+        gfs, c = _min_slope_gradient(problem, P, masks, gr, max(tol, 0.5 * rel_tol * scale),
+                                     deadline=time.perf_counter() + max_time)
         stat = min(g, float(np.linalg.norm(gfs + gr)))
         if stat == g:
             gfs = gf
+        else:
+            slopes = c
     nf, nr = np.linalg.norm(gfs), np.linalg.norm(gr)
     rel = float(stat / (nf + nr)) if nf + nr > 0 else 0.0
     vf, vr = float(vf), float(vr)
-    return Stationarity(vf + vr, vf, vr, g, float(nf), float(nr), rel, kinks, stat)
+    slopes = tuple(s.reshape(m.shape) for s, m in zip(slopes, masks, strict=True))
+    return Stationarity(vf + vr, vf, vr, g, float(nf), float(nr), rel, kinks, stat), masks, slopes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -363,7 +437,7 @@ def _orthonormal_rows(T: np.ndarray, rtol: float) -> np.ndarray:
 # second order
 
 
-def _dense_hessian(problem, params, n, masks=(), slopes=(), chunk=128) -> np.ndarray:
+def _dense_hessian(problem, params, n, masks=(), slopes=(), smask=(), chunk=128) -> np.ndarray:
     eye = np.eye(n)
     out = np.empty((n, n))
     dt = jnp.asarray(params.H).dtype
@@ -372,7 +446,7 @@ def _dense_hessian(problem, params, n, masks=(), slopes=(), chunk=128) -> np.nda
         pad = chunk - block.shape[0]
         if pad:  # one compiled shape for every chunk
             block = np.concatenate([block, np.zeros((pad, n))])
-        hv = np.asarray(_hvp_many(problem, params, masks, slopes, jnp.asarray(block, dt)), np.float64)
+        hv = np.asarray(_hvp_many(problem, params, masks, slopes, smask, jnp.asarray(block, dt)), np.float64)
         out[s : s + chunk] = hv[: chunk - pad]
     return (out + out.T) / 2
 
@@ -398,12 +472,31 @@ def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum
     return _hessian(problem, params, **options)[0]
 
 
-def _piece_objective(problem, params, masks, slopes):
+def _piece_objective(problem, params, masks, slopes, shifts=None):
     """The smooth piece of the objective with ReLU slope ``slopes[l]`` at the masked (kink) entries (curvature 0
-    there); with all slopes 0 it is JAX's own convention (``jax.nn.relu`` has derivative 0 at 0)."""
+    there); with all slopes 0 it is JAX's own convention (``jax.nn.relu`` has derivative 0 at 0). ``shifts``: added
+    to the activations (the lifted kink variables of `KinkTest`)."""
     if not masks:
         return objective(problem, params)
-    return fit_loss(problem, _forward_slopes(problem, params, masks, slopes)) + regulariser(problem, params)
+    return fit_loss(problem, _forward_slopes(problem, params, masks, slopes, shifts)) + regulariser(problem, params)
+
+
+def _lifted_grad_fn(problem, P, masks, slopes, smask):
+    """x -> grad of the piece at x = (flat theta, flat activation shifts at the ``smask`` entries; none if smask is
+    empty), and the size of theta."""
+    flat, unravel = ravel_pytree(P)
+    n = flat.shape[0]
+    shapes = [m.shape for m in smask]
+    sizes = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+
+    def f(x):
+        e = None
+        if smask:
+            e = tuple(jnp.where(m, x[n + a : n + b].reshape(s), 0.0)
+                      for m, s, a, b in zip(smask, shapes, sizes[:-1], sizes[1:], strict=True))
+        return _piece_objective(problem, unravel(x[:n]), masks, slopes, e)
+
+    return jax.grad(f), n
 
 
 # --- the symmetry projector, matrix-free (no n x m tangent matrix) ---------------------------------------------
@@ -505,25 +598,27 @@ def _sym_projector(problem, P, sym_rtol, cg_steps: int = 50):
 
 
 @partial(jax.jit, static_argnames=("num_steps", "project", "cg_steps"))
-def _lanczos_cycle(problem, P, masks, slopes, v0, sym_rtol, *, num_steps: int, project: bool, cg_steps: int = 50):
+def _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, *, num_steps: int, project: bool,
+                   cg_steps: int = 50):
     """One compiled cycle of ``num_steps`` Lanczos steps on the Hessian of the smooth piece (``slopes`` at the
-    kinks), restricted to the complement of the symmetry tangent when ``project``."""
-    flat, unravel = ravel_pytree(P)
-    grad = lambda x: ravel_pytree(jax.grad(_piece_objective, argnums=1)(problem, unravel(x), masks, slopes))[0]
-    hvp = lambda v: jax.jvp(grad, (flat,), (v,))[1]
-    if project:
-        proj = _sym_projector(problem, P, sym_rtol, cg_steps)[0]
-        perp = lambda v: v - proj(v)
-        return lanczos(lambda v: perp(hvp(perp(v))), v0, num_steps, restrict=perp)
-    return lanczos(hvp, v0, num_steps)
+    kinks; lifted by activation shifts at the ``smask`` entries), restricted to the complement of the symmetry
+    tangent when ``project`` (and to the ``smask`` entries of the shifts)."""
+    grad, n = _lifted_grad_fn(problem, P, masks, slopes, smask)
+    x0 = jnp.concatenate([ravel_pytree(P)[0], jnp.zeros(v0.shape[0] - n, v0.dtype)])
+    hvp = lambda v: jax.jvp(grad, (x0,), (v,))[1]
+    keep = jnp.concatenate([jnp.ones(n, bool)] + [m.ravel() for m in smask])
+    proj = _sym_projector(problem, P, sym_rtol, cg_steps)[0] if project else (lambda v: jnp.zeros_like(v))
+    perp = lambda v: jnp.where(keep, jnp.concatenate([v[:n] - proj(v[:n]), v[n:]]), 0.0)
+    return lanczos(lambda v: perp(hvp(perp(v))), v0, num_steps, restrict=perp)
 
 
 def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symmetries: bool = True,
              sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-8,
              maxiter: int | None = None, krylov_dim: int = 150, max_time: float = 60.0, masks=(), slopes=(),
-             ) -> tuple[HessianSpectrum, np.ndarray | None]:
-    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space).
-    ``masks``/``slopes``: the smooth piece (see `_piece_objective`); default JAX's convention."""
+             smask=()) -> tuple[HessianSpectrum, np.ndarray | None]:
+    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space, and the
+    flat activation shifts after it when lifted). ``masks``/``slopes``: the smooth piece (see
+    `_piece_objective`); default JAX's convention. ``smask``: lift by activation shifts at these entries."""
     check_params(problem, params)
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
@@ -540,20 +635,27 @@ def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symme
     dt = jnp.asarray(P.H).dtype
     masks = tuple(jnp.asarray(m) for m in masks)
     slopes = tuple(jnp.asarray(s, dt) for s in slopes) if slopes else tuple(jnp.zeros(m.shape, dt) for m in masks)
+    smask = tuple(jnp.asarray(m) for m in smask) if any(np.any(m) for m in smask) else ()
     n = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(P)))
+    n_e = int(sum(m.size for m in smask))
+    lifted = np.concatenate([np.ones(n, bool)] + [np.asarray(m).ravel() for m in smask])
     if method == "auto":
-        method = "dense" if n <= dense_max else "lanczos"
+        method = "dense" if n + int(lifted[n:].sum()) <= dense_max else "lanczos"
 
     if method == "dense":
         Q = None
         if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
             Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
         r = 0 if Q is None else Q.shape[0]
-        Hd = _dense_hessian(problem, P, n, masks, slopes)
+        Hd = _dense_hessian(problem, P, n + n_e, masks, slopes, smask)[np.ix_(lifted, lifted)]
         largest = float(np.linalg.eigvalsh(Hd)[-1])
         C = scipy.linalg.null_space(Q) if r else np.eye(n)  # n x (n - r), orthonormal
+        C = scipy.linalg.block_diag(C, np.eye(Hd.shape[0] - n))  # the shifts are not rotated
         ev, U = np.linalg.eigh(C.T @ Hd @ C)
-        vec = C @ U[:, 0] if ev.size else None
+        vec = None
+        if ev.size:
+            vec = np.zeros(n + n_e)
+            vec[lifted] = C @ U[:, 0]
         return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, None if Q is None else r, n, "dense",
                                True, "converged", n, time.perf_counter() - t_start), vec
 
@@ -563,13 +665,14 @@ def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symme
     sym = _sym_projector(problem, P, sym_rtol)[1] if project else None
     sym = None if sym is None else int(sym)
     r = sym or 0
-    m = int(min(krylov_dim, max(n - r, 2)))
+    m = int(min(krylov_dim, max(n - r + int(lifted[n:].sum()), 2)))
     maxiter = 20 * m if maxiter is None else int(maxiter)
-    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(n), dt)
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(n + n_e), dt)
     steps_done, status = 0, "budget"
     theta, res, vec = np.zeros(0), np.zeros(0), None
     while True:
-        alpha, beta, V, steps = _lanczos_cycle(problem, P, masks, slopes, v0, sym_rtol, num_steps=m, project=project)
+        alpha, beta, V, steps = _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, num_steps=m,
+                                               project=project)
         steps = int(steps)
         steps_done += steps
         theta, res, Y = ritz(alpha, beta, steps)
@@ -616,21 +719,162 @@ def descent_test(problem: UFM, params: Params, direction, num: int = 25) -> Desc
     return Descent(f0 - float(f[i]), float(ts[i]), float(abs(ts[i]) / scale))
 
 
+@jax.jit
+def _activation_grads(problem, P, masks, slopes):
+    """dF/dH_{l+2} for every ReLU layer (the fit's derivative in the activations, slopes c at the kinks)."""
+    shifts = tuple(jnp.zeros(m.shape, P.H.dtype) for m in masks)
+    fit = lambda e: fit_loss(problem, _forward_slopes(problem, P, masks, slopes, e))
+    return jax.grad(fit)(shifts)
+
+
+@partial(jax.jit, static_argnames=("layer",))
+def _preactivation_grad(problem, P, masks, slopes, layer: int, i, j):
+    """d z_{layer}[i, j] / d theta (flat), the pre-activation of ReLU layer ``layer`` (0-based), slopes c above."""
+
+    def z(p):
+        h = p.H
+        for li, (W, m, c) in enumerate(zip(p.Ws[:-1], masks, slopes, strict=True)):
+            zz = W @ h
+            if li == layer:
+                return zz[i, j]
+            zs = jax.lax.stop_gradient(zz)
+            h = jax.nn.relu(zs) + (zz - zs) * jnp.where(m, c, (zs > 0).astype(zz.dtype))
+        raise AssertionError("layer out of range")
+
+    return ravel_pytree(jax.grad(z)(P))[0]
+
+
+def rounding_floor(problem: UFM, params: Params, samples: int = 2) -> float:
+    """The relative gradient (`Stationarity.grad_norm_rel`) that rounding the point to its own dtype causes:
+    ||Hess delta|| / (||grad F|| + ||grad R||) with delta_i = (eps/2) |theta_i| xi_i, xi_i = +-1 at random (the
+    rounding error of each entry is at most eps/2 |theta_i|), averaged over ``samples`` draws, plus 10 eps for
+    the rounding of the gradient's own evaluation in that dtype. A relative stationarity tolerance below this is
+    out of the dtype's reach even at the exact optimum: the point cannot be resolved (float32 at small lambda,
+    where ||grad R|| ~ lambda ||theta|| is tiny next to the fit's curvature times eps ||theta||)."""
+    check_params(problem, params)
+    eps = float(np.finfo(np.asarray(Params(*params).H).dtype).eps)
+    P = _work_params(params)
+    _, _, gf, gr = _grads(problem, P)
+    den = float(np.linalg.norm(np.asarray(gf)) + np.linalg.norm(np.asarray(gr)))
+    flat = _flat(P)
+    xi = np.random.default_rng(0).choice([-1.0, 1.0], size=(samples, flat.size))
+    D = jnp.asarray(0.5 * eps * np.abs(flat) * xi, jnp.asarray(P.H).dtype)
+    HD = np.asarray(_hvp_many(problem, P, (), (), (), D), np.float64)
+    num = float(np.mean(np.linalg.norm(HD, axis=1)))
+    return (num / den if den > 0 else 0.0) + 10 * eps
+
+
+def _default_rtol(params) -> float:
+    return 1e-6 if np.asarray(Params(*params).H).dtype == np.float64 else 1e-4
+
+
 def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rtol: float | None = None,
-            grad_tol: float = 0.0, **hessian_options) -> Certificate:
-    """First- and second-order certificate at ``params``: `stationarity` (``grad_tol`` is its ``tol``: no kink
-    search below it), `hessian_spectrum` (options passed on) and, when the smallest eigenvalue is negative, the
-    `descent_test` along its eigenvector. ``hessian=False`` skips the second order (``hessian`` and ``descent``
-    are None); ``hessian="if-stationary"`` computes it only when ``stationarity <= grad_tol`` (curvature away
-    from a critical point decides nothing)."""
+            grad_tol: float | None = None, rel_grad_tol: float = 0.0, hess_rtol: float | None = None,
+            mult_rtol: float | None = None, descent_rtol: float = 1e-12, max_time: float = 60.0,
+            **hessian_options) -> Certificate:
+    """First- and second-order certificate at ``params``.
+
+    First order: `stationarity` (kink-aware). The point is *stationary* when ``stationarity <= grad_tol`` if an
+    absolute ``grad_tol`` is given, else when ``grad_norm_rel <= rel_grad_tol`` (the scale-aware measure
+    ||grad f|| / (||grad F|| + ||grad R||), see `Stationarity`).
+
+    Second order (``hessian=True``, or ``"if-stationary"``: only at stationary points, since curvature away from a
+    critical point decides nothing; ``False`` skips it): the bottom of the Hessian spectrum with the symmetry
+    directions removed (`hessian_spectrum`, options passed on; ``max_time`` seconds at most), an eigenvalue below
+    ``hess_tol = hess_rtol * |lambda_max|`` (default hess_rtol 1e-6 for float64 points, 1e-4 for float32) counting
+    as negative, the `descent_test` along its eigenvector (a decrease > ``descent_rtol * max(1, |f|)`` is explicit),
+    and at ReLU kinks the `KinkTest` (multipliers' signs, the piece with the stationarity slopes, and the other side
+    of degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3). The outcome is ``Certificate.second_order``.
+
+    Returns:
+      A `Certificate`.
+    """
     if hessian not in (True, False, "if-stationary"):
         raise ValueError(f"hessian must be True, False or 'if-stationary'; got {hessian!r}")
-    st = stationarity(problem, params, kink_rtol=kink_rtol, tol=grad_tol)
+    for name, v in (("grad_tol", grad_tol), ("rel_grad_tol", rel_grad_tol), ("hess_rtol", hess_rtol),
+                    ("mult_rtol", mult_rtol), ("descent_rtol", descent_rtol), ("max_time", max_time)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating))
+                              or not math.isfinite(v) or v < 0):
+            raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+    t0 = time.perf_counter()
+    st, masks, slopes = _stationarity(problem, params, kink_rtol, grad_tol or 0.0, rel_grad_tol, max_time)
+    stationary = st.stationarity <= grad_tol if grad_tol is not None else st.grad_norm_rel <= rel_grad_tol
     if hessian == "if-stationary":
-        hessian = st.stationarity <= grad_tol
-    hs, vec, desc = None, None, None
-    if hessian:
-        hs, vec = _hessian(problem, params, **hessian_options)
-        if vec is not None and hs.smallest and hs.smallest[0] < 0:
-            desc = descent_test(problem, params, vec)
-    return Certificate(st, hs, desc, str(jnp.asarray(Params(*params).H).dtype))
+        hessian = stationary
+    dtype = str(jnp.asarray(Params(*params).H).dtype)
+    if not hessian or not math.isfinite(st.value):
+        return Certificate(st, None, None, dtype)
+    hess_rtol = _default_rtol(params) if hess_rtol is None else hess_rtol
+    mult_rtol = (1e-6 if dtype == "float64" else 1e-3) if mult_rtol is None else mult_rtol
+    descent_tol = descent_rtol * max(1.0, abs(st.value))
+    opts = dict(hessian_options)
+    opts.setdefault("max_time", max(max_time - (time.perf_counter() - t0), 1e-3))
+    P = _work_params(params)
+    n = int(_flat(P).size)
+    smask, kt, G, g_tol = (), None, None, 0.0
+    if st.kinks:  # ReLU kinks: multipliers g_a = dF/dh_a at the kink entries
+        dt = jnp.asarray(P.H).dtype
+        jm = tuple(jnp.asarray(m) for m in masks)
+        js = tuple(jnp.asarray(s, dt) for s in slopes)
+        G = [np.asarray(g, np.float64) for g in _activation_grads(problem, P, jm, js)]
+        g_scale = max(float(np.max(np.abs(g))) for g in G)
+        g_tol = mult_rtol * g_scale
+        gk = np.concatenate([g[m] for g, m in zip(G, masks, strict=True)])
+        neg, deg = int(np.sum(gk < -g_tol)), int(np.sum(np.abs(gk) <= g_tol))
+        # degenerate kinks whose pre-activation moves at first order: ||W_l[i, :]||^2 + ||H_l[:, j]||^2 > 0
+        fw = forward(problem, P)
+        moving = []
+        for li, (g, m) in enumerate(zip(G, masks, strict=True)):
+            W = np.asarray(P.Ws[li], np.float64)
+            Hl = np.asarray(fw.H[li], np.float64)
+            s2 = (W**2).sum(1)[:, None] + (Hl**2).sum(0)[None, :]
+            ref = max(float(s2.max()), np.finfo(np.float64).tiny)
+            moving.append(m & (np.abs(g) <= g_tol) & (s2 > (kink_rtol_of(params, kink_rtol)) ** 2 * ref))
+        lifted = int(sum(x.sum() for x in moving))
+        smask = tuple(moving) if lifted else ()
+        kt = KinkTest(st.kinks, int(gk.size - neg - deg), deg, neg, lifted,
+                      float(gk.min() / g_scale) if g_scale > 0 else 0.0, g_scale)
+    hs, vec = _hessian(problem, params, masks=masks, slopes=slopes, smask=smask, **opts)
+    hess_tol = hess_rtol * abs(hs.largest) if math.isfinite(hs.largest) else 0.0
+    lam = hs.smallest[0] if hs.smallest else math.inf
+    desc = descent_test(problem, params, vec[:n]) if (vec is not None and lam < 0 and np.any(vec[:n])) else None
+    found = desc is not None and desc.decrease > descent_tol
+    if kt is None:
+        if lam < -hess_tol:
+            so = "descent" if found else "negative curvature"
+        else:
+            so = "certified" if hs.converged else "not checked: budget"
+        return Certificate(st, hs, desc, dtype, so, hess_tol, None)
+    if kt.lifted and lam < -hess_tol and not found and time.perf_counter() - t0 < max_time:
+        # the lifted form is not positive: try the other side of the degenerate kinks (slope 1) for a decrease
+        s1 = tuple(np.where(sm, 1.0, s) for sm, s in zip(smask, slopes, strict=True))
+        opts["max_time"] = max(max_time - (time.perf_counter() - t0), 1e-3)
+        h1, v1 = _hessian(problem, params, masks=masks, slopes=s1, **opts)
+        if v1 is not None and h1.smallest and h1.smallest[0] < -hess_tol:
+            d1 = descent_test(problem, params, v1[:n])
+            if d1.decrease > descent_tol:
+                desc, found = d1, True
+    if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
+        li, idx = min(((li, int(np.argmin(np.where(m, g, np.inf)))) for li, (g, m) in
+                       enumerate(zip(G, masks, strict=True)) if m.any()),
+                      key=lambda t: G[t[0]].ravel()[t[1]])
+        i, j = np.unravel_index(idx, masks[li].shape)
+        d = np.asarray(_preactivation_grad(problem, P, jm, js, li, int(i), int(j)), np.float64)
+        if np.linalg.norm(d) > 0:
+            dk = descent_test(problem, params, d)
+            if dk.decrease > descent_tol and (desc is None or dk.decrease > desc.decrease):
+                desc, found = dk, True
+    if found:
+        so = "descent"
+    elif kt.negative or lam < -hess_tol:
+        so = "first-order only"
+    else:
+        so = "certified" if hs.converged else "not checked: budget"
+    return Certificate(st, hs, desc, dtype, so, hess_tol, kt)
+
+
+def kink_rtol_of(params, kink_rtol: float | None) -> float:
+    """The kink threshold: ``kink_rtol``, or its default for the point's dtype (1e-6 float64, 1e-3 float32)."""
+    if kink_rtol is not None:
+        return float(kink_rtol)
+    return 1e-6 if jnp.asarray(Params(*params).H).dtype == jnp.float64 else 1e-3
