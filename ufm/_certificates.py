@@ -88,7 +88,8 @@ class HessianSpectrum(NamedTuple):
       smallest: the smallest eigenvalues, ascending, of the Hessian restricted to the orthogonal complement of
         the symmetry-orbit tangent (all eigenvalues if ``project_symmetries=False``). Lanczos: the smallest Ritz
         values, where a multiple eigenvalue appears once (a single Krylov sequence sees one copy).
-      largest: the largest eigenvalue of the (unrestricted) Hessian, the scale for tolerances.
+      largest: the largest eigenvalue of the Hessian (dense: unrestricted; Lanczos: restricted, the top Ritz
+        value), the scale for tolerances.
       symmetry_dim: the number of symmetry directions removed (the rank of the orbit tangent), or None when the
         projection was skipped (``project_symmetries=False``, or the tangent basis would exceed ``max_tangent``
         entries; then zero eigenvalues from symmetries remain among ``smallest``).
