@@ -798,7 +798,8 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
                               or not math.isfinite(v) or v < 0):
             raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
     t0 = time.perf_counter()
-    st, masks, slopes = _stationarity(problem, params, kink_rtol, grad_tol or 0.0, rel_grad_tol, max_time)
+    # a quarter of the budget for the kink search (an upper bound of the kink-aware gradient when cut short)
+    st, masks, slopes = _stationarity(problem, params, kink_rtol, grad_tol or 0.0, rel_grad_tol, max_time / 4)
     stationary = st.stationarity <= grad_tol if grad_tol is not None else st.grad_norm_rel <= rel_grad_tol
     if hessian == "if-stationary":
         hessian = stationary
