@@ -1,9 +1,10 @@
 """Certificates at a point: first order (gradient norms) and second order (the bottom of the Hessian spectrum).
 
 The Hessian is never formed for large problems: its smallest eigenvalues come from Hessian-vector products
-(forward-over-reverse, ``jax.jvp`` of ``jax.grad``) fed to ARPACK's implicitly restarted Lanczos
-(``scipy.sparse.linalg.eigsh``). Small problems (``num_params <= dense_max``) use the dense Hessian built from
-the same products, which is exact and as cheap there.
+(forward-over-reverse, ``jax.jvp`` of ``jax.grad``) inside a compiled Lanczos iteration with full
+reorthogonalisation (`ufm._lanczos`; one ``jit`` per cycle of ``krylov_dim`` steps, explicitly restarted from the
+bottom Ritz vector, under an iteration and a time budget). Small problems (``num_params <= dense_max``) use the
+dense Hessian built from the same products, which is exact and as cheap there.
 
 Exact zero modes from symmetries are projected out explicitly. The objective is invariant under the
 orthogonal group acting on each hidden space that has no ReLU in front of it (THEORY.md §0): with R_l in
@@ -24,9 +25,11 @@ so these directions always carry eigenvalue 0 and say nothing about the point be
 the tangents (SVD, keeping singular values above ``sym_rtol`` times the largest; a rotation that fixes the point,
 such as one acting on the orthogonal complement of a collapsed layer, gives a zero tangent and is dropped) and
 compute the spectrum of the Hessian restricted to their orthogonal complement: exactly, as ``C^T Hess C`` with C
-an orthonormal basis of the complement (dense), or as the operator ``P Hess P + alpha (I - P)`` with P the
-projector on the complement and alpha above the top of the spectrum (Lanczos), which moves the symmetry
-directions out of the bottom of the spectrum. ``symmetry_dim`` reports how many directions were removed.
+an orthonormal basis of the complement (dense), or by running Lanczos on ``P Hess P`` inside the range of P, the
+projector on the complement, applied matrix-free (`_sym_projector`: a closed-form Lyapunov solve per rotated
+space, no tangent matrix). ``symmetry_dim`` reports how many directions were removed.
+
+Second order at ReLU kinks and the scale-aware stationarity: see `KinkTest`, `certify` and `rounding_floor`.
 
 Arithmetic: when ``jax_enable_x64`` is on, a float32 point is evaluated in float64 (the point is exactly
 representable; the certificate then describes *that* point, not a float32 computation at it).
