@@ -775,7 +775,7 @@ def _default_rtol(params) -> float:
 def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rtol: float | None = None,
             grad_tol: float | None = None, rel_grad_tol: float = 0.0, hess_rtol: float | None = None,
             mult_rtol: float | None = None, descent_rtol: float = 1e-12, max_time: float = 60.0,
-            **hessian_options) -> Certificate:
+            other_side: bool = False, **hessian_options) -> Certificate:
     """First- and second-order certificate at ``params``.
 
     First order: `stationarity` (kink-aware). The point is *stationary* when ``stationarity <= grad_tol`` if an
@@ -787,8 +787,10 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
     directions removed (`hessian_spectrum`, options passed on; ``max_time`` seconds at most), an eigenvalue below
     ``hess_tol = hess_rtol * |lambda_max|`` (default hess_rtol 1e-6 for float64 points, 1e-4 for float32) counting
     as negative, the `descent_test` along its eigenvector (a decrease > ``descent_rtol * max(1, |f|)`` is explicit),
-    and at ReLU kinks the `KinkTest` (multipliers' signs, the piece with the stationarity slopes, and the other side
-    of degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3). The outcome is ``Certificate.second_order``.
+    and at ReLU kinks the `KinkTest` (multipliers' signs, the piece with the stationarity slopes lifted at the
+    degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3; with ``other_side=True``, when the lifted form is not
+    positive, one more Lanczos run on the piece with slope 1 at the degenerate kinks, looking for a lower point along
+    its bottom eigenvector). The outcome is ``Certificate.second_order``.
 
     Returns:
       A `Certificate`.
@@ -850,7 +852,7 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
         else:
             so = "certified" if hs.converged else "not checked: budget"
         return Certificate(st, hs, desc, dtype, so, hess_tol, None)
-    if kt.lifted and lam < -hess_tol and not found and time.perf_counter() - t0 < max_time:
+    if other_side and kt.lifted and lam < -hess_tol and not found and time.perf_counter() - t0 < max_time:
         # the lifted form is not positive: try the other side of the degenerate kinks (slope 1) for a decrease
         s1 = tuple(np.where(sm, 1.0, s) for sm, s in zip(smask, slopes, strict=True))
         opts["max_time"] = max(max_time - (time.perf_counter() - t0), 1e-3)
