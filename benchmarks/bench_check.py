@@ -7,8 +7,9 @@ checks, in the same process, warm.
 For each problem: one cold ``solve`` and ``check`` (compiles, reported separately), then ``rounds`` interleaved
 rounds of a warm ``solve`` (same key: the same run), a warm default ``check`` (scale-aware stationarity, compiled
 Lanczos on Hessian-vector products with the symmetries projected out, the kink test, metrics, distances), and a
-warm ``check(hessian=False)``. Reported: medians and the median per-round ratio check / solve, with the verdict,
-``second_order``, the Lanczos steps and seconds, and the machine's load average.
+warm ``check(hessian=False)``, and a warm default ``check`` at ``ufm.construct(problem)`` (a stationary point: the
+full second-order path even where the solve stops unconverged). Reported: medians and the median per-round ratio
+check / solve, with the verdict, ``second_order``, the Lanczos steps and seconds, and the machine's load average.
 """
 
 from __future__ import annotations
@@ -49,13 +50,21 @@ def _measure(name: str, rounds: int, log) -> dict:
         box["report"] = ufm.check(p, box["sol"])
         return time.perf_counter() - t
 
+    exact = ufm.construct(p)
+
+    def check_construct():
+        t = time.perf_counter()
+        box["report_construct"] = ufm.check(p, exact)
+        return time.perf_counter() - t
+
     def check_first_order():
         t = time.perf_counter()
         ufm.check(p, box["sol"], hessian=False)
         return time.perf_counter() - t
 
-    cold = {"solve": solve(), "check": check()}
-    runs = C.interleaved({"solve": solve, "check": check, "check_first_order": check_first_order}, rounds)
+    cold = {"solve": solve(), "check": check(), "check_construct": check_construct()}
+    runs = C.interleaved({"solve": solve, "check": check, "check_first_order": check_first_order,
+                          "check_construct": check_construct}, rounds)
     r = box["report"]
     hs = r.certificate.hessian
     out = {
@@ -65,6 +74,9 @@ def _measure(name: str, rounds: int, log) -> dict:
         "solve_s": C.median(runs["solve"]),
         "check_s": C.median(runs["check"]),
         "check_first_order_s": C.median(runs["check_first_order"]),
+        "check_construct_s": C.median(runs["check_construct"]),
+        "construct_verdict": box["report_construct"].verdict,
+        "construct_second_order": box["report_construct"].second_order,
         "ratio_check_over_solve": C.median(C.per_round_ratios(runs["check"], runs["solve"])),
         "rounds": runs,
         "solver_status": int(box["sol"].status),
@@ -78,7 +90,8 @@ def _measure(name: str, rounds: int, log) -> dict:
     }
     log(f"{name}: n={out['num_params']} solve {out['solve_s']:.2f}s check {out['check_s']:.2f}s "
         f"(first-order {out['check_first_order_s']:.2f}s) ratio {out['ratio_check_over_solve']:.2f} "
-        f"verdict {r.verdict} / {r.second_order} load {out['load']}")
+        f"verdict {r.verdict} / {r.second_order}; at construct() {out['check_construct_s']:.2f}s "
+        f"{out['construct_verdict']} / {out['construct_second_order']}; load {out['load']}")
     return out
 
 
@@ -93,10 +106,11 @@ def run(which: str = "full", rounds: int = 3, out_dir=None, log=print) -> dict:
         rows.append([n, m["num_params"], C.fmt_time(m["solve_s"]), C.fmt_time(m["check_s"]),
                      C.fmt_time(m["check_first_order_s"]), f"{m['ratio_check_over_solve']:.2f}", m["verdict"],
                      m["second_order"], f"{hs.get('method')} {hs.get('iterations')} steps {hs.get('seconds', 0):.2f}s",
+                     f"{C.fmt_time(m['check_construct_s'])} {m['construct_verdict']} / {m['construct_second_order']}",
                      m["load"] and f"{m['load'][0]:.2f}"])
     md = "# check vs solve (warm, same process)\n\n" + C.machine_line(info) + "\n\n" + C.md_table(
         ["problem", "params", "solve", "check (default)", "check (hessian=False)", "check/solve", "verdict",
-         "second order", "Hessian", "load"], rows)
+         "second order", "Hessian", "check at construct()", "load"], rows)
     res["paths"] = C.write_outputs("check" if which != "smoke" else "check_smoke", res, out_dir, md)
     return res
 
