@@ -32,8 +32,7 @@ def test_rel_grad_matches_numpy_closed_form_gradients():
     st = cert.stationarity(p, params)
     assert st.grad_norm_rel == pytest.approx(want, rel=1e-12)
     assert st.grad_fit_norm == pytest.approx(np.linalg.norm(gF), rel=1e-12)
-    # scale-free: the same point with lambda and the loss both scaled ... the measure is invariant under
-    # theta -> theta at lambda -> lambda (F, R unchanged) and equals 0 exactly at the zero point of a deep model
+    # 0/0: at the zero point of a bias-free deep model both forces vanish, and the measure is defined as 0
     z = ufm.Params(jnp.zeros((4, 6)), (jnp.zeros((4, 4)), jnp.zeros((3, 4))), None)
     pd = ufm.UFM(3, 2, (4, 4), lam_H=1e-2, lam_W=1e-2)
     assert cert.stationarity(pd, z).grad_norm_rel == 0.0  # 0/0 is 0: theta = 0 is exactly stationary
