@@ -1,9 +1,10 @@
 """Certificates at a point: first order (gradient norms) and second order (the bottom of the Hessian spectrum).
 
 The Hessian is never formed for large problems: its smallest eigenvalues come from Hessian-vector products
-(forward-over-reverse, ``jax.jvp`` of ``jax.grad``) fed to ARPACK's implicitly restarted Lanczos
-(``scipy.sparse.linalg.eigsh``). Small problems (``num_params <= dense_max``) use the dense Hessian built from
-the same products, which is exact and as cheap there.
+(forward-over-reverse, ``jax.jvp`` of ``jax.grad``) inside a compiled Lanczos iteration with full
+reorthogonalisation (`ufm._lanczos`; one ``jit`` per cycle of ``krylov_dim`` steps, explicitly restarted from the
+bottom Ritz vector, under an iteration and a time budget). Small problems (``num_params <= dense_max``) use the
+dense Hessian built from the same products, which is exact and as cheap there.
 
 Exact zero modes from symmetries are projected out explicitly. The objective is invariant under the
 orthogonal group acting on each hidden space that has no ReLU in front of it (THEORY.md §0): with R_l in
@@ -24,9 +25,11 @@ so these directions always carry eigenvalue 0 and say nothing about the point be
 the tangents (SVD, keeping singular values above ``sym_rtol`` times the largest; a rotation that fixes the point,
 such as one acting on the orthogonal complement of a collapsed layer, gives a zero tangent and is dropped) and
 compute the spectrum of the Hessian restricted to their orthogonal complement: exactly, as ``C^T Hess C`` with C
-an orthonormal basis of the complement (dense), or as the operator ``P Hess P + alpha (I - P)`` with P the
-projector on the complement and alpha above the top of the spectrum (Lanczos), which moves the symmetry
-directions out of the bottom of the spectrum. ``symmetry_dim`` reports how many directions were removed.
+an orthonormal basis of the complement (dense), or by running Lanczos on ``P Hess P`` inside the range of P, the
+projector on the complement, applied matrix-free (`_sym_projector`: a closed-form Lyapunov solve per rotated
+space, no tangent matrix). ``symmetry_dim`` reports how many directions were removed.
+
+Second order at ReLU kinks and the scale-aware stationarity: see `KinkTest`, `certify` and `rounding_floor`.
 
 Arithmetic: when ``jax_enable_x64`` is on, a float32 point is evaluated in float64 (the point is exactly
 representable; the certificate then describes *that* point, not a float32 computation at it).
@@ -35,6 +38,8 @@ representable; the certificate then describes *that* point, not a float32 comput
 from __future__ import annotations
 
 import math
+import time
+from functools import partial
 from typing import NamedTuple
 
 import jax
@@ -42,9 +47,9 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.linalg
 import scipy.optimize
-import scipy.sparse.linalg as spla
 from jax.flatten_util import ravel_pytree
 
+from ._lanczos import lanczos, ritz
 from ._model import Params, check_params, fit_loss, forward, objective, regulariser
 from ._problem import UFM
 
@@ -84,15 +89,21 @@ class HessianSpectrum(NamedTuple):
 
     Attributes:
       smallest: the smallest eigenvalues, ascending, of the Hessian restricted to the orthogonal complement of
-        the symmetry-orbit tangent (all eigenvalues if ``project_symmetries=False``).
-      largest: the largest eigenvalue of the (unrestricted) Hessian, the scale for tolerances.
+        the symmetry-orbit tangent (all eigenvalues if ``project_symmetries=False``). Lanczos: the smallest Ritz
+        values, where a multiple eigenvalue appears once (a single Krylov sequence sees one copy).
+      largest: the largest eigenvalue of the Hessian (dense: unrestricted; Lanczos: restricted, the top Ritz
+        value), the scale for tolerances.
       symmetry_dim: the number of symmetry directions removed (the rank of the orbit tangent), or None when the
         projection was skipped (``project_symmetries=False``, or the tangent basis would exceed ``max_tangent``
         entries; then zero eigenvalues from symmetries remain among ``smallest``).
       num_params: the number of scalar parameters.
       method: "dense" or "lanczos".
-      converged: False if Lanczos stopped before convergence (``smallest`` then holds the Ritz values it had;
-        each is >= the true eigenvalue of the same rank, so a negative value still certifies a saddle).
+      converged: False if Lanczos stopped on its budget before convergence (``smallest`` then holds the Ritz values
+        it had; each is >= the true eigenvalue of the same rank, so a negative value still shows negative
+        curvature, but a non-negative one certifies nothing).
+      status: "converged", or "budget" (the iteration or time budget ran out first).
+      iterations: Hessian-vector products used (Lanczos steps; n for the dense Hessian).
+      seconds: wall time of the computation.
     """
 
     smallest: tuple[float, ...]
@@ -101,6 +112,9 @@ class HessianSpectrum(NamedTuple):
     num_params: int
     method: str
     converged: bool
+    status: str = "converged"
+    iterations: int = 0
+    seconds: float = 0.0
 
 
 class Descent(NamedTuple):
@@ -114,22 +128,78 @@ class Descent(NamedTuple):
     step_rel: float
 
 
+class KinkTest(NamedTuple):
+    """Second order at ReLU kinks (`certify`).
+
+    Near a kink entry a of a pre-activation (z_a = 0, activation h_a = relu(z_a)) write g_a = dF/dh_a, the
+    derivative of the fit in that activation (with the chosen slopes c downstream). Where g_a > 0 the fit
+    increases with h_a, so locally relu(z_a) = min {h_a : h_a >= 0, h_a >= z_a} and the point is a local minimum
+    of f exactly when it is one of the smooth problem in (theta, h_A) with these two inequality constraints. Its
+    KKT multipliers are mu_0 = (1 - c_a) g_a (for h_a >= 0) and mu_1 = c_a g_a (for h_a >= z_a), with c the
+    kink slopes at which grad f_c = 0 (the Clarke stationarity of `Stationarity`), both >= 0 iff g_a >= 0. The
+    Hessian of its Lagrangian on its critical cone is the Hessian of the smooth piece f_c (slopes c at the kinks,
+    curvature 0 there), restricted to the directions with dz_a = 0 where both multipliers are positive and one-sided
+    where one is; dropping those constraints gives a sufficient test: if g_a > 0 at every kink and the Hessian of
+    f_c (symmetry directions removed) has no eigenvalue below -hess_tol, the second-order condition holds (to that
+    tolerance). A kink with g_a < 0 can be opened with a first-order decrease (tried explicitly along grad z_a).
+    A kink with g_a = 0 is degenerate: opening it costs nothing at first order, and at second order the activation
+    moves by u_a = max(dz_a, 0). Treating u_a as a free variable (an additive shift of the activation, "lifted")
+    gives a quadratic form in (delta, u) whose restriction to u = max(dz, 0) is the second-order change of f; if it
+    has no negative eigenvalue neither has the restriction (a sufficient test). Kinks with grad z_a = 0 (both the
+    row of W and the column of the features entering z_a are zero) move only at second order and are not lifted:
+    at second order their activation does not move.
+
+    Attributes:
+      kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
+        |g_a| <= g_tol, g_a < -g_tol, with g_tol = ``mult_rtol`` times the largest |dF/dh| over all ReLU
+        activations (``g_scale``); ``lifted``: the degenerate kinks lifted by a shift variable.
+      min_multiplier: min_a g_a / g_scale (0 when g_scale = 0).
+    """
+
+    kinks: int
+    strong: int
+    degenerate: int
+    negative: int
+    lifted: int
+    min_multiplier: float
+    g_scale: float
+
+
+SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget",
+                "not checked")
+
+
 class Certificate(NamedTuple):
     """`Stationarity`, and (unless skipped) `HessianSpectrum` and the `Descent` test along its bottom eigenvector,
-    of the objective at one point. ``dtype`` is the dtype of the point as given."""
+    of the objective at one point. ``dtype`` is the dtype of the point as given.
+
+    ``second_order`` is one of ``SECOND_ORDER``: "certified" (no Hessian eigenvalue below -hess_tol after removing
+    the symmetry directions, Lanczos converged, and at ReLU kinks every multiplier positive: `KinkTest`),
+    "first-order only" (at kinks the test is inconclusive: a negative multiplier, or negative curvature of the
+    relaxed or lifted form, with no decrease found), "negative curvature" (a smooth point with an eigenvalue below
+    -hess_tol: not a local minimum, a theorem), "descent" (an explicit lower point was found: `descent`),
+    "not checked: budget" (Lanczos ran out of iterations or time without a conclusion), "not checked" (second
+    order not computed). ``hess_tol`` is the absolute eigenvalue tolerance used; ``kink`` the `KinkTest`."""
 
     stationarity: Stationarity
     hessian: HessianSpectrum | None
     descent: Descent | None
     dtype: str
+    second_order: str = "not checked"
+    hess_tol: float | None = None
+    kink: KinkTest | None = None
 
     def to_dict(self) -> dict:
+        kink = None if self.kink is None else self.kink._asdict()
         return {
             "stationarity": self.stationarity._asdict(),
             "hessian": None if self.hessian is None else {**self.hessian._asdict(),
                                                            "smallest": list(self.hessian.smallest)},
             "descent": None if self.descent is None else self.descent._asdict(),
             "dtype": self.dtype,
+            "second_order": self.second_order,
+            "hess_tol": self.hess_tol,
+            "kink": kink,
         }
 
 
@@ -146,14 +216,13 @@ def _grads(problem: UFM, params: Params):
     return vf, vr, ravel_pytree(gf)[0], ravel_pytree(gr)[0]
 
 
-def _hvp_inner(problem, params, v):
-    flat, unravel = ravel_pytree(params)
-    g = lambda x: ravel_pytree(jax.grad(objective, argnums=1)(problem, unravel(x)))[0]
-    return jax.jvp(g, (flat,), (v,))[1]
+def _hvp_inner(problem, params, masks, slopes, smask, v):
+    g, n = _lifted_grad_fn(problem, params, masks, slopes, smask)
+    x = jnp.concatenate([ravel_pytree(params)[0], jnp.zeros(v.shape[0] - n, v.dtype)])
+    return jax.jvp(g, (x,), (v,))[1]
 
 
-_hvp = jax.jit(_hvp_inner)
-_hvp_many = jax.jit(jax.vmap(_hvp_inner, in_axes=(None, None, 0)))
+_hvp_many = jax.jit(jax.vmap(_hvp_inner, in_axes=(None, None, None, None, None, 0)))
 
 
 def _flat(params: Params) -> np.ndarray:
@@ -171,15 +240,19 @@ def _work_params(params: Params) -> Params:
 # first order
 
 
-def _forward_slopes(problem: UFM, params: Params, masks, slopes):
+def _forward_slopes(problem: UFM, params: Params, masks, slopes, shifts=None):
     """The output with ReLU slope ``slopes[l]`` at the masked (kink) entries of Z_{l+2} and the usual 0/1 slope
-    elsewhere; the values are exactly those of `forward` (only the derivative changes)."""
+    elsewhere; the values are exactly those of `forward` (only the derivative changes). ``shifts`` (one array per
+    ReLU layer, or None) is added to the activations H_{l+2}: the derivative in it is dF/dH_{l+2}."""
     h = params.H
-    for W, m, c in zip(params.Ws[:-1], masks, slopes, strict=True):
+    shifts = shifts if shifts is not None else (None,) * len(masks)
+    for W, m, c, e in zip(params.Ws[:-1], masks, slopes, shifts, strict=True):
         z = W @ h
         zs = jax.lax.stop_gradient(z)
         d = jnp.where(m, c, (zs > 0).astype(z.dtype))
         h = jax.nn.relu(zs) + (z - zs) * d
+        if e is not None:
+            h = h + e
     out = params.Ws[-1] @ h
     return out if params.b is None else out + params.b[:, None]
 
@@ -195,7 +268,7 @@ def _slope_fit_grads(problem, params, masks, slopes):
     return jax.vmap(one)(slopes)
 
 
-def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 10):
+def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 10, deadline: float = math.inf):
     """Minimise ||g_fit(c) + g_reg|| over the kink slopes c in [0, 1] by exact block-coordinate descent.
 
     Every gradient entry is a product of the ReLU-derivative diagonals of the layers between the parameter and
@@ -203,7 +276,8 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
     g(c) = g(c_0) + G (c_l - c_{l,0}) with G[:, j] = g(c_0 + e_j) - g(c_0) (one batched gradient call), and the
     layer's slopes solve a box-constrained convex QP (L-BFGS-B on its m_l x m_l Gram). One ReLU layer (L = 2) is
     solved globally in one step; deeper models take up to ``sweeps`` sweeps, stopping once a sweep improves by
-    less than 1% or the norm is below ``tol``."""
+    less than 1%, the norm is below ``tol``, or ``time.perf_counter()`` passes ``deadline`` (the result is then an
+    upper bound of the minimum, as it is anyway for L >= 3). Returns the fit gradient and the slopes."""
     dt = jnp.asarray(P.H).dtype
     jm = tuple(jnp.asarray(m) for m in masks)
     sel = [np.flatnonzero(m.ravel()) for m in masks]
@@ -227,7 +301,7 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
     for _ in range(sweeps):
         improved = False
         for li, idx in enumerate(sel):
-            if idx.size == 0:
+            if idx.size == 0 or time.perf_counter() > deadline:
                 continue
             rows = [c]
             for j in idx:
@@ -249,10 +323,10 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
             val = np.linalg.norm(gf_new + gr)
             if val < best * (1 - 1e-9):
                 c, gf, best, improved = new, gf_new, val, val < best * (1 - 1e-2) or improved
-        if not improved or len(sel) == 1 or best <= tol:
+        if not improved or len(sel) == 1 or best <= tol or time.perf_counter() > deadline:
             break
     gf = grads([c])[0]  # recompute exactly at the final slopes
-    return gf
+    return gf, c
 
 
 def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> tuple[np.ndarray, ...]:
@@ -260,18 +334,24 @@ def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> 
     max|Z_l|`` (default kink_rtol: 1e-6 for float64 points, 1e-3 for float32). Empty for linear models."""
     if problem.activation != "relu" or problem.L < 2:
         return ()
-    if kink_rtol is None:
-        kink_rtol = 1e-6 if jnp.asarray(Params(*params).H).dtype == jnp.float64 else 1e-3
+    kink_rtol = kink_rtol_of(params, kink_rtol)
     Zs = [np.abs(np.asarray(z, np.float64)) for z in forward(problem, _work_params(params)).Z]
     return tuple(z <= kink_rtol * z.max() if z.max() > 0 else np.ones(z.shape, bool) for z in Zs)
 
 
-def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None, tol: float = 0.0) -> Stationarity:
+def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None, tol: float = 0.0,
+                 rel_tol: float = 0.0, max_time: float = 60.0) -> Stationarity:
     """Value, fit/penalty split and gradient norms at ``params``, kink-aware for ReLU models (see `Stationarity`).
 
     At kinks the slopes c in [0, 1] are chosen by exact block-coordinate descent (`_min_slope_gradient`); for
     L >= 3 this is a local search, so ``stationarity`` is an upper bound on the minimal norm. The search is
-    skipped when JAX's gradient norm is already <= ``tol``."""
+    skipped when JAX's gradient is already stationary (``grad_norm <= tol`` or its relative measure
+    ``<= rel_tol``), and stops after ``max_time`` seconds (an upper bound again)."""
+    return _stationarity(problem, params, kink_rtol, tol, rel_tol, max_time)[0]
+
+
+def _stationarity(problem, params, kink_rtol=None, tol=0.0, rel_tol=0.0, max_time=60.0):
+    """`stationarity`, the kink masks and the slopes at them (zeros when the search was skipped)."""
     check_params(problem, params)
     P = _work_params(params)
     vf, vr, gf, gr = _grads(problem, P)
@@ -279,16 +359,22 @@ def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None
     g = float(np.linalg.norm(gf + gr))
     masks = kink_masks(problem, params, kink_rtol)
     kinks = int(sum(m.sum() for m in masks))
+    slopes = [np.zeros(m.size) for m in masks]
     stat, gfs = g, gf
-    if kinks and g > tol:
-        gfs = _min_slope_gradient(problem, P, masks, gr, tol)
+    scale = float(np.linalg.norm(gf) + np.linalg.norm(gr))
+    if kinks and g > tol and g > rel_tol * scale:
+        gfs, c = _min_slope_gradient(problem, P, masks, gr, max(tol, 0.5 * rel_tol * scale),
+                                     deadline=time.perf_counter() + max_time)
         stat = min(g, float(np.linalg.norm(gfs + gr)))
         if stat == g:
             gfs = gf
+        else:
+            slopes = c
     nf, nr = np.linalg.norm(gfs), np.linalg.norm(gr)
     rel = float(stat / (nf + nr)) if nf + nr > 0 else 0.0
     vf, vr = float(vf), float(vr)
-    return Stationarity(vf + vr, vf, vr, g, float(nf), float(nr), rel, kinks, stat)
+    slopes = tuple(s.reshape(m.shape) for s, m in zip(slopes, masks, strict=True))
+    return Stationarity(vf + vr, vf, vr, g, float(nf), float(nr), rel, kinks, stat), masks, slopes
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -355,7 +441,7 @@ def _orthonormal_rows(T: np.ndarray, rtol: float) -> np.ndarray:
 # second order
 
 
-def _dense_hessian(problem, params, n, chunk=128) -> np.ndarray:
+def _dense_hessian(problem, params, n, masks=(), slopes=(), smask=(), chunk=128) -> np.ndarray:
     eye = np.eye(n)
     out = np.empty((n, n))
     dt = jnp.asarray(params.H).dtype
@@ -364,7 +450,7 @@ def _dense_hessian(problem, params, n, chunk=128) -> np.ndarray:
         pad = chunk - block.shape[0]
         if pad:  # one compiled shape for every chunk
             block = np.concatenate([block, np.zeros((pad, n))])
-        hv = np.asarray(_hvp_many(problem, params, jnp.asarray(block, dt)), np.float64)
+        hv = np.asarray(_hvp_many(problem, params, masks, slopes, smask, jnp.asarray(block, dt)), np.float64)
         out[s : s + chunk] = hv[: chunk - pad]
     return (out + out.T) / 2
 
@@ -390,63 +476,226 @@ def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum
     return _hessian(problem, params, **options)[0]
 
 
+def _piece_objective(problem, params, masks, slopes, shifts=None):
+    """The smooth piece of the objective with ReLU slope ``slopes[l]`` at the masked (kink) entries (curvature 0
+    there); with all slopes 0 it is JAX's own convention (``jax.nn.relu`` has derivative 0 at 0). ``shifts``: added
+    to the activations (the lifted kink variables of `KinkTest`)."""
+    if not masks:
+        return objective(problem, params)
+    return fit_loss(problem, _forward_slopes(problem, params, masks, slopes, shifts)) + regulariser(problem, params)
+
+
+def _lifted_grad_fn(problem, P, masks, slopes, smask):
+    """x -> grad of the piece at x = (flat theta, flat activation shifts at the ``smask`` entries; none if smask is
+    empty), and the size of theta."""
+    flat, unravel = ravel_pytree(P)
+    n = flat.shape[0]
+    shapes = [m.shape for m in smask]
+    sizes = np.cumsum([0] + [int(np.prod(s)) for s in shapes])
+
+    def f(x):
+        e = None
+        if smask:
+            e = tuple(jnp.where(m, x[n + a : n + b].reshape(s), 0.0)
+                      for m, s, a, b in zip(smask, shapes, sizes[:-1], sizes[1:], strict=True))
+        return _piece_objective(problem, unravel(x[:n]), masks, slopes, e)
+
+    return jax.grad(f), n
+
+
+# --- the symmetry projector, matrix-free (no n x m tangent matrix) ---------------------------------------------
+#
+# The tangent map T(S) = (dH, dW) of the skew matrices S_l (module docstring) has the adjoint
+# T*(v)_l = skew(dX_l X_l^T - W_l^T dW_l), where X_l is the matrix whose rows live in R^{d_l} (H or W_{l-1}) and W_l
+# the one whose columns do, skew(M) = (M - M^T)/2. For one rotated space the normal operator is a Lyapunov
+# operator: T*T S = skew(S X X^T + W^T W S) = (S A + A S)/2 with A = X X^T + W^T W (use S^T = -S), so in the
+# eigenbasis A = U diag(a) U^T it is diagonal: (U^T S U)_ij -> (a_i + a_j)/2 (U^T S U)_ij. The orthogonal
+# projection on the orbit tangent is T (T*T)^+ T*; pairs with a_i + a_j <= sym_rtol^2 (a_1 + a_2) are rotations
+# that (numerically) fix the point and are dropped, as the explicit basis drops singular values of T below
+# sym_rtol times the largest. Several rotated spaces (deep linear models) are coupled through the W between
+# them; there (T*T)^+ is applied by preconditioned conjugate gradients with these per-space inverses.
+
+
+def _rot_pairs(problem, P):
+    """(l, X, W) for each rotation-symmetric space: X = H or W_{l-1} (rows in R^{d_l}), W = W_l (columns)."""
+    mats = [P.H, *P.Ws]
+    return [(l, mats[l - 1], mats[l]) for l in _rotation_layers(problem)]
+
+
+def _tangent(problem, P, S):
+    dmats = [jnp.zeros_like(P.H), *[jnp.zeros_like(W) for W in P.Ws]]
+    for (l, X, W), s in zip(_rot_pairs(problem, P), S, strict=True):
+        dmats[l - 1] = dmats[l - 1] + s @ X
+        dmats[l] = dmats[l] - W @ s
+    return dmats
+
+
+def _tangent_adjoint(problem, P, dmats):
+    out = []
+    for l, X, W in _rot_pairs(problem, P):
+        M = dmats[l - 1] @ X.T - W.T @ dmats[l]
+        out.append((M - M.T) / 2)
+    return out
+
+
+def _sym_projector(problem, P, sym_rtol, cg_steps: int = 50):
+    """(apply, dim): ``apply(v)`` is the orthogonal projection of the flat vector v on the symmetry-orbit tangent
+    (rotations, and the CE bias shift), traceable; ``dim`` the rank counted from the kept pairs (exact for one
+    rotated space, None for several, where the coupling is not counted)."""
+    pairs = _rot_pairs(problem, P)
+    unravel = ravel_pytree(P)[1]
+    eig = []
+    for _, X, W in pairs:
+        a, U = jnp.linalg.eigh(X @ X.T + W.T @ W)
+        top2 = a[-1] + (a[-2] if a.shape[0] > 1 else 0.0)
+        den = (a[:, None] + a[None, :]) / 2
+        keep = (a[:, None] + a[None, :]) > sym_rtol**2 * top2
+        eig.append((U, jnp.where(keep, 1.0 / jnp.where(keep, den, 1.0), 0.0), keep))
+
+    def precond(R):
+        return [U @ ((U.T @ r @ U) * inv) @ U.T for (U, inv, _), r in zip(eig, R, strict=True)]
+
+    def normal(S):
+        return _tangent_adjoint(problem, P, _tangent(problem, P, S))
+
+    def dot(A, B):
+        return sum(jnp.vdot(a, b) for a, b in zip(A, B, strict=True))
+
+    def solve(R):  # (T*T)^+ R by PCG (exact in one step for one rotated space)
+        X = precond(R)
+        if len(pairs) == 1:
+            return X
+        Rk = [r - q for r, q in zip(R, normal(X), strict=True)]
+        Z = precond(Rk)
+        D = Z
+        rz = dot(Rk, Z)
+
+        def body(_, c):
+            X, Rk, D, rz = c
+            ND = normal(D)
+            dnd = dot(D, ND)
+            a = jnp.where(dnd > 0, rz / jnp.where(dnd > 0, dnd, 1.0), 0.0)
+            X = [x + a * d for x, d in zip(X, D, strict=True)]
+            Rk = [r - a * q for r, q in zip(Rk, ND, strict=True)]
+            Z = precond(Rk)
+            rz_new = dot(Rk, Z)
+            bt = jnp.where(rz > 0, rz_new / jnp.where(rz > 0, rz, 1.0), 0.0)
+            D = [z + bt * d for z, d in zip(Z, D, strict=True)]
+            return X, Rk, D, rz_new
+
+        return jax.lax.fori_loop(0, cg_steps, body, (X, Rk, D, rz))[0]
+
+    shift = problem.loss == "ce" and problem.bias == "free"
+
+    def apply(v):
+        p = unravel(v)
+        dmats = [p.H, *p.Ws]
+        out = _tangent(problem, P, solve(_tangent_adjoint(problem, P, dmats))) if pairs else [
+            jnp.zeros_like(x) for x in dmats]
+        b = None if p.b is None else (jnp.full_like(p.b, jnp.mean(p.b)) if shift else jnp.zeros_like(p.b))
+        return ravel_pytree(Params(out[0], tuple(out[1:]), b))[0]
+
+    dim = None
+    if len(pairs) <= 1:  # a traced count inside jit; an int outside
+        dim = sum(jnp.sum(jnp.triu(k, 1)) for _, _, k in eig) + int(shift)
+    return apply, dim
+
+
+@partial(jax.jit, static_argnames=("num_steps", "project", "cg_steps"))
+def _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, *, num_steps: int, project: bool,
+                   cg_steps: int = 50):
+    """One compiled cycle of ``num_steps`` Lanczos steps on the Hessian of the smooth piece (``slopes`` at the
+    kinks; lifted by activation shifts at the ``smask`` entries), restricted to the complement of the symmetry
+    tangent when ``project`` (and to the ``smask`` entries of the shifts)."""
+    grad, n = _lifted_grad_fn(problem, P, masks, slopes, smask)
+    x0 = jnp.concatenate([ravel_pytree(P)[0], jnp.zeros(v0.shape[0] - n, v0.dtype)])
+    hvp = lambda v: jax.jvp(grad, (x0,), (v,))[1]
+    keep = jnp.concatenate([jnp.ones(n, bool)] + [m.ravel() for m in smask])
+    proj = _sym_projector(problem, P, sym_rtol, cg_steps)[0] if project else (lambda v: jnp.zeros_like(v))
+    perp = lambda v: jnp.where(keep, jnp.concatenate([v[:n] - proj(v[:n]), v[n:]]), 0.0)
+    return lanczos(lambda v: perp(hvp(perp(v))), v0, num_steps, restrict=perp)
+
+
 def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symmetries: bool = True,
              sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-8,
-             maxiter: int | None = None) -> tuple[HessianSpectrum, np.ndarray | None]:
-    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space)."""
+             maxiter: int | None = None, krylov_dim: int = 150, max_time: float = 60.0, masks=(), slopes=(),
+             smask=()) -> tuple[HessianSpectrum, np.ndarray | None]:
+    """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space, and the
+    flat activation shifts after it when lifted). ``masks``/``slopes``: the smooth piece (see
+    `_piece_objective`); default JAX's convention. ``smask``: lift by activation shifts at these entries."""
     check_params(problem, params)
     if method not in ("auto", "dense", "lanczos"):
         raise ValueError(f"method must be 'auto', 'dense' or 'lanczos'; got {method!r}")
     if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
         raise ValueError(f"k must be a positive integer; got {k!r}")
+    for name, v in (("tol", tol), ("max_time", max_time), ("sym_rtol", sym_rtol)):
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not v > 0:
+            raise ValueError(f"{name} must be a number > 0; got {v!r}")
+    for name, v in (("maxiter", maxiter), ("krylov_dim", krylov_dim)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
+            raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    t_start = time.perf_counter()
     P = _work_params(params)
-    n = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(P)))
-    Q = None
-    if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
-        Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
-    r = 0 if Q is None else Q.shape[0]
-    sym = None if Q is None else r
-    if method == "auto":
-        method = "dense" if n <= dense_max else "lanczos"
-    if method == "lanczos" and n - r < k + 2:
-        method = "dense"  # ARPACK needs k < dimension - 1
     dt = jnp.asarray(P.H).dtype
+    masks = tuple(jnp.asarray(m) for m in masks)
+    slopes = tuple(jnp.asarray(s, dt) for s in slopes) if slopes else tuple(jnp.zeros(m.shape, dt) for m in masks)
+    smask = tuple(jnp.asarray(m) for m in smask) if any(np.any(m) for m in smask) else ()
+    n = int(sum(np.size(x) for x in jax.tree_util.tree_leaves(P)))
+    n_e = int(sum(m.size for m in smask))
+    lifted = np.concatenate([np.ones(n, bool)] + [np.asarray(m).ravel() for m in smask])
+    if method == "auto":
+        method = "dense" if n + int(lifted[n:].sum()) <= dense_max else "lanczos"
 
     if method == "dense":
-        Hd = _dense_hessian(problem, P, n)
+        Q = None
+        if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
+            Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
+        r = 0 if Q is None else Q.shape[0]
+        Hd = _dense_hessian(problem, P, n + n_e, masks, slopes, smask)[np.ix_(lifted, lifted)]
         largest = float(np.linalg.eigvalsh(Hd)[-1])
         C = scipy.linalg.null_space(Q) if r else np.eye(n)  # n x (n - r), orthonormal
+        C = scipy.linalg.block_diag(C, np.eye(Hd.shape[0] - n))  # the shifts are not rotated
         ev, U = np.linalg.eigh(C.T @ Hd @ C)
-        vec = C @ U[:, 0] if ev.size else None
-        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, sym, n, "dense", True), vec
+        vec = None
+        if ev.size:
+            vec = np.zeros(n + n_e)
+            vec[lifted] = C @ U[:, 0]
+        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, None if Q is None else r, n, "dense",
+                               True, "converged", n, time.perf_counter() - t_start), vec
 
-    hv = lambda v: np.asarray(_hvp(problem, P, jnp.asarray(v, dt)), np.float64)
-    maxiter = 20 * n if maxiter is None else int(maxiter)
-    v0 = np.random.default_rng(0).standard_normal(n)
-    op = spla.LinearOperator((n, n), matvec=hv, dtype=np.float64)
-    try:
-        largest = float(spla.eigsh(op, k=1, which="LA", tol=1e-6, v0=v0, maxiter=maxiter, return_eigenvectors=False)[0])
-    except spla.ArpackNoConvergence as e:
-        largest = float(np.max(e.eigenvalues)) if len(e.eigenvalues) else float("nan")
-    if r:
-        alpha = 2.0 * abs(largest) + 1.0 if math.isfinite(largest) else 1.0
-
-        def mv(v):
-            c = Q @ v
-            w = hv(v - Q.T @ c)
-            return w - Q.T @ (Q @ w) + alpha * (Q.T @ c)
-
-        op = spla.LinearOperator((n, n), matvec=mv, dtype=np.float64)
-        v0 = v0 - Q.T @ (Q @ v0)
-    converged = True
-    try:
-        ev, U = spla.eigsh(op, k=k, which="SA", tol=tol, v0=v0, maxiter=maxiter)
-    except spla.ArpackNoConvergence as e:
-        ev, U, converged = np.asarray(e.eigenvalues), np.asarray(e.eigenvectors), False
-    order = np.argsort(ev)
-    ev = np.asarray(ev, np.float64)[order]
-    vec = U[:, order[0]] if ev.size else None
-    return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, sym, n, "lanczos", converged), vec
+    # Lanczos: cycles of m compiled steps, explicitly restarted from the bottom Ritz vector, until the bottom k
+    # Ritz pairs have residual <= tol * max|theta| or the budget (maxiter steps in all, max_time seconds) is spent.
+    project = bool(project_symmetries)
+    sym = _sym_projector(problem, P, sym_rtol)[1] if project else None
+    sym = None if sym is None else int(sym)
+    r = sym or 0
+    m = int(min(krylov_dim, max(n - r + int(lifted[n:].sum()), 2)))
+    maxiter = 20 * m if maxiter is None else int(maxiter)
+    v0 = jnp.asarray(np.random.default_rng(0).standard_normal(n + n_e), dt)
+    steps_done, status = 0, "budget"
+    theta, res, vec = np.zeros(0), np.zeros(0), None
+    while True:
+        alpha, beta, V, steps = _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, num_steps=m,
+                                               project=project)
+        steps = int(steps)
+        steps_done += steps
+        theta, res, Y = ritz(alpha, beta, steps)
+        scale = max(float(np.max(np.abs(theta))), np.finfo(np.float64).tiny) if theta.size else 1.0
+        kk = min(k, theta.size)
+        Vn = np.asarray(V[:steps], np.float64)
+        vec = Vn.T @ Y[:, 0]
+        if steps < m or np.all(res[:kk] <= tol * scale):
+            status = "converged"
+            break
+        if steps_done >= maxiter or time.perf_counter() - t_start > max_time:
+            break
+        v0 = jnp.asarray(vec, dt)
+    # Ritz values of the projected operator; on the complement (projected out: eigenvalue 0 after the projection)
+    # they are eigenvalues of the restricted Hessian. Unconverged Ritz values are still >= the true eigenvalue of
+    # the same rank (interlacing), so a negative one still shows negative curvature.
+    return HessianSpectrum(tuple(float(x) for x in theta[:k]), float(theta[-1]) if theta.size else float("nan"),
+                           sym, n, "lanczos", status == "converged", status, steps_done,
+                           time.perf_counter() - t_start), vec
 
 
 @jax.jit
@@ -474,21 +723,165 @@ def descent_test(problem: UFM, params: Params, direction, num: int = 25) -> Desc
     return Descent(f0 - float(f[i]), float(ts[i]), float(abs(ts[i]) / scale))
 
 
+@jax.jit
+def _activation_grads(problem, P, masks, slopes):
+    """dF/dH_{l+2} for every ReLU layer (the fit's derivative in the activations, slopes c at the kinks)."""
+    shifts = tuple(jnp.zeros(m.shape, P.H.dtype) for m in masks)
+    fit = lambda e: fit_loss(problem, _forward_slopes(problem, P, masks, slopes, e))
+    return jax.grad(fit)(shifts)
+
+
+@partial(jax.jit, static_argnames=("layer",))
+def _preactivation_grad(problem, P, masks, slopes, layer: int, i, j):
+    """d z_{layer}[i, j] / d theta (flat), the pre-activation of ReLU layer ``layer`` (0-based), slopes c above."""
+
+    def z(p):
+        h = p.H
+        for li, (W, m, c) in enumerate(zip(p.Ws[:-1], masks, slopes, strict=True)):
+            zz = W @ h
+            if li == layer:
+                return zz[i, j]
+            zs = jax.lax.stop_gradient(zz)
+            h = jax.nn.relu(zs) + (zz - zs) * jnp.where(m, c, (zs > 0).astype(zz.dtype))
+        raise AssertionError("layer out of range")
+
+    return ravel_pytree(jax.grad(z)(P))[0]
+
+
+def rounding_floor(problem: UFM, params: Params, samples: int = 2) -> float:
+    """The relative gradient (`Stationarity.grad_norm_rel`) that rounding the point to its own dtype causes:
+    ||Hess delta|| / (||grad F|| + ||grad R||) with delta_i = (eps/2) |theta_i| xi_i, xi_i = +-1 at random (the
+    rounding error of each entry is at most eps/2 |theta_i|), averaged over ``samples`` draws, plus 10 eps for
+    the rounding of the gradient's own evaluation in that dtype. A relative stationarity tolerance below this is
+    out of the dtype's reach even at the exact optimum: the point cannot be resolved (float32 at small lambda,
+    where ||grad R|| ~ lambda ||theta|| is tiny next to the fit's curvature times eps ||theta||)."""
+    check_params(problem, params)
+    eps = float(np.finfo(np.asarray(Params(*params).H).dtype).eps)
+    P = _work_params(params)
+    _, _, gf, gr = _grads(problem, P)
+    den = float(np.linalg.norm(np.asarray(gf)) + np.linalg.norm(np.asarray(gr)))
+    flat = _flat(P)
+    xi = np.random.default_rng(0).choice([-1.0, 1.0], size=(samples, flat.size))
+    D = jnp.asarray(0.5 * eps * np.abs(flat) * xi, jnp.asarray(P.H).dtype)
+    HD = np.asarray(_hvp_many(problem, P, (), (), (), D), np.float64)
+    num = float(np.mean(np.linalg.norm(HD, axis=1)))
+    return (num / den if den > 0 else 0.0) + 10 * eps
+
+
+def _default_rtol(params) -> float:
+    return 1e-6 if np.asarray(Params(*params).H).dtype == np.float64 else 1e-4
+
+
 def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rtol: float | None = None,
-            grad_tol: float = 0.0, **hessian_options) -> Certificate:
-    """First- and second-order certificate at ``params``: `stationarity` (``grad_tol`` is its ``tol``: no kink
-    search below it), `hessian_spectrum` (options passed on) and, when the smallest eigenvalue is negative, the
-    `descent_test` along its eigenvector. ``hessian=False`` skips the second order (``hessian`` and ``descent``
-    are None); ``hessian="if-stationary"`` computes it only when ``stationarity <= grad_tol`` (curvature away
-    from a critical point decides nothing)."""
+            grad_tol: float | None = None, rel_grad_tol: float = 0.0, hess_rtol: float | None = None,
+            mult_rtol: float | None = None, descent_rtol: float = 1e-12, max_time: float = 60.0,
+            other_side: bool = False, **hessian_options) -> Certificate:
+    """First- and second-order certificate at ``params``.
+
+    First order: `stationarity` (kink-aware). The point is *stationary* when ``stationarity <= grad_tol`` if an
+    absolute ``grad_tol`` is given, else when ``grad_norm_rel <= rel_grad_tol`` (the scale-aware measure
+    ||grad f|| / (||grad F|| + ||grad R||), see `Stationarity`).
+
+    Second order (``hessian=True``, or ``"if-stationary"``: only at stationary points, since curvature away from a
+    critical point decides nothing; ``False`` skips it): the bottom of the Hessian spectrum with the symmetry
+    directions removed (`hessian_spectrum`, options passed on; ``max_time`` seconds at most), an eigenvalue below
+    ``hess_tol = hess_rtol * |lambda_max|`` (default hess_rtol 1e-6 for float64 points, 1e-4 for float32) counting
+    as negative, the `descent_test` along its eigenvector (a decrease > ``descent_rtol * max(1, |f|)`` is explicit),
+    and at ReLU kinks the `KinkTest` (multipliers' signs, the piece with the stationarity slopes lifted at the
+    degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3; with ``other_side=True``, when the lifted form is not
+    positive, one more Lanczos run on the piece with slope 1 at the degenerate kinks, looking for a lower point along
+    its bottom eigenvector). The outcome is ``Certificate.second_order``.
+
+    Returns:
+      A `Certificate`.
+    """
     if hessian not in (True, False, "if-stationary"):
         raise ValueError(f"hessian must be True, False or 'if-stationary'; got {hessian!r}")
-    st = stationarity(problem, params, kink_rtol=kink_rtol, tol=grad_tol)
+    for name, v in (("grad_tol", grad_tol), ("rel_grad_tol", rel_grad_tol), ("hess_rtol", hess_rtol),
+                    ("mult_rtol", mult_rtol), ("descent_rtol", descent_rtol), ("max_time", max_time)):
+        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating))
+                              or not math.isfinite(v) or v < 0):
+            raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
+    t0 = time.perf_counter()
+    # a quarter of the budget for the kink search (an upper bound of the kink-aware gradient when cut short)
+    st, masks, slopes = _stationarity(problem, params, kink_rtol, grad_tol or 0.0, rel_grad_tol, max_time / 4)
+    stationary = st.stationarity <= grad_tol if grad_tol is not None else st.grad_norm_rel <= rel_grad_tol
     if hessian == "if-stationary":
-        hessian = st.stationarity <= grad_tol
-    hs, vec, desc = None, None, None
-    if hessian:
-        hs, vec = _hessian(problem, params, **hessian_options)
-        if vec is not None and hs.smallest and hs.smallest[0] < 0:
-            desc = descent_test(problem, params, vec)
-    return Certificate(st, hs, desc, str(jnp.asarray(Params(*params).H).dtype))
+        hessian = stationary
+    dtype = str(jnp.asarray(Params(*params).H).dtype)
+    if not hessian or not math.isfinite(st.value):
+        return Certificate(st, None, None, dtype)
+    hess_rtol = _default_rtol(params) if hess_rtol is None else hess_rtol
+    mult_rtol = (1e-6 if dtype == "float64" else 1e-3) if mult_rtol is None else mult_rtol
+    descent_tol = descent_rtol * max(1.0, abs(st.value))
+    opts = dict(hessian_options)
+    opts.setdefault("max_time", max(max_time - (time.perf_counter() - t0), 1e-3))
+    P = _work_params(params)
+    n = int(_flat(P).size)
+    smask, kt, G, g_tol = (), None, None, 0.0
+    if st.kinks:  # ReLU kinks: multipliers g_a = dF/dh_a at the kink entries
+        dt = jnp.asarray(P.H).dtype
+        jm = tuple(jnp.asarray(m) for m in masks)
+        js = tuple(jnp.asarray(s, dt) for s in slopes)
+        G = [np.asarray(g, np.float64) for g in _activation_grads(problem, P, jm, js)]
+        g_scale = max(float(np.max(np.abs(g))) for g in G)
+        g_tol = mult_rtol * g_scale
+        gk = np.concatenate([g[m] for g, m in zip(G, masks, strict=True)])
+        neg, deg = int(np.sum(gk < -g_tol)), int(np.sum(np.abs(gk) <= g_tol))
+        # degenerate kinks whose pre-activation moves at first order: ||W_l[i, :]||^2 + ||H_l[:, j]||^2 > 0
+        fw = forward(problem, P)
+        moving = []
+        for li, (g, m) in enumerate(zip(G, masks, strict=True)):
+            W = np.asarray(P.Ws[li], np.float64)
+            Hl = np.asarray(fw.H[li], np.float64)
+            s2 = (W**2).sum(1)[:, None] + (Hl**2).sum(0)[None, :]
+            ref = max(float(s2.max()), np.finfo(np.float64).tiny)
+            moving.append(m & (np.abs(g) <= g_tol) & (s2 > (kink_rtol_of(params, kink_rtol)) ** 2 * ref))
+        lifted = int(sum(x.sum() for x in moving))
+        smask = tuple(moving) if lifted else ()
+        kt = KinkTest(st.kinks, int(gk.size - neg - deg), deg, neg, lifted,
+                      float(gk.min() / g_scale) if g_scale > 0 else 0.0, g_scale)
+    hs, vec = _hessian(problem, params, masks=masks, slopes=slopes, smask=smask, **opts)
+    hess_tol = hess_rtol * abs(hs.largest) if math.isfinite(hs.largest) else 0.0
+    lam = hs.smallest[0] if hs.smallest else math.inf
+    desc = descent_test(problem, params, vec[:n]) if (vec is not None and lam < 0 and np.any(vec[:n])) else None
+    found = desc is not None and desc.decrease > descent_tol
+    if kt is None:
+        if lam < -hess_tol:
+            so = "descent" if found else "negative curvature"
+        else:
+            so = "certified" if hs.converged else "not checked: budget"
+        return Certificate(st, hs, desc, dtype, so, hess_tol, None)
+    if other_side and kt.lifted and lam < -hess_tol and not found and time.perf_counter() - t0 < max_time:
+        # the lifted form is not positive: try the other side of the degenerate kinks (slope 1) for a decrease
+        s1 = tuple(np.where(sm, 1.0, s) for sm, s in zip(smask, slopes, strict=True))
+        opts["max_time"] = max(max_time - (time.perf_counter() - t0), 1e-3)
+        h1, v1 = _hessian(problem, params, masks=masks, slopes=s1, **opts)
+        if v1 is not None and h1.smallest and h1.smallest[0] < -hess_tol:
+            d1 = descent_test(problem, params, v1[:n])
+            if d1.decrease > descent_tol:
+                desc, found = d1, True
+    if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
+        li, idx = min(((li, int(np.argmin(np.where(m, g, np.inf)))) for li, (g, m) in
+                       enumerate(zip(G, masks, strict=True)) if m.any()),
+                      key=lambda t: G[t[0]].ravel()[t[1]])
+        i, j = np.unravel_index(idx, masks[li].shape)
+        d = np.asarray(_preactivation_grad(problem, P, jm, js, li, int(i), int(j)), np.float64)
+        if np.linalg.norm(d) > 0:
+            dk = descent_test(problem, params, d)
+            if dk.decrease > descent_tol and (desc is None or dk.decrease > desc.decrease):
+                desc, found = dk, True
+    if found:
+        so = "descent"
+    elif kt.negative or lam < -hess_tol:
+        so = "first-order only"
+    else:
+        so = "certified" if hs.converged else "not checked: budget"
+    return Certificate(st, hs, desc, dtype, so, hess_tol, kt)
+
+
+def kink_rtol_of(params, kink_rtol: float | None) -> float:
+    """The kink threshold: ``kink_rtol``, or its default for the point's dtype (1e-6 float64, 1e-3 float32)."""
+    if kink_rtol is not None:
+        return float(kink_rtol)
+    return 1e-6 if jnp.asarray(Params(*params).H).dtype == jnp.float64 else 1e-3

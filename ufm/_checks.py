@@ -15,26 +15,31 @@ import jax
 import numpy as np
 
 from . import metrics as _metrics
-from ._certificates import Certificate, certify
+from ._certificates import Certificate, certify, rounding_floor
 from ._json import to_jsonable
 from ._model import Params, check_params, forward
 from ._problem import UFM
 from ._theory import construct, predict
 
-VERDICTS = ("matches", "below-prediction", "local-min", "saddle", "not-converged", "no-prediction")
+VERDICTS = ("matches", "below-prediction", "local-min", "saddle", "not-converged", "unresolved", "no-prediction")
 
 # Defaults by the dtype of the solution (the point is always *evaluated* in float64 when x64 is on).
-#  grad_tol:  on the stationarity measure (the gradient norm; kink-aware for ReLU). The solver stops at 1e-9
-#             (float64) / 1e-5 (float32); float32 runs often stall near 1e-4, whose rounding alone leaves a
-#             gradient of order eps32 * ||Hessian|| * ||theta||.
-#  gap_tol:   on the relative loss gap |f - f_pred| / |f_pred|. Near a minimum the gap is quadratic in the
-#             distance, so a float64 point with gradient 1e-6 is well inside 1e-6; float32 losses carry ~1e-7
-#             relative rounding per operation, 1e-4 leaves room for the accumulated error of a solve.
+#  rel_grad_tol: on the scale-aware stationarity rel_grad = ||grad f|| / (||grad F|| + ||grad R||) (kink-aware
+#             numerator for ReLU; `ufm.certify`), the definition the solver's stopping rule shares. It does not
+#             depend on lambda or on the loss scale: at a critical point grad F = -grad R and rel_grad measures how
+#             well the two cancel. Measured (tests/test_certificates_scale.py, README): near a minimum the
+#             relative loss gap is ~ 0.3-2 x rel_grad^2, so rel_grad <= 1e-6 (float64) / 1e-3 (float32) keeps an
+#             unconverged point's gap ~1e-12 / ~1e-6, far inside gap_tol; exact optima rounded to float64 give
+#             rel_grad ~1e-14, to float32 ~1e-7..1e-6 at lambda >= 1e-3 (and up to 0.6 at lambda = 1e-8: there
+#             float32 cannot resolve the point, see `ufm.certificates.rounding_floor`); an L-BFGS run stopped at
+#             ||grad f|| <= 1e-9 on the README quickstart has rel_grad 2e-8.
+#  gap_tol:   on the relative loss gap |f - f_pred| / |f_pred|: quadratic in the distance near a minimum;
+#             float32 losses carry ~1e-7 relative rounding per operation, 1e-4 leaves room for a solve's.
 #  hess_rtol: an eigenvalue counts as negative below -hess_rtol * |lambda_max|. A point that is stationary
-#             only to within g moves eigenvalues by O(g * third derivative); eigsh runs at relative tol 1e-8.
+#             only to within g moves eigenvalues by O(g * third derivative); Lanczos runs at relative tol 1e-8.
 DEFAULT_TOLERANCES = {
-    "float64": {"grad_tol": 1e-6, "gap_tol": 1e-6, "hess_rtol": 1e-6},
-    "float32": {"grad_tol": 1e-3, "gap_tol": 1e-4, "hess_rtol": 1e-4},
+    "float64": {"rel_grad_tol": 1e-6, "gap_tol": 1e-6, "hess_rtol": 1e-6},
+    "float32": {"rel_grad_tol": 1e-3, "gap_tol": 1e-4, "hess_rtol": 1e-4},
 }
 
 
@@ -46,10 +51,14 @@ class Report(NamedTuple):
         "matches" (stationary, no negative curvature, loss within ``gap_tol`` of the prediction),
         "below-prediction" (loss below the prediction by more than ``gap_tol``: the predicted configuration is
         not the global optimum here; stationary or not, the point itself is the proof),
-        "local-min" (stationary, no negative curvature, loss above the prediction),
-        "saddle" (stationary with a negative Hessian eigenvalue, confirmed by an explicit descent at kinks),
-        "not-converged" (the stationarity measure exceeds ``grad_tol``, or non-finite values),
+        "local-min" (stationary, no negative curvature found, loss above the prediction),
+        "saddle" (stationary with a negative Hessian eigenvalue at a smooth point, or an explicit lower point found
+        by the second-order test: `ufm.certify`),
+        "not-converged" (not stationary, or non-finite values),
+        "unresolved" (not stationary, and the point's dtype cannot make it so: rounding the parameters alone gives
+        a relative gradient above the tolerance, `rounding_floor`; solve in float64),
         "no-prediction" (stationary and no negative curvature, but no predicted loss to compare with).
+        What "matches"/"local-min" certify is in ``second_order``.
       explanation: one line for a human.
       value: the objective at the solution (float64 evaluation).
       predicted_loss: the prediction's loss (None if there is none).
@@ -63,6 +72,11 @@ class Report(NamedTuple):
       solver: status/message/num_steps of a `ufm.Solution`, None for bare params.
       problem: ``problem.to_dict()``.
       dtype: the solution's dtype.
+      second_order: ``certificate.second_order``: "certified" (second-order conditions hold to tolerance: no
+        Hessian eigenvalue below -hess_tol off the symmetry directions, and at ReLU kinks every multiplier
+        positive or the lifted form positive), "first-order only" (ReLU kinks where the test is inconclusive),
+        "descent"/"negative curvature" (verdict "saddle"), "not checked: budget" (Lanczos ran out of iterations
+        or time), "not checked" (``hessian=False`` or not stationary).
     """
 
     verdict: str
@@ -78,6 +92,7 @@ class Report(NamedTuple):
     solver: dict | None
     problem: dict
     dtype: str
+    second_order: str = "not checked"
 
     def to_dict(self) -> dict:
         """A JSON-serialisable dict (`ufm._json.to_jsonable`: NumPy/JAX numbers become Python numbers, arrays lists,
@@ -230,6 +245,8 @@ def check(
     metrics: bool = True,
     kink_rtol: float | None = None,
     hessian_options: dict | None = None,
+    rel_grad_tol: float | None = None,
+    max_time: float = 60.0,
 ) -> Report:
     """Check one solution of a UFM against the theory: gap, distances, metrics, certificates and a verdict.
 
@@ -239,17 +256,22 @@ def check(
     2. "below-prediction" if (f - f*)/|f*| < -gap_tol: a point with a lower loss proves that the predicted
        configuration is not the global optimum (for a ``known=True`` prediction this would contradict a
        theorem: suspect the problem setup);
-    3. "not-converged" if the stationarity measure (the gradient norm; for ReLU models the minimal norm over
-       the slopes at kinks, see `ufm.certify`) exceeds ``grad_tol``;
-    4. "saddle" if the smallest eigenvalue of the Hessian, after removing the symmetry zero modes, is below
-       -hess_rtol * |lambda_max| (at ReLU kinks additionally an explicit descent along its eigenvector is
-       required, since the Hessian there is that of one smooth piece);
+    3. not stationary: the scale-aware stationarity rel_grad = ||grad f|| / (||grad F|| + ||grad R||) (F the
+       fit, R the penalty; for ReLU models the numerator is the smallest norm over the slopes in [0, 1] at the
+       kinks, see `ufm.certify`; 0/0 = 0) exceeds ``rel_grad_tol`` (or, if an absolute ``grad_tol`` is given,
+       the kink-aware ||grad f|| exceeds it): "unresolved" when the dtype of the point cannot get below the
+       tolerance even at the exact optimum (`rounding_floor` >= the tolerance), else "not-converged";
+    4. "saddle" if the second-order test (`ufm.certify`) found negative curvature at a smooth point or an explicit
+       lower point;
     5. "no-prediction" if there is no predicted loss (metrics and certificates alone);
-    6. "matches" if |f - f*|/|f*| <= gap_tol, else "local-min" (above the prediction).
+    6. "matches" if |f - f*|/|f*| <= gap_tol, else "local-min" (above the prediction); ``second_order`` says
+       whether second order is certified, first-order only (ReLU kinks), or not checked (budget / off).
 
-    The second-order certificate is computed only at stationary points (steps 4-6; ``certificate.hessian`` is
-    None otherwise). With ``hessian=False`` step 4 is skipped, so "matches"/"local-min" then mean first-order
-    stationary only.
+    The second-order certificate (compiled Lanczos on Hessian-vector products with the rotation symmetries
+    projected out; dense below 1500 parameters) is computed only at stationary points, within ``max_time``
+    seconds and ``hessian_options["maxiter"]`` Lanczos steps; past that budget ``second_order`` is
+    "not checked: budget" and "matches"/"local-min" are first-order statements. With ``hessian=False`` it is
+    skipped.
 
     Args:
       problem: the `ufm.UFM`.
@@ -257,13 +279,17 @@ def check(
       prediction: a `ufm.Prediction`, a number (a reference loss), or None for ``ufm.predict(problem,
         configuration)``.
       configuration: deep ReLU: "dnc" or "srg" to check against that configuration (with ``prediction=None``).
-      gap_tol, grad_tol, hess_rtol: tolerances; None for the defaults of the solution's dtype
+      gap_tol, rel_grad_tol, hess_rtol: tolerances; None for the defaults of the solution's dtype
         (``DEFAULT_TOLERANCES``: float64 1e-6, 1e-6, 1e-6; float32 1e-4, 1e-3, 1e-4).
-      hessian: compute the second-order certificate at stationary points (Hessian-vector products; dense below
-        1500 parameters, Lanczos above).
+      grad_tol: an absolute tolerance on the (kink-aware) gradient norm instead of the relative one (the old
+        default; not scale-aware: at small lambda the gradient is small everywhere).
+      hessian: compute the second-order certificate at stationary points.
+      max_time: seconds for the certificates (the kink search and Lanczos); past it, an explicit
+        "not checked: budget".
       metrics: compute ``ufm.metrics.layer_metrics``.
       kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
-      hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, ...).
+      hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, maxiter, krylov_dim,
+        ...).
 
     Returns:
       A `Report`.
@@ -279,17 +305,18 @@ def check(
     params, solver = _unpack(problem, solution)
     dtype = str(np.asarray(params.H).dtype)
     tol = dict(DEFAULT_TOLERANCES["float32" if dtype in ("float32", "float16", "bfloat16") else "float64"])
-    for name, v in (("gap_tol", gap_tol), ("grad_tol", grad_tol), ("hess_rtol", hess_rtol)):
+    for name, v in (("gap_tol", gap_tol), ("grad_tol", grad_tol), ("hess_rtol", hess_rtol),
+                    ("rel_grad_tol", rel_grad_tol), ("max_time", max_time)):
         if v is not None:
-            if not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
+            if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
             tol[name] = float(v)
     pred, f_star, pred_dict = _prediction(problem, prediction, configuration)
 
     finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(params))
     cert = certify(problem, params, hessian="if-stationary" if (hessian and finite) else False, kink_rtol=kink_rtol,
-                   grad_tol=tol["grad_tol"],
-                   **(hessian_options or {}))
+                   grad_tol=grad_tol, rel_grad_tol=tol["rel_grad_tol"], hess_rtol=tol["hess_rtol"],
+                   max_time=max_time, **(hessian_options or {}))
     st = cert.stationarity
     f = st.value
     finite = finite and math.isfinite(f)
@@ -301,10 +328,7 @@ def check(
 
     hs = cert.hessian
     lam_min = hs.smallest[0] if (hs is not None and hs.smallest) else None
-    hess_tol = tol["hess_rtol"] * abs(hs.largest) if hs is not None and math.isfinite(hs.largest) else 0.0
-    tol["hess_tol"] = hess_tol
-    descent_tol = 1e-12 * max(1.0, abs(f)) if finite else math.inf
-    tol["descent_tol"] = descent_tol
+    tol["hess_tol"] = cert.hess_tol
     name = "" if pred is None else (pred.configuration or "")
     label = f"the predicted {name + ' ' if name else ''}loss"
     caveat = ""
@@ -312,33 +336,61 @@ def check(
         caveat = " (the prediction is a candidate, not a proven optimum)"
     sym = "" if hs is None or not hs.symmetry_dim else f" after removing {hs.symmetry_dim} symmetry directions"
     curv = "" if lam_min is None else f"smallest Hessian eigenvalue {_fmt(lam_min)}{sym}"
-    stat_txt = f"stationarity {_fmt(st.stationarity)}" + (f" (kink-aware, {st.kinks} kinks)" if st.kinks else "")
-
-    negative = lam_min is not None and lam_min < -hess_tol
-    descent_ok = cert.descent is not None and cert.descent.decrease > descent_tol
+    if grad_tol is None:
+        stat_txt = f"relative gradient {_fmt(st.grad_norm_rel)}"
+        stationary = st.grad_norm_rel <= tol["rel_grad_tol"]
+        tol_txt = f"rel_grad_tol {_fmt(tol['rel_grad_tol'])}"
+    else:
+        stat_txt = f"gradient norm {_fmt(st.stationarity)}"
+        stationary = st.stationarity <= grad_tol
+        tol_txt = f"grad_tol {_fmt(grad_tol)}"
+    stat_txt += f" (kink-aware, {st.kinks} kinks)" if st.kinks else ""
+    so = cert.second_order
     if not finite:
         verdict, why = "not-converged", "Not converged: the objective or the parameters are not finite."
     elif gap is not None and gap < -tol["gap_tol"]:
         verdict = "below-prediction"
         why = (f"Loss {_fmt(f)} is {_fmt(-100 * gap)}% below {label} {_fmt(f_star)}: the predicted configuration is "
-               f"not the global optimum here" + ("" if st.stationarity <= tol["grad_tol"] else
+               f"not the global optimum here" + ("" if stationary else
                                                  f" (the point itself is not yet stationary: {stat_txt})") + ".")
-    elif not st.stationarity <= tol["grad_tol"]:
-        verdict = "not-converged"
-        why = f"Not stationary: {stat_txt} > grad_tol {_fmt(tol['grad_tol'])}"
+    elif not stationary:
+        floor = rounding_floor(problem, params)
+        tol["rounding_floor"] = floor
+        reach = floor >= (tol["rel_grad_tol"] if grad_tol is None else
+                          grad_tol / max(st.grad_fit_norm + st.grad_reg_norm, np.finfo(np.float64).tiny))
+        if reach:
+            verdict = "unresolved"
+            why = (f"Unresolved: the {dtype} dtype cannot resolve this point: {stat_txt} > {tol_txt}, and rounding "
+                   f"the parameters to {dtype} alone gives a relative gradient ~{_fmt(floor)}; solve in float64")
+        else:
+            verdict = "not-converged"
+            why = f"Not stationary: {stat_txt} > {tol_txt}"
         why += "." if gap is None else f"; loss is {_fmt(100 * gap)}% off {label}."
-    elif negative and (st.kinks == 0 or descent_ok):
+    elif so in ("descent", "negative curvature"):
         verdict = "saddle"
-        why = f"Saddle: stationary ({stat_txt}) but the {curv} < -{_fmt(hess_tol)}"
-        if cert.descent is not None and descent_ok:
-            why += (f"; a step {_fmt(cert.descent.step)} along its eigenvector lowers the loss by "
-                    f"{_fmt(cert.descent.decrease)}")
+        why = f"Saddle: stationary ({stat_txt}) but the {curv} < -{_fmt(cert.hess_tol)}"
+        if cert.descent is not None and so == "descent":
+            why = (f"Saddle: stationary ({stat_txt}) but a step {_fmt(cert.descent.step)} along a second-order "
+                   f"direction lowers the loss by {_fmt(cert.descent.decrease)} ({curv})")
         why += "."
     else:
-        second = ("second order not checked" if hs is None else
-                  f"no negative curvature ({curv})" if not negative else
-                  f"the {curv} is negative on the smooth piece at the {st.kinks} kinks, but no descent was found "
-                  "along it")
+        if so == "certified":
+            second = f"second order certified ({curv}"
+            if cert.kink is not None:
+                k = cert.kink
+                second += (f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
+                           f" ({k.lifted} lifted)")
+            second += ")"
+        elif so == "first-order only":
+            k = cert.kink
+            second = (f"first-order only: at the {st.kinks} ReLU kinks the second-order test is inconclusive ("
+                      + (f"{k.negative} negative multipliers, " if k and k.negative else "")
+                      + f"{curv} on the {'lifted ' if k and k.lifted else ''}form, no lower point found)")
+        elif so == "not checked: budget":
+            second = (f"second order not checked: budget ({hs.iterations} Lanczos steps, {_fmt(hs.seconds)} s; "
+                      f"{curv} so far)")
+        else:
+            second = "second order not checked"
         if f_star is None:
             verdict = "no-prediction"
             reason = "" if pred is None else f" ({pred.reason.split(';')[0]})"
@@ -350,4 +402,5 @@ def check(
             verdict = "local-min"
             why = (f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
                    f"({stat_txt}), {second}.")
-    return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype)
+    return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype,
+                  so)
