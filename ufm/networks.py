@@ -914,7 +914,7 @@ def affine_nc1_floor(X, labels, num_classes: int | None = None, *, rtol: float =
       X: p x N inputs (samples are columns). labels: (N,) in [0, K).
       rtol: eigenvalues of Sigma_B below ``rtol`` times the largest count as zero.
     """
-    A, y, K = _m._prepare(X, labels, num_classes)
+    A, y, K = _m.prepare(X, labels, num_classes)
     M, muG = _m.class_means(A, y, K)
     N = A.shape[1]
     R = A - M[:, y]
@@ -1072,7 +1072,7 @@ def kmeans(features, k: int, *, restarts: int = 10, max_iter: int = 300, seed: i
     optional dependency and is reproducible from ``seed`` alone (scikit-learn's default init also changed across
     versions); for the few hundred points per superclass used here the cost is negligible.
     """
-    A = _m._matrix(features, "features")
+    A = _m.as_matrix(features, "features")
     k = _pos_int("k", k, "number of clusters")
     if k > A.shape[1]:
         raise ValueError(f"k must be <= N = {A.shape[1]} (the columns of features); got {k}")
