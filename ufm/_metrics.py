@@ -254,64 +254,86 @@ def _empty_stats(d: int, K: int, counts, eps: float) -> ClassStats:
                       np.full((r, r), nan), np.full(K, nan), nan, nan, eps, False)
 
 
+def _shifted_rows(Ab, shift, inv, out=None):
+    """(B, d) float64 rows x_i = (a_i - shift) * inv of a d x B block (one transposing copy, in-place ops)."""
+    X = np.empty((Ab.shape[1], Ab.shape[0])) if out is None or out.shape != Ab.T.shape else out
+    X[...] = Ab.T
+    with np.errstate(invalid="ignore", over="ignore"):  # non-finite data: detected from the sums, reported as NaN
+        X -= shift
+        if inv != 1.0:
+            X *= inv
+    return X
+
+
 def class_stats_blocks(blocks, num_classes: int, *, eps: float | None = None) -> ClassStats:
     """`ClassStats` from a re-iterable of ``(features_block, labels_block)`` pairs (d x B_i arrays, (B_i,) labels).
 
     Two sweeps over the blocks (means, then residuals): each block is read twice, never held with another. Use
     it for features that do not fit in memory (e.g. a generator function wrapped in a list-like object, or
     `class_stats` with a ``np.memmap``). ``eps`` is the input dtype's epsilon (default: that of the first block).
+    Labels must be integers in [0, K).
     """
     K = int(num_classes)
     if K < 2:
         raise ValueError(f"collapse metrics need K >= 2 classes; got K = {K}")
     counts = np.zeros(K, np.int64)
     sums = None
-    total_ss = 0.0
-    shift = scale = None
+    shift = None
+    inv = 1.0
     d = None
-    finite = True
+    buf = None
     for Ab, yb in blocks:
-        Ab = np.asarray(Ab)
         if eps is None:
             eps = _eps_of(Ab)
-        Ab = Ab.astype(np.float64, copy=False)
+        Ab = np.asarray(Ab)
+        yb = np.asarray(yb, dtype=np.int64)
         if d is None:
             d = Ab.shape[0]
-            sums = np.zeros((d, K))
-        if not np.all(np.isfinite(Ab)):
-            finite = False
-            counts += np.bincount(yb, minlength=K)
+            sums = np.zeros((K, d))
+            A0 = Ab.astype(np.float64)
+            shift = A0.mean(axis=1) if A0.shape[1] else np.zeros(d)
+            with np.errstate(invalid="ignore", over="ignore"):
+                spread = float(np.max(np.abs(A0 - shift[:, None]), initial=0.0))
+            # rescale only where squares could underflow or overflow (a power of two: exact)
+            scale = _pow2(spread) if not (2.0**-200 < spread < 2.0**200) else 1.0
+            inv = 1.0 / scale
+        if Ab.shape[1] == 0:
             continue
-        if shift is None:
-            shift = Ab.mean(axis=1) if Ab.shape[1] else np.zeros(d)
-            spread = float(np.max(np.abs(Ab - shift[:, None]))) if Ab.size else 0.0
-            scale = _pow2(spread if spread > 0 else (float(np.max(np.abs(Ab))) if Ab.size else 0.0))
-        X = (Ab - shift[:, None]) * (1.0 / scale)
+        buf = _shifted_rows(Ab, shift, inv, buf)
         counts += np.bincount(yb, minlength=K)
-        sums += (_onehot(yb, K).T @ X.T).T
-        total_ss += float(np.sum(X * X))
+        with np.errstate(invalid="ignore", over="ignore"):
+            sums += _onehot(yb, K).T @ buf  # (K, B) sparse @ (B, d) C-contiguous
     if d is None:
         raise ValueError("features must have at least one column (N >= 1)")
     eps = _EPS64 if eps is None else eps
     if np.any(counts == 0):
         empty = np.flatnonzero(counts == 0).tolist()
         raise ValueError(f"every class needs at least one sample (n_k >= 1); classes {empty} have none")
-    if not finite or not math.isfinite(total_ss):
+    scale = 1.0 / inv
+    if not (np.all(np.isfinite(sums)) and np.all(np.isfinite(shift))):  # a NaN or an infinity in the data
         return _empty_stats(d, K, counts, eps)
-    means = sums / counts
+    means = (sums / counts[:, None]).T  # d x K
     centred = means - (means @ counts)[:, None] / counts.sum()
     B = _null_reflect(centred, counts.astype(np.float64))
     Q = np.linalg.svd(B, full_matrices=False)[0] if B.size else np.zeros((d, 0))
     r = Q.shape[1]
     within = np.zeros((r, r))
     class_ss = np.zeros(K)
+    meansT = np.ascontiguousarray(means.T)
     for Ab, yb in blocks:
-        X = (np.asarray(Ab, dtype=np.float64) - shift[:, None]) * (1.0 / scale)
-        R = X - means[:, yb]
-        class_ss += np.bincount(yb, weights=np.einsum("ij,ij->j", R, R), minlength=K)
-        P = Q.T @ R
-        within += P @ P.T
+        Ab = np.asarray(Ab)
+        if Ab.shape[1] == 0:
+            continue
+        yb = np.asarray(yb, dtype=np.int64)
+        R = _shifted_rows(Ab, shift, inv, buf)
+        R -= meansT[yb]
+        class_ss += np.bincount(yb, weights=np.einsum("ij,ij->i", R, R), minlength=K)
+        P = R @ Q
+        within += P.T @ P
+    total_ss = float(np.sum(class_ss) + np.sum(counts * np.sum(means**2, axis=0)))  # sum_i ||x_i||^2
     mean_abs = float(np.max(np.abs(shift[:, None] + scale * means)))
+    if not (math.isfinite(total_ss) and math.isfinite(mean_abs)):
+        return _empty_stats(d, K, counts, eps)
     return ClassStats(counts, shift, scale, means, Q, within, class_ss, total_ss, mean_abs, eps, True)
 
 
