@@ -312,3 +312,15 @@ def test_partial_products_and_layer_metrics_partial_entry():
     d = m.layer_metrics(p, ufm.construct(p))
     assert [e["layer"] for e in d["partial"]] == [1, 2]
     assert all(e["nc3_product"] <= 1e-12 for e in d["partial"])
+
+
+def test_numerical_rank_default_cut_does_not_grow_with_n():
+    # rank-3 float32 features with N = 20,000 and a third direction at 1e-3 of the first: NumPy's rule
+    # max(d, N) eps32 sigma_1 = 2.4e-3 sigma_1 drops it; the dtype resolves it (rounding ~1e-7 relative per entry).
+    rng = np.random.default_rng(0)
+    U = np.linalg.qr(rng.normal(size=(8, 3)))[0]
+    V = np.linalg.qr(rng.normal(size=(20000, 3)))[0]
+    A = (U * np.array([1.0, 0.1, 1e-3])) @ V.T * 100
+    assert np.linalg.matrix_rank(A.astype(np.float32)) == 2  # the N-scaled rule, for contrast
+    assert m.numerical_rank(A.astype(np.float32)) == 3 and m.numerical_rank(A) == 3
+    assert m.numerical_rank(A, rtol=1e-2) == 2
