@@ -292,13 +292,53 @@ def plot(result, path) -> None:
     C.save_figure(fig, path)
 
 
+def matmul_breakdown(sizes=((10, 100, 128, 3), (10, 500, 256, 5)), rounds: int = 21, log=print) -> list[dict]:
+    """One float64 objective-and-gradient evaluation with the layer products of `ufm._model.layer_matmul` (the
+    backward's W^T G on a materialised W^T) against plain ``W @ H`` autodiff, interleaved in one process.
+
+    The plain variant is traced with ``ufm._model._mm`` swapped for ``W @ H`` (a benchmark-only patch, restored
+    at once). Returns per size the medians and the median of the per-round ratios plain / custom."""
+    import jax
+
+    C.enable_x64()
+    import ufm
+    import ufm._model as M
+
+    rows = []
+    for K, n, d, L in sizes:
+        p = ufm.UFM(K, n, (d,) * L, activation="relu", loss="mse", bias="none", lam_H=5e-4, lam_W=5e-4)
+        params = ufm.init_params(p, jax.random.key(0), dtype="float64")
+        custom = jax.jit(jax.value_and_grad(lambda q, p=p: ufm.objective(p, q)))
+        jax.block_until_ready(custom(params))
+        saved = M._mm
+        M._mm = lambda W, H: W @ H
+        try:
+            plain = jax.jit(jax.value_and_grad(lambda q, p=p: ufm.objective(p, q)))
+            jax.block_until_ready(plain(params))
+        finally:
+            M._mm = saved
+        fns = {"plain": lambda f=plain, x=params: C.timeit(lambda: jax.block_until_ready(f(x))),
+               "layer_matmul": lambda f=custom, x=params: C.timeit(lambda: jax.block_until_ready(f(x)))}
+        t = C.interleaved(fns, rounds)
+        row = dict(size=(K, n, d, L), plain_s=C.median(t["plain"]), layer_matmul_s=C.median(t["layer_matmul"]),
+                   ratio=C.median(C.per_round_ratios(t["plain"], t["layer_matmul"])), load=C.load_average())
+        log(row)
+        rows.append(row)
+    return rows
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--matmul", action="store_true",
+                    help="only the float64 value+grad timing: layer_matmul against plain W @ H autodiff")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
     a = ap.parse_args(argv)
+    if a.matmul:
+        matmul_breakdown(rounds=a.rounds or 21)
+        return
     tc = False if a.no_torch_compile else None
     run("tiny" if a.smoke else "full", rounds=a.rounds, out_dir=a.out, torch_compile=tc)
 

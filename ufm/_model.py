@@ -97,6 +97,33 @@ def init_params(problem: UFM, key: jax.Array, scale=1.0, dtype=None) -> Params:
     return Params(H, Ws, b)
 
 
+@jax.custom_jvp
+def layer_matmul(W: jax.Array, H: jax.Array) -> jax.Array:
+    """``W @ H`` whose derivatives run every product in the untransposed layout.
+
+    Reverse mode transposes the tangent ``dW H + W dH``; the transpose of ``W dH`` in dH is ``W^T G``, which XLA's
+    CPU float64 dot runs at ~60% of the rate of ``W G`` (measured: 63 ms against 39 ms for d = 256, N = 5000 on
+    the 2-core box). The tangent below writes ``W dH`` as ``(W^T)^T dH`` with ``W^T`` materialised behind an
+    optimisation barrier, so its transpose is the plain product ``W^T G``. The rule is the exact derivative (it
+    is linear in the tangents and built from differentiable primitives), so ``jvp(grad)`` (the Hessian-vector
+    products of the certificates) stays exact; tests/test_model_vjp.py checks both against finite differences.
+    """
+    return W @ H
+
+
+@layer_matmul.defjvp
+def _layer_matmul_jvp(primals, tangents):
+    W, H = primals
+    dW, dH = tangents
+    Wt = jax.lax.optimization_barrier(W.T)
+    return W @ H, dW @ H + Wt.T @ dH
+
+
+def _mm(W, H):
+    # float64 only: float32 dots do not show the slow transposed layout, and float32 stays bit-for-bit as before
+    return layer_matmul(W, H) if W.dtype == jnp.float64 else W @ H
+
+
 def _act(problem: UFM, x):
     return jax.nn.relu(x) if problem.activation == "relu" else x
 
@@ -107,11 +134,11 @@ def forward(problem: UFM, params: Params) -> Forward:
     Zs = []
     h = params.H
     for W in params.Ws[:-1]:
-        z = W @ h
+        z = _mm(W, h)
         Zs.append(z)
         h = _act(problem, z)
         Hs.append(h)
-    out = params.Ws[-1] @ h
+    out = _mm(params.Ws[-1], h)
     if params.b is not None:
         out = out + params.b[:, None]
     return Forward(tuple(Hs), tuple(Zs), out)

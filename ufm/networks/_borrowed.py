@@ -5,7 +5,7 @@ Kept in one small module so that renaming them (``_solver._check_dtype``, ``metr
 """
 
 from .._solver import _check_dtype as check_dtype
-from ..metrics import _matrix as matrix
-from ..metrics import _prepare as prepare
+from ..metrics import as_matrix as matrix
+from ..metrics import prepare as prepare
 
 __all__ = ["check_dtype", "matrix", "prepare"]
