@@ -6,6 +6,9 @@ from ._certificates import certify as certify
 from ._certificates import hessian_spectrum as hessian_spectrum
 from ._checks import Report as Report
 from ._checks import check as check
+from ._explore import Exploration as Exploration
+from ._explore import Minimum as Minimum
+from ._explore import explore as explore
 from ._model import Forward as Forward
 from ._model import Params as Params
 from ._model import fit_loss as fit_loss
