@@ -173,3 +173,15 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
     # bad input: one line, exit code 2
     assert cli.main(["explore", "--max-starts", "0", "--out", str(tmp_path / "bad")]) == 2
     assert math.isfinite(report["best"]["ratio_to_dnc"])
+
+
+@pytest.mark.slow
+def test_deep_cross_entropy_without_candidates():
+    # deep ReLU cross-entropy: no explicit candidate and no DNC loss; explore still searches and reports a finite
+    # best point whose value is the objective there (slow: a second compiled program)
+    p = ufm.UFM(num_classes=3, n_per_class=1, widths=(4, 4, 4), activation="relu", loss="ce", bias="none",
+                lam_H=0.004, lam_W=0.004)
+    ex = ufm.explore(p, max_starts=8, key=0, batch_size=8, steps=300, check_hessian=False)
+    assert ex.explicit == {} and math.isnan(ex.ratio_to_dnc) and ex.check_dnc is None
+    assert math.isfinite(ex.value) and ex.value == pytest.approx(float(ufm.objective(p, ex.params)), rel=1e-12)
+    assert ex.num_starts == 8 and ex.minima

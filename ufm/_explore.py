@@ -555,6 +555,13 @@ def explore(
     for name, prm in explicit.items():  # never above an explicit candidate
         if explicit_losses[name] < best_value:
             best_value, best_params = explicit_losses[name], prm
+    if best_params is None:  # every run failed (non-finite): report the failure as a status, not an exception
+        best_params = _random_start(problem, np.random.default_rng(seed), 1.0)
+        best_params = Params(jnp.asarray(best_params.H, dt), tuple(jnp.asarray(W, dt) for W in best_params.Ws),
+                             None if best_params.b is None else jnp.asarray(best_params.b, dt))
+        msg = ("no finite local minimum was reached: every run failed (see the solver statuses); params is a "
+               "random start")
+        return finish(best_params, math.nan, minima, stats, trace, starts, rounds, msg)
     minima.sort(key=lambda m: m.value)
     for s in stats.values():
         s.pop("wins", None)
