@@ -149,15 +149,16 @@ def main(argv=None):
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="results file stem (default explore / atlas)")
     ap.add_argument("--smoke", action="store_true", help="K = 3, L = 4 widths 6, tiny budget")
     a = ap.parse_args(argv)
     if a.what == "mixes":
         settings = [3] if a.smoke else [int(k) for k in a.settings.split(",")]
         run_mixes(settings, a.mixes.split(","), a.budget, a.batch_size, a.steps, a.seed,
-                  "explore_smoke" if a.smoke else "explore", max_starts=a.max_starts)
+                  a.name or ("explore_smoke" if a.smoke else "explore"), max_starts=a.max_starts)
     else:
         run_atlas([int(k) for k in a.Ks.split(",")], [int(v) for v in a.Ls.split(",")], a.max_starts or 16,
-                  a.batch_size, a.steps, a.seed)
+                  a.batch_size, a.steps, a.seed, a.name or "atlas")
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from ._checks import check as check
 from ._explore import Exploration as Exploration
 from ._explore import Minimum as Minimum
 from ._explore import explore as explore
+from ._explore import structure as structure
 from ._model import Forward as Forward
 from ._model import Params as Params
 from ._model import fit_loss as fit_loss
