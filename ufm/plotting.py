@@ -588,16 +588,28 @@ def exploration_minima(exploration, *, title: str | None = None):
         fig = _figure(7.0, 0.5 * len(names) + 1.6)
         ax = fig.add_subplot(1, 1, 1)
         colors = _layer_colors(len(names))
+        # the interesting range: from the best to a little above the worst explicit point (or 2x the best); minima
+        # above it (e.g. the zero saddle) are drawn as arrows at the right edge with their number
+        ref = [v / scale for v in exploration.explicit.values()] or [2 * exploration.value / scale]
+        lo = float(exploration.value / scale)
+        hi = max(max(ref), lo) * 1.02 + 1e-12
+        span = hi - lo
         for i, s in enumerate(names):
             vals = np.array([m.value / scale for m in minima if m.strategy == s], float)
             counts = np.array([m.count for m in minima if m.strategy == s], float)
-            if vals.size:
-                ax.scatter(vals, np.full(vals.size, i), s=18 * np.sqrt(counts) + 8, color=colors[i], alpha=0.7,
-                           edgecolors="k", linewidths=0.4)
+            inside = vals <= hi
+            if inside.any():
+                ax.scatter(vals[inside], np.full(inside.sum(), i), s=18 * np.sqrt(counts[inside]) + 8,
+                           color=colors[i], alpha=0.7, edgecolors="k", linewidths=0.4)
+            if (~inside).any():
+                ax.scatter([hi + 0.04 * span], [i], marker=">", color=colors[i], edgecolors="k", linewidths=0.4)
+                ax.annotate(f"{int((~inside).sum())} above", (hi + 0.04 * span, i), xytext=(0, 6),
+                            textcoords="offset points", fontsize=7, ha="center")
         for name, v in exploration.explicit.items():
             ax.axvline(v / scale, color="0.4", ls="--", lw=0.8)
             ax.annotate(name, (v / scale, len(names) - 0.5), fontsize=7, rotation=90, va="top", ha="right")
         ax.axvline(exploration.value / scale, color="C3", ls="-", lw=0.8)
+        ax.set_xlim(lo - 0.05 * span, hi + 0.08 * span)
         ax.set_yticks(range(len(names)), names)
         ax.set_ylim(-0.7, len(names) - 0.3)
         ax.set_xlabel("loss / DNC loss" if scale != 1.0 else "loss")
