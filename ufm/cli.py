@@ -915,7 +915,9 @@ def _add_explore_parser(sub) -> None:
                         "config.json, report.json, best.npz, best.json and figures.")
     g = pe.add_argument_group("problem (ufm.UFM fields)")
     for flags, dest, typ, help_ in _PROBLEM_OPTIONS:
-        g.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
+        d = EXPLORE_DEFAULT_PROBLEM[dest]
+        d = ",".join(map(str, d)) if isinstance(d, list) else d
+        g.add_argument(*flags, dest=dest, type=typ, default=None, help=f"{help_.split(' (default')[0]} (default {d})")
     g = pe.add_argument_group("search (ufm.explore options)")
     g.add_argument("--time-budget", dest="time_budget", type=_float, default=None,
                    help="seconds (default 150; loosely: no round starts that would end past it)")
