@@ -237,3 +237,59 @@ mid = [f for f in m["features"] if f["name"] not in ("H_1", "out", f"H_{L}")]
 print("Class-mean ranks of the best start, intermediate layers: "
       + ", ".join(f"{f['name']} {class_mean_rank(f)}" for f in mid) + f" (DNC: {K} in every layer).")
 print(f"Wall time {time.perf_counter() - T0:.0f} s at size {SIZE}.")
+
+# %% [markdown]
+# ## Exploration: the best point found, and an atlas over K and L
+#
+# `ufm.explore` (README, "Exploration") spends a budget of starts on a portfolio: the explicit DNC and SRG points
+# (so it never returns anything above them), random starts at several scales, low-rank starts, perturbed DNC/SRG,
+# continuation in λ and basin hopping, all through one compiled `ufm.solve_batch` program. It deduplicates the
+# local minima by loss and by the spectra of the class-mean Grams (rotation-invariant) and describes the best one.
+# Below: one small search (the same size at both notebook sizes, K = 3, L = 4, width 6, 8 starts; seconds), then the
+# atlas stored by `python -m benchmarks.bench_explore atlas` in `benchmarks/results/atlas.json` (it is loaded, not
+# recomputed: each setting is a separate compile and search). Every entry is a numerical **upper bound** on the
+# global optimum (a feasible point), not a proof that it is optimal.
+
+# %%
+import json  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+p3 = ufm.UFM(num_classes=3, n_per_class=1, widths=(6,) * 4, activation="relu", loss="mse", bias="none",
+             lam_H=LAM, lam_W=LAM)
+ex = ufm.explore(p3, max_starts=8, key=0, batch_size=8, steps=500, check_hessian=False)
+print(ex.message)
+print("explicit points: " + ", ".join(f"{k} {v / ex.dnc_loss:.4f} x DNC" for k, v in ex.explicit.items()))
+for mm in ex.minima[:5]:
+    print(f"  {mm.value / ex.dnc_loss:.4f} x DNC, reached by {mm.count} start(s), first by {mm.strategy!r}: "
+          f"{mm.description}")
+print(f"check against DNC: {ex.check_dnc.verdict}: {ex.check_dnc.explanation}")
+display(ufm.plotting.exploration_minima(ex))
+display(ufm.plotting.gram_spectra_plot(p3, ex.params, reference=ufm.construct(p3, "dnc")))
+
+# %%
+atlas_file = Path("../benchmarks/results/atlas.json")
+if not atlas_file.exists():
+    atlas_file = Path("benchmarks/results/atlas.json")  # executed from the repository root
+atlas = json.loads(atlas_file.read_text()) if atlas_file.exists() else {"rows": []}
+print(f"atlas: {len(atlas['rows'])} settings, {atlas.get('max_starts')} starts each, lambda = {atlas.get('lam')}")
+print(f"{'K':>3} {'L':>2} {'width':>5}  {'best/DNC':>8}  {'published/DNC':>13}  beats  structure of the best point")
+for r in atlas["rows"]:
+    print(f"{r['K']:>3} {r['L']:>2} {r['width']:>5}  {r['ratio']:>8.4f}  {r['published_ratio']:>13.4f}  "
+          f"{'yes' if r['beats_published'] else 'no ':>5}  {r['structure']}")
+if atlas["rows"]:
+    Ks = sorted({r["K"] for r in atlas["rows"]})
+    Ls = sorted({r["L"] for r in atlas["rows"]})
+    grid = np.full((len(Ls), len(Ks)), np.nan)
+    for r in atlas["rows"]:
+        grid[Ls.index(r["L"]), Ks.index(r["K"])] = r["ratio"]
+    fig = Figure(figsize=(1.0 * len(Ks) + 2, 0.6 * len(Ls) + 1.5), layout="constrained")
+    ax = fig.add_subplot(1, 1, 1)
+    im = ax.imshow(grid, cmap="viridis_r", vmin=np.nanmin(grid), vmax=1.0)
+    for i in range(len(Ls)):
+        for j in range(len(Ks)):
+            if np.isfinite(grid[i, j]):
+                ax.text(j, i, f"{grid[i, j]:.3f}", ha="center", va="center", fontsize=8, color="w")
+    ax.set(xticks=range(len(Ks)), xticklabels=Ks, yticks=range(len(Ls)), yticklabels=Ls, xlabel="K", ylabel="L",
+           title=r"best found / DNC loss ($\lambda$ = 0.004, upper bounds)")
+    fig.colorbar(im, ax=ax)
+    display(fig)

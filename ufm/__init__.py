@@ -6,6 +6,10 @@ from ._certificates import certify as certify
 from ._certificates import hessian_spectrum as hessian_spectrum
 from ._checks import Report as Report
 from ._checks import check as check
+from ._explore import Exploration as Exploration
+from ._explore import Minimum as Minimum
+from ._explore import explore as explore
+from ._explore import structure as structure
 from ._io import Results as Results
 from ._io import ResultsError as ResultsError
 from ._io import load_results as load_results

@@ -27,6 +27,8 @@ __all__ = [
     "gram_heatmaps",
     "singular_value_plot",
     "class_means_plot",
+    "exploration_minima",
+    "gram_spectra_plot",
 ]
 
 _FLOOR = 1e-17  # where exact zeros are drawn on log axes (below float64 rounding of O(1) quantities)
@@ -559,3 +561,102 @@ def _mean_angle(V: np.ndarray) -> str:
     K = V.shape[1]
     off = C[~np.eye(K, dtype=bool)]
     return f"{np.degrees(np.arccos(np.clip(off, -1, 1))).mean():.1f}°"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# ufm.explore figures
+
+
+def exploration_minima(exploration, *, title: str | None = None):
+    """The distinct local minima an `ufm.explore` run found, per strategy that reached each one first.
+
+    One row per strategy; each minimum is a dot at its loss (divided by the DNC loss where DNC is defined, else
+    the raw loss), its area proportional to how many starts ended there. Dashed lines mark the explicit candidates
+    (`ufm.construct`: DNC, SRG) and the best point.
+
+    Args:
+      exploration: a `ufm.Exploration`.
+
+    Returns:
+      A Figure with one axis.
+    """
+    minima = exploration.minima
+    dnc = float(exploration.dnc_loss)
+    scale = dnc if math.isfinite(dnc) and dnc > 0 else 1.0
+    names = [s for s in exploration.strategies if any(m.strategy == s for m in minima)] or ["(none)"]
+    with _rc():
+        fig = _figure(7.0, 0.5 * len(names) + 1.6)
+        ax = fig.add_subplot(1, 1, 1)
+        colors = _layer_colors(len(names))
+        # the interesting range: from the best to a little above the worst explicit point (or 2x the best); minima
+        # above it (e.g. the zero saddle) are drawn as arrows at the right edge with their number
+        ref = [v / scale for v in exploration.explicit.values()] or [2 * exploration.value / scale]
+        lo = float(exploration.value / scale)
+        hi = max(max(ref), lo) * 1.02 + 1e-12
+        span = hi - lo
+        for i, s in enumerate(names):
+            vals = np.array([m.value / scale for m in minima if m.strategy == s], float)
+            counts = np.array([m.count for m in minima if m.strategy == s], float)
+            inside = vals <= hi
+            if inside.any():
+                ax.scatter(vals[inside], np.full(inside.sum(), i), s=18 * np.sqrt(counts[inside]) + 8,
+                           color=colors[i], alpha=0.7, edgecolors="k", linewidths=0.4)
+            if (~inside).any():
+                ax.scatter([hi + 0.04 * span], [i], marker=">", color=colors[i], edgecolors="k", linewidths=0.4)
+                ax.annotate(f"{int((~inside).sum())} above", (hi + 0.04 * span, i), xytext=(0, 6),
+                            textcoords="offset points", fontsize=7, ha="center")
+        for name, v in exploration.explicit.items():
+            ax.axvline(v / scale, color="0.4", ls="--", lw=0.8)
+            ax.annotate(name, (v / scale, len(names) - 0.5), fontsize=7, rotation=90, va="top", ha="right")
+        ax.axvline(exploration.value / scale, color="C3", ls="-", lw=0.8)
+        ax.set_xlim(lo - 0.05 * span, hi + 0.08 * span)
+        ax.set_yticks(range(len(names)), names)
+        ax.set_ylim(-0.7, len(names) - 0.3)
+        ax.set_xlabel("loss / DNC loss" if scale != 1.0 else "loss")
+        ax.set_title(title or f"{len(minima)} distinct minima from {exploration.num_starts} starts "
+                     "(area ∝ starts reaching it; red: best)")
+    return fig
+
+
+def gram_spectra_plot(problem, params, *, reference=None, reference_label: str = "DNC", title: str | None = None):
+    """Eigenvalues of the class-mean Gram M_lᵀ M_l of every feature layer H_1..H_L (log axis), the
+    rotation-invariant fingerprint `ufm.explore` uses to tell minima apart, beside a reference point's.
+
+    Args:
+      problem: the `ufm.UFM`.
+      params: the point (`ufm.Params`).
+      reference: optional `ufm.Params` drawn as black rings (e.g. ``ufm.construct(problem, "dnc")``).
+
+    Returns:
+      A Figure with L axes.
+    """
+    from . import metrics
+    from ._model import forward
+
+    def spectra(p):
+        fw = forward(problem, p)
+        out = []
+        for h in fw.H:
+            M, _ = metrics.class_means(np.asarray(h, np.float64), problem.labels(), problem.num_classes)
+            out.append(np.sort(np.linalg.eigvalsh(M.T @ M))[::-1])
+        return out
+
+    ours = spectra(params)
+    ref = spectra(reference) if reference is not None else None
+    L = len(ours)
+    with _rc():
+        fig = _figure(min(2.4 * L + 1, 12), 2.6)
+        axes = fig.subplots(1, L, squeeze=False)[0]
+        idx = np.arange(1, problem.num_classes + 1)
+        for l, ax in enumerate(axes):
+            ax.semilogy(idx, np.maximum(ours[l], _FLOOR), "o-", ms=4, color="C0", label="point")
+            if ref is not None:
+                ax.semilogy(idx, np.maximum(ref[l], _FLOOR), "o", ms=7, mfc="none", mec="k", label=reference_label)
+            ax.set_title(f"Gram of {_sub(f'H_{l + 1}')}")
+            ax.set_xlabel("index")
+            _log_ylim(ax, np.concatenate([ours[l]] + ([ref[l]] if ref is not None else [])))
+        axes[0].set_ylabel("eigenvalue of MᵀM")
+        axes[0].legend(loc="lower left")
+        if title:
+            fig.suptitle(title)
+    return fig

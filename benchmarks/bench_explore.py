@@ -1,0 +1,165 @@
+"""Benchmark 5: `ufm.explore` — time to the best known point for each strategy mix, and the atlas.
+
+    python -m benchmarks.bench_explore mixes --budget 150          # K=6 and K=10 targets, every mix
+    python -m benchmarks.bench_explore mixes --budget 20 --smoke   # K=3, seconds
+    python -m benchmarks.bench_explore atlas --max-starts 16       # best found / DNC over (K, L), lambda = 0.004
+
+Settings (Súkeník, Mondelli, Lampert 2024; THEORY.md §4.3): deep ReLU UFM, MSE, no bias, n = 1,
+lambda_H = lambda_W = 0.004, L = 4, widths 11 (K = 6; best known 0.907 of the DNC loss, target <= 0.911) and widths 16
+(K = 10; best known 0.816, the SRG point, target <= 0.820).
+
+``mixes``: per setting, one warm-up call compiles the solver (its time is reported as ``compile_s``), then each mix
+of strategies runs ``explore(time_budget=budget)`` from the same key; we record the trace (seconds, starts, best)
+and the first time the best reached the target ratio ("time to target"), the final ratio, and the CPU time of the
+process during the run (the machine is shared: CPU seconds / wall seconds says how much of a core the run got).
+
+``atlas``: for each (K, L) of the grid, widths d = max(K + 5, round(1.6 K)) (11 at K = 6, 16 at K = 10), one
+``explore(max_starts=...)`` call; the table gives the best found / DNC, the SRG point / DNC where defined, the
+structure of the best point and whether it beats the published construction (the SRG point, else DNC). Every
+entry is a numerical upper bound on the global optimum, not a proof of optimality.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+
+import jax
+
+from . import _common as C
+
+jax.config.update("jax_enable_x64", True)
+
+import ufm  # noqa: E402
+from ufm._explore import STRATEGIES  # noqa: E402
+from ufm._json import to_jsonable  # noqa: E402
+
+LAM = 0.004
+TARGETS = {6: (11, 0.911, 0.907), 10: (16, 0.820, 0.816)}  # K: (width, target ratio, best known ratio)
+MIXES = {
+    "all": STRATEGIES,
+    "random": ("explicit", "random"),
+    "random+hop": ("explicit", "random", "hop"),
+    "low-rank+hop": ("explicit", "low-rank", "hop"),
+    "perturbed+hop": ("explicit", "perturbed", "hop"),
+    "continuation+hop": ("explicit", "continuation", "hop"),
+}
+
+
+def problem(K: int, L: int, d: int) -> ufm.UFM:
+    return ufm.UFM(num_classes=K, n_per_class=1, widths=(d,) * L, activation="relu", loss="mse", bias="none",
+                   lam_H=LAM, lam_W=LAM)
+
+
+def atlas_width(K: int) -> int:
+    return max(K + 5, round(1.6 * K))
+
+
+def _dump(name: str, obj: dict) -> None:
+    C.RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    (C.RESULTS_DIR / f"{name}.json").write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
+
+
+def run_mixes(settings, mixes, budget, batch_size, steps, seed, name, max_starts=None):
+    out = {"machine": C.machine_info(), "budget_s": budget, "max_starts": max_starts, "batch_size": batch_size,
+           "steps": steps, "seed": seed, "runs": []}
+    for K in settings:
+        d, target, known = TARGETS.get(K, (atlas_width(K), math.nan, math.nan))
+        p = problem(K, 4, d)
+        t = time.perf_counter()
+        ufm.explore(p, max_starts=1, key=seed, batch_size=batch_size, steps=steps, check_hessian=False)
+        compile_s = time.perf_counter() - t
+        for mix in mixes:
+            c0, t0, load0 = time.process_time(), time.perf_counter(), C.load_average()
+            ex = ufm.explore(p, time_budget=None if max_starts else budget, max_starts=max_starts, key=seed,
+                             strategies=MIXES[mix], batch_size=batch_size, steps=steps, check_hessian=False)
+            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+            hit = next((tt for tt, _, v in ex.trace if v / ex.dnc_loss <= target), None)
+            hit_starts = next((n for _, n, v in ex.trace if v / ex.dnc_loss <= target), None)
+            row = {"K": K, "L": 4, "width": d, "mix": mix, "ratio": ex.ratio_to_dnc, "target": target,
+                   "best_known": known, "time_to_target_s": hit, "starts_to_target": hit_starts,
+                   "wall_s": wall, "cpu_s": cpu,
+                   "compile_s": compile_s, "starts": ex.num_starts, "rounds": ex.num_rounds,
+                   "minima": len(ex.minima), "structure": ex.minima[0].description if ex.minima else "",
+                   "strategies": ex.strategies, "trace": ex.trace, "load_before": load0, "load_after": C.load_average()}
+            out["runs"].append(row)
+            print(f"K={K} {mix:<17s} ratio {ex.ratio_to_dnc:.4f} (target {target}) hit {hit} wall {wall:.0f}s "
+                  f"cpu {cpu:.0f}s starts {ex.num_starts} rounds {ex.num_rounds} load {C.load_average()}", flush=True)
+            _dump(name, out)
+    md = ["| K | L | width | mix | best / DNC | target | time to target (s) | starts to target | starts | rounds | "
+          "wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in out["runs"]:
+        tt = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}"
+        st = "—" if r["starts_to_target"] is None else str(r["starts_to_target"])
+        md.append(f"| {r['K']} | 4 | {r['width']} | {r['mix']} | {r['ratio']:.4f} | {r['target']} | {tt} | {st} | "
+                  f"{r['starts']} | {r['rounds']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
+    (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
+    return out
+
+
+def run_atlas(Ks, Ls, max_starts, batch_size, steps, seed, name="atlas"):
+    out = {"machine": C.machine_info(), "max_starts": max_starts, "batch_size": batch_size, "steps": steps,
+           "seed": seed, "lam": LAM, "rows": []}
+    for L in Ls:
+        for K in Ks:
+            d = atlas_width(K)
+            p = problem(K, L, d)
+            t0, c0 = time.perf_counter(), time.process_time()
+            ex = ufm.explore(p, max_starts=max_starts, key=seed, batch_size=batch_size, steps=steps,
+                             check_hessian=False)
+            srg = ex.explicit.get("srg", math.nan)
+            published = min(ex.explicit.values())
+            row = {"K": K, "L": L, "width": d, "ratio": ex.ratio_to_dnc, "srg_ratio": srg / ex.dnc_loss,
+                   "published_ratio": published / ex.dnc_loss, "beats_published": ex.value < published * (1 - 1e-6),
+                   "structure": ex.minima[0].description if ex.minima else "", "first_strategy":
+                   ex.minima[0].strategy if ex.minima else "", "minima": len(ex.minima), "starts": ex.num_starts,
+                   "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "load": C.load_average()}
+            out["rows"].append(row)
+            print(f"atlas K={K} L={L} d={d}: {row['ratio']:.4f} (published {row['published_ratio']:.4f}) "
+                  f"{row['structure']}  [{row['wall_s']:.0f}s wall, {row['cpu_s']:.0f}s cpu]", flush=True)
+            _dump(name, out)
+            write_atlas_md(out, name)
+    return out
+
+
+def write_atlas_md(out, name="atlas"):
+    md = [f"Best found / DNC loss (numerical upper bounds), deep ReLU UFM, MSE, no bias, n = 1, lambda = {LAM}; "
+          f"{out['max_starts']} starts per setting (B = {out['batch_size']}, {out['steps']} L-BFGS steps per round), "
+          f"seed {out['seed']}.", "",
+          "| K | L | width | best found / DNC | published (SRG or DNC) / DNC | beats published | first found by | "
+          "structure of the best point |", "|---|---|---|---|---|---|---|---|"]
+    for r in out["rows"]:
+        md.append(f"| {r['K']} | {r['L']} | {r['width']} | {r['ratio']:.4f} | {r['published_ratio']:.4f} | "
+                  f"{'yes' if r['beats_published'] else 'no'} | {r['first_strategy']} | {r['structure']} |")
+    (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("what", choices=("mixes", "atlas"))
+    ap.add_argument("--budget", type=float, default=150.0, help="seconds per mix and setting (mixes)")
+    ap.add_argument("--settings", default="6,10", help="K values (mixes), comma list")
+    ap.add_argument("--mixes", default=",".join(MIXES), help="comma list of " + ", ".join(MIXES))
+    ap.add_argument("--Ks", default="3,4,5,6,10,15")
+    ap.add_argument("--Ls", default="3,4,5,6")
+    ap.add_argument("--max-starts", type=int, default=None,
+                    help="starts per setting (atlas; default 16) or per mix (mixes: instead of --budget)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--name", default=None, help="results file stem (default explore / atlas)")
+    ap.add_argument("--smoke", action="store_true", help="K = 3, L = 4 widths 6, tiny budget")
+    a = ap.parse_args(argv)
+    if a.what == "mixes":
+        settings = [3] if a.smoke else [int(k) for k in a.settings.split(",")]
+        run_mixes(settings, a.mixes.split(","), a.budget, a.batch_size, a.steps, a.seed,
+                  a.name or ("explore_smoke" if a.smoke else "explore"), max_starts=a.max_starts)
+    else:
+        run_atlas([int(k) for k in a.Ks.split(",")], [int(v) for v in a.Ls.split(",")], a.max_starts or 16,
+                  a.batch_size, a.steps, a.seed, a.name or "atlas")
+
+
+if __name__ == "__main__":
+    main()

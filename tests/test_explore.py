@@ -1,0 +1,187 @@
+"""ufm.explore: the global search where theory is open (deep ReLU UFM, K = 3, L = 4, widths 6).
+
+Every search below runs the same compiled solve_batch program (B = 8 starts, 500 L-BFGS steps, one problem
+shape), so the file compiles the solver once. Losses are checked against a NumPy reimplementation of the objective
+(`np_objective`), and the explicit DNC/SRG points against which "never above" and "below DNC" are judged are
+feasible points evaluated by that same NumPy code, so no expected value comes from explore itself.
+"""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+import ufm
+from ufm._explore import STRATEGIES, structure
+
+P = ufm.UFM(num_classes=3, n_per_class=1, widths=(6, 6, 6, 6), activation="relu", loss="mse", bias="none",
+            lam_H=0.004, lam_W=0.004)
+OPTS = dict(batch_size=8, steps=500, check_hessian=False)
+MAX_STARTS = 16
+
+
+def np_objective(problem, params) -> float:
+    """1/(2N)||W_L s(W_{L-1} ... s(W_1 H)) - Y||_F^2 + lam_H/2 ||H||^2 + sum_l lam_W/2 ||W_l||^2 (THEORY.md §4,
+    MSE, no bias, ReLU after W_1..W_{L-1}), in NumPy float64."""
+    H = np.asarray(params.H, np.float64)
+    A = H
+    Ws = [np.asarray(W, np.float64) for W in params.Ws]
+    for W in Ws[:-1]:
+        A = np.maximum(W @ A, 0.0)
+    out = Ws[-1] @ A
+    Y = np.eye(problem.K)[:, problem.labels()]
+    lam_W = np.broadcast_to(np.asarray(problem.lam_W, np.float64), (problem.L,))
+    reg = float(problem.lam_H) / 2 * np.sum(H**2) + sum(lw / 2 * np.sum(W**2) for lw, W in zip(lam_W, Ws))
+    return float(np.sum((out - Y) ** 2) / (2 * problem.N) + reg)
+
+
+@pytest.fixture(scope="module")
+def run():
+    return ufm.explore(P, max_starts=MAX_STARTS, key=0, **OPTS)
+
+
+def test_value_is_the_objective_at_the_returned_point(run):
+    # the reported value is the loss of the returned parameters (NumPy reimplementation, float64 rounding only)
+    assert run.value == pytest.approx(np_objective(P, run.params), rel=1e-12)
+    assert run.params.H.dtype == np.float64
+
+
+def test_never_above_the_explicit_candidates(run):
+    # DNC and the SRG point (K = 3 = C(3, 2)) are feasible: the search result is never above them
+    for cfg in ("dnc", "srg"):
+        f = np_objective(P, ufm.construct(P, cfg))
+        assert run.value <= f * (1 + 1e-12)
+    assert set(run.explicit) == {"dnc", "srg"}
+
+
+def test_finds_a_point_below_dnc(run):
+    # K = 3, L = 4, lambda = 0.004: random L-BFGS starts reach ~0.98 of the DNC loss (THEORY.md §4.3 table, 0.978);
+    # any point 1% below the DNC point's loss proves DNC is not optimal here.
+    f_dnc = np_objective(P, ufm.construct(P, "dnc"))
+    assert run.dnc_loss == pytest.approx(f_dnc, rel=1e-10)
+    assert run.value < 0.99 * f_dnc
+    assert run.ratio_to_dnc == pytest.approx(run.value / f_dnc, rel=1e-10)
+    assert run.check_dnc.verdict == "below-prediction"
+    assert not run.known
+
+
+def test_budget_in_starts_is_exact(run):
+    assert run.num_starts == MAX_STARTS
+    assert sum(s["starts"] for s in run.strategies.values()) == MAX_STARTS
+    assert sum(m.count for m in run.minima) <= MAX_STARTS
+
+
+def test_reproducible_for_a_fixed_key(run):
+    again = ufm.explore(P, max_starts=MAX_STARTS, key=0, **OPTS)
+    assert again.value == run.value
+    assert [m.value for m in again.minima] == [m.value for m in run.minima]
+    assert [m.strategy for m in again.minima] == [m.strategy for m in run.minima]
+
+
+def test_minima_are_sorted_distinct_and_described(run):
+    vals = [m.value for m in run.minima]
+    assert vals == sorted(vals) and vals[0] == pytest.approx(run.value, rel=1e-12)
+    for i, a in enumerate(run.minima):
+        assert a.strategy in STRATEGIES
+        for b in run.minima[i + 1:]:  # distinct: different loss or a different Gram spectrum in layers 2..L
+            same_loss = abs(a.value - b.value) <= 1e-6 * abs(a.value)
+            same_spec = all(np.max(np.abs(x - y)) <= 1e-3 * max(x[0], y[0])
+                            for x, y in zip(a.gram_spectra[1:], b.gram_spectra[1:]))
+            assert not (same_loss and same_spec)
+    # ranks against an independent NumPy forward pass (n = 1: the class means are the columns)
+    best = run.minima[0]
+    A = np.asarray(best.params.H, np.float64)
+    ranks = []
+    for l, W in enumerate(best.params.Ws):
+        s = np.linalg.svd(A, compute_uv=False)
+        ranks.append(int(np.sum(s > 1e-3 * s[0])))
+        if l < P.L - 1:
+            A = np.maximum(np.asarray(W, np.float64) @ A, 0)
+    assert tuple(ranks) == best.ranks
+    assert "before the last ReLU" in best.description
+    assert json.dumps(run.to_dict(), allow_nan=False)
+
+
+def test_structure_of_the_dnc_point():
+    # DNC: class means of every layer >= 2 form an orthogonal frame, so every Gram is a multiple of I_K (THEORY §4.1)
+    st = structure(P, ufm.construct(P, "dnc"))
+    assert st["ranks"][1:] == (3, 3, 3)
+    for spec in st["gram_spectra"][1:]:
+        assert np.ptp(spec) <= 1e-10 * spec[0]
+    assert "orthogonal frame (DNC)" in st["description"]
+
+
+def test_time_budget_runs_one_round_and_reports_progress():
+    seen = []
+    ex = ufm.explore(P, time_budget=1e-3, key=1, progress=seen.append, **OPTS)
+    # the first round always runs (it holds the explicit candidates); after it the budget is spent
+    assert ex.num_rounds == 1 and len(seen) == 1
+    assert ex.num_starts == OPTS["batch_size"]
+    assert set(seen[0]) >= {"round", "elapsed", "starts", "best", "ratio_to_dnc", "minima"}
+    assert ex.value <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
+
+
+def test_known_optimum_is_returned_without_search():
+    # K = 2 balanced deep ReLU: DNC is the global optimum (Súkeník et al. 2023), predict(...).known is True
+    p2 = ufm.UFM(num_classes=2, n_per_class=2, widths=(4, 4, 4), activation="relu", loss="mse", bias="none",
+                 lam_H=5e-3, lam_W=5e-3)
+    pred = ufm.predict(p2)
+    assert pred.known
+    ex = ufm.explore(p2, max_starts=4, key=0, check_hessian=False)
+    assert ex.known and ex.num_rounds == 0 and ex.num_starts == 0
+    assert ex.value == pytest.approx(pred.loss, rel=1e-10)
+    assert ex.value == pytest.approx(np_objective(p2, ex.params), rel=1e-12)
+    assert "known optimum" in ex.message
+    assert ex.check_best.verdict == "matches"
+
+
+@pytest.mark.parametrize("kwargs, exc, words", [
+    (dict(max_starts=0), ValueError, "max_starts"),
+    (dict(time_budget=-1.0), ValueError, "time_budget"),
+    (dict(strategies=("random", "nope")), ValueError, "strategies"),
+    (dict(batch_size=0), ValueError, "batch_size"),
+    (dict(progress=3), TypeError, "progress"),
+])
+def test_bad_arguments_raise_before_compute(kwargs, exc, words):
+    with pytest.raises(exc, match=words):
+        ufm.explore(P, **kwargs)
+
+
+def test_bad_problem_type():
+    with pytest.raises(TypeError, match="problem"):
+        ufm.explore("not a problem")
+
+
+def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
+    from ufm import cli
+
+    out = tmp_path / "ex"
+    rc = cli.main(["explore", "-K", "3", "-n", "1", "--widths", "6,6,6,6", "--lam-H", "0.004", "--lam-W", "0.004",
+                   "--max-starts", "8", "--batch-size", "8", "--steps", "500", "--hessian", "off", "--out", str(out)])
+    assert rc == 0
+    files = {f.name for f in out.iterdir()}
+    assert {"config.json", "report.json", "best.npz", "best.json", "minima.png", "gram.png",
+            "gram_spectra.png"} <= files
+    report = json.loads((out / "report.json").read_text())
+    z = np.load(out / "best.npz")
+    params = ufm.Params(z["H"], tuple(z[f"W{l + 1}"] for l in range(4)), None)
+    assert report["best"]["value"] == pytest.approx(np_objective(P, params), rel=1e-12)
+    assert report["exploration"]["num_starts"] == 8
+    assert report["best"]["value"] <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
+    assert "x DNC" in capsys.readouterr().out
+    # bad input: one line, exit code 2
+    assert cli.main(["explore", "--max-starts", "0", "--out", str(tmp_path / "bad")]) == 2
+    assert math.isfinite(report["best"]["ratio_to_dnc"])
+
+
+@pytest.mark.slow
+def test_deep_cross_entropy_without_candidates():
+    # deep ReLU cross-entropy: no explicit candidate and no DNC loss; explore still searches and reports a finite
+    # best point whose value is the objective there (slow: a second compiled program)
+    p = ufm.UFM(num_classes=3, n_per_class=1, widths=(4, 4, 4), activation="relu", loss="ce", bias="none",
+                lam_H=0.004, lam_W=0.004)
+    ex = ufm.explore(p, max_starts=8, key=0, batch_size=8, steps=300, check_hessian=False)
+    assert ex.explicit == {} and math.isnan(ex.ratio_to_dnc) and ex.check_dnc is None
+    assert math.isfinite(ex.value) and ex.value == pytest.approx(float(ufm.objective(p, ex.params)), rel=1e-12)
+    assert ex.num_starts == 8 and ex.minima
