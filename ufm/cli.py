@@ -296,7 +296,7 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def _check_solver(s: dict) -> dict:
     """Validate solver fields (types and ranges) before compute; `UsageError` names the field."""
-    from ._solver import METHODS
+    from ._options import METHODS
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -332,7 +332,7 @@ def _check_solver(s: dict) -> dict:
 def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
     """Merge defaults, the --config file and the options into ``(UFM, solver dict)`` with every solver default
     resolved (lr, steps, tol, patience, snapshot_every), all validated before any compute."""
-    from ._solver import _options
+    from ._options import solver_options
 
     problem = dict(DEFAULT_PROBLEM)
     solver = dict(DEFAULT_SOLVER)
@@ -353,9 +353,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
     except _io.ResultsError as e:
         raise UsageError(str(e)) from None
     solver = _check_solver(solver)
-    lr, steps, tol, patience = _options(solver["method"], solver["lr"], solver["steps"], solver["tol"],
-                                        solver["patience"], solver["history_every"], None, solver["dtype"])
-    solver.update(lr=float(lr), steps=int(steps), tol=float(tol), patience=int(patience))
+    o = solver_options(solver["method"], solver["lr"], solver["steps"], solver["tol"], solver["patience"],
+                       solver["history_every"], None, solver["dtype"])
+    solver.update(lr=float(o.lr), steps=o.max_steps, tol=float(o.tol), patience=o.patience)
     if solver["snapshot_every"] is None:
         solver["snapshot_every"] = _auto_snapshot_every(ufm_problem, solver)
     return ufm_problem, solver

@@ -36,7 +36,7 @@ import numpy as np
 import optax
 
 from . import metrics as _m
-from ._solver import _check_dtype
+from ._options import check_dtype as _check_dtype
 
 __all__ = [
     "Dataset",
