@@ -24,6 +24,7 @@ F the fit and R the regulariser (grad R is exact: lam * x blockwise, so grad F =
 from __future__ import annotations
 
 import functools
+import os
 import signal
 import threading
 import time
@@ -235,11 +236,27 @@ _NEXT = [0]
 _INTERRUPT = threading.Event()
 
 
+_WAKEUP: list[int] = []  # read end of the signal wakeup pipe while `catch_sigint` is active
+
+
+def _sigint_seen() -> bool:
+    """True once SIGINT arrived. Python runs signal handlers only in the main thread between bytecodes, which
+    is blocked while a compiled loop runs; the C-level wakeup fd (`signal.set_wakeup_fd`) is written at once."""
+    if _WAKEUP:
+        try:
+            data = os.read(_WAKEUP[0], 512)
+        except (BlockingIOError, OSError):
+            data = b""
+        if signal.SIGINT in data:
+            _INTERRUPT.set()
+    return _INTERRUPT.is_set()
+
+
 def _host_progress(handle, k, value, grad_norm, rel, status):
     fn = _HANDLERS.get(int(handle))
     if fn is not None:
         fn(int(k), float(value), float(grad_norm), float(rel), int(status))
-    return np.bool_(_INTERRUPT.is_set())
+    return np.bool_(_sigint_seen())
 
 
 def register_progress(fn: Callable | None) -> int:
@@ -260,17 +277,30 @@ class catch_sigint:
 
     def __enter__(self):
         _INTERRUPT.clear()
-        self.old = None
+        self.old = self.pipe = None
         if threading.current_thread() is threading.main_thread():
             def handler(signum, frame):
-                if _INTERRUPT.is_set():
+                if self.seen:
                     raise KeyboardInterrupt
+                self.seen = True
                 _INTERRUPT.set()
 
+            self.seen = False
             self.old = signal.signal(signal.SIGINT, handler)
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self.pipe = (r, w)
+            self.old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            _WAKEUP[:] = [r]
         return self
 
     def __exit__(self, *exc):
+        if self.pipe is not None:
+            signal.set_wakeup_fd(self.old_fd)
+            _WAKEUP.clear()
+            for fd in self.pipe:
+                os.close(fd)
         if self.old is not None:
             signal.signal(signal.SIGINT, self.old)
         _INTERRUPT.clear()
