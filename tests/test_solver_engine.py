@@ -5,10 +5,7 @@ import os
 import signal
 
 import jax
-import jax.numpy as jnp
 import numpy as np
-import optax
-import pytest
 
 import ufm
 

@@ -325,7 +325,8 @@ def _progress_point(handle, state: SolverState, cfg: Config, final) -> jax.Array
         return io_callback(_host_progress, jax.ShapeDtypeStruct((), jnp.bool_), *args, ordered=True)
 
     due = ((state.step % cfg.progress_every) == 0) | (state.status != RUNNING) | final
-    args = (handle, state.step, state.value, state.grad_norm, state.rel_grad, state.status)
+    status = jnp.where(final & (state.status == RUNNING), MAX_STEPS, state.status)  # the last report is final
+    args = (handle, state.step, state.value, state.grad_norm, state.rel_grad, status)
     return jax.lax.cond(due, call, lambda a: jnp.bool_(False), args)
 
 
