@@ -5,7 +5,10 @@ import os
 import signal
 
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
+import pytest
 
 import ufm
 
@@ -54,3 +57,49 @@ def test_cli_run_solver_with_progress_equals_the_python_api():
     for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(shown)):
         np.testing.assert_array_equal(a, b)
     assert calls and calls[-1][0] == 120
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation and resource guards: refused before any compute, the argument named.
+
+P_REG = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), bias="reg", lam_b=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(tol="x"), TypeError, "tol must be a number"),
+        (dict(rtol=-1.0), ValueError, "rtol must be a finite scalar"),
+        (dict(key=2**70), ValueError, r"key must be a jax.random.key or an integer seed in \[0, 2\*\*63\)"),
+        (dict(key="seed"), TypeError, "key must be a jax.random.key"),
+        (dict(method="momentum", momentum=1.5), ValueError, r"momentum must be a number in \[0, 1\)"),
+        (dict(dtype="float16"), TypeError, "half precision"),
+        (dict(dtype=jnp.bfloat16), TypeError, "half precision"),
+        (dict(lr="fast"), TypeError, "lr must be a number"),
+        (dict(init_scale=float("nan")), ValueError, "init_scale must be a finite number"),
+        (dict(progress="yes"), TypeError, "progress must be None, True or a callable"),
+        (dict(memory_size=0), ValueError, "memory_size must be a positive integer"),
+        # 2 * (1e9 + 1) * 8 bytes of history: refused with the estimate, not OOM-killed
+        (dict(max_steps=10**9), ValueError, r"would preallocate 14.90 GiB of history/snapshots"),
+    ],
+)
+def test_solve_refuses_bad_options_naming_them(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ufm.solve(SHALLOW, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lam_H=[1e-3, float("nan")]), r"lam_H must be >= 0 and finite in every element .* index \(1,\)"),
+        (dict(lam_H=[float("nan"), 1e-3]), r"lam_H must be >= 0 and finite in every element .* index \(0,\)"),
+        (dict(lam_W=[1e-3, -1.0]), r"lam_W must be >= 0 .* index \(1,\)"),
+        (dict(lam_b=[1e-3, 0.0]), r"lam_b must be > 0 and finite in every element .* index \(1,\)"),
+        (dict(init_scale=[1.0, float("inf")]), r"init_scale must be >= 0 and finite"),
+        (dict(seeds=[0, -1]), "seeds must be a 1-D sequence of B integers >= 0"),
+    ],
+)
+def test_solve_batch_validates_every_element(kwargs, match):
+    kw = dict(seeds=[0, 1], **kwargs) if "seeds" not in kwargs else kwargs
+    with pytest.raises(ValueError, match=match):
+        ufm.solve_batch(P_REG, **kw)

@@ -16,7 +16,7 @@ default problem. A results folder's ``config.json`` is itself a valid ``--config
 The command computes in float64 by default: it turns on ``jax_enable_x64`` before any JAX computation (a
 global JAX setting, also when `main` is called from Python). ``--dtype float32`` solves in float32.
 
-Progress. The solver loop is one compiled ``lax.while_loop`` and cannot report from inside. When progress is
+Progress. The solver loop is one compiled ``lax.while_loop`` that reports through a host callback. When progress is
 on (``--progress auto``, the default, means: when stderr is a terminal) a line with the step, the loss and the
 gradient norm is rewritten on stderr from inside the compiled loop (`ufm.solve`'s ``progress`` callback, at most
 every 0.1 s). The run is a single `ufm.solve` call either way, bit-identical to the Python API with the same
@@ -374,11 +374,18 @@ def run_solver(problem, solver: dict, progress=None):
     """Solve ``problem`` with the (resolved) solver options: one `ufm.solve` call, bit-identical to the Python API
     with the same options. ``progress(step, value, grad_norm)``, when given, is called from inside the compiled
     loop (`ufm.solve`'s ``progress``); Ctrl-C ends the solve at the next report with status "interrupted" and the
-    point reached."""
+    point reached. JAX's persistent compilation cache is on (`ufm.enable_compilation_cache`; set
+    ``UFM_NO_COMPILATION_CACHE=1`` to turn it off)."""
     import jax
 
+    from ._cache import enable_compilation_cache
     from ._solver import solve
 
+    if os.environ.get("UFM_NO_COMPILATION_CACHE") is None:
+        try:
+            enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR or ~/.cache/ufm/jax
+        except OSError:
+            pass  # an unwritable cache folder only costs compile time
     kw = dict(method=solver["method"], lr=solver["lr"], tol=solver["tol"], patience=solver["patience"],
               history_every=solver["history_every"], snapshot_every=solver["snapshot_every"] or None,
               momentum=solver["momentum"], memory_size=solver["memory_size"])
