@@ -94,7 +94,12 @@ def _cycle(problem, inputs, slots: Slots, load, tol, rtol, *, cfg: Config, dtype
 
         def body(c):
             s, r = c
-            s = step(p, s, opt, tol, rtol, cfg.patience)
+            # Under vmap the body runs for every slot, finished ones too (their result is discarded by the loop's
+            # select). A finished slot at a stationary point would make a line search run to its maximum trials,
+            # stalling the whole batch, so it steps with a zero gradient: direction 0, accepted at the first trial.
+            live = s.status == RUNNING
+            s_in = s._replace(grad=jax.tree_util.tree_map(lambda g: jnp.where(live, g, jnp.zeros_like(g)), s.grad))
+            s = step(p, s_in, opt, tol, rtol, cfg.patience)
             return s, record(r, s, cfg)
 
         s, r = jax.lax.while_loop(cond, body, (state, rec))
