@@ -125,6 +125,11 @@ def _allocate(slots: Slots, cfg: Config, B: int) -> Solution:
     return jax.tree_util.tree_map(lambda x: jnp.zeros((B,) + x.shape[1:], x.dtype), sol)
 
 
+def compiled_programs() -> int:
+    """Number of compiled batched programs (the jit caches of `_cycle`, `_fresh`, `_retire`, `_allocate`)."""
+    return sum(f._cache_size() for f in (_cycle, _fresh_jit, _retire, _allocate))
+
+
 def solve_slots(problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | None = None,
                 segment: int | None = None) -> Solution:
     """Solve the B runs of ``inputs = (start, lam_H, lam_W, lam_b, lr, init_scale)`` (see module docstring)."""
