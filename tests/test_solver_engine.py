@@ -145,3 +145,16 @@ def test_every_optax_transformation_works(method):
     s = ufm.solve(p, key=0, method=method, max_steps=20_000, rtol=1e-6)
     assert s.status_name == "converged", s.message
     np.testing.assert_allclose(s.value, ref.value, rtol=1e-9)  # both rel_grad <= 1e-6: loss within ~1e-12
+
+
+def test_run_ending_at_the_zero_point_reports_the_zero_saddle():
+    # deep linear, P = L + 1 = 3: theta = 0 is a strict local minimum (THEORY.md §0) with f(0) = 1/2 (MSE, one-hot
+    # Y: ||Y||^2 / (2N) = N / (2N)); from a tiny init the run falls into it. ufm.predict gives a lower optimum
+    # here, so the status must say "zero_saddle" (not converged/stalled), and a normal init must not.
+    p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), lam_H=5e-3, lam_W=5e-3)
+    assert float(ufm.predict(p).loss) < 0.5 * (1 - 1e-4)
+    s = ufm.solve(p, key=0, init_scale=1e-3, max_steps=2000)
+    np.testing.assert_allclose(s.value, 0.5, rtol=1e-6)
+    assert s.status_name == "zero_saddle" and "increase init_scale" in s.message
+    ok = ufm.solve(p, key=0, max_steps=2000)
+    assert ok.status_name == "converged" and float(ok.value) < 0.5 * (1 - 1e-4)
