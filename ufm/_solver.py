@@ -6,6 +6,7 @@ The stopping rule and the statuses are documented in `ufm._driver` (scale-aware 
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -25,7 +26,7 @@ from ._driver import (
     run_jit,
     unregister_progress,
 )
-from ._model import Params, check_params, init_params
+from ._model import Params, check_params
 from ._options import (
     DEFAULT_LR,
     DEFAULT_MAX_STEPS,
@@ -281,17 +282,22 @@ def solve_batch(
     rtol: float | None = None,
     slots: int | None = None,
     segment: int | None = None,
+    engine: str = "auto",
 ) -> Solution:
     """Solve a batch of B problems that share shapes: each run as `solve` would, in compiled batched programs.
 
     Every batched argument has a leading axis of size B; scalars are broadcast. New numbers (lambdas,
     learning rates, seeds) never recompile; only B, shapes and the static options do.
 
-    Engine (`ufm._batch`): the runs advance on ``slots`` device slots in segments of ``segment`` steps; between
-    segments finished runs are retired and their slots refilled from the pending runs, so a batch costs about the
-    sum of its runs' steps, not B times the slowest. The state stays on the device; only the slots' statuses and
-    run indices cross to the host. Inside a trace (``jit``/``shard_map`` of this function) the batch is one
-    ``vmap`` of the driver instead.
+    Engines (``engine``), each costing about the sum of the runs' steps rather than B times the slowest run:
+    ``"map"`` runs the B runs one after the other inside ONE compiled program (``lax.map`` of the single-run
+    driver: the arithmetic of `solve`, so run i ends where ``ufm.solve`` of problem i ends, and the compile is
+    about that of one solve); ``"slots"`` (`ufm._batch`) advances the runs on ``slots`` device slots in segments
+    of ``segment`` steps, retiring finished runs and refilling their slots between segments (states stay on the
+    device; only S statuses and run indices cross to the host); ``"vmap"`` is one vmapped loop (B x the slowest
+    run). ``"auto"`` (default): "map" on a CPU, where a vmapped line search costs every slot the trials of the
+    slowest (measured in benchmarks/README.md), "slots" on an accelerator. Inside a trace (``jit``/``shard_map``
+    of this function) the batch is one ``vmap`` of the driver.
 
     Args:
       problem: the shared `ufm.UFM` (shapes, modes, and default lambdas).
@@ -302,8 +308,9 @@ def solve_batch(
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
       init_scale: (B,) or scalar.
-      slots: runs on the device at a time (default min(B, 64)).
-      segment: steps between retire/refill points (default 25 for lbfgs, 500 otherwise).
+      slots: runs on the device at a time (engine "slots"; default min(B, 64)).
+      segment: steps between retire/refill points (engine "slots"; default 25 for lbfgs, 500 otherwise).
+      engine: "auto", "map", "slots" or "vmap" (above).
       Other options as in `solve`.
 
     Returns:
@@ -387,17 +394,41 @@ def solve_batch(
     prob = _canonical(problem, dt)
     start = init if init is not None else keys
     inputs = (start, lH, lW, lb, lrs, scales)
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    xdt = None if init is not None else dt
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol))):
-        return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=None if init is not None else dt)
-
-    return solve_slots(prob, inputs, o.tol, o.rtol, cfg, None if init is not None else dt, slots=slots,
-                       segment=segment)
+        return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+    if engine == "auto":
+        engine = "map" if jax.default_backend() == "cpu" else "slots"
+    if engine == "map":
+        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+    if engine == "vmap":
+        return batch_vmap_jit(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+    return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment)
 
 
 def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> Solution:
     """Run one member of a batch: the problem with its own lambdas, from ``params0``."""
     p = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(problem), [lH, lW, lb, problem.label_smoothing])
     return run(p, params0, lr, tol, rtol, cfg)
+
+
+ENGINES = ("auto", "map", "slots", "vmap")
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def batch_map(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
+    """The batch as one program that runs the B runs in sequence (``lax.map``): cost = the sum of their steps."""
+    start, lH, lW, lb, lrs, scales = inputs
+    x0 = start_params(problem, start, scales, dtype)
+    return jax.lax.map(lambda a: one_run(problem, *a, tol, rtol, cfg), (x0, lH, lW, lb, lrs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def batch_vmap_jit(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
+    """`batch_vmap` compiled."""
+    return batch_vmap(problem, inputs, tol, rtol, cfg=cfg, dtype=dtype)
 
 
 def batch_vmap(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
