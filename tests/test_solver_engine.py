@@ -158,3 +158,14 @@ def test_run_ending_at_the_zero_point_reports_the_zero_saddle():
     assert s.status_name == "zero_saddle" and "increase init_scale" in s.message
     ok = ufm.solve(p, key=0, max_steps=2000)
     assert ok.status_name == "converged" and float(ok.value) < 0.5 * (1 - 1e-4)
+
+
+def test_auto_init_scale_rule():
+    # s^(L+1) = 0.008 for deep linear models (measured rule, see ufm._solver.auto_init_scale); 1 otherwise
+    from ufm._solver import auto_init_scale
+
+    deep = ufm.UFM(num_classes=4, n_per_class=2, widths=(6,) * 3)
+    assert auto_init_scale(deep) == pytest.approx(0.008 ** 0.25) and auto_init_scale(SHALLOW) == 1.0
+    assert auto_init_scale(deep.replace(activation="relu")) == 1.0
+    with pytest.raises(ValueError, match="init_scale must be a finite number"):
+        ufm.solve(deep, key=0, init_scale="big")

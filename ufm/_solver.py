@@ -78,6 +78,19 @@ def _key(key, name="key"):
     raise TypeError(f"{name} must be a jax.random.key or an integer seed; got {key!r}")
 
 
+def auto_init_scale(problem: UFM) -> float:
+    """``init_scale="auto"``: for deep linear models (L >= 2) the scale s with s^(L+1) = 0.008, i.e. the product of
+    the layer scales at about 1/125; 1.0 otherwise.
+
+    Measured (Dang et al.'s setting K=4, n=100, widths 64 x L, lambda=5e-4, MSE, L-BFGS, 2 seeds): L=3 converges in
+    1,773-2,577 steps from s=1, 1,008-1,054 from 0.5, 325-379 from 0.3 (= 0.008^(1/4)); L=6 from s=1 or 0.7 is
+    still 120-290x above the optimum after 3,000 steps, from 0.5 (= 0.008^(1/7)) converges in 401-446 steps, from
+    0.3 stops at a saddle 18x above the optimum and from 0.2 at the zero saddle."""
+    if problem.activation == "linear" and problem.L >= 2:
+        return 0.008 ** (1 / (problem.L + 1))
+    return 1.0
+
+
 def zero_point_loss(problem: UFM) -> float:
     """f(0): the fit of the zero output, 1/2 for MSE (||Y||^2 / (2N) with one-hot Y) and log K for CE."""
     return 0.5 if problem.loss == "mse" else math.log(problem.num_classes)
@@ -150,7 +163,8 @@ def solve(
         scalar: new values do not recompile.
       max_steps: step budget (default 10,000 for lbfgs, 100,000 for first-order methods).
       tol: absolute tolerance on ||grad f||_2 (default: none, only the relative test).
-      init_scale: scale of the random init (see `init_params`).
+      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (`auto_init_scale`: for deep
+        linear models the scale s with s^(L+1) = 0.008, measured to converge 3-5x faster than 1.0 at L = 3, 6).
       dtype: float32 or float64 (default: JAX's default float; ignored with ``init``).
       patience: steps without improvement of the best loss or best gradient norm before status "stalled"
         (default 50 for lbfgs, 1000 otherwise).
@@ -189,6 +203,8 @@ def solve(
     else:
         dt = check_dtype(dtype)
         key = _key(key)
+        if isinstance(init_scale, str) and init_scale == "auto":
+            init_scale = auto_init_scale(problem)
         if is_concrete(init_scale):
             a = np.asarray(init_scale)
             if a.ndim or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a) or a < 0:
@@ -308,7 +324,7 @@ def solve_batch(
       lam_W: (B,) one scalar per run, or (B, L) one per layer (default: the problem's).
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
-      init_scale: (B,) or scalar.
+      init_scale: (B,) or scalar, or "auto" (as in `solve`).
       slots: runs on the device at a time (engine "slots"; default min(B, 64)).
       segment: steps between retire/refill points (engine "slots"; default 25 for lbfgs, 500 otherwise).
       engine: "auto", "map", "slots" or "vmap" (above).
@@ -373,6 +389,8 @@ def solve_batch(
         if problem.bias != "reg" and is_concrete(lam_b) and np.any(np.asarray(lam_b, dtype=float) != 0):
             raise ValueError(f"lam_b is only used with bias='reg'; got bias={problem.bias!r}")
         _check_batched("lam_b", lam_b, "(B,)", positive=problem.bias == "reg")
+    if isinstance(init_scale, str) and init_scale == "auto":
+        init_scale = auto_init_scale(problem)
     _check_batched("init_scale", init_scale, "(B,) or a scalar")
     o = solver_options(method, lr, max_steps, tol, patience, history_every, snapshot_every, dt, rtol=rtol,
                        momentum=momentum, memory_size=memory_size)
