@@ -177,9 +177,10 @@ def solve(
       rtol: relative stationarity tolerance (default 1e-8 in float64, 1e-4 in float32).
       progress: None, True (a status line on stderr) or a callable ``progress(step, value, grad_norm)``, called
         from inside the compiled loop (at most every 0.1 s, and at the end). The numbers are identical with and
-        without it. In the main thread, Ctrl-C during the solve ends it at the next report (every
-        ``progress_every`` steps) with status "interrupted" and the point reached; a second Ctrl-C raises.
-      progress_every: steps between reports (default 100 for lbfgs, 1000 otherwise).
+        without it. With a progress handler (or an explicit ``progress_every``), Ctrl-C in the main thread ends
+        the solve at the next report with status "interrupted" and the point reached; a second Ctrl-C raises.
+        Without either, the program has no host callback, so JAX's persistent compilation cache can keep it.
+      progress_every: steps between reports (default with a handler: 100 for lbfgs, 1000 otherwise).
 
     Returns:
       A `Solution` (status 0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled, 5 at the zero
@@ -213,8 +214,10 @@ def solve(
                        momentum=momentum, memory_size=memory_size)
     check_memory(num_params(problem), dt.itemsize, o, history=history)
     if progress_every is None:
-        progress_every = PROGRESS_EVERY.get(method if isinstance(method, str) else "adam", 100)
-    if isinstance(progress_every, bool) or not isinstance(progress_every, (int, np.integer)) or progress_every < 1:
+        # no callback without a progress handler: a program with a host callback is not kept by JAX's persistent
+        # compilation cache (measured: the solve program was recompiled in a new process, 5 other programs hit)
+        progress_every = 0 if progress is None else PROGRESS_EVERY.get(method if isinstance(method, str) else "adam")
+    elif isinstance(progress_every, bool) or not isinstance(progress_every, (int, np.integer)) or progress_every < 1:
         raise ValueError(f"progress_every must be a positive integer; got {progress_every!r}")
     if progress is True:
         progress = _print_progress

@@ -389,8 +389,10 @@ def run_solver(problem, solver: dict, progress=None):
     kw = dict(method=solver["method"], lr=solver["lr"], tol=solver["tol"], patience=solver["patience"],
               history_every=solver["history_every"], snapshot_every=solver["snapshot_every"] or None,
               momentum=solver["momentum"], memory_size=solver["memory_size"])
+    # always a progress handler (a no-op without a terminal), so that Ctrl-C is honoured inside the compiled loop
     return solve(problem, key=jax.random.key(solver["seed"]), max_steps=solver["steps"],
-                 init_scale=solver["init_scale"], dtype=solver["dtype"], progress=progress, **kw)
+                 init_scale=solver["init_scale"], dtype=solver["dtype"],
+                 progress=progress if progress is not None else (lambda *a: None), **kw)
 
 
 class _Progress:
