@@ -190,9 +190,12 @@ def test_no_recompile_for_new_numbers():
     p = SMALL.replace(lam_H=1e-3)
     ufm.solve(p, key=0, max_steps=20)
     n0 = compiled_programs()
-    ufm.solve(p.replace(lam_H=2e-3, lam_W=3e-3), key=1, max_steps=20, lr=0.5, tol=1e-7, rtol=1e-6,
-              progress=lambda *a: None)
+    ufm.solve(p.replace(lam_H=2e-3, lam_W=3e-3), key=1, max_steps=20, lr=0.5, tol=1e-7, rtol=1e-6)
     assert compiled_programs() == n0
+    # with a progress handler: one program more, shared by every handler (the handler is a dynamic handle)
+    ufm.solve(p, key=0, max_steps=20, progress=lambda *a: None)
+    ufm.solve(p.replace(lam_H=3e-3), key=2, max_steps=20, progress=lambda *a: print(end=""))
+    assert compiled_programs() == n0 + 1
 
 
 def rel_grad_np(problem, params):
