@@ -10,7 +10,8 @@ really cold. Inside it:
 * ``import jax`` and ``import ufm`` are timed separately (ufm imports jax, optax, numpy, scipy).
 * Compiles are counted two ways: a logging handler on JAX's compile log (``jax_log_compiles=True``: one
   "Compiling ..." record per XLA compilation, with the tracing / lowering / XLA-compile times JAX logs), and
-  ``ufm._solver._solve_jit._cache_size()`` (entries in the jit cache of the solver loop).
+  ``ufm._driver.compiled_programs()`` (entries in the jit cache of the single-solve program) and
+  ``ufm._batch.compiled_programs()`` (the batched engine's programs).
 * First ``ufm.solve`` (default L-BFGS, float64) of a deep ReLU UFM; then a **new problem with new lambdas**
   (Python floats), a new seed, lambdas given as NumPy float64 scalars, and a ``solve_batch`` over 8 lambdas
   (first and second call, ``max_steps=200``). Each reports its wall time (re-solves: their run to
@@ -71,18 +72,19 @@ def child(tiny: bool, cache: str | None) -> dict:
     jlog.setLevel(logging.DEBUG)
     jlog.propagate = False  # keep stderr quiet
 
-    from ufm._solver import _solve_batch_jit, _solve_jit
+    from ufm._batch import compiled_programs as batch_programs
+    from ufm._driver import compiled_programs
 
     def measure(fn):
         n0 = len(counter.records)
-        c0 = _solve_jit._cache_size()
+        c0 = compiled_programs()
         t = time.perf_counter()
         out = fn()
         jax.block_until_ready(out)
         dt = time.perf_counter() - t
         msgs = counter.records[n0:]
         comp = [m for m in msgs if m.startswith("Compiling ")]
-        solver_comp = [m for m in comp if "_solve_jit" in m or "_solve_batch_jit" in m]
+        solver_comp = [m for m in comp if any(n in m for n in ("run_jit", "_cycle", "_fresh", "_retire", "_allocate"))]
 
         def phase(prefix):
             import re
@@ -95,7 +97,7 @@ def child(tiny: bool, cache: str | None) -> dict:
             return tot
 
         return dict(wall_s=dt, compiles=len(comp), solver_compiles=len(solver_comp),
-                    solve_jit_cache_growth=_solve_jit._cache_size() - c0,
+                    solve_jit_cache_growth=compiled_programs() - c0,
                     trace_s=phase("Finished tracing"),
                     lower_s=phase("Finished jaxpr to MLIR module conversion"),
                     xla_compile_s=phase("Finished XLA compilation"),
@@ -119,13 +121,13 @@ def child(tiny: bool, cache: str | None) -> dict:
     p4 = ufm.UFM(**base, lam_H=4e-3, lam_W=[1e-3] * len(base["widths"]))
     res["per_layer_lam_W"], _ = measure(lambda: ufm.solve(p4, key=0, **kw))
     lams = np.logspace(-4, -2, 8)
-    # a step cap keeps the batched run short (the vmapped loop runs until its slowest member stops): this
-    # row measures the compile, and the cap is static, so both calls share one compiled program
+    # a step cap keeps the batched run short: this row measures the compile, and the cap is static, so both
+    # calls share the compiled programs
     bkw = dict(seeds=np.arange(8), max_steps=200, method=kw.get("method", "lbfgs"))
     res["batch_first"], _ = measure(lambda: ufm.solve_batch(p1, lam_H=lams, lam_W=lams, **bkw))
     res["batch_new_lambdas"], _ = measure(lambda: ufm.solve_batch(p1, lam_H=lams * 2, lam_W=lams / 2, **bkw))
-    res["batch_cache_size"] = _solve_batch_jit._cache_size()
-    res["solve_cache_size"] = _solve_jit._cache_size()
+    res["batch_cache_size"] = batch_programs()
+    res["solve_cache_size"] = compiled_programs()
     return res
 
 

@@ -38,3 +38,4 @@ from ._theory import predict as predict
 from ._theory import srg_ratio as srg_ratio
 
 __version__ = "0.1.0"
+from ._cache import enable_compilation_cache as enable_compilation_cache

@@ -15,6 +15,9 @@ MAX_STEPS = 1
 NONFINITE_INIT = 2
 DIVERGED = 3
 STALLED = 4
+ZERO_SADDLE = 5
+INTERRUPTED = 6
+PRECISION_FLOOR = 7
 RUNNING = -1
 
 STATUS_NAMES = {
@@ -23,20 +26,30 @@ STATUS_NAMES = {
     NONFINITE_INIT: "nonfinite_init",
     DIVERGED: "diverged",
     STALLED: "stalled",
+    ZERO_SADDLE: "zero_saddle",
+    INTERRUPTED: "interrupted",
+    PRECISION_FLOOR: "precision_floor",
     RUNNING: "running",
 }
 
 MESSAGES = {
-    CONVERGED: "Converged: the gradient norm fell below tol.",
+    CONVERGED: "Converged: a point where 0 is in the (Clarke) subdifferential to tolerance: rel_grad = ||grad f|| / "
+    "(||grad fit|| + ||grad reg||) <= rtol (or ||grad f|| <= tol when tol was given); at ReLU kinks the gradient is "
+    "the kink-aware one (the smallest over the ReLU slopes in [0, 1] at the pre-activations at 0).",
     MAX_STEPS: "Stopped at max_steps before the gradient norm reached tol: raise max_steps, raise lr, "
     "or use method='lbfgs' (much faster to high precision).",
     NONFINITE_INIT: "The initial loss or gradient is not finite: check the init parameters, init_scale and lambdas.",
     DIVERGED: "Diverged: the loss became non-finite or grew above 1e4 * max(1, initial loss). "
     "The learning rate is too large for this problem: lower lr (or init_scale).",
     STALLED: "Stalled: neither the loss nor the gradient norm improved for `patience` steps while the gradient "
-    "norm was above tol. Either this is the precision floor of the dtype (use float64 via jax_enable_x64, or a "
+    "norm was above tolerance. Either this is the precision floor of the dtype (use float64 via jax_enable_x64, or a "
     "looser tol), or the point is non-smooth: ReLU pre-activations sitting exactly at 0, as at the deep ReLU "
     "(DNC) optimum, where the gradient need not vanish; judge such runs by the loss gap (ufm.check).",
+    ZERO_SADDLE: "At the zero saddle: the run ended at (numerically) zero parameters, a stationary point that is "
+    "not the minimum of this problem; increase init_scale.",
+    INTERRUPTED: "Interrupted (SIGINT): the solution is the point reached when the run was stopped.",
+    PRECISION_FLOOR: "Stalled at the precision floor: the dtype cannot resolve this point (rel_grad is small but "
+    "above rtol and rounding stops progress). Use float64 (jax_enable_x64) or a looser rtol.",
     RUNNING: "Running.",
 }
 
@@ -65,10 +78,12 @@ class Solution(NamedTuple):
       value: the objective f at ``params``.
       grad_norm: ||grad f(params)||_2, the Euclidean norm over all parameters.
       num_steps: optimiser steps taken.
-      status: int code (0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled); see
-        ``message`` for what to do next.
+      status: int code (0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled, 5 at the zero
+        saddle, 6 interrupted, 7 precision floor of the dtype); see ``message`` for what to do next.
       history: `History` of loss and gradient norm, or None.
       snapshots: `Snapshots`, or None.
+      rel_grad: the scale-aware stationarity ||grad f|| / (||grad fit|| + ||grad reg||) at ``params`` (kink-aware
+        after a kink polish), or None for a solution built elsewhere.
     """
 
     params: Params
@@ -78,6 +93,7 @@ class Solution(NamedTuple):
     status: jax.Array
     history: History | None = None
     snapshots: Snapshots | None = None
+    rel_grad: jax.Array | None = None
 
     @property
     def success(self):

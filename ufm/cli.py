@@ -16,14 +16,12 @@ default problem. A results folder's ``config.json`` is itself a valid ``--config
 The command computes in float64 by default: it turns on ``jax_enable_x64`` before any JAX computation (a
 global JAX setting, also when `main` is called from Python). ``--dtype float32`` solves in float32.
 
-Progress. The solver loop is one compiled ``lax.while_loop`` and cannot report from inside. When progress is
-on (``--progress auto``, the default, means: when stderr is a terminal) the run is split into about 20 chunks of
-steps, each a compiled `ufm.solve` restarted with ``init=`` at the last parameters, and a line with the step,
-the loss and the gradient norm is rewritten on stderr after each chunk. Restarting resets the optimiser state
-(L-BFGS curvature memory, Adam/momentum moments) and the ``patience`` counter at each chunk, so a run with
-progress is not bit-identical to one without (it converges to the same optimum, to the solver's tolerance).
-When stderr is not a terminal (scripts, pipes, tests) the run is a single `ufm.solve` call, identical to the
-Python API with the same problem, seed and options.
+Progress. The solver loop is one compiled ``lax.while_loop`` that reports through a host callback. When progress is
+on (``--progress auto``, the default, means: when stderr is a terminal) a line with the step, the loss and the
+gradient norm is rewritten on stderr from inside the compiled loop (`ufm.solve`'s ``progress`` callback, at most
+every 0.1 s). The run is a single `ufm.solve` call either way, bit-identical to the Python API with the same
+problem, seed and options. Ctrl-C during the solve ends it within about a second with status "interrupted"; the
+results folder is written with the point reached.
 
 Exit codes (`ufm._terminal`): 0 when the command ran (whatever the verdict or the solver's status: a non-finite
 run writes its report, with a note for each metric or figure that is undefined there); 2 for bad input or an
@@ -93,7 +91,6 @@ _SOLVER_ALIASES = {"max_steps": "steps"}
 _FIGURES = ("training", "collapse", "gram", "singular_values", "class_means")
 _SNAPSHOT_BUDGET_BYTES = 32 * 2**20  # auto snapshot_every keeps the snapshot buffer below this
 _MAX_SNAPSHOTS = 200
-_PROGRESS_CHUNKS = 20
 _HESSIAN_AUTO_MAX = 500
 
 
@@ -306,7 +303,7 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
 
 def _check_solver(s: dict) -> dict:
     """Validate solver fields (types and ranges) before compute; `UsageError` names the field."""
-    from ._solver import METHODS
+    from ._options import METHODS
 
     def is_int(v):
         return isinstance(v, int) and not isinstance(v, bool)
@@ -342,7 +339,7 @@ def _check_solver(s: dict) -> dict:
 def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
     """Merge defaults, the --config file and the options into ``(UFM, solver dict)`` with every solver default
     resolved (lr, steps, tol, patience, snapshot_every), all validated before any compute."""
-    from ._solver import _options
+    from ._options import solver_options
 
     problem = dict(DEFAULT_PROBLEM)
     solver = dict(DEFAULT_SOLVER)
@@ -363,9 +360,9 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
     except _io.ResultsError as e:
         raise UsageError(str(e)) from None
     solver = _check_solver(solver)
-    lr, steps, tol, patience = _options(solver["method"], solver["lr"], solver["steps"], solver["tol"],
-                                        solver["patience"], solver["history_every"], None, solver["dtype"])
-    solver.update(lr=float(lr), steps=int(steps), tol=float(tol), patience=int(patience))
+    o = solver_options(solver["method"], solver["lr"], solver["steps"], solver["tol"], solver["patience"],
+                       solver["history_every"], None, solver["dtype"])
+    solver.update(lr=float(o.lr), steps=o.max_steps, tol=float(o.tol), patience=o.patience)
     if solver["snapshot_every"] is None:
         solver["snapshot_every"] = _auto_snapshot_every(ufm_problem, solver)
     return ufm_problem, solver
@@ -383,65 +380,29 @@ def _auto_snapshot_every(problem, solver) -> int:
 # solving (with optional chunked progress)
 
 
-def _chunk_size(steps: int, unit: int) -> int:
-    """About steps / 20, a multiple of ``unit``; a divisor of ``steps`` when one is near (saves a recompile)."""
-    target = max(unit, math.ceil(steps / _PROGRESS_CHUNKS / unit) * unit)
-    for c in range(target, min(steps, 4 * target) + 1, unit):
-        if steps % c == 0:
-            return c
-    return target
-
-
 def run_solver(problem, solver: dict, progress=None):
-    """Solve ``problem`` with the (resolved) solver options. ``progress(step, value, grad_norm)`` is called after
-    each chunk when given (chunked run, see the module docs); without it this is one `ufm.solve` call.
-
-    Returns a `ufm.Solution` (history and snapshots trimmed to the steps taken when chunked)."""
+    """Solve ``problem`` with the (resolved) solver options: one `ufm.solve` call, bit-identical to the Python API
+    with the same options. ``progress(step, value, grad_norm)``, when given, is called from inside the compiled
+    loop (`ufm.solve`'s ``progress``); Ctrl-C ends the solve at the next report with status "interrupted" and the
+    point reached. JAX's persistent compilation cache is on (`ufm.enable_compilation_cache`; set
+    ``UFM_NO_COMPILATION_CACHE=1`` to turn it off)."""
     import jax
-    import numpy as np
 
-    from ._solution import MAX_STEPS, History, Snapshots, Solution
+    from ._cache import enable_compilation_cache
     from ._solver import solve
 
+    if os.environ.get("UFM_NO_COMPILATION_CACHE") is None:
+        try:
+            enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR or ~/.cache/ufm/jax
+        except OSError:
+            pass  # an unwritable cache folder only costs compile time
     kw = dict(method=solver["method"], lr=solver["lr"], tol=solver["tol"], patience=solver["patience"],
               history_every=solver["history_every"], snapshot_every=solver["snapshot_every"] or None,
               momentum=solver["momentum"], memory_size=solver["memory_size"])
-    key = jax.random.key(solver["seed"])
-    steps = solver["steps"]
-    if progress is None:
-        return solve(problem, key=key, max_steps=steps, init_scale=solver["init_scale"], dtype=solver["dtype"], **kw)
-
-    he = solver["history_every"]
-    se = solver["snapshot_every"] or 1
-    chunk = _chunk_size(steps, math.lcm(he, se))
-    total, params, sol = 0, None, None
-    hist_l, hist_g, snap_steps, snap_params = [], [], [], []
-    while True:
-        n = min(chunk, steps - total)
-        if params is None:
-            sol = solve(problem, key=key, max_steps=n, init_scale=solver["init_scale"], dtype=solver["dtype"], **kw)
-        else:
-            sol = solve(problem, init=params, max_steps=n, **kw)
-        k = int(sol.num_steps)
-        first = 0 if total == 0 else 1  # entry 0 of a restart repeats the previous chunk's last point
-        hist_l.append(np.asarray(sol.history.loss)[first: k // he + 1])
-        hist_g.append(np.asarray(sol.history.grad_norm)[first: k // he + 1])
-        if sol.snapshots is not None:
-            st = np.asarray(sol.snapshots.step)
-            used = (st >= 0) & (st >= first)
-            snap_steps.append(st[used] + total)
-            snap_params.append(jax.tree_util.tree_map(lambda x, u=used: np.asarray(x)[u], sol.snapshots.params))
-        total += k
-        params = sol.params
-        progress(total, float(sol.value), float(sol.grad_norm))
-        if int(sol.status) != MAX_STEPS or total >= steps or k == 0:
-            break
-    snaps = None
-    if snap_steps:
-        snaps = Snapshots(np.concatenate(snap_steps),
-                          jax.tree_util.tree_map(lambda *xs: np.concatenate(xs), *snap_params))
-    return Solution(sol.params, sol.value, sol.grad_norm, np.asarray(total, np.int32), sol.status,
-                    History(np.concatenate(hist_l), np.concatenate(hist_g)), snaps)
+    # always a progress handler (a no-op without a terminal), so that Ctrl-C is honoured inside the compiled loop
+    return solve(problem, key=jax.random.key(solver["seed"]), max_steps=solver["steps"],
+                 init_scale=solver["init_scale"], dtype=solver["dtype"],
+                 progress=progress if progress is not None else (lambda *a: None), **kw)
 
 
 class _Progress:
@@ -449,7 +410,7 @@ class _Progress:
 
     def __init__(self, stream, steps: int):
         self.stream, self.steps, self.t0 = stream, steps, time.perf_counter()
-        self.stream.write(f"solving (the first {PROG} chunk includes compilation) ...\r")
+        self.stream.write("solving (compiling first) ...\r")
         self.stream.flush()
 
     def __call__(self, step, value, grad_norm):

@@ -4,7 +4,7 @@ Kept in one small module so that renaming them (``_solver._check_dtype``, ``metr
 ``metrics._matrix``) is a change of these lines only.
 """
 
-from .._solver import _check_dtype as check_dtype
+from .._options import check_dtype as check_dtype
 from ..metrics import as_matrix as matrix
 from ..metrics import prepare as prepare
 

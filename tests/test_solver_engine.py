@@ -1,0 +1,171 @@
+"""The solver engine (ufm._driver, ufm._batch, ufm._options): progress from inside the compiled loop, SIGINT,
+every optax transformation, the scale-aware stopping rule, the batched slot engine, statuses and validation."""
+
+import os
+import signal
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import ufm
+
+SHALLOW = ufm.UFM(num_classes=3, n_per_class=4, widths=(5,), lam_H=1e-3, lam_W=1e-3)
+
+
+def test_progress_callback_is_bit_identical_and_reports_the_end():
+    calls = []
+    plain = ufm.solve(SHALLOW, key=0)
+    seen = ufm.solve(SHALLOW, key=0, progress=lambda k, v, g: calls.append((k, v, g)), progress_every=10)
+    for a, b in zip(jax.tree_util.tree_leaves(plain), jax.tree_util.tree_leaves(seen)):
+        np.testing.assert_array_equal(a, b)  # same program, the callback only reads: bit for bit
+    assert calls, "progress was never called"
+    steps = [c[0] for c in calls]
+    assert steps == sorted(steps) and steps[-1] == int(plain.num_steps)
+    assert calls[-1][1] == float(plain.value) and calls[-1][2] == float(plain.grad_norm)
+
+
+def test_sigint_ends_a_compiled_solve_with_status_interrupted():
+    # the callback itself sends SIGINT once at step >= 500: the run must stop at the next report (every 100 steps;
+    # the user's callable is throttled to 10 calls a second, the interrupt check is not)
+    sent = []
+
+    def cb(k, v, g):
+        if k >= 500 and not sent:
+            sent.append(k)
+            os.kill(os.getpid(), signal.SIGINT)
+
+    s = ufm.solve(SHALLOW, key=0, method="gd", lr=0.1, max_steps=100_000, tol=0.0, rtol=0.0, progress=cb,
+                  progress_every=100)
+    assert s.status_name == "interrupted" and not s.success
+    assert sent and sent[0] <= int(s.num_steps) <= sent[0] + 100
+    np.testing.assert_allclose(ufm.objective(SHALLOW, s.params), s.value, rtol=1e-13)
+    # the handler is restored: a later SIGINT raises KeyboardInterrupt as usual
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_run_solver_with_progress_equals_the_python_api():
+    from ufm import cli
+
+    p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="relu", lam_H=1e-2, lam_W=1e-2)
+    s = dict(cli.DEFAULT_SOLVER, method="gd", lr=0.5, steps=120, tol=0.0, patience=1000, snapshot_every=6)
+    calls = []
+    one = cli.run_solver(p, s)
+    shown = cli.run_solver(p, s, progress=lambda *a: calls.append(a))
+    for a, b in zip(jax.tree_util.tree_leaves(one), jax.tree_util.tree_leaves(shown)):
+        np.testing.assert_array_equal(a, b)
+    assert calls and calls[-1][0] == 120
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Validation and resource guards: refused before any compute, the argument named.
+
+P_REG = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), bias="reg", lam_b=1e-3)
+
+
+@pytest.mark.parametrize(
+    "kwargs,exc,match",
+    [
+        (dict(tol="x"), TypeError, "tol must be a number"),
+        (dict(rtol=-1.0), ValueError, "rtol must be a finite scalar"),
+        (dict(key=2**70), ValueError, r"key must be a jax.random.key or an integer seed in \[0, 2\*\*63\)"),
+        (dict(key="seed"), TypeError, "key must be a jax.random.key"),
+        (dict(method="momentum", momentum=1.5), ValueError, r"momentum must be a number in \[0, 1\)"),
+        (dict(dtype="float16"), TypeError, "half precision"),
+        (dict(dtype=jnp.bfloat16), TypeError, "half precision"),
+        (dict(lr="fast"), TypeError, "lr must be a number"),
+        (dict(init_scale=float("nan")), ValueError, "init_scale must be a finite number"),
+        (dict(progress="yes"), TypeError, "progress must be None, True or a callable"),
+        (dict(memory_size=0), ValueError, "memory_size must be a positive integer"),
+        # 2 * (1e9 + 1) * 8 bytes of history: refused with the estimate, not OOM-killed
+        (dict(max_steps=10**9), ValueError, r"would preallocate 14.90 GiB of history/snapshots"),
+    ],
+)
+def test_solve_refuses_bad_options_naming_them(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        ufm.solve(SHALLOW, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lam_H=[1e-3, float("nan")]), r"lam_H must be >= 0 and finite in every element .* index \(1,\)"),
+        (dict(lam_H=[float("nan"), 1e-3]), r"lam_H must be >= 0 and finite in every element .* index \(0,\)"),
+        (dict(lam_W=[1e-3, -1.0]), r"lam_W must be >= 0 .* index \(1,\)"),
+        (dict(lam_b=[1e-3, 0.0]), r"lam_b must be > 0 and finite in every element .* index \(1,\)"),
+        (dict(init_scale=[1.0, float("inf")]), r"init_scale must be >= 0 and finite"),
+        (dict(seeds=[0, -1]), "seeds must be a 1-D sequence of B integers >= 0"),
+    ],
+)
+def test_solve_batch_validates_every_element(kwargs, match):
+    kw = dict(seeds=[0, 1], **kwargs) if "seeds" not in kwargs else kwargs
+    with pytest.raises(ValueError, match=match):
+        ufm.solve_batch(P_REG, **kw)
+
+
+def test_slot_engine_with_refill_matches_single_solves():
+    # 8 deep ReLU runs on 3 slots in segments of 5 steps: runs are retired and slots refilled many times; run i
+    # must end where ufm.solve of problem i from the same seed ends (loss to 1e-6 relative) in >= 90% of runs
+    # (batched arithmetic may round differently; on a non-convex problem that can, rarely, change the minimum).
+    p = ufm.UFM(num_classes=2, n_per_class=2, widths=(3, 3), activation="relu", lam_H=1e-2, lam_W=1e-2)
+    lam = np.array([1e-3, 3e-3, 1e-2, 3e-2, 1e-3, 3e-3, 1e-2, 3e-2])
+    seeds = np.arange(8)
+    sols = ufm.solve_batch(p, seeds=seeds, lam_H=lam, lam_W=lam, slots=3, segment=5, max_steps=500)
+    same = 0
+    for i in range(8):
+        q = p.replace(lam_H=float(lam[i]), lam_W=float(lam[i]))
+        s = ufm.solve(q, key=int(seeds[i]), max_steps=500)
+        same += abs(float(sols.value[i]) - float(s.value)) <= 1e-6 * abs(float(s.value))
+        assert int(sols.num_steps[i]) >= 1 and int(sols.status[i]) >= 0
+        # the stored value is the objective at the stored parameters, the history ends at the last step
+        np.testing.assert_allclose(ufm.objective(q, sols.take(i).params), sols.value[i], rtol=1e-12)
+        np.testing.assert_allclose(sols.history.loss[i, int(sols.num_steps[i])], sols.value[i], rtol=1e-14)
+    assert same >= 0.9 * 8, same
+
+
+@pytest.mark.parametrize(
+    "method",
+    [
+        optax.lbfgs(),
+        optax.chain(optax.scale_by_lbfgs(), optax.scale(-1.0),
+                    optax.scale_by_zoom_linesearch(max_linesearch_steps=20)),
+        optax.chain(optax.sgd(1.0), optax.scale_by_backtracking_linesearch(max_backtracking_steps=20,
+                                                                          store_grad=True)),
+        optax.sgd(0.5),
+    ],
+    ids=["optax.lbfgs", "chain+zoom", "sgd+backtracking", "sgd"],
+)
+def test_every_optax_transformation_works(method):
+    # shallow MSE with bias-free UFM has no spurious local minima (Zhou et al. 2022): every method that makes
+    # progress reaches the same optimum as the default L-BFGS; line-search ones get value, grad and value_fn
+    p = ufm.UFM(num_classes=2, n_per_class=2, widths=(3,), lam_H=1e-2, lam_W=1e-2)
+    ref = ufm.solve(p, key=0)
+    s = ufm.solve(p, key=0, method=method, max_steps=20_000, rtol=1e-6)
+    assert s.status_name == "converged", s.message
+    np.testing.assert_allclose(s.value, ref.value, rtol=1e-9)  # both rel_grad <= 1e-6: loss within ~1e-12
+
+
+def test_run_ending_at_the_zero_point_reports_the_zero_saddle():
+    # deep linear, P = L + 1 = 3: theta = 0 is a strict local minimum (THEORY.md §0) with f(0) = 1/2 (MSE, one-hot
+    # Y: ||Y||^2 / (2N) = N / (2N)); from a tiny init the run falls into it. ufm.predict gives a lower optimum
+    # here, so the status must say "zero_saddle" (not converged/stalled), and a normal init must not.
+    p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), lam_H=5e-3, lam_W=5e-3)
+    assert float(ufm.predict(p).loss) < 0.5 * (1 - 1e-4)
+    s = ufm.solve(p, key=0, init_scale=1e-3, max_steps=2000)
+    np.testing.assert_allclose(s.value, 0.5, rtol=1e-6)
+    assert s.status_name == "zero_saddle" and "increase init_scale" in s.message
+    ok = ufm.solve(p, key=0, max_steps=2000)
+    assert ok.status_name == "converged" and float(ok.value) < 0.5 * (1 - 1e-4)
+
+
+def test_auto_init_scale_rule():
+    # s^(L+1) = 0.008 for deep linear models (measured rule, see ufm._solver.auto_init_scale); 1 otherwise
+    from ufm._solver import auto_init_scale
+
+    deep = ufm.UFM(num_classes=4, n_per_class=2, widths=(6,) * 3)
+    assert auto_init_scale(deep) == pytest.approx(0.008 ** 0.25) and auto_init_scale(SHALLOW) == 1.0
+    assert auto_init_scale(deep.replace(activation="relu")) == 1.0
+    with pytest.raises(ValueError, match="init_scale must be a finite number"):
+        ufm.solve(deep, key=0, init_scale="big")

@@ -1,0 +1,376 @@
+"""The solver engine: a named state, a pure ``init``/``step`` pair, and one driver that owns the loop.
+
+A method is an optax transformation (`make_optimizer`); `step` passes ``value``, ``grad`` and ``value_fn`` to
+every transformation (plain ones are wrapped with `optax.with_extra_args_support`), so line-search methods such as
+``optax.lbfgs()`` or ``optax.chain(..., optax.scale_by_zoom_linesearch(...))`` work as given.
+
+Stopping rule, decided after every step k (``options`` are the resolved `ufm._options.SolverOptions`):
+
+    converged        rel_grad(x_k) <= rtol  or  ||grad f(x_k)||_2 <= tol
+    diverged         f(x_k) or grad f(x_k) non-finite, or f(x_k) > 1e4 max(1, |f(x_0)|)
+    stalled          neither min_{j<=k} f(x_j) nor min_{j<=k} ||grad f(x_j)|| improved in the last `patience` steps;
+                     reported as "precision_floor" when rel_grad(x_k) <= RESOLVE_FLOOR[dtype] (the dtype cannot
+                     resolve the point further)
+    interrupted      SIGINT seen by the progress callback (`solve` only)
+    max_steps        k == max_steps and none of the above,
+
+with the scale-aware stationarity (shared with `ufm.check`, see `ufm._options`)
+
+    rel_grad(x) = ||grad f(x)|| / (||grad F(x)|| + ||grad R(x)||),  0 when the denominator is 0,
+
+F the fit and R the regulariser (grad R is exact: lam * x blockwise, so grad F = grad f - grad R).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.experimental import io_callback
+
+from ._model import Params, init_params, objective, regulariser, tree_norm
+from ._options import DIVERGENCE_FACTOR, RESOLVE_FLOOR
+from ._solution import (
+    CONVERGED,
+    DIVERGED,
+    INTERRUPTED,
+    MAX_STEPS,
+    NONFINITE_INIT,
+    PRECISION_FLOOR,
+    RUNNING,
+    STALLED,
+    History,
+    Snapshots,
+    Solution,
+)
+
+
+class SolverState(NamedTuple):
+    """The state of one run (a pytree; a batch of runs has a leading axis on every leaf).
+
+    Attributes:
+      step: k, steps taken.
+      params: x_k.
+      opt_state: the optax state of the method.
+      value, grad: f(x_k) and grad f(x_k).
+      grad_norm: ||grad f(x_k)||_2.
+      rel_grad: the scale-aware stationarity at x_k (module docstring).
+      best_value, best_grad_norm: min_{j<=k} f(x_j) and min_{j<=k} ||grad f(x_j)||.
+      last_improve: the last step that improved either.
+      limit: the divergence threshold 1e4 max(1, |f(x_0)|).
+      status: RUNNING (-1) or a final status code (`ufm._solution`).
+    """
+
+    step: jax.Array
+    params: Params
+    opt_state: Any
+    value: jax.Array
+    grad: Params
+    grad_norm: jax.Array
+    rel_grad: jax.Array
+    best_value: jax.Array
+    best_grad_norm: jax.Array
+    last_improve: jax.Array
+    limit: jax.Array
+    status: jax.Array
+
+
+class Config(NamedTuple):
+    """Static (compile-time) settings of the driver; hashable."""
+
+    method: Any
+    momentum: float
+    memory_size: int
+    max_steps: int
+    patience: int
+    history_every: int
+    snapshot_every: int | None
+    history: bool
+    progress_every: int = 0
+
+
+LINESEARCH = "zoom"
+
+
+def make_optimizer(method, lr, momentum: float, memory_size: int) -> optax.GradientTransformationExtraArgs:
+    """The optax transformation of a method name (or the user's transformation), with extra-args support."""
+    if isinstance(method, optax.GradientTransformation):
+        opt = method
+    elif method == "gd":
+        opt = optax.sgd(lr)
+    elif method == "momentum":
+        opt = optax.sgd(lr, momentum=momentum)
+    elif method == "adam":
+        opt = optax.adam(lr)
+    elif method == "lbfgs":
+        # L-BFGS with a line search (LINESEARCH); lr scales the accepted step (1.0 = plain L-BFGS).
+        if LINESEARCH == "zoom":
+            ls = optax.scale_by_zoom_linesearch(max_linesearch_steps=30, initial_guess_strategy="one")
+        else:
+            ls = optax.scale_by_backtracking_linesearch(max_backtracking_steps=30, store_grad=True)
+        opt = optax.chain(optax.scale_by_lbfgs(memory_size=memory_size), optax.scale(-lr), ls)
+    else:
+        raise ValueError(f"unknown method {method!r}")
+    return optax.with_extra_args_support(opt)
+
+
+def rel_grad(problem, params: Params, grad: Params) -> jax.Array:
+    """rel_grad = ||g|| / (||g_F|| + ||g_R||) with g_R = grad R exact and g_F = g - g_R (0 when 0/0)."""
+    g_R = jax.grad(regulariser, argnums=1)(problem, params)
+    g_F = jax.tree_util.tree_map(lambda a, b: a - b, grad, g_R)
+    num = tree_norm(grad)
+    den = tree_norm(g_F) + tree_norm(g_R)
+    return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(num))
+
+
+def _cached_value_and_grad(opt_state, f):
+    """value_and_grad that reuses a line search's value/grad at the accepted point when the state holds them."""
+    try:
+        v = optax.tree.get(opt_state, "value")
+        g = optax.tree.get(opt_state, "grad")
+    except (KeyError, ValueError):
+        v = g = None
+    if v is None or g is None:
+        return lambda x, state: jax.value_and_grad(f)(x)
+    return optax.value_and_grad_from_state(f)
+
+
+def init(problem, params: Params, opt, tol, rtol) -> SolverState:
+    """The state at x_0 (status NONFINITE_INIT, CONVERGED or RUNNING)."""
+    v0, g0 = jax.value_and_grad(objective, argnums=1)(problem, params)
+    gn0 = tree_norm(g0)
+    rel0 = rel_grad(problem, params, g0)
+    finite = jnp.isfinite(v0) & jnp.isfinite(gn0)
+    status = jnp.where(~finite, NONFINITE_INIT, jnp.where(_converged(gn0, rel0, tol, rtol), CONVERGED, RUNNING))
+    return SolverState(jnp.int32(0), params, strong(opt.init(params)), v0, g0, gn0, rel0, v0, gn0, jnp.int32(0),
+                       DIVERGENCE_FACTOR * jnp.maximum(1.0, jnp.abs(v0)), status.astype(jnp.int32))
+
+
+def strong(tree):
+    """Every array leaf without JAX's weak type (a weak leaf in a carried state makes jit compile twice)."""
+    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype) + jnp.zeros((), jnp.asarray(
+        x).dtype) if getattr(x, "weak_type", False) else x, tree)
+
+
+def _converged(gn, rel, tol, rtol):
+    return (gn <= tol) | (rel <= rtol)
+
+
+def step(problem, state: SolverState, opt, tol, rtol, patience: int) -> SolverState:
+    """One step of the method and the stopping rule (module docstring)."""
+    f = functools.partial(objective, problem)
+    x, s = state.params, state.opt_state
+    upd, s = opt.update(state.grad, s, x, value=state.value, grad=state.grad, value_fn=f)
+    x = optax.apply_updates(x, upd)
+    v, g = _cached_value_and_grad(s, f)(x, state=s)
+    k = state.step + 1
+    gn = tree_norm(g)
+    rel = rel_grad(problem, x, g)
+    improved = (v < state.best_value) | (gn < state.best_grad_norm)
+    last = jnp.where(improved, k, state.last_improve)
+    bad = ~jnp.isfinite(v) | ~jnp.isfinite(gn) | (v > state.limit)
+    floor = RESOLVE_FLOOR["float64" if v.dtype == jnp.float64 else "float32"]
+    stalled = jnp.where(rel <= floor, PRECISION_FLOOR, STALLED)
+    status = jnp.where(
+        bad, DIVERGED,
+        jnp.where(_converged(gn, rel, tol, rtol), CONVERGED, jnp.where(k - last >= patience, stalled, RUNNING)))
+    return SolverState(k, x, s, v, g, gn, rel, jnp.minimum(state.best_value, v), jnp.minimum(state.best_grad_norm, gn),
+                       last, state.limit, status.astype(jnp.int32))
+
+
+class Records(NamedTuple):
+    """What the driver records besides the state (None when not asked)."""
+
+    history: History | None
+    snapshots: Snapshots | None
+
+
+def init_records(state: SolverState, cfg: Config) -> Records:
+    dtype = state.value.dtype
+    hist = snaps = None
+    if cfg.history:
+        nh = cfg.max_steps // cfg.history_every + 1
+        hist = History(jnp.full((nh,), jnp.nan, dtype).at[0].set(state.value),
+                       jnp.full((nh,), jnp.nan, dtype).at[0].set(state.grad_norm))
+    if cfg.snapshot_every:
+        ns = cfg.max_steps // cfg.snapshot_every + 1
+        snaps = Snapshots(jnp.full((ns,), -1, jnp.int32).at[0].set(0),
+                          jax.tree_util.tree_map(lambda a: jnp.zeros((ns,) + a.shape, a.dtype).at[0].set(a),
+                                                 state.params))
+    return Records(hist, snaps)
+
+
+def record(rec: Records, state: SolverState, cfg: Config) -> Records:
+    k = state.step
+    hist, snaps = rec
+    if hist is not None:
+        j = k // cfg.history_every
+        w = (k % cfg.history_every) == 0
+        hist = History(hist.loss.at[j].set(jnp.where(w, state.value, hist.loss[j])),
+                       hist.grad_norm.at[j].set(jnp.where(w, state.grad_norm, hist.grad_norm[j])))
+    if snaps is not None:
+        i = k // cfg.snapshot_every
+        w = (k % cfg.snapshot_every) == 0
+        snaps = Snapshots(snaps.step.at[i].set(jnp.where(w, k, snaps.step[i])),
+                          jax.tree_util.tree_map(lambda a, y: a.at[i].set(jnp.where(w, y, a[i])), snaps.params,
+                                                 state.params))
+    return Records(hist, snaps)
+
+
+def finish(state: SolverState, rec: Records, cfg: Config) -> Solution:
+    status = jnp.where(state.status == RUNNING, MAX_STEPS, state.status).astype(jnp.int32)
+    return Solution(state.params, state.value, state.grad_norm, state.step, status, rec.history, rec.snapshots,
+                    state.rel_grad)
+
+
+# --- progress and interruption (host side) ------------------------------------------------------------------------
+
+_HANDLERS: dict[int, Callable] = {}
+_NEXT = [0]
+_INTERRUPT = threading.Event()
+
+
+_WAKEUP: list[int] = []  # read end of the signal wakeup pipe while `catch_sigint` is active
+
+
+def _sigint_seen() -> bool:
+    """True once SIGINT arrived. Python runs signal handlers only in the main thread between bytecodes, which
+    is blocked while a compiled loop runs; the C-level wakeup fd (`signal.set_wakeup_fd`) is written at once."""
+    if _WAKEUP:
+        try:
+            data = os.read(_WAKEUP[0], 512)
+        except (BlockingIOError, OSError):
+            data = b""
+        if signal.SIGINT in data:
+            _INTERRUPT.set()
+    return _INTERRUPT.is_set()
+
+
+def _host_progress(handle, k, value, grad_norm, rel, status):
+    fn = _HANDLERS.get(int(handle))
+    if fn is not None:
+        fn(int(k), float(value), float(grad_norm), float(rel), int(status))
+    return np.bool_(_sigint_seen())
+
+
+def register_progress(fn: Callable | None) -> int:
+    """Register a host progress handler; returns its handle (a dynamic argument: no recompile per callable)."""
+    _NEXT[0] += 1
+    if fn is not None:
+        _HANDLERS[_NEXT[0]] = fn
+    return _NEXT[0]
+
+
+def unregister_progress(handle: int) -> None:
+    _HANDLERS.pop(handle, None)
+
+
+class catch_sigint:
+    """Context manager: while active (main thread only), Ctrl-C sets a flag that the compiled loop reads at its next
+    progress callback and ends the run with status "interrupted"; a second Ctrl-C raises KeyboardInterrupt."""
+
+    def __enter__(self):
+        _INTERRUPT.clear()
+        self.old = self.pipe = None
+        if threading.current_thread() is threading.main_thread():
+            def handler(signum, frame):
+                if self.seen:
+                    raise KeyboardInterrupt
+                self.seen = True
+                _INTERRUPT.set()
+
+            self.seen = False
+            self.old = signal.signal(signal.SIGINT, handler)
+            r, w = os.pipe()
+            os.set_blocking(r, False)
+            os.set_blocking(w, False)
+            self.pipe = (r, w)
+            self.old_fd = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+            _WAKEUP[:] = [r]
+        return self
+
+    def __exit__(self, *exc):
+        if self.pipe is not None:
+            signal.set_wakeup_fd(self.old_fd)
+            _WAKEUP.clear()
+            for fd in self.pipe:
+                os.close(fd)
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
+        _INTERRUPT.clear()
+        return False
+
+
+class Throttle:
+    """Calls ``fn(step, value, grad_norm)`` at most every ``interval`` seconds, and always on the final report."""
+
+    def __init__(self, fn: Callable, interval: float = 0.1):
+        self.fn, self.interval, self.last = fn, interval, -np.inf
+
+    def __call__(self, k, value, grad_norm, rel, status):
+        now = time.perf_counter()
+        if status != RUNNING or now - self.last >= self.interval:
+            self.last = now
+            self.fn(k, value, grad_norm)
+
+
+def _progress_point(handle, state: SolverState, cfg: Config, final) -> jax.Array:
+    def call(args):
+        return io_callback(_host_progress, jax.ShapeDtypeStruct((), jnp.bool_), *args, ordered=True)
+
+    due = ((state.step % cfg.progress_every) == 0) | (state.status != RUNNING) | final
+    status = jnp.where(final & (state.status == RUNNING), MAX_STEPS, state.status)  # the last report is final
+    args = (handle, state.step, state.value, state.grad_norm, state.rel_grad, status)
+    return jax.lax.cond(due, call, lambda a: jnp.bool_(False), args)
+
+
+# --- the driver ---------------------------------------------------------------------------------------------------
+
+
+def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> Solution:
+    """The driver (traceable; jit/vmap it from outside): ``init``, then ``step`` until the status is final."""
+    dtype = params0.H.dtype
+    opt = make_optimizer(cfg.method, jnp.asarray(lr, dtype), cfg.momentum, cfg.memory_size)
+    tol, rtol = jnp.asarray(tol, dtype), jnp.asarray(rtol, dtype)
+    state0 = init(problem, params0, opt, tol, rtol)
+    rec0 = init_records(state0, cfg)
+
+    def cond(c):
+        state, _ = c
+        return (state.status == RUNNING) & (state.step < cfg.max_steps)
+
+    def body(c):
+        state, rec = c
+        state = step(problem, state, opt, tol, rtol, cfg.patience)
+        rec = record(rec, state, cfg)
+        if cfg.progress_every:
+            stop = _progress_point(handle, state, cfg, state.step >= cfg.max_steps)
+            state = state._replace(status=jnp.where(stop & (state.status == RUNNING), INTERRUPTED,
+                                                    state.status).astype(jnp.int32))
+        return state, rec
+
+    state, rec = jax.lax.while_loop(cond, body, (state0, rec0))
+    return finish(state, rec, cfg)
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def run_jit(problem, start, lr, tol, rtol, handle, cfg: Config, dtype=None) -> Solution:
+    """`run` compiled, initialisation included: ``start`` is the initial `Params` (``dtype=None``) or a pair
+    ``(key, init_scale)`` drawn by `init_params` inside the same program. One program per problem shapes/modes,
+    `Config` and dtype; numbers, keys and the progress handle are dynamic."""
+    params0 = start if dtype is None else init_params(problem, start[0], start[1], dtype)
+    return run(problem, params0, lr, tol, rtol, cfg, handle)
+
+
+def compiled_programs() -> int:
+    """Number of compiled single-solve programs (entries in the jit cache of `run_jit`): a counter of recompiles."""
+    return run_jit._cache_size()
