@@ -316,25 +316,6 @@ def test_help_exits_0(capsys):
 # progress: the chunked run
 
 
-def test_chunked_progress_equals_one_solve_for_stateless_gd():
-    """Plain gradient descent has no optimiser state, so restarting it every chunk must reproduce the single
-    compiled run: same history, snapshots and parameters (the stitching of chunks is what is tested)."""
-    p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="relu", lam_H=1e-2, lam_W=1e-2)
-    s = dict(cli.DEFAULT_SOLVER, method="gd", lr=0.5, steps=120, tol=0.0, patience=1000, snapshot_every=6)
-    one = cli.run_solver(p, s)
-    calls = []
-    chunked = cli.run_solver(p, s, progress=lambda *a: calls.append(a))
-    assert len(calls) >= 5 and calls[-1][0] == 120  # progress after every chunk, ending at the last step
-    assert [c[0] for c in calls] == sorted(c[0] for c in calls)
-    assert int(chunked.num_steps) == int(one.num_steps) == 120 and int(chunked.status) == int(one.status)
-    np.testing.assert_allclose(chunked.history.loss, np.asarray(one.history.loss), rtol=1e-13, atol=0)
-    np.testing.assert_allclose(chunked.history.grad_norm, np.asarray(one.history.grad_norm), rtol=1e-12, atol=0)
-    np.testing.assert_array_equal(chunked.snapshots.step, np.asarray(one.snapshots.step))
-    np.testing.assert_allclose(chunked.snapshots.params.H, np.asarray(one.snapshots.params.H), rtol=1e-12, atol=1e-15)
-    np.testing.assert_allclose(chunked.params.H, np.asarray(one.params.H), rtol=1e-12, atol=1e-15)
-    assert calls[-1][1] == pytest.approx(float(one.value), rel=1e-13)
-
-
 def test_progress_line_on_stderr(saved_run, tmp_path, capsys):
     rc, out, err = _solve_in_process(["solve", *TINY, "--steps", "40", "--progress", "always", "--no-plots",
                                       "--out", str(tmp_path / "p")], capsys)

@@ -1100,11 +1100,7 @@ def cmd_explore(args, argv) -> int:
 
 def draw_explore_figures(problem, ex, *, folder: Path, fmt: str = "png", dpi: int = 150) -> list[Path]:
     """The figures of an explore results folder: minima per strategy, the best point's Grams and spectra."""
-    import matplotlib
-
-    if matplotlib.get_backend().lower() not in ("agg", "pdf", "svg", "cairo"):
-        matplotlib.use("Agg", force=False)
-    from . import plotting
+    from . import plotting  # figures without pyplot: no backend to choose
 
     ref = None
     try:

@@ -22,6 +22,7 @@ from .._json import to_jsonable
 from .._problem import UFM
 from .._solution import Solution
 from .._solver import solve
+from .._terminal import version
 from .columns import frame_records, to_columns, to_frame
 from .grid import expand_grid, is_int, is_num, problem_of, run_id
 from .progress import Progress, tqdm_class
@@ -66,9 +67,7 @@ class SweepResult(NamedTuple):
 
 def versions() -> dict:
     """The library versions a store records (a store written by other versions is not resumed)."""
-    from .. import __version__
-
-    return {"ufm": __version__, "jax": jax.__version__, "numpy": np.__version__}
+    return {"ufm": version(), "jax": jax.__version__, "numpy": np.__version__}
 
 
 def _fingerprint(ids: Sequence[str], settings: Mapping) -> dict:
