@@ -331,22 +331,28 @@ def _env(ref, **extra):
     return env
 
 
-def _interrupt(ref, tmp_path, sig):
-    store = tmp_path / "s.jsonl"
-    # the subprocess inherits the test session's persistent compilation cache (tests/conftest.py), so it
-    # loads the executable the in-process REF sweep compiled
-    cmd = RUNNER + [ref["config"], "--store", str(store)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(ref))
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < 300:
-        if store.exists() and len(_raw_lines(store)) >= 3:  # header + >= 1 record
+def _interrupt(ref, tmp_path, sig, attempts: int = 3):
+    """Start the sweep in a subprocess and signal it once its first record is on disk. On a busy machine the
+    polling loop can be starved long enough for the whole sweep (12 quick chunks) to finish first: then the
+    attempt proves nothing about interruption and is repeated with a fresh store (at most `attempts` times)."""
+    for attempt in range(attempts):
+        store = tmp_path / f"s{attempt}.jsonl"
+        # the subprocess inherits the test session's persistent compilation cache (tests/conftest.py), so it
+        # loads the executable the in-process REF sweep compiled
+        cmd = RUNNER + [ref["config"], "--store", str(store)]
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(ref))
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 300:
+            if store.exists() and len(_raw_lines(store)) >= 3:  # header + >= 1 record
+                break
+            if proc.poll() is not None:
+                break
+            time.sleep(0.005)
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=120)
+        n = len(ufm.load_sweep(store))
+        if n < 48:
             break
-        if proc.poll() is not None:
-            break
-        time.sleep(0.01)
-    proc.send_signal(sig)
-    out, err = proc.communicate(timeout=120)
-    n = len(ufm.load_sweep(store))
     assert 0 < n < 48, (n, err.decode()[-2000:])  # stopped part-way
     return store, proc.returncode, err.decode(), n
 

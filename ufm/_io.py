@@ -578,7 +578,7 @@ def load_results(folder: str | os.PathLike, *, extras: bool | Sequence[str] = Tr
     Raises:
       ResultsError: naming what is missing or malformed.
 
-    Example:
+    Examples:
       >>> res = ufm.load_results("ufm-results-20261123-161500")  # doctest: +SKIP
       >>> res.problem, res.solution.value, res.report["check"]["verdict"]  # doctest: +SKIP
     """

@@ -331,7 +331,7 @@ def solve_batch(
       slots: runs on the device at a time (engine "slots"; default min(B, 64)).
       segment: steps between retire/refill points (engine "slots"; default 25 for lbfgs, 500 otherwise).
       engine: "auto", "map", "slots" or "vmap" (above).
-      Other options as in `solve`.
+      **options: the other options, as in `solve`.
 
     Returns:
       One `Solution` whose every field has a leading axis B (``sols.take(i)`` is run i). Run i reaches the same
