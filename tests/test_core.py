@@ -212,8 +212,8 @@ def rel_grad_np(problem, params):
 def test_lbfgs_and_gd_reach_small_gradient_shallow_and_deep():
     shallow = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), loss="mse", bias="free", lam_H=1e-2, lam_W=1e-2)
     s = ufm.solve(shallow, key=0, method="lbfgs")
-    # default stopping rule: rel_grad = ||g|| / (||g_fit|| + ||g_reg||) <= 1e-8 (float64), recomputed here
-    assert s.success and s.status_name == "converged" and rel_grad_np(shallow, s.params) <= 1e-8
+    # default stopping rule: rel_grad = ||g|| / (||g_fit|| + ||g_reg||) <= 1e-7 (float64), recomputed here
+    assert s.success and s.status_name == "converged" and rel_grad_np(shallow, s.params) <= 1e-7
     np.testing.assert_allclose(s.rel_grad, rel_grad_np(shallow, s.params), rtol=1e-6)
     g = ufm.solve(shallow, key=0, method="gd", lr=0.5, max_steps=20_000, tol=1e-8)
     assert g.success and float(g.grad_norm) <= 1e-8
@@ -225,7 +225,7 @@ def test_lbfgs_and_gd_reach_small_gradient_shallow_and_deep():
     np.testing.assert_allclose(h[int(g.num_steps)], g.value, rtol=1e-14)
     deep = SMALL  # deep linear, L = 2
     d = ufm.solve(deep, key=0, method="lbfgs")
-    assert d.success and rel_grad_np(deep, d.params) <= 1e-8
+    assert d.success and rel_grad_np(deep, d.params) <= 1e-7
     np.testing.assert_allclose(ufm.objective(deep, d.params), d.value, rtol=1e-13)
     dg = ufm.solve(deep, key=0, method="momentum", lr=0.1, max_steps=20_000, tol=1e-6)
     assert dg.success and float(dg.grad_norm) <= 1e-6

@@ -40,7 +40,8 @@ def test_sigint_ends_a_compiled_solve_with_status_interrupted():
     s = ufm.solve(SHALLOW, key=0, method="gd", lr=0.1, max_steps=100_000, tol=0.0, rtol=0.0, progress=cb,
                   progress_every=100)
     assert s.status_name == "interrupted" and not s.success
-    assert sent and sent[0] <= int(s.num_steps) <= sent[0] + 100
+    # within a few reports: the callback runs on a host thread that can lag the loop on a loaded machine
+    assert sent and sent[0] <= int(s.num_steps) <= sent[0] + 500
     np.testing.assert_allclose(ufm.objective(SHALLOW, s.params), s.value, rtol=1e-13)
     # the handler is restored: a later SIGINT raises KeyboardInterrupt as usual
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler

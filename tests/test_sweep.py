@@ -93,7 +93,7 @@ def test_expand_grid_product_order_aliases_and_defaults():
     # unset fields take the UFM / solve defaults (resolved, so the record is self-describing)
     r = runs[0]
     assert (r["activation"], r["loss"], r["bias"], r["method"]) == ("linear", "mse", "none", "lbfgs")
-    assert r["dtype"] == "float64" and r["tol"] == 1e-9 and r["max_steps"] == 10_000 and r["lr"] == 1.0
+    assert r["dtype"] == "float64" and r["tol"] == 0.0 and r["max_steps"] == 10_000 and r["lr"] == 1.0
     # widths: a flat list is ONE tuple, a list of lists sweeps; lam_W list of lists = per-layer values
     assert [r["widths"] for r in S.expand_grid({"K": 2, "n": 1, "widths": [3, 4]})] == [[3, 4]]
     assert len(S.expand_grid({"K": 2, "n": 1, "widths": [[3], [3, 4]]})) == 2
@@ -375,6 +375,7 @@ def test_sigint_then_resume_with_the_same_command(ref, tmp_path, capsys):
     _check_resumed(store, ref, n)
 
 
+@pytest.mark.slow  # ~15 s; test_sigint_then_resume_with_the_same_command covers resume in the default suite
 def test_sigkill_then_resume(ref, tmp_path):
     store, rc, _, n = _interrupt(ref, tmp_path, signal.SIGKILL)
     assert rc == -signal.SIGKILL
@@ -447,7 +448,8 @@ def test_phase_diagram_draws_from_a_real_store(ref):
     ax = SP.phase_diagram(ref["store"], x="lam", y="lr", value="rank", layer=-1)
     assert ax.get_xlabel() == "lam" and [t.get_text() for t in ax.get_yticklabels()] == ["0.05", "0.1"]
     t = SP.phase_table(ref["store"], "lam", "lr", "status")
-    assert t.categories == ["max_steps"] and t.counts.sum() == 48 and (t.counts == 8).all()
+    # fixed work (tol 0) except where the scale-aware rule (rel_grad <= rtol) stops a run first
+    assert set(t.categories) <= {"converged", "max_steps"} and t.counts.sum() == 48
     ax2 = SP.phase_diagram(ref["res"], x="lam", y="lr", value="status")
     assert ax2.get_legend() is not None
     plt.close("all")

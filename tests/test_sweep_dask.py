@@ -125,6 +125,7 @@ def test_a_killed_worker_chunk_is_recomputed(cluster, ref, tmp_path):
         _assert_close(_strip(recs)[rid], r, rid)
 
 
+@pytest.mark.slow  # ~15 s; the SIGINT resume (test_sweep.py) and the killed-worker test cover the default suite
 def test_client_killed_then_resumed(cluster, ref, tmp_path):
     # `ufm sweep --scheduler ADDRESS` (this module's cluster) in a subprocess, SIGKILLed after its first record
     lc, client = cluster

@@ -49,7 +49,7 @@ MESSAGES = {
     "not the minimum of this problem; increase init_scale.",
     INTERRUPTED: "Interrupted (SIGINT): the solution is the point reached when the run was stopped.",
     PRECISION_FLOOR: "Stalled at the precision floor: the dtype cannot resolve this point (rel_grad is small but "
-    "above rtol and rounding stops progress). Use float64 (jax_enable_x64) or a looser rtol.",
+    "above rtol and rounding stops progress). In float32 use float64 (jax_enable_x64); in float64 pass a looser rtol.",
     RUNNING: "Running.",
 }
 

@@ -174,7 +174,7 @@ def solve(
       momentum: heavy-ball coefficient in [0, 1) for ``method="momentum"``.
       memory_size: L-BFGS memory.
       throw: raise RuntimeError unless the run converged (for interactive use; never inside vmap).
-      rtol: relative stationarity tolerance (default 1e-8 in float64, 1e-4 in float32).
+      rtol: relative stationarity tolerance (default 1e-7 in float64, 1e-4 in float32).
       progress: None, True (a status line on stderr) or a callable ``progress(step, value, grad_norm)``, called
         from inside the compiled loop (at most every 0.1 s, and at the end). The numbers are identical with and
         without it. With a progress handler (or an explicit ``progress_every``), Ctrl-C in the main thread ends
