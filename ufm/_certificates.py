@@ -232,7 +232,7 @@ def _flat(params: Params) -> np.ndarray:
 def _work_params(params: Params) -> Params:
     """The point in the working precision: float64 when x64 is enabled, else its own dtype."""
     params = Params(*params)
-    dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.asarray(params.H).dtype
+    dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.asarray(params.H).dtype  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), params)
 
 

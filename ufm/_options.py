@@ -70,7 +70,7 @@ def check_dtype(dtype) -> np.dtype:
     if dt not in (jnp.float32, jnp.float64):
         raise TypeError(f"dtype must be a floating dtype, 'float32' or 'float64' (half precision cannot resolve a "
                         f"UFM optimum); got {dtype!r}")
-    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
         raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True) before any JAX call")
     return dt
 
