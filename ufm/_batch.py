@@ -127,7 +127,7 @@ def _allocate(slots: Slots, cfg: Config, B: int) -> Solution:
 
 def compiled_programs() -> int:
     """Number of compiled batched programs (the jit caches of `_cycle`, `_fresh`, `_retire`, `_allocate`)."""
-    return sum(f._cache_size() for f in (_cycle, _fresh_jit, _retire, _allocate))
+    return sum(f._cache_size() for f in (_cycle, _fresh_jit, _retire, _allocate))  # type: ignore[attr-defined]  # jit's private cache counter; not in jax's stub
 
 
 def solve_slots(problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | None = None,
@@ -169,7 +169,9 @@ def solve_slots(problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | 
                 else:
                     run_of[s] = -1
         if (run_of < 0).all():
+            assert out is not None  # every run was retired into out
             return out
         if not (load >= 0).any() and not (st[run_of >= 0] == RUNNING).any():
+            assert out is not None  # no slot is running, so each was retired into out
             return out
 

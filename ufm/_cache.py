@@ -31,7 +31,7 @@ def enable_compilation_cache(path: str | os.PathLike | None = None) -> Path:
       >>> folder = ufm.enable_compilation_cache()  # doctest: +SKIP
     """
     if path is None:
-        path = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_DIR
+        path = jax.config.jax_compilation_cache_dir or os.environ.get("JAX_COMPILATION_CACHE_DIR") or DEFAULT_DIR  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
     folder = Path(path).expanduser()
     folder.mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", str(folder))

@@ -40,7 +40,7 @@ from __future__ import annotations
 import math
 import time
 from functools import partial
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -232,7 +232,7 @@ def _flat(params: Params) -> np.ndarray:
 def _work_params(params: Params) -> Params:
     """The point in the working precision: float64 when x64 is enabled, else its own dtype."""
     params = Params(*params)
-    dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.asarray(params.H).dtype
+    dt = jnp.float64 if jax.config.jax_enable_x64 else jnp.asarray(params.H).dtype  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
     return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dt), params)
 
 
@@ -631,9 +631,9 @@ def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symme
     for name, v in (("tol", tol), ("max_time", max_time), ("sym_rtol", sym_rtol)):
         if isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not v > 0:
             raise ValueError(f"{name} must be a number > 0; got {v!r}")
-    for name, v in (("maxiter", maxiter), ("krylov_dim", krylov_dim)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < 1):
-            raise ValueError(f"{name} must be a positive integer; got {v!r}")
+    for name, iv in (("maxiter", maxiter), ("krylov_dim", krylov_dim)):
+        if iv is not None and (isinstance(iv, bool) or not isinstance(iv, (int, np.integer)) or iv < 1):
+            raise ValueError(f"{name} must be a positive integer; got {iv!r}")
     t_start = time.perf_counter()
     P = _work_params(params)
     dt = jnp.asarray(P.H).dtype
@@ -818,7 +818,8 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
     opts.setdefault("max_time", max(max_time - (time.perf_counter() - t0), 1e-3))
     P = _work_params(params)
     n = int(_flat(P).size)
-    smask, kt, G, g_tol = (), None, None, 0.0
+    smask: tuple[Any, ...] = ()
+    kt, G, g_tol = None, None, 0.0
     if st.kinks:  # ReLU kinks: multipliers g_a = dF/dh_a at the kink entries
         dt = jnp.asarray(P.H).dtype
         jm = tuple(jnp.asarray(m) for m in masks)
@@ -862,6 +863,7 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
             if d1.decrease > descent_tol:
                 desc, found = d1, True
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
+        assert G is not None  # set with kt
         li, idx = min(((li, int(np.argmin(np.where(m, g, np.inf)))) for li, (g, m) in
                        enumerate(zip(G, masks, strict=True)) if m.any()),
                       key=lambda t: G[t[0]].ravel()[t[1]])

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -155,7 +155,7 @@ def distances(problem: UFM, params: Params, prediction) -> dict:
     y = problem.labels()
     K = problem.num_classes
     L = problem.L
-    out = {"W": [], "H": []}
+    out: dict[str, Any] = {"W": [], "H": []}
     for l in range(L):
         W = np.asarray(params.Ws[l], np.float64)
         out["W"].append({
@@ -228,7 +228,7 @@ def _prediction(problem, prediction, configuration):
     return prediction, (loss if math.isfinite(loss) else None), prediction.to_dict()
 
 
-def _fmt(x: float) -> str:
+def _fmt(x: float | None) -> str:
     return f"{x:.4g}"
 
 
@@ -304,7 +304,9 @@ def check(
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
     params, solver = _unpack(problem, solution)
     dtype = str(np.asarray(params.H).dtype)
-    tol = dict(DEFAULT_TOLERANCES["float32" if dtype in ("float32", "float16", "bfloat16") else "float64"])
+    # the float tolerances, and (below) hess_tol, None where no Hessian was computed
+    tol_key = "float32" if dtype in ("float32", "float16", "bfloat16") else "float64"
+    tol: dict[str, Any] = dict(DEFAULT_TOLERANCES[tol_key])
     for name, v in (("gap_tol", gap_tol), ("grad_tol", grad_tol), ("hess_rtol", hess_rtol),
                     ("rel_grad_tol", rel_grad_tol), ("max_time", max_time)):
         if v is not None:
@@ -382,11 +384,12 @@ def check(
                            f" ({k.lifted} lifted)")
             second += ")"
         elif so == "first-order only":
-            k = cert.kink
+            kt = cert.kink
             second = (f"first-order only: at the {st.kinks} ReLU kinks the second-order test is inconclusive ("
-                      + (f"{k.negative} negative multipliers, " if k and k.negative else "")
-                      + f"{curv} on the {'lifted ' if k and k.lifted else ''}form, no lower point found)")
+                      + (f"{kt.negative} negative multipliers, " if kt and kt.negative else "")
+                      + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form, no lower point found)")
         elif so == "not checked: budget":
+            assert hs is not None  # the budget ran out inside the Hessian computation
             second = (f"second order not checked: budget ({hs.iterations} Lanczos steps, {_fmt(hs.seconds)} s; "
                       f"{curv} so far)")
         else:
@@ -395,12 +398,14 @@ def check(
             verdict = "no-prediction"
             reason = "" if pred is None else f" ({pred.reason.split(';')[0]})"
             why = f"No predicted loss for this problem{reason}; the point is stationary ({stat_txt}), {second}."
-        elif abs(gap) <= tol["gap_tol"]:
-            verdict = "matches"
-            why = (f"Matches {label} {_fmt(f_star)}{caveat}: relative gap {_fmt(gap)}, {stat_txt}, {second}.")
         else:
-            verdict = "local-min"
-            why = (f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
-                   f"({stat_txt}), {second}.")
+            assert gap is not None  # set whenever f_star is and the point is finite
+            if abs(gap) <= tol["gap_tol"]:
+                verdict = "matches"
+                why = (f"Matches {label} {_fmt(f_star)}{caveat}: relative gap {_fmt(gap)}, {stat_txt}, {second}.")
+            else:
+                verdict = "local-min"
+                why = (f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
+                       f"({stat_txt}), {second}.")
     return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype,
                   so)

@@ -218,6 +218,7 @@ def record(rec: Records, state: SolverState, cfg: Config) -> Records:
         hist = History(hist.loss.at[j].set(jnp.where(w, state.value, hist.loss[j])),
                        hist.grad_norm.at[j].set(jnp.where(w, state.grad_norm, hist.grad_norm[j])))
     if snaps is not None:
+        assert cfg.snapshot_every is not None  # snapshots are recorded only with snapshot_every set
         i = k // cfg.snapshot_every
         w = (k % cfg.snapshot_every) == 0
         snaps = Snapshots(snaps.step.at[i].set(jnp.where(w, k, snaps.step[i])),
@@ -373,4 +374,4 @@ def run_jit(problem, start, lr, tol, rtol, handle, cfg: Config, dtype=None) -> S
 
 def compiled_programs() -> int:
     """Number of compiled single-solve programs (entries in the jit cache of `run_jit`): a counter of recompiles."""
-    return run_jit._cache_size()
+    return run_jit._cache_size()  # type: ignore[attr-defined]  # jit's private cache counter; not in jax's stub

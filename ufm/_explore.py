@@ -26,7 +26,7 @@ import math
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -71,7 +71,7 @@ class Minimum(NamedTuple):
     """
 
     value: float
-    count: int
+    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count on purpose
     strategy: str
     found_at: float
     status: int
@@ -183,7 +183,7 @@ def _describe(problem: UFM, Ms, ranks, ranks_Z) -> str:
     else:
         off = np.sort(G[~np.eye(K, dtype=bool)])
         groups = _cluster(off, 2e-2)
-        diag_cv = float(np.std(np.diag(G)) / max(np.mean(np.diag(G)), 1e-300))
+        diag_cv = float(np.std(np.diag(G)) / max(float(np.mean(np.diag(G))), 1e-300))
         if len(groups) <= 3 and diag_cv < 2e-2:
             vals = ", ".join(f"{v:.3g}" for v in groups)
             desc = f"Gram of H_{L} means ∝ I + off-diagonal values {{{vals}}}"
@@ -227,16 +227,27 @@ def _same(a: Minimum, value: float, spectra, loss_rtol: float, spec_rtol: float)
 # starts
 
 
+def _np64(x) -> Any:
+    """A float64 NumPy copy; `Params` annotates its fields as jax.Array, the starts here hold NumPy arrays."""
+    return np.asarray(x, np.float64)
+
+
 def _tree_np(params: Params) -> Params:
-    return Params(np.asarray(params.H, np.float64), tuple(np.asarray(W, np.float64) for W in params.Ws),
-                  None if params.b is None else np.asarray(params.b, np.float64))
+    return Params(_np64(params.H), tuple(_np64(W) for W in params.Ws),
+                  None if params.b is None else _np64(params.b))
+
+
+def _b(params: Params) -> jax.Array:
+    assert params.b is not None  # the starts of one problem all have a bias or none
+    return params.b
 
 
 def _random_start(problem: UFM, rng: np.random.Generator, scale: float) -> Params:
     hs, ws, bs = problem.param_shapes()
-    H = scale * rng.standard_normal(hs)
-    Ws = tuple(scale * rng.standard_normal(s) / np.sqrt(s[1]) for s in ws)
-    return Params(H, Ws, None if bs is None else np.zeros(bs))
+    H: Any = scale * rng.standard_normal(hs)  # NumPy arrays in Params (see _np64)
+    Ws: tuple[Any, ...] = tuple(scale * rng.standard_normal(s) / np.sqrt(s[1]) for s in ws)
+    b: Any = None if bs is None else np.zeros(bs)
+    return Params(H, Ws, b)
 
 
 def _low_rank_start(problem: UFM, rng: np.random.Generator) -> tuple[Params, int]:
@@ -455,8 +466,8 @@ def explore(
             return _Job(_random_start(problem, rng, 1.0), s, float(rng.choice([2.0, 4.0])), 0, True)
         if s == "hop" and minima:
             top = sorted(minima, key=lambda m: m.value)[:3]
-            base = top[int(rng.integers(len(top)))]
-            return _Job(_perturb(_tree_np(base.params), rng, float(rng.choice([0.03, 0.1, 0.2, 0.5]))), s, 1.0, 0,
+            best = top[int(rng.integers(len(top)))]
+            return _Job(_perturb(_tree_np(best.params), rng, float(rng.choice([0.03, 0.1, 0.2, 0.5]))), s, 1.0, 0,
                         True)
         return _Job(_random_start(problem, rng, 1.0), "random" if "random" in stats else s, 1.0, 0, True)
 
@@ -517,7 +528,7 @@ def explore(
         init = Params(
             jnp.asarray(np.stack([j.init.H for j in padded]), dt),
             tuple(jnp.asarray(np.stack([j.init.Ws[i] for j in padded]), dt) for i in range(problem.L)),
-            None if padded[0].init.b is None else jnp.asarray(np.stack([j.init.b for j in padded]), dt),
+            None if padded[0].init.b is None else jnp.asarray(np.stack([_b(j.init) for j in padded]), dt),
         )
         fac = np.array([j.lam_factor for j in padded])
         tr0 = time.perf_counter()

@@ -39,7 +39,7 @@ to a separation is 0 (nothing varies), and x/0 with x > 0 is ``inf``.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 
 import numpy as np
 import scipy.sparse as sp
@@ -150,7 +150,11 @@ def prepare(features, labels, num_classes: int | None = None) -> tuple[np.ndarra
     return A, y, K
 
 
-def _rtol(rtol, default: float) -> float:
+@overload
+def _rtol(rtol, default: float) -> float: ...
+@overload
+def _rtol(rtol, default: None) -> float | None: ...
+def _rtol(rtol, default: float | None) -> float | None:
     if rtol is None:
         return default
     if isinstance(rtol, bool) or not isinstance(rtol, (int, float, np.floating, np.integer)):
@@ -305,6 +309,7 @@ def class_stats_blocks(blocks, num_classes: int, *, eps: float | None = None) ->
             sums += _onehot(yb, K).T @ buf  # (K, B) sparse @ (B, d) C-contiguous
     if d is None:
         raise ValueError("features must have at least one column (N >= 1)")
+    assert sums is not None and shift is not None  # set with d, on the first block
     eps = _EPS64 if eps is None else eps
     if np.any(counts == 0):
         empty = np.flatnonzero(counts == 0).tolist()
@@ -996,15 +1001,15 @@ def feature_metrics(features, labels=None, num_classes: int | None = None, *, gl
     ``nc1_trace_ratio``, ``cdnv``, ``nc2_etf``, ``nc2_orthogonal``, ``nc2_equinorm``, ``nc2_equiangularity``,
     ``nc2_max_angle``, ``nc2_uniformity`` (log kernel). ``features`` may be a `ClassStats`."""
     st = _stats(features, labels, num_classes)
-    kw = {"global_mean": global_mean}
+    gm = global_mean
     return {
-        "nc1": nc1(st, rtol=rtol, **kw),
-        "nc1_trace_ratio": nc1_trace_ratio(st, **kw),
+        "nc1": nc1(st, rtol=rtol, global_mean=gm),
+        "nc1_trace_ratio": nc1_trace_ratio(st, global_mean=gm),
         "cdnv": cdnv(st),
-        "nc2_etf": nc2_etf(st, **kw),
+        "nc2_etf": nc2_etf(st, global_mean=gm),
         "nc2_orthogonal": nc2_orthogonal(st),
-        "nc2_equinorm": nc2_equinorm(st, **kw),
-        "nc2_equiangularity": nc2_equiangularity(st, **kw),
-        "nc2_max_angle": nc2_max_angle(st, **kw),
-        "nc2_uniformity": nc2_uniformity(st, **kw),
+        "nc2_equinorm": nc2_equinorm(st, global_mean=gm),
+        "nc2_equiangularity": nc2_equiangularity(st, global_mean=gm),
+        "nc2_max_angle": nc2_max_angle(st, global_mean=gm),
+        "nc2_uniformity": nc2_uniformity(st, global_mean=gm),
     }

@@ -175,6 +175,7 @@ def regulariser(problem: UFM, params: Params) -> jax.Array:
     for i, W in enumerate(params.Ws):
         r = r + lam_W[i] / 2 * jnp.sum(W**2)
     if problem.bias == "reg":
+        assert params.b is not None  # bias="reg" has a b (check_params)
         r = r + jnp.asarray(problem.lam_b, dt) / 2 * jnp.sum(params.b**2)
     return r
 

@@ -72,7 +72,7 @@ def check_dtype(dtype) -> np.dtype:
     if dt not in (jnp.float32, jnp.float64):
         raise TypeError(f"dtype must be a floating dtype, 'float32' or 'float64' (half precision cannot resolve a "
                         f"UFM optimum); got {dtype!r}")
-    if dt == jnp.float64 and not jax.config.jax_enable_x64:
+    if dt == jnp.float64 and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
         raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True) before any JAX call")
     return dt
 
@@ -159,7 +159,7 @@ def solver_options(method="lbfgs", lr=None, max_steps=None, tol=None, patience=N
             raise ValueError(f"{name} must be a positive integer; got {v!r}")
     if snapshot_every is not None and (not _is_int(snapshot_every) or snapshot_every < 1):
         raise ValueError(f"snapshot_every must be None or a positive integer; got {snapshot_every!r}")
-    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or not 0 <= momentum < 1:
+    if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or momentum < 0 or not momentum < 1:
         raise ValueError(f"momentum must be a number in [0, 1); got {momentum!r}")
     return SolverOptions(method, lr, int(max_steps), tol, rtol, int(patience), int(history_every),
                          None if snapshot_every is None else int(snapshot_every), float(momentum), int(memory_size),

@@ -223,6 +223,7 @@ def solve(
         progress = _print_progress
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be None, True or a callable progress(step, value, grad_norm); got {progress!r}")
+    assert progress_every is not None  # PROGRESS_EVERY has every method name solver_options accepts
     cfg = _config(o, history, int(progress_every))
     handle = register_progress(None if progress is None else Throttle(progress))
     try:
@@ -444,7 +445,7 @@ def batch_map(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
     """The batch as one program that runs the B runs in sequence (``lax.map``): cost = the sum of their steps."""
     start, lH, lW, lb, lrs, scales = inputs
     x0 = start_params(problem, start, scales, dtype)
-    return jax.lax.map(lambda a: one_run(problem, *a, tol, rtol, cfg), (x0, lH, lW, lb, lrs))
+    return jax.lax.map(lambda a: one_run(problem, a[0], a[1], a[2], a[3], a[4], tol, rtol, cfg), (x0, lH, lW, lb, lrs))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
@@ -457,4 +458,4 @@ def batch_vmap(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
     """The whole batch as one ``vmap`` of the driver (used inside traces; every run costs the slowest's steps)."""
     start, lH, lW, lb, lrs, scales = inputs
     x0 = start_params(problem, start, scales, dtype)
-    return jax.vmap(lambda *a: one_run(problem, *a, tol, rtol, cfg))(x0, lH, lW, lb, lrs)
+    return jax.vmap(lambda x, h, w, b, r: one_run(problem, x, h, w, b, r, tol, rtol, cfg))(x0, lH, lW, lb, lrs)

@@ -44,6 +44,7 @@ import os
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -151,7 +152,8 @@ def _int_or_default(text: str):
 
 
 # (flags, field, type, help); fields are UFM / solve argument names
-_PROBLEM_OPTIONS = [
+# (flags, dest, type, help) for add_argument
+_PROBLEM_OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], str]] = [
     (("-K", "--num-classes"), "num_classes", _int, "K, the number of classes (default 2)"),
     (("-n", "--n-per-class"), "n_per_class", _int_or_list,
      "n, samples per class, or a comma list n_1,...,n_K for unequal classes (default 50)"),
@@ -166,7 +168,7 @@ _PROBLEM_OPTIONS = [
     (("--lam-b",), "lam_b", _float, "lambda_b > 0, only with --bias reg (default 0)"),
     (("--label-smoothing",), "label_smoothing", _float, "alpha in [0, 1), only with --loss ce (default 0)"),
 ]
-_SOLVER_OPTIONS = [
+_SOLVER_OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], str]] = [
     (("--method",), "method", str, "lbfgs | gd | momentum | adam (default lbfgs)"),
     (("--lr",), "lr", _float_or_default, "learning rate (default: the solver's, 1.0 for lbfgs, 0.1 gd/momentum, "
      "1e-3 adam)"),
@@ -1070,14 +1072,14 @@ def cmd_explore(args, argv) -> int:
                           steps=search["steps"], check_hessian=hessian)
     best = _explore.structure(problem, ex.params)
     best_info = {"value": ex.value, "ratio_to_dnc": ex.ratio_to_dnc, **best}
-    report = {"exploration": ex.to_dict(), "best": best_info,
+    report: dict[str, Any] = {"exploration": ex.to_dict(), "best": best_info,
               "check_dnc": None if ex.check_dnc is None else ex.check_dnc.to_dict(),
               "check_best": None if ex.check_best is None else ex.check_best.to_dict(),
               "notes": [note] if note else []}
     files = [_io.CONFIG_FILE, _io.REPORT_FILE, "best.npz", "best.json"]
     report["run"] = {"command": [PROG, *argv], "started": started, "seed": search["seed"], "device": _device(),
-                     "x64": bool(jax.config.jax_enable_x64), "versions": _versions(), "results": str(out)}
-    arrays = {"H": np.asarray(ex.params.H), "value": np.asarray(ex.value)}
+                     "x64": bool(jax.config.jax_enable_x64), "versions": _versions(), "results": str(out)}  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
+    arrays: dict[str, Any] = {"H": np.asarray(ex.params.H), "value": np.asarray(ex.value)}
     for i, W in enumerate(ex.params.Ws):
         arrays[f"W{i + 1}"] = np.asarray(W)
     if ex.params.b is not None:

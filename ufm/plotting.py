@@ -359,8 +359,8 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
         targets.append(t)
     predicted = [t for t in targets if t is not None]
     t_pred = max(set(predicted), key=predicted.count) if predicted else None
-    tnames = {"etf": "simplex ETF", "orthogonal": "orthogonal frame",
-              "orthogonal-unequal": "orth. frame, unequal norms"}
+    tnames: dict[str | None, str] = {"etf": "simplex ETF", "orthogonal": "orthogonal frame",
+                                      "orthogonal-unequal": "orth. frame, unequal norms"}
     G_pred = _target_gram(t_pred, K)
     pred_title = None
     grams = getattr(prediction, "gram_H", None) if prediction is not None else None
@@ -373,9 +373,9 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
                 break
     vmax = max(1e-12, max(float(np.max(np.abs(G))) for G in mats))
     with _rc():
-        n = len(mats) + 1
-        fig = _figure(min(2.0 * n + 0.8, 14.0), 2.6)
-        axes = fig.subplots(1, n)
+        ncols = len(mats) + 1
+        fig = _figure(min(2.0 * ncols + 0.8, 14.0), 2.6)
+        axes = fig.subplots(1, ncols)
         im = None
         for ax, G, st in zip(axes, mats + [G_pred], subtitles + ["predicted"], strict=True):
             ax.grid(False)
