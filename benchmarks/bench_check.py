@@ -22,12 +22,36 @@ import jax
 from . import _common as C
 
 PROBLEMS = {
-    "quickstart": dict(num_classes=2, n_per_class=50, widths=(64, 64, 64), activation="relu", loss="mse",
-                       bias="none", lam_H=5e-3, lam_W=5e-3),
-    "K10-L4": dict(num_classes=10, n_per_class=5, widths=(32, 32, 32, 32), activation="relu", loss="mse",
-                   bias="none", lam_H=4e-3, lam_W=4e-3),
-    "tiny": dict(num_classes=2, n_per_class=3, widths=(4, 4, 4), activation="relu", loss="mse", bias="none",
-                 lam_H=5e-3, lam_W=5e-3),
+    "quickstart": dict(
+        num_classes=2,
+        n_per_class=50,
+        widths=(64, 64, 64),
+        activation="relu",
+        loss="mse",
+        bias="none",
+        lam_H=5e-3,
+        lam_W=5e-3,
+    ),
+    "K10-L4": dict(
+        num_classes=10,
+        n_per_class=5,
+        widths=(32, 32, 32, 32),
+        activation="relu",
+        loss="mse",
+        bias="none",
+        lam_H=4e-3,
+        lam_W=4e-3,
+    ),
+    "tiny": dict(
+        num_classes=2,
+        n_per_class=3,
+        widths=(4, 4, 4),
+        activation="relu",
+        loss="mse",
+        bias="none",
+        lam_H=5e-3,
+        lam_W=5e-3,
+    ),
 }
 
 
@@ -63,8 +87,10 @@ def _measure(name: str, rounds: int, log) -> dict:
         return time.perf_counter() - t
 
     cold = {"solve": solve(), "check": check(), "check_construct": check_construct()}
-    runs = C.interleaved({"solve": solve, "check": check, "check_first_order": check_first_order,
-                          "check_construct": check_construct}, rounds)
+    runs = C.interleaved(
+        {"solve": solve, "check": check, "check_first_order": check_first_order, "check_construct": check_construct},
+        rounds,
+    )
     r = box["report"]
     hs = r.certificate.hessian
     out = {
@@ -83,15 +109,24 @@ def _measure(name: str, rounds: int, log) -> dict:
         "num_steps": int(box["sol"].num_steps),
         "verdict": r.verdict,
         "second_order": r.second_order,
-        "hessian": None if hs is None else {"method": hs.method, "iterations": hs.iterations,
-                                            "seconds": hs.seconds, "smallest": hs.smallest[:1],
-                                            "status": hs.status, "symmetry_dim": hs.symmetry_dim},
+        "hessian": None
+        if hs is None
+        else {
+            "method": hs.method,
+            "iterations": hs.iterations,
+            "seconds": hs.seconds,
+            "smallest": hs.smallest[:1],
+            "status": hs.status,
+            "symmetry_dim": hs.symmetry_dim,
+        },
         "load": C.load_average(),
     }
-    log(f"{name}: n={out['num_params']} solve {out['solve_s']:.2f}s check {out['check_s']:.2f}s "
+    log(
+        f"{name}: n={out['num_params']} solve {out['solve_s']:.2f}s check {out['check_s']:.2f}s "
         f"(first-order {out['check_first_order_s']:.2f}s) ratio {out['ratio_check_over_solve']:.2f} "
         f"verdict {r.verdict} / {r.second_order}; at construct() {out['check_construct_s']:.2f}s "
-        f"{out['construct_verdict']} / {out['construct_second_order']}; load {out['load']}")
+        f"{out['construct_verdict']} / {out['construct_second_order']}; load {out['load']}"
+    )
     return out
 
 
@@ -103,14 +138,42 @@ def run(which: str = "full", rounds: int = 3, out_dir=None, log=print) -> dict:
     rows = []
     for n, m in res["problems"].items():
         hs = m["hessian"] or {}
-        rows.append([n, m["num_params"], C.fmt_time(m["solve_s"]), C.fmt_time(m["check_s"]),
-                     C.fmt_time(m["check_first_order_s"]), f"{m['ratio_check_over_solve']:.2f}", m["verdict"],
-                     m["second_order"], f"{hs.get('method')} {hs.get('iterations')} steps {hs.get('seconds', 0):.2f}s",
-                     f"{C.fmt_time(m['check_construct_s'])} {m['construct_verdict']} / {m['construct_second_order']}",
-                     m["load"] and f"{m['load'][0]:.2f}"])
-    md = "# check vs solve (warm, same process)\n\n" + C.machine_line(info) + "\n\n" + C.md_table(
-        ["problem", "params", "solve", "check (default)", "check (hessian=False)", "check/solve", "verdict",
-         "second order", "Hessian", "check at construct()", "load"], rows)
+        rows.append(
+            [
+                n,
+                m["num_params"],
+                C.fmt_time(m["solve_s"]),
+                C.fmt_time(m["check_s"]),
+                C.fmt_time(m["check_first_order_s"]),
+                f"{m['ratio_check_over_solve']:.2f}",
+                m["verdict"],
+                m["second_order"],
+                f"{hs.get('method')} {hs.get('iterations')} steps {hs.get('seconds', 0):.2f}s",
+                f"{C.fmt_time(m['check_construct_s'])} {m['construct_verdict']} / {m['construct_second_order']}",
+                m["load"] and f"{m['load'][0]:.2f}",
+            ]
+        )
+    md = (
+        "# check vs solve (warm, same process)\n\n"
+        + C.machine_line(info)
+        + "\n\n"
+        + C.md_table(
+            [
+                "problem",
+                "params",
+                "solve",
+                "check (default)",
+                "check (hessian=False)",
+                "check/solve",
+                "verdict",
+                "second order",
+                "Hessian",
+                "check at construct()",
+                "load",
+            ],
+            rows,
+        )
+    )
     res["paths"] = C.write_outputs("check" if which != "smoke" else "check_smoke", res, out_dir, md)
     return res
 

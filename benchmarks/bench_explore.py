@@ -49,8 +49,9 @@ MIXES = {
 
 
 def problem(K: int, L: int, d: int) -> ufm.UFM:
-    return ufm.UFM(num_classes=K, n_per_class=1, widths=(d,) * L, activation="relu", loss="mse", bias="none",
-                   lam_H=LAM, lam_W=LAM)
+    return ufm.UFM(
+        num_classes=K, n_per_class=1, widths=(d,) * L, activation="relu", loss="mse", bias="none", lam_H=LAM, lam_W=LAM
+    )
 
 
 def atlas_width(K: int) -> int:
@@ -63,8 +64,15 @@ def _dump(name: str, obj: dict) -> None:
 
 
 def run_mixes(settings, mixes, budget, batch_size, steps, seed, name, max_starts=None):
-    out = {"machine": C.machine_info(), "budget_s": budget, "max_starts": max_starts, "batch_size": batch_size,
-           "steps": steps, "seed": seed, "runs": []}
+    out = {
+        "machine": C.machine_info(),
+        "budget_s": budget,
+        "max_starts": max_starts,
+        "batch_size": batch_size,
+        "steps": steps,
+        "seed": seed,
+        "runs": [],
+    }
     for K in settings:
         d, target, known = TARGETS.get(K, (atlas_width(K), math.nan, math.nan))
         p = problem(K, 4, d)
@@ -73,66 +81,126 @@ def run_mixes(settings, mixes, budget, batch_size, steps, seed, name, max_starts
         compile_s = time.perf_counter() - t
         for mix in mixes:
             c0, t0, load0 = time.process_time(), time.perf_counter(), C.load_average()
-            ex = ufm.explore(p, time_budget=None if max_starts else budget, max_starts=max_starts, key=seed,
-                             strategies=MIXES[mix], batch_size=batch_size, steps=steps, check_hessian=False)
+            ex = ufm.explore(
+                p,
+                time_budget=None if max_starts else budget,
+                max_starts=max_starts,
+                key=seed,
+                strategies=MIXES[mix],
+                batch_size=batch_size,
+                steps=steps,
+                check_hessian=False,
+            )
             wall, cpu = time.perf_counter() - t0, time.process_time() - c0
             hit = next((tt for tt, _, v in ex.trace if v / ex.dnc_loss <= target), None)
             hit_starts = next((n for _, n, v in ex.trace if v / ex.dnc_loss <= target), None)
-            row = {"K": K, "L": 4, "width": d, "mix": mix, "ratio": ex.ratio_to_dnc, "target": target,
-                   "best_known": known, "time_to_target_s": hit, "starts_to_target": hit_starts,
-                   "wall_s": wall, "cpu_s": cpu,
-                   "compile_s": compile_s, "starts": ex.num_starts, "rounds": ex.num_rounds,
-                   "minima": len(ex.minima), "structure": ex.minima[0].description if ex.minima else "",
-                   "strategies": ex.strategies, "trace": ex.trace, "load_before": load0, "load_after": C.load_average()}
+            row = {
+                "K": K,
+                "L": 4,
+                "width": d,
+                "mix": mix,
+                "ratio": ex.ratio_to_dnc,
+                "target": target,
+                "best_known": known,
+                "time_to_target_s": hit,
+                "starts_to_target": hit_starts,
+                "wall_s": wall,
+                "cpu_s": cpu,
+                "compile_s": compile_s,
+                "starts": ex.num_starts,
+                "rounds": ex.num_rounds,
+                "minima": len(ex.minima),
+                "structure": ex.minima[0].description if ex.minima else "",
+                "strategies": ex.strategies,
+                "trace": ex.trace,
+                "load_before": load0,
+                "load_after": C.load_average(),
+            }
             out["runs"].append(row)
-            print(f"K={K} {mix:<17s} ratio {ex.ratio_to_dnc:.4f} (target {target}) hit {hit} wall {wall:.0f}s "
-                  f"cpu {cpu:.0f}s starts {ex.num_starts} rounds {ex.num_rounds} load {C.load_average()}", flush=True)
+            print(
+                f"K={K} {mix:<17s} ratio {ex.ratio_to_dnc:.4f} (target {target}) hit {hit} wall {wall:.0f}s "
+                f"cpu {cpu:.0f}s starts {ex.num_starts} rounds {ex.num_rounds} load {C.load_average()}",
+                flush=True,
+            )
             _dump(name, out)
-    md = ["| K | L | width | mix | best / DNC | target | time to target (s) | starts to target | starts | rounds | "
-          "wall s | CPU s |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    md = [
+        "| K | L | width | mix | best / DNC | target | time to target (s) | starts to target | starts | rounds | "
+        "wall s | CPU s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in out["runs"]:
         tt = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}"
         st = "—" if r["starts_to_target"] is None else str(r["starts_to_target"])
-        md.append(f"| {r['K']} | 4 | {r['width']} | {r['mix']} | {r['ratio']:.4f} | {r['target']} | {tt} | {st} | "
-                  f"{r['starts']} | {r['rounds']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |")
+        md.append(
+            f"| {r['K']} | 4 | {r['width']} | {r['mix']} | {r['ratio']:.4f} | {r['target']} | {tt} | {st} | "
+            f"{r['starts']} | {r['rounds']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |"
+        )
     (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
     return out
 
 
 def run_atlas(Ks, Ls, max_starts, batch_size, steps, seed, name="atlas"):
-    out = {"machine": C.machine_info(), "max_starts": max_starts, "batch_size": batch_size, "steps": steps,
-           "seed": seed, "lam": LAM, "rows": []}
+    out = {
+        "machine": C.machine_info(),
+        "max_starts": max_starts,
+        "batch_size": batch_size,
+        "steps": steps,
+        "seed": seed,
+        "lam": LAM,
+        "rows": [],
+    }
     for L in Ls:
         for K in Ks:
             d = atlas_width(K)
             p = problem(K, L, d)
             t0, c0 = time.perf_counter(), time.process_time()
-            ex = ufm.explore(p, max_starts=max_starts, key=seed, batch_size=batch_size, steps=steps,
-                             check_hessian=False)
+            ex = ufm.explore(
+                p, max_starts=max_starts, key=seed, batch_size=batch_size, steps=steps, check_hessian=False
+            )
             srg = ex.explicit.get("srg", math.nan)
             published = min(ex.explicit.values())
-            row = {"K": K, "L": L, "width": d, "ratio": ex.ratio_to_dnc, "srg_ratio": srg / ex.dnc_loss,
-                   "published_ratio": published / ex.dnc_loss, "beats_published": ex.value < published * (1 - 1e-6),
-                   "structure": ex.minima[0].description if ex.minima else "", "first_strategy":
-                   ex.minima[0].strategy if ex.minima else "", "minima": len(ex.minima), "starts": ex.num_starts,
-                   "wall_s": time.perf_counter() - t0, "cpu_s": time.process_time() - c0, "load": C.load_average()}
+            row = {
+                "K": K,
+                "L": L,
+                "width": d,
+                "ratio": ex.ratio_to_dnc,
+                "srg_ratio": srg / ex.dnc_loss,
+                "published_ratio": published / ex.dnc_loss,
+                "beats_published": ex.value < published * (1 - 1e-6),
+                "structure": ex.minima[0].description if ex.minima else "",
+                "first_strategy": ex.minima[0].strategy if ex.minima else "",
+                "minima": len(ex.minima),
+                "starts": ex.num_starts,
+                "wall_s": time.perf_counter() - t0,
+                "cpu_s": time.process_time() - c0,
+                "load": C.load_average(),
+            }
             out["rows"].append(row)
-            print(f"atlas K={K} L={L} d={d}: {row['ratio']:.4f} (published {row['published_ratio']:.4f}) "
-                  f"{row['structure']}  [{row['wall_s']:.0f}s wall, {row['cpu_s']:.0f}s cpu]", flush=True)
+            print(
+                f"atlas K={K} L={L} d={d}: {row['ratio']:.4f} (published {row['published_ratio']:.4f}) "
+                f"{row['structure']}  [{row['wall_s']:.0f}s wall, {row['cpu_s']:.0f}s cpu]",
+                flush=True,
+            )
             _dump(name, out)
             write_atlas_md(out, name)
     return out
 
 
 def write_atlas_md(out, name="atlas"):
-    md = [f"Best found / DNC loss (numerical upper bounds), deep ReLU UFM, MSE, no bias, n = 1, lambda = {LAM}; "
-          f"{out['max_starts']} starts per setting (B = {out['batch_size']}, {out['steps']} L-BFGS steps per round), "
-          f"seed {out['seed']}.", "",
-          "| K | L | width | best found / DNC | published (SRG or DNC) / DNC | beats published | first found by | "
-          "structure of the best point |", "|---|---|---|---|---|---|---|---|"]
+    md = [
+        f"Best found / DNC loss (numerical upper bounds), deep ReLU UFM, MSE, no bias, n = 1, lambda = {LAM}; "
+        f"{out['max_starts']} starts per setting (B = {out['batch_size']}, {out['steps']} L-BFGS steps per round), "
+        f"seed {out['seed']}.",
+        "",
+        "| K | L | width | best found / DNC | published (SRG or DNC) / DNC | beats published | first found by | "
+        "structure of the best point |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in out["rows"]:
-        md.append(f"| {r['K']} | {r['L']} | {r['width']} | {r['ratio']:.4f} | {r['published_ratio']:.4f} | "
-                  f"{'yes' if r['beats_published'] else 'no'} | {r['first_strategy']} | {r['structure']} |")
+        md.append(
+            f"| {r['K']} | {r['L']} | {r['width']} | {r['ratio']:.4f} | {r['published_ratio']:.4f} | "
+            f"{'yes' if r['beats_published'] else 'no'} | {r['first_strategy']} | {r['structure']} |"
+        )
     (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
@@ -144,8 +212,12 @@ def main(argv=None):
     ap.add_argument("--mixes", default=",".join(MIXES), help="comma list of " + ", ".join(MIXES))
     ap.add_argument("--Ks", default="3,4,5,6,10,15")
     ap.add_argument("--Ls", default="3,4,5,6")
-    ap.add_argument("--max-starts", type=int, default=None,
-                    help="starts per setting (atlas; default 16) or per mix (mixes: instead of --budget)")
+    ap.add_argument(
+        "--max-starts",
+        type=int,
+        default=None,
+        help="starts per setting (atlas; default 16) or per mix (mixes: instead of --budget)",
+    )
     ap.add_argument("--batch-size", type=int, default=16)
     ap.add_argument("--steps", type=int, default=2000)
     ap.add_argument("--seed", type=int, default=0)
@@ -154,11 +226,26 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "mixes":
         settings = [3] if a.smoke else [int(k) for k in a.settings.split(",")]
-        run_mixes(settings, a.mixes.split(","), a.budget, a.batch_size, a.steps, a.seed,
-                  a.name or ("explore_smoke" if a.smoke else "explore"), max_starts=a.max_starts)
+        run_mixes(
+            settings,
+            a.mixes.split(","),
+            a.budget,
+            a.batch_size,
+            a.steps,
+            a.seed,
+            a.name or ("explore_smoke" if a.smoke else "explore"),
+            max_starts=a.max_starts,
+        )
     else:
-        run_atlas([int(k) for k in a.Ks.split(",")], [int(v) for v in a.Ls.split(",")], a.max_starts or 16,
-                  a.batch_size, a.steps, a.seed, a.name or "atlas")
+        run_atlas(
+            [int(k) for k in a.Ks.split(",")],
+            [int(v) for v in a.Ls.split(",")],
+            a.max_starts or 16,
+            a.batch_size,
+            a.steps,
+            a.seed,
+            a.name or "atlas",
+        )
 
 
 if __name__ == "__main__":

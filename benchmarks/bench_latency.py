@@ -96,13 +96,17 @@ def child(tiny: bool, cache: str | None) -> dict:
                     tot += float(x.group(1)) if x else 0.0
             return tot
 
-        return dict(wall_s=dt, compiles=len(comp), solver_compiles=len(solver_comp),
-                    solve_jit_cache_growth=compiled_programs() - c0,
-                    trace_s=phase("Finished tracing"),
-                    lower_s=phase("Finished jaxpr to MLIR module conversion"),
-                    xla_compile_s=phase("Finished XLA compilation"),
-                    cache_hits=sum("Persistent compilation cache hit" in m for m in msgs),
-                    compiled=[m.split(" with ")[0][len("Compiling "):] for m in comp][:8]), out
+        return dict(
+            wall_s=dt,
+            compiles=len(comp),
+            solver_compiles=len(solver_comp),
+            solve_jit_cache_growth=compiled_programs() - c0,
+            trace_s=phase("Finished tracing"),
+            lower_s=phase("Finished jaxpr to MLIR module conversion"),
+            xla_compile_s=phase("Finished XLA compilation"),
+            cache_hits=sum("Persistent compilation cache hit" in m for m in msgs),
+            compiled=[m.split(" with ")[0][len("Compiling ") :] for m in comp][:8],
+        ), out
 
     base = TINY_PROBLEM if tiny else PROBLEM
     # the smoke run uses GD (a 5x smaller program than L-BFGS: the compile counts are what it checks)
@@ -144,8 +148,15 @@ def _spawn(tiny: bool, cache: str | None) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-KEYS = ("first_solve", "new_lambdas", "new_seed", "numpy_lambdas", "per_layer_lam_W", "batch_first",
-        "batch_new_lambdas")
+KEYS = (
+    "first_solve",
+    "new_lambdas",
+    "new_seed",
+    "numpy_lambdas",
+    "per_layer_lam_W",
+    "batch_first",
+    "batch_new_lambdas",
+)
 
 
 def run(size: str = "full", out_dir=None, log=print, procs: int | None = None) -> dict:
@@ -158,8 +169,9 @@ def run(size: str = "full", out_dir=None, log=print, procs: int | None = None) -
     if not tiny:
         with tempfile.TemporaryDirectory() as d:
             cached = [_spawn(tiny, d) for _ in range(2)]  # fills the cache, then reuses it
-    result = dict(benchmark="latency", size=size, machine=info, cold=cold, persistent_cache=cached,
-                  problem=cold[0]["problem"])
+    result = dict(
+        benchmark="latency", size=size, machine=info, cold=cold, persistent_cache=cached, problem=cold[0]["problem"]
+    )
     med = {k: C.median([c[k] for c in cold]) for k in ("import_jax_s", "import_ufm_s")}
     for k in KEYS:
         med[k] = {f: C.median([c[k][f] for c in cold]) for f in ("wall_s", "trace_s", "lower_s", "xla_compile_s")}
@@ -167,14 +179,26 @@ def run(size: str = "full", out_dir=None, log=print, procs: int | None = None) -
         med[k]["solver_compiles"] = max(c[k]["solver_compiles"] for c in cold)
     result["median"] = med
     result["targets"] = [
-        dict(target="first solve under 2 s including compile", value=med["first_solve"]["wall_s"],
-             met=med["first_solve"]["wall_s"] < 2.0),
-        dict(target="no recompile for new lambdas (Python floats)", value=med["new_lambdas"]["solver_compiles"],
-             met=med["new_lambdas"]["solver_compiles"] == 0),
-        dict(target="no recompile for new lambdas (NumPy scalars)", value=med["numpy_lambdas"]["solver_compiles"],
-             met=med["numpy_lambdas"]["solver_compiles"] == 0),
-        dict(target="no recompile for new lambdas in solve_batch", value=med["batch_new_lambdas"]["solver_compiles"],
-             met=med["batch_new_lambdas"]["solver_compiles"] == 0),
+        dict(
+            target="first solve under 2 s including compile",
+            value=med["first_solve"]["wall_s"],
+            met=med["first_solve"]["wall_s"] < 2.0,
+        ),
+        dict(
+            target="no recompile for new lambdas (Python floats)",
+            value=med["new_lambdas"]["solver_compiles"],
+            met=med["new_lambdas"]["solver_compiles"] == 0,
+        ),
+        dict(
+            target="no recompile for new lambdas (NumPy scalars)",
+            value=med["numpy_lambdas"]["solver_compiles"],
+            met=med["numpy_lambdas"]["solver_compiles"] == 0,
+        ),
+        dict(
+            target="no recompile for new lambdas in solve_batch",
+            value=med["batch_new_lambdas"]["solver_compiles"],
+            met=med["batch_new_lambdas"]["solver_compiles"] == 0,
+        ),
     ]
     md = markdown(result)
     paths = C.write_outputs("latency" if not tiny else "latency_tiny", result, out_dir, md)
@@ -197,13 +221,23 @@ LABELS = {
 
 def markdown(result) -> str:
     m = result["median"]
-    rows = [["import jax", C.fmt_time(m["import_jax_s"]), "", "", "", "", ""],
-            ["import ufm (after jax)", C.fmt_time(m["import_ufm_s"]), "", "", "", "", ""]]
+    rows = [
+        ["import jax", C.fmt_time(m["import_jax_s"]), "", "", "", "", ""],
+        ["import ufm (after jax)", C.fmt_time(m["import_ufm_s"]), "", "", "", "", ""],
+    ]
     for k in KEYS:
         d = m[k]
-        rows.append([LABELS[k], C.fmt_time(d["wall_s"]), d["compiles"], d["solver_compiles"],
-                     C.fmt_time(d["trace_s"]) if d["trace_s"] else "", C.fmt_time(d["lower_s"]) if d["lower_s"] else "",
-                     C.fmt_time(d["xla_compile_s"]) if d["xla_compile_s"] else ""])
+        rows.append(
+            [
+                LABELS[k],
+                C.fmt_time(d["wall_s"]),
+                d["compiles"],
+                d["solver_compiles"],
+                C.fmt_time(d["trace_s"]) if d["trace_s"] else "",
+                C.fmt_time(d["lower_s"]) if d["lower_s"] else "",
+                C.fmt_time(d["xla_compile_s"]) if d["xla_compile_s"] else "",
+            ]
+        )
     p = result["problem"]
     lines = [
         "### Latency: import, first solve (compile), re-solves with new numbers",
@@ -213,15 +247,20 @@ def markdown(result) -> str:
         f"{p['loss']}. Medians over {len(result['cold'])} fresh processes; compile counts are the maximum over "
         "processes (all XLA compilations / those of the solver loop); phase times from JAX's compile log.",
         "",
-        C.md_table(["step", "wall time", "compilations", "solver-loop compilations", "tracing", "lowering",
-                    "XLA compile"], rows),
+        C.md_table(
+            ["step", "wall time", "compilations", "solver-loop compilations", "tracing", "lowering", "XLA compile"],
+            rows,
+        ),
     ]
     if result["persistent_cache"]:
         a, b = result["persistent_cache"]
-        lines += ["", f"Persistent compilation cache (`jax_compilation_cache_dir`): first solve "
-                      f"{C.fmt_time(a['first_solve']['wall_s'])} in the process that fills it, "
-                      f"{C.fmt_time(b['first_solve']['wall_s'])} in the next process "
-                      f"({b['first_solve']['cache_hits']} cache hits)."]
+        lines += [
+            "",
+            f"Persistent compilation cache (`jax_compilation_cache_dir`): first solve "
+            f"{C.fmt_time(a['first_solve']['wall_s'])} in the process that fills it, "
+            f"{C.fmt_time(b['first_solve']['wall_s'])} in the next process "
+            f"({b['first_solve']['cache_hits']} cache hits).",
+        ]
     lines += ["", "Targets:"]
     for t in result["targets"]:
         v = t["value"]

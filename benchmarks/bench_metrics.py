@@ -71,8 +71,14 @@ def ufm_one_pass(A, y):
 def ufm_separate(A, y):
     from ufm import metrics as m
 
-    return {"nc1": m.nc1(A, y), "nc1_trace_ratio": m.nc1_trace_ratio(A, y), "cdnv": m.cdnv(A, y),
-            "nc2_etf": m.nc2_etf(A, y), "nc2_equinorm": m.nc2_equinorm(A, y), "nc2_uniformity": m.nc2_uniformity(A, y)}
+    return {
+        "nc1": m.nc1(A, y),
+        "nc1_trace_ratio": m.nc1_trace_ratio(A, y),
+        "cdnv": m.cdnv(A, y),
+        "nc2_etf": m.nc2_etf(A, y),
+        "nc2_equinorm": m.nc2_equinorm(A, y),
+        "nc2_uniformity": m.nc2_uniformity(A, y),
+    }
 
 
 def peer_or_none():
@@ -95,13 +101,13 @@ def peer_metrics(torch, X, Y, K, batch=8192):
     N, d = X.shape
     mean_acc = MeanAccumulator(K, d, "cpu")
     for i in range(0, N, batch):
-        mean_acc.accumulate(X[i:i + batch], Y[i:i + batch])
+        mean_acc.accumulate(X[i : i + batch], Y[i : i + batch])
     means, mG = mean_acc.compute()
     var_acc = VarNormAccumulator(K, d, "cpu", M=means)
     cov_acc = CovarAccumulator(K, d, "cpu", M=means)
     for i in range(0, N, batch):
-        var_acc.accumulate(X[i:i + batch], Y[i:i + batch], means)
-        cov_acc.accumulate(X[i:i + batch], Y[i:i + batch], means)
+        var_acc.accumulate(X[i : i + batch], Y[i : i + batch], means)
+        cov_acc.accumulate(X[i : i + batch], Y[i : i + batch], means)
     var_norms, _ = var_acc.compute()
     covar_within = cov_acc.compute()
     return {
@@ -170,9 +176,13 @@ def _fmt(v):
 
 def markdown(r):
     cfg = r["case"]
-    lines = [f"### Metrics: d={cfg['d']}, K={cfg['K']}, n={cfg['n']} (N={cfg['K'] * cfg['n']}), float32, "
-             f"noise 0.03, offset 10 (median of {r['rounds']} interleaved rounds)", "",
-             C.machine_line(r["machine"]), ""]
+    lines = [
+        f"### Metrics: d={cfg['d']}, K={cfg['K']}, n={cfg['n']} (N={cfg['K'] * cfg['n']}), float32, "
+        f"noise 0.03, offset 10 (median of {r['rounds']} interleaved rounds)",
+        "",
+        C.machine_line(r["machine"]),
+        "",
+    ]
     if r["peer_absent"]:
         lines += [f"Peer skipped: {r['peer_absent']}.", ""]
     names = list(next(iter(r["timings"].values())))

@@ -40,15 +40,23 @@ TINY_SIZES = {"tiny": (2, 5, 8, 3)}
 LAM = 5e-4  # lam_H = lam_W = 5e-4 (Dang et al. 2023's weight decay)
 LR = 0.1
 
-IMPLS = ("ufm", "torch eager 2thr", "torch eager 1thr", "torch compiled 2thr", "torch compiled 1thr", "numpy",
-         "numpy 1thr")
+IMPLS = (
+    "ufm",
+    "torch eager 2thr",
+    "torch eager 1thr",
+    "torch compiled 2thr",
+    "torch compiled 1thr",
+    "numpy",
+    "numpy 1thr",
+)
 
 
 def _problem(K, n, d, L):
     import ufm
 
-    return ufm.UFM(num_classes=K, n_per_class=n, widths=(d,) * L, activation="relu", loss="mse", bias="none",
-                   lam_H=LAM, lam_W=LAM)
+    return ufm.UFM(
+        num_classes=K, n_per_class=n, widths=(d,) * L, activation="relu", loss="mse", bias="none", lam_H=LAM, lam_W=LAM
+    )
 
 
 def _calibrate(run_steps, target_s: float, max_steps: int = 100_000) -> int:
@@ -101,8 +109,9 @@ def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=pri
         impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
         if torch_compile:
             impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
-            impls["torch compiled 1thr"] = TorchFunctional(p, x0, dtype, LR, threads=1,
-                                                           share_step_with=impls["torch compiled 2thr"])
+            impls["torch compiled 1thr"] = TorchFunctional(
+                p, x0, dtype, LR, threads=1, share_step_with=impls["torch compiled 2thr"]
+            )
     check = {}
     for k, impl in impls.items():
         t = time.perf_counter()
@@ -181,8 +190,14 @@ def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=pri
     return res
 
 
-def run(size: str = "full", rounds: int | None = None, out_dir=None, torch_compile: bool | None = None,
-        target_s: float | None = None, log=print) -> dict:
+def run(
+    size: str = "full",
+    rounds: int | None = None,
+    out_dir=None,
+    torch_compile: bool | None = None,
+    target_s: float | None = None,
+    log=print,
+) -> dict:
     """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON)."""
     C.enable_x64()
     if torch_compile is None:  # torch.compile costs 10-30 s per shape: not in the smoke test
@@ -199,8 +214,9 @@ def run(size: str = "full", rounds: int | None = None, out_dir=None, torch_compi
         for dtype in ("float64",) if size == "tiny" else ("float32", "float64"):
             configs.append(run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log))
     peak1 = C.matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
-    peak = {dt: {"start": peak0[dt], "end": peak1[dt], "peak": max(peak0[dt]["peak"], peak1[dt]["peak"])}
-            for dt in peak0}
+    peak = {
+        dt: {"start": peak0[dt], "end": peak1[dt], "peak": max(peak0[dt]["peak"], peak1[dt]["peak"])} for dt in peak0
+    }
     for c in configs:
         c["fraction_of_peak"] = {k: v / peak[c["dtype"]]["peak"] for k, v in c["gflops"].items()}
     result = dict(benchmark="steps", size=size, rounds=rounds, machine=info, peak_gflops=peak, configs=configs)
@@ -218,12 +234,22 @@ def _targets(configs) -> list[dict]:
     small = [c for c in configs if c["size"] in ("small", "tiny")]
     for c in small:
         r = c["ratio_ufm_over"].get("torch eager 2thr")
-        out.append(dict(target=f"{c['size']} {c['dtype']}: >= 20x torch eager (default threads)", value=r,
-                        met=None if r is None else r >= 20))
+        out.append(
+            dict(
+                target=f"{c['size']} {c['dtype']}: >= 20x torch eager (default threads)",
+                value=r,
+                met=None if r is None else r >= 20,
+            )
+        )
     for c in configs:
         r = c.get("ratio_ufm_over_strongest")
-        out.append(dict(target=f"{c['size']} {c['dtype']}: ahead of the strongest peer ({c.get('strongest_peer')})",
-                        value=r, met=None if r is None else r > 1))
+        out.append(
+            dict(
+                target=f"{c['size']} {c['dtype']}: ahead of the strongest peer ({c.get('strongest_peer')})",
+                value=r,
+                met=None if r is None else r > 1,
+            )
+        )
     for c in configs:
         if c["size"] in ("medium", "large"):
             f = c["fraction_of_peak"]["ufm"]
@@ -239,9 +265,12 @@ def markdown(result) -> str:
     for c in result["configs"]:
         r = [f"{c['size']} ({c['K']}, {c['n']}, {c['d']}, {c['L']})", c["dtype"]]
         r += [C.fmt_rate(c["median_steps_per_s"].get(k)) for k in cols]
-        r += [C.fmt_ratio(c["ratio_ufm_over"].get("torch eager 2thr")),
-              f"{C.fmt_ratio(c.get('ratio_ufm_over_strongest'))} ({c.get('strongest_peer', '—')})",
-              f"{c['gflops']['ufm']:.1f}", f"{100 * c['fraction_of_peak']['ufm']:.0f}%"]
+        r += [
+            C.fmt_ratio(c["ratio_ufm_over"].get("torch eager 2thr")),
+            f"{C.fmt_ratio(c.get('ratio_ufm_over_strongest'))} ({c.get('strongest_peer', '—')})",
+            f"{c['gflops']['ufm']:.1f}",
+            f"{100 * c['fraction_of_peak']['ufm']:.0f}%",
+        ]
         rows.append(r)
     pk = result["peak_gflops"]
     lines = [
@@ -256,9 +285,12 @@ def markdown(result) -> str:
         f"{pk['float32']['peak']:.1f} GFLOP/s ({pk['float32']['start']['peak_by']}), float64 "
         f"{pk['float64']['peak']:.1f} GFLOP/s ({pk['float64']['start']['peak_by']}).",
         "Same-trajectory check (3 GD steps from the same start): "
-        + ("all implementations agree." if all(c["same_trajectory_ok"] for c in result["configs"])
-           else "**FAILED** for " + ", ".join(f"{c['size']} {c['dtype']}" for c in result["configs"]
-                                              if not c["same_trajectory_ok"])),
+        + (
+            "all implementations agree."
+            if all(c["same_trajectory_ok"] for c in result["configs"])
+            else "**FAILED** for "
+            + ", ".join(f"{c['size']} {c['dtype']}" for c in result["configs"] if not c["same_trajectory_ok"])
+        ),
         "",
         "Targets:",
     ]
@@ -317,11 +349,18 @@ def matmul_breakdown(sizes=((10, 100, 128, 3), (10, 500, 256, 5)), rounds: int =
             jax.block_until_ready(plain(params))
         finally:
             M._mm = saved
-        fns = {"plain": lambda f=plain, x=params: C.timeit(lambda: jax.block_until_ready(f(x))),
-               "layer_matmul": lambda f=custom, x=params: C.timeit(lambda: jax.block_until_ready(f(x)))}
+        fns = {
+            "plain": lambda f=plain, x=params: C.timeit(lambda: jax.block_until_ready(f(x))),
+            "layer_matmul": lambda f=custom, x=params: C.timeit(lambda: jax.block_until_ready(f(x))),
+        }
         t = C.interleaved(fns, rounds)
-        row = dict(size=(K, n, d, L), plain_s=C.median(t["plain"]), layer_matmul_s=C.median(t["layer_matmul"]),
-                   ratio=C.median(C.per_round_ratios(t["plain"], t["layer_matmul"])), load=C.load_average())
+        row = dict(
+            size=(K, n, d, L),
+            plain_s=C.median(t["plain"]),
+            layer_matmul_s=C.median(t["layer_matmul"]),
+            ratio=C.median(C.per_round_ratios(t["plain"], t["layer_matmul"])),
+            load=C.load_average(),
+        )
         log(row)
         rows.append(row)
     return rows
@@ -329,8 +368,11 @@ def matmul_breakdown(sizes=((10, 100, 128, 3), (10, 500, 256, 5)), rounds: int =
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--matmul", action="store_true",
-                    help="only the float64 value+grad timing: layer_matmul against plain W @ H autodiff")
+    ap.add_argument(
+        "--matmul",
+        action="store_true",
+        help="only the float64 value+grad timing: layer_matmul against plain W @ H autodiff",
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")

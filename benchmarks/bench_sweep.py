@@ -48,8 +48,9 @@ def _grid(size):
     return L.ravel(), S.ravel().astype(int), steps
 
 
-def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
-        torch_default_threads: bool = False) -> dict:
+def run(
+    size: str = "full", out_dir=None, log=print, rounds: int | None = None, torch_default_threads: bool = False
+) -> dict:
     C.enable_x64()
     import jax
     import jax.numpy as jnp
@@ -72,8 +73,19 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
     sub = np.linspace(0, R - 1, m_single).astype(int)  # spread over the lambda range
     sub_t = np.linspace(0, R - 1, m_torch).astype(int)
     torch, why = C.torch_or_none()
-    res = dict(benchmark="sweep", size=size, machine=info, runs=R, steps=S, problem=p0.to_dict(), lr=LR,
-               momentum=MOMENTUM, chunk_sizes=list(chunks), single_subset=int(m_single), torch_subset=int(m_torch))
+    res = dict(
+        benchmark="sweep",
+        size=size,
+        machine=info,
+        runs=R,
+        steps=S,
+        problem=p0.to_dict(),
+        lr=LR,
+        momentum=MOMENTUM,
+        chunk_sizes=list(chunks),
+        single_subset=int(m_single),
+        torch_subset=int(m_torch),
+    )
 
     mom = dict(method="momentum", lr=LR, momentum=MOMENTUM, max_steps=S, tol=0.0, history=False, patience=S + 1)
 
@@ -112,10 +124,12 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
         s = single(i, **mom)
         ref_vals[int(i)] = float(s.value)
         if torch is not None:
-            x0 = ufm.init_params(ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i])),
-                                 jax.random.key(int(seed[i])), dtype="float64")
-            tl = TorchLoop(ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i])), x0, "float64", LR,
-                           momentum=MOMENTUM)
+            x0 = ufm.init_params(
+                ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i])), jax.random.key(int(seed[i])), dtype="float64"
+            )
+            tl = TorchLoop(
+                ufm.UFM(**BASE, lam_H=float(lam[i]), lam_W=float(lam[i])), x0, "float64", LR, momentum=MOMENTUM
+            )
             tl.run(S)
             checks[f"torch vs ufm run {i}"] = abs(tl.loss() - float(s.value)) / abs(float(s.value))
     vb, nb, _ = batched(chunks[0], **mom)
@@ -146,6 +160,7 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
     measures = {f"ufm.solve_batch (B={B})": m_batch(B) for B in chunks}
     measures["loop of ufm.solve"] = m_single
     if torch is not None:
+
         def m_torch(threads):
             def f():
                 t_tot = 0.0
@@ -186,10 +201,21 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
         # ufm.sweep post-processes every run (predict, check): timed on a tenth of the grid, extrapolated
         ul = np.unique(lam)
         sub_l = ul if tiny else ul[:: max(1, len(ul) // 10)][:10]
-        grid = dict(K=BASE["num_classes"], n=BASE["n_per_class"], widths=list(BASE["widths"]),
-                    activation="relu", loss="mse", lam=[float(x) for x in sub_l],
-                    seeds=int(len(np.unique(seed))), method="momentum", lr=LR, max_steps=S, tol=0.0,
-                    patience=S + 1, dtype="float64")
+        grid = dict(
+            K=BASE["num_classes"],
+            n=BASE["n_per_class"],
+            widths=list(BASE["widths"]),
+            activation="relu",
+            loss="mse",
+            lam=[float(x) for x in sub_l],
+            seeds=int(len(np.unique(seed))),
+            method="momentum",
+            lr=LR,
+            max_steps=S,
+            tol=0.0,
+            patience=S + 1,
+            dtype="float64",
+        )
         ck = chunks[-1]
         t0 = time.perf_counter()
         t = time.perf_counter()
@@ -198,13 +224,21 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
         t = time.perf_counter()
         sr = sweep(grid, chunk_size=ck, metrics=False, progress=False)
         second = time.perf_counter() - t
-        res["A_sweep"] = dict(chunk_size=ck, first_call_s=first, second_call_s=second * R / sr.num_runs,
-                              runs_timed=sr.num_runs, extrapolated_to=R)
+        res["A_sweep"] = dict(
+            chunk_size=ck,
+            first_call_s=first,
+            second_call_s=second * R / sr.num_runs,
+            runs_timed=sr.num_runs,
+            extrapolated_to=R,
+        )
         log(f"  ufm.sweep done in {time.perf_counter() - t0:.1f} s ({sr.num_runs} runs)")
         # the sweep's own solve, same seeds and lambdas: losses must match the batched solve
         recs = {(round(r["config"]["lam_H"], 15), r["config"]["seed"]): r["loss"] for r in sr.records}
-        dif = [abs(recs[(round(float(lam[i]), 15), int(seed[i]))] - float(vb[i])) / abs(float(vb[i]))
-               for i in sub[:5] if (round(float(lam[i]), 15), int(seed[i])) in recs]
+        dif = [
+            abs(recs[(round(float(lam[i]), 15), int(seed[i]))] - float(vb[i])) / abs(float(vb[i]))
+            for i in sub[:5]
+            if (round(float(lam[i]), 15), int(seed[i])) in recs
+        ]
         res["A_sweep"]["max_rel_diff_vs_solve_batch"] = max(dif) if dif else None
 
     # ---------------- part B: to an answer (default L-BFGS); not in the tiny run (two more compiles)
@@ -240,8 +274,9 @@ def run(size: str = "full", out_dir=None, log=print, rounds: int | None = None,
     res["B_batch_converged_fraction"] = float(np.mean(status == 0))
     res["B_batch_steps"] = dict(median=float(np.median(steps)), max=int(np.max(steps)))
     res["B_single_steps"] = dict(median=float(np.median([int(s.num_steps) for s in lb_out["single"]])))
-    res["B_batch_vs_single_max_rel_diff"] = max(abs(float(vals[i]) - float(s.value)) / abs(float(s.value))
-                                                for i, s in zip(sub, lb_out["single"], strict=True))
+    res["B_batch_vs_single_max_rel_diff"] = max(
+        abs(float(vals[i]) - float(s.value)) / abs(float(s.value)) for i, s in zip(sub, lb_out["single"], strict=True)
+    )
     k1, k2 = list(tb)
     res["B_speedup_batch_over_loop"] = C.median(C.per_round_ratios(tb[k2], tb[k1]))
     res["targets"] = _targets(res)
@@ -263,11 +298,21 @@ def _targets(res):
     for k in ("loop of torch (default threads)", "loop of torch (1 thread)"):
         if k in sp:
             out.append(dict(target=f"batched sweep >= 10x a {k}", value=sp[k], met=sp[k] >= 10))
-    out.append(dict(target="batched sweep never slower than the loop of single ufm solves (fixed work)",
-                    value=sp["loop of ufm.solve"], met=sp["loop of ufm.solve"] >= 1))
+    out.append(
+        dict(
+            target="batched sweep never slower than the loop of single ufm solves (fixed work)",
+            value=sp["loop of ufm.solve"],
+            met=sp["loop of ufm.solve"] >= 1,
+        )
+    )
     if "B_speedup_batch_over_loop" in res:
-        out.append(dict(target="batched sweep never slower than the loop of single ufm solves (L-BFGS to tol)",
-                        value=res["B_speedup_batch_over_loop"], met=res["B_speedup_batch_over_loop"] >= 1))
+        out.append(
+            dict(
+                target="batched sweep never slower than the loop of single ufm solves (L-BFGS to tol)",
+                value=res["B_speedup_batch_over_loop"],
+                met=res["B_speedup_batch_over_loop"] >= 1,
+            )
+        )
     return out
 
 
@@ -276,15 +321,24 @@ def markdown(res) -> str:
     rows = []
     best = res["A_best_batch"]
     for k, v in res["A_median_s"].items():
-        extra = "" if k.startswith("ufm.solve_batch") else (
-            f" (subset of {res['single_subset'] if 'ufm' in k else res['torch_subset']}, extrapolated)")
+        extra = (
+            ""
+            if k.startswith("ufm.solve_batch")
+            else (f" (subset of {res['single_subset'] if 'ufm' in k else res['torch_subset']}, extrapolated)")
+        )
         sp = "1 (best)" if k == best else C.fmt_ratio(res["A_speedup_best_batch_over"][k])
         rows.append([k + extra, C.fmt_time(v), C.fmt_rate(R / v), sp])
     if "A_sweep" in res:
         sw = res["A_sweep"]
         ext = "" if sw["runs_timed"] == R else f", {sw['runs_timed']} runs timed, extrapolated"
-        rows.append([f"ufm.sweep (chunk {sw['chunk_size']}, + predict/check per run{ext})",
-                     C.fmt_time(sw["second_call_s"]), C.fmt_rate(R / sw["second_call_s"]), "—"])
+        rows.append(
+            [
+                f"ufm.sweep (chunk {sw['chunk_size']}, + predict/check per run{ext})",
+                C.fmt_time(sw["second_call_s"]),
+                C.fmt_rate(R / sw["second_call_s"]),
+                "—",
+            ]
+        )
     rows_b = []
     for k, v in res.get("B_median_s", {}).items():
         extra = "" if "batch" in k else f" (subset of {res['single_subset']}, extrapolated)"
@@ -336,8 +390,7 @@ def plot(res, path) -> None:
         items.append(("ufm.sweep (+predict/check)", R / res["A_sweep"]["second_call_s"]))
     items += [(k, R / v) for k, v in res.get("B_median_s", {}).items()]
     fig, ax = C.new_figure(figsize=(8, 4))
-    ax.barh(range(len(items))[::-1], [v for _, v in items],
-            color=["C0" if "ufm" in k else "C3" for k, _ in items])
+    ax.barh(range(len(items))[::-1], [v for _, v in items], color=["C0" if "ufm" in k else "C3" for k, _ in items])
     ax.set_yticks(range(len(items))[::-1], [k for k, _ in items], fontsize=7)
     ax.set_xscale("log")
     ax.set_xlabel("problems solved per second (median)")
@@ -385,9 +438,18 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         return {"skipped": "distributed not installed"}
     info = C.machine_info()
     n_lam, n_seed = (4, 4) if size == "tiny" else (8, 8)
-    grid = dict(K=BASE["num_classes"], n=BASE["n_per_class"], widths=list(BASE["widths"]),
-                activation=BASE["activation"], lam=np.logspace(-4, -1.5, n_lam).tolist(), seeds=n_seed,
-                method="momentum", lr=LR, max_steps=300, tol=0.0)
+    grid = dict(
+        K=BASE["num_classes"],
+        n=BASE["n_per_class"],
+        widths=list(BASE["widths"]),
+        activation=BASE["activation"],
+        lam=np.logspace(-4, -1.5, n_lam).tolist(),
+        seeds=n_seed,
+        method="momentum",
+        lr=LR,
+        max_steps=300,
+        tol=0.0,
+    )
     res: dict = {"machine": info, "runs": n_lam * n_seed, "workers": workers, "chunk_size": 16}
     with tempfile.TemporaryDirectory() as d:
         t = {}
@@ -401,8 +463,9 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
                 t["cluster_start_s"] = time.perf_counter() - t0
                 for k in (1, 2):
                     t0 = time.perf_counter()
-                    dask = ufm.sweep(grid, os.path.join(d, f"dask{k}.jsonl"), chunk_size=16, metrics=False,
-                                     client=client)
+                    dask = ufm.sweep(
+                        grid, os.path.join(d, f"dask{k}.jsonl"), chunk_size=16, metrics=False, client=client
+                    )
                     t[f"dask_call{k}_s"] = time.perf_counter() - t0
         a = {r["run"]: r["loss"] for r in here.records}
         b = {r["run"]: r["loss"] for r in dask.records}
@@ -410,11 +473,13 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         res["max_rel_loss_diff"] = max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
         res.update(t)
     res["warm_speedup"] = res["in_process_call2_s"] / res["dask_call2_s"]
-    log(f"part D ({res['runs']} runs, {workers} Dask workers, {info.get('cores', '?')} cores, load "
+    log(
+        f"part D ({res['runs']} runs, {workers} Dask workers, {info.get('cores', '?')} cores, load "
         f"{os.getloadavg()[0]:.1f}): in process {res['in_process_call1_s']:.1f} s first / "
         f"{res['in_process_call2_s']:.1f} s warm; Dask {res['dask_call1_s']:.1f} s first / {res['dask_call2_s']:.1f} s "
         f"warm (cluster start {res['cluster_start_s']:.1f} s); warm ratio {res['warm_speedup']:.2f}x; same runs "
-        f"{res['same_runs']}, max rel loss diff {res['max_rel_loss_diff']:.1e}")
+        f"{res['same_runs']}, max rel loss diff {res['max_rel_loss_diff']:.1e}"
+    )
     return res
 
 

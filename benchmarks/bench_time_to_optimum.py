@@ -112,8 +112,9 @@ def run_ufm_recipe(p, fstar, iters):
     import ufm
 
     x0 = peer_init(p, "float32")
-    kw = dict(init=x0, method="momentum", lr=PEER_LR, momentum=PEER_MOMENTUM, max_steps=iters, tol=0.0,
-              patience=iters + 1)
+    kw = dict(
+        init=x0, method="momentum", lr=PEER_LR, momentum=PEER_MOMENTUM, max_steps=iters, tol=0.0, patience=iters + 1
+    )
     t = time.perf_counter()
     sol = jax.block_until_ready(ufm.solve(p, **kw))
     first = time.perf_counter() - t
@@ -129,8 +130,14 @@ def run_ufm_recipe(p, fstar, iters):
     for thr in THRESHOLDS:
         k = first_hit(gaps, thr)
         hits[str(thr)] = dict(step=k, time_s=None if k is None else T * k / max(S, 1))
-    return dict(first_call_s=first, run_s=T, steps=S, status=sol.status_name, hits=hits,
-                final_gap=(float(sol.value) - fstar) / fstar)
+    return dict(
+        first_call_s=first,
+        run_s=T,
+        steps=S,
+        status=sol.status_name,
+        hits=hits,
+        final_gap=(float(sol.value) - fstar) / fstar,
+    )
 
 
 def run_peer(p, fstar, iters, dtype="float32"):
@@ -154,16 +161,25 @@ def run_peer(p, fstar, iters, dtype="float32"):
     for thr in THRESHOLDS:
         if str(thr) in snaps:
             i, P = snaps[str(thr)]
-            hits[str(thr)] = dict(step=i, time_s=float(clock[i - 1]) if i > 0 else 0.0,
-                                  gap_f64_eval=(f64_objective(p, P) - fstar) / fstar)
+            hits[str(thr)] = dict(
+                step=i, time_s=float(clock[i - 1]) if i > 0 else 0.0, gap_f64_eval=(f64_objective(p, P) - fstar) / fstar
+            )
         else:
             hits[str(thr)] = dict(step=None, time_s=None)
     final_f64 = f64_objective(p, loop.params())
     trace = np.asarray(loop.trace)
-    return dict(dtype=dtype, iters=iters, total_s=total, per_iter_us=1e6 * total / iters, hits=hits,
-                final_gap=(loop.loss() - fstar) / fstar, final_gap_f64_eval=(final_f64 - fstar) / fstar,
-                best_gap=float(np.min(np.abs(trace - fstar)) / fstar),
-                trace_gap=_thin((trace - fstar) / fstar), trace_time=_thin(np.concatenate([[0.0], clock[:-1]])))
+    return dict(
+        dtype=dtype,
+        iters=iters,
+        total_s=total,
+        per_iter_us=1e6 * total / iters,
+        hits=hits,
+        final_gap=(loop.loss() - fstar) / fstar,
+        final_gap_f64_eval=(final_f64 - fstar) / fstar,
+        best_gap=float(np.min(np.abs(trace - fstar)) / fstar),
+        trace_gap=_thin((trace - fstar) / fstar),
+        trace_time=_thin(np.concatenate([[0.0], clock[:-1]])),
+    )
 
 
 def _thin(x, m=400):
@@ -197,8 +213,7 @@ def run(size: str = "full", out_dir=None, log=print, peer_float64: bool | None =
         if size != "tiny":
             row["ufm_float32"] = run_ufm(p, fstar, "float32", log)
             # the same solver from the peer's init (N(0, 0.1^2) entries): how much of the gap is the init
-            row["ufm_float64_peer_init"] = run_ufm(p, fstar, "float64", log, direct=False,
-                                                   init=peer_init(p, "float64"))
+            row["ufm_float64_peer_init"] = run_ufm(p, fstar, "float64", log, direct=False, init=peer_init(p, "float64"))
         row["ufm_recipe_float32"] = run_ufm_recipe(p, fstar, iters)
         if torch is not None:
             row["peer_float32"] = run_peer(p, fstar, iters, "float32")
@@ -208,8 +223,15 @@ def run(size: str = "full", out_dir=None, log=print, peer_float64: bool | None =
             row["peer_skipped"] = why
         problems.append(row)
         log(f"    done: ufm f64 {row['ufm_float64']['steps']} steps in {row['ufm_float64']['run_s']:.3f} s")
-    result = dict(benchmark="time_to_optimum", size=size, machine=info, thresholds=THRESHOLDS, peer_iters=iters,
-                  problems=problems, ufm_has_predict=hasattr(ufm, "predict"))
+    result = dict(
+        benchmark="time_to_optimum",
+        size=size,
+        machine=info,
+        thresholds=THRESHOLDS,
+        peer_iters=iters,
+        problems=problems,
+        ufm_has_predict=hasattr(ufm, "predict"),
+    )
     result["targets"] = _targets(problems)
     md = markdown(result)
     paths = C.write_outputs("time_to_optimum" if size != "tiny" else "time_to_optimum_tiny", result, out_dir, md)
@@ -244,20 +266,35 @@ def _targets(problems):
             tf = _t(r["ufm_float32"], 1e-6) if "ufm_float32" in r else None
             if tf:
                 note += f"{'; ' if note else ''}ufm float32: {C.fmt_ratio(tp / tf)}"
-        out.append(dict(target=f"{r['name']}: time to 1e-6 >= 100x shorter than the peer recipe", value=v, met=met,
-                        note=note))
+        out.append(
+            dict(target=f"{r['name']}: time to 1e-6 >= 100x shorter than the peer recipe", value=v, met=met, note=note)
+        )
         u10 = _t(r["ufm_float64"], 1e-10) is not None
         p10 = _t(r["peer_float32"], 1e-10) is not None
-        out.append(dict(target=f"{r['name']}: 1e-10 reached in float64 by ufm, not by the peer recipe", value=None,
-                        met=u10 and not p10, note=f"ufm f64 {'reaches' if u10 else 'does NOT reach'} 1e-10; peer "
-                        f"{'reaches' if p10 else 'does not'}"))
+        out.append(
+            dict(
+                target=f"{r['name']}: 1e-10 reached in float64 by ufm, not by the peer recipe",
+                value=None,
+                met=u10 and not p10,
+                note=f"ufm f64 {'reaches' if u10 else 'does NOT reach'} 1e-10; peer {'reaches' if p10 else 'does not'}",
+            )
+        )
     return out
 
 
 def markdown(result) -> str:
     thr = result["thresholds"]
-    head = ["problem", "f*", "solver", "steps", "time to 1e-4", "time to 1e-6", "time to 1e-10", "final gap",
-            "peer time / this (1e-6)"]
+    head = [
+        "problem",
+        "f*",
+        "solver",
+        "steps",
+        "time to 1e-4",
+        "time to 1e-6",
+        "time to 1e-10",
+        "final gap",
+        "peer time / this (1e-6)",
+    ]
     rows = []
     for r in result["problems"]:
         fs = f"{r['optimum']['loss']:.6g}"
@@ -266,10 +303,14 @@ def markdown(result) -> str:
             continue
         peer = r.get("peer_float32")
         tp6 = _t(peer, 1e-6) if peer else None
-        for key, label in (("ufm_float64", "ufm L-BFGS f64"), ("ufm_float32", "ufm L-BFGS f32"),
-                           ("ufm_float64_peer_init", "ufm L-BFGS f64, peer's init"),
-                           ("ufm_recipe_float32", "ufm momentum (recipe) f32"), ("peer_float32", "peer recipe f32"),
-                           ("peer_float64", "peer recipe f64")):
+        for key, label in (
+            ("ufm_float64", "ufm L-BFGS f64"),
+            ("ufm_float32", "ufm L-BFGS f32"),
+            ("ufm_float64_peer_init", "ufm L-BFGS f64, peer's init"),
+            ("ufm_recipe_float32", "ufm momentum (recipe) f32"),
+            ("peer_float32", "peer recipe f32"),
+            ("peer_float64", "peer recipe f64"),
+        ):
             d = r.get(key)
             if d is None:
                 continue
@@ -296,8 +337,13 @@ def markdown(result) -> str:
         C.md_table(head, rows),
         "",
         "f* cross-check (closed form in benchmarks/reference.py vs ufm.predict): "
-        + ", ".join(f"{r['name']} {r['optimum']['rel_diff']:.1e}" if r["optimum"]["rel_diff"] is not None
-                    else f"{r['name']} (no ufm.predict)" for r in result["problems"]) + ".",
+        + ", ".join(
+            f"{r['name']} {r['optimum']['rel_diff']:.1e}"
+            if r["optimum"]["rel_diff"] is not None
+            else f"{r['name']} (no ufm.predict)"
+            for r in result["problems"]
+        )
+        + ".",
         "",
         "Targets:",
     ]
@@ -315,8 +361,10 @@ def plot(result, path) -> None:
     probs = [r for r in result["problems"] if "skipped" not in r]
     fig, axes = C.new_figure(1, len(probs), figsize=(4 * len(probs), 3.6), squeeze=False)
     for ax, r in zip(axes[0], probs, strict=True):
-        for key, label, c in (("peer_float32", "peer recipe (torch, f32)", "C3"),
-                              ("peer_float64", "peer recipe (torch, f64)", "C1")):
+        for key, label, c in (
+            ("peer_float32", "peer recipe (torch, f32)", "C3"),
+            ("peer_float64", "peer recipe (torch, f64)", "C1"),
+        ):
             d = r.get(key)
             if d:
                 t = np.asarray(d["trace_time"])

@@ -142,8 +142,7 @@ class TorchLoop:
     (the same gradient), so that ``loss.item()`` is the objective f, logged every step as research code does.
     """
 
-    def __init__(self, problem, params0, dtype, lr, momentum=0.0, threads=None, compiled=False,
-                 penalty_in_loss=False):
+    def __init__(self, problem, params0, dtype, lr, momentum=0.0, threads=None, compiled=False, penalty_in_loss=False):
         torch, why = torch_or_none()
         if torch is None:
             raise RuntimeError(why)
@@ -286,5 +285,7 @@ def f64_objective(problem, P) -> float:
 
 def max_rel_diff(P, Q) -> float:
     """max over parameters of ||P_i - Q_i||_F / ||Q_i||_F."""
-    return max(float(np.linalg.norm(np.asarray(p, float) - np.asarray(q, float)) / max(np.linalg.norm(q), 1e-300))
-               for p, q in zip(P, Q, strict=True))
+    return max(
+        float(np.linalg.norm(np.asarray(p, float) - np.asarray(q, float)) / max(np.linalg.norm(q), 1e-300))
+        for p, q in zip(P, Q, strict=True)
+    )

@@ -79,14 +79,28 @@ def reference_problems(size: str = "full"):
     Kb = 2
     lam = LAM if size != "tiny" else 5e-3
     probs = [
-        ("shallow MSE", ufm.UFM(num_classes=K, n_per_class=n, widths=(d,), loss="mse", lam_H=lam, lam_W=lam),
-         shallow_mse_nobias(K, n, lam, lam)),
-        ("shallow CE", ufm.UFM(num_classes=K, n_per_class=n, widths=(d,), loss="ce", lam_H=lam, lam_W=lam),
-         shallow_ce_nobias(K, n, lam, lam)),
-        ("deep linear (L=3)", ufm.UFM(num_classes=K, n_per_class=n, widths=(d, d, d), loss="mse", lam_H=lam,
-                                      lam_W=lam), deep_scalar(K, n, lam, [lam] * 3, 4)),
-        ("binary deep ReLU (L=3)", ufm.UFM(num_classes=Kb, n_per_class=n, widths=(d, d, d), activation="relu",
-                                           loss="mse", lam_H=lam, lam_W=lam), deep_scalar(Kb, n, lam, [lam] * 3, 4)),
+        (
+            "shallow MSE",
+            ufm.UFM(num_classes=K, n_per_class=n, widths=(d,), loss="mse", lam_H=lam, lam_W=lam),
+            shallow_mse_nobias(K, n, lam, lam),
+        ),
+        (
+            "shallow CE",
+            ufm.UFM(num_classes=K, n_per_class=n, widths=(d,), loss="ce", lam_H=lam, lam_W=lam),
+            shallow_ce_nobias(K, n, lam, lam),
+        ),
+        (
+            "deep linear (L=3)",
+            ufm.UFM(num_classes=K, n_per_class=n, widths=(d, d, d), loss="mse", lam_H=lam, lam_W=lam),
+            deep_scalar(K, n, lam, [lam] * 3, 4),
+        ),
+        (
+            "binary deep ReLU (L=3)",
+            ufm.UFM(
+                num_classes=Kb, n_per_class=n, widths=(d, d, d), activation="relu", loss="mse", lam_H=lam, lam_W=lam
+            ),
+            deep_scalar(Kb, n, lam, [lam] * 3, 4),
+        ),
     ]
     return probs
 

@@ -80,8 +80,7 @@ def test_peers_agree_with_ufm_gradient_descent():
     import ufm
     from benchmarks.peers import NumpyGD, max_rel_diff, params_to_numpy
 
-    p = ufm.UFM(num_classes=2, n_per_class=3, widths=(4, 5, 3), activation="relu", loss="mse", lam_H=1e-2,
-                lam_W=2e-2)
+    p = ufm.UFM(num_classes=2, n_per_class=3, widths=(4, 5, 3), activation="relu", loss="mse", lam_H=1e-2, lam_W=2e-2)
     x0 = ufm.init_params(p, jax.random.key(3), dtype="float64")
     ref = ufm.solve(p, init=x0, method="gd", lr=0.1, max_steps=4, tol=0.0, history=False)
     npx = NumpyGD(p, x0, "float64", 0.1)

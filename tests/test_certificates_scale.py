@@ -43,8 +43,11 @@ def test_issue17_small_lambda_runs_are_not_called_local_min(case):
     # The reproductions of issue 17: a solve stopped by an absolute tol (explicit here, as the old default) at small
     # lambda. Before: "local-min" with gaps 1.3e-2, 9.9, 2.8e-4. The landscape has no spurious local minimum, so
     # the verdict must be "not-converged"/"unresolved", or "matches" with the gap inside gap_tol.
-    p, dtype, tol = {"mse-1e-5-f32": (P5, "float32", 1e-5), "mse-1e-8-f32": (P8, "float32", 1e-5),
-                     "mse-1e-8-f64": (P8, "float64", 1e-9)}[case]
+    p, dtype, tol = {
+        "mse-1e-5-f32": (P5, "float32", 1e-5),
+        "mse-1e-8-f32": (P8, "float32", 1e-5),
+        "mse-1e-8-f64": (P8, "float64", 1e-9),
+    }[case]
     sol = ufm.solve(p, key=0, dtype=dtype, tol=tol)
     r = ufm.check(p, sol, hessian=False, metrics=False)
     assert r.verdict in ("not-converged", "unresolved", "matches"), r.explanation

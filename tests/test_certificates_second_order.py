@@ -52,8 +52,10 @@ def test_lanczos_ritz_values_against_eigvalsh():
 
 @pytest.mark.parametrize("case", ["linear-3-spaces", "ce-free-bias-optimum"])
 def test_matrix_free_symmetry_projector_equals_explicit_basis(case):
-    p, params = {"linear-3-spaces": (P_LIN3, ufm.init_params(P_LIN3, jax.random.key(1))),
-                 "ce-free-bias-optimum": (P_CE, ufm.construct(P_CE))}[case]
+    p, params = {
+        "linear-3-spaces": (P_LIN3, ufm.init_params(P_LIN3, jax.random.key(1))),
+        "ce-free-bias-optimum": (P_CE, ufm.construct(P_CE)),
+    }[case]
     Q = cert._orthonormal_rows(cert.symmetry_tangents(p, params), 1e-6)  # SVD of the closed-form tangents
     apply, dim = cert._sym_projector(p, cert._work_params(params), 1e-6)
     apply = jax.jit(apply)
@@ -82,13 +84,15 @@ def test_budget_gives_an_explicit_not_checked():
     c = ufm.construct(P_SH)
     hs = ufm.hessian_spectrum(P_SH, c, method="lanczos", maxiter=2, krylov_dim=2, tol=1e-15)
     assert hs.status == "budget" and not hs.converged and hs.iterations == 2
-    r = ufm.check(P_SH, c, metrics=False, hessian_options={"method": "lanczos", "maxiter": 2, "krylov_dim": 2,
-                                                            "tol": 1e-15})
+    r = ufm.check(
+        P_SH, c, metrics=False, hessian_options={"method": "lanczos", "maxiter": 2, "krylov_dim": 2, "tol": 1e-15}
+    )
     assert r.verdict == "matches" and r.second_order == "not checked: budget", r.explanation
     assert "second order not checked: budget" in r.explanation
     # a time budget: one cycle always runs, then the clock stops it
-    r = ufm.check(P_SH, c, metrics=False, max_time=1e-9, hessian_options={"method": "lanczos", "krylov_dim": 2,
-                                                                           "tol": 1e-15})
+    r = ufm.check(
+        P_SH, c, metrics=False, max_time=1e-9, hessian_options={"method": "lanczos", "krylov_dim": 2, "tol": 1e-15}
+    )
     assert r.second_order == "not checked: budget", r.explanation
     # without a budget the same check certifies (smooth point, no negative curvature off the 6 symmetry directions)
     r = ufm.check(P_SH, c, metrics=False, hessian_options={"method": "lanczos"})
@@ -117,7 +121,7 @@ def test_kink_multipliers_against_finite_differences():
     G = cert._activation_grads(P_BIN, P, tuple(map(jnp.asarray, masks)), slopes)
     h = 1e-6
     for layer, i, j in [(0, 1, 2), (1, 3, 0), (1, 0, 5)]:
-        fd = (_np_fit_with_shift(P_BIN, params, layer, i, j, h) - _np_fit_with_shift(P_BIN, params, layer, i, j, -h))
+        fd = _np_fit_with_shift(P_BIN, params, layer, i, j, h) - _np_fit_with_shift(P_BIN, params, layer, i, j, -h)
         assert float(G[layer][i, j]) == pytest.approx(fd / (2 * h), rel=1e-6, abs=1e-10)
 
 

@@ -60,11 +60,17 @@ def skew(rng, d):
 
 @pytest.mark.parametrize("case", ["linear", "relu", "ce-free-bias"])
 def test_symmetry_tangents_are_exact_symmetries(case):
-    p = {"linear": P_DEEP, "relu": P_RELU,
-         "ce-free-bias": ufm.UFM(3, 2, (4,), loss="ce", bias="free", lam_H=1e-2, lam_W=1e-2)}[case]
+    p = {
+        "linear": P_DEEP,
+        "relu": P_RELU,
+        "ce-free-bias": ufm.UFM(3, 2, (4,), loss="ce", bias="free", lam_H=1e-2, lam_W=1e-2),
+    }[case]
     params = random_params(p, 1)
-    H, Ws, b = (np.asarray(params.H), [np.asarray(W) for W in params.Ws],
-                None if params.b is None else np.asarray(params.b))
+    H, Ws, b = (
+        np.asarray(params.H),
+        [np.asarray(W) for W in params.Ws],
+        None if params.b is None else np.asarray(params.b),
+    )
     rng = np.random.default_rng(0)
     layers = range(p.L) if p.activation == "linear" else range(1)
     S = {l: skew(rng, p.widths[l]) for l in layers}

@@ -113,16 +113,44 @@ def test_config_options_json_agree_with_python_api(tmp_path):
         "bias = 'free'\nlam_H = 0.5\nlam_W = [1e-3, 2e-3]\n"
         "[solver]\nsteps = 300\nseed = 1\n"
     )
-    out = _run([sys.executable, "-m", "ufm", "solve", "--config", "run.toml", "--lam-H", "1e-3", "--seed", "7",
-                "--init-scale", "0.5", "--json", "--no-plots", "--out", "res"], cwd=tmp_path)
+    out = _run(
+        [
+            sys.executable,
+            "-m",
+            "ufm",
+            "solve",
+            "--config",
+            "run.toml",
+            "--lam-H",
+            "1e-3",
+            "--seed",
+            "7",
+            "--init-scale",
+            "0.5",
+            "--json",
+            "--no-plots",
+            "--out",
+            "res",
+        ],
+        cwd=tmp_path,
+    )
     assert out.returncode == 0, out.stderr
     rep = json.loads(out.stdout)  # stdout is exactly one JSON document
-    prob = ufm.UFM(num_classes=3, n_per_class=(3, 2, 2), widths=(4, 3), activation="linear", loss="mse",
-                   bias="free", lam_H=1e-3, lam_W=(1e-3, 2e-3))
+    prob = ufm.UFM(
+        num_classes=3,
+        n_per_class=(3, 2, 2),
+        widths=(4, 3),
+        activation="linear",
+        loss="mse",
+        bias="free",
+        lam_H=1e-3,
+        lam_W=(1e-3, 2e-3),
+    )
     assert rep["problem"] == prob.to_dict()  # lam_H from the command line, the rest from the file
     assert rep["solver"]["seed"] == 7 and rep["solver"]["steps"] == 300
-    sol = ufm.solve(prob, key=jax.random.key(7), max_steps=300, init_scale=0.5,
-                    snapshot_every=rep["solver"]["snapshot_every"])
+    sol = ufm.solve(
+        prob, key=jax.random.key(7), max_steps=300, init_scale=0.5, snapshot_every=rep["solver"]["snapshot_every"]
+    )
     # the command is one ufm.solve call with these arguments: the same compiled loop, so equal to rounding
     assert rep["solution"]["value"] == pytest.approx(float(sol.value), rel=1e-12, abs=1e-300)
     assert rep["solution"]["num_steps"] == int(sol.num_steps)
@@ -150,8 +178,26 @@ def _solve_in_process(argv, capsys):
     return rc, captured.out, captured.err
 
 
-TINY = ["-K", "3", "-n", "2", "--widths", "4", "--activation", "linear", "--loss", "ce", "--bias", "free",
-        "--lam-H", "1e-3", "--lam-W", "2e-3", "--steps", "200"]
+TINY = [
+    "-K",
+    "3",
+    "-n",
+    "2",
+    "--widths",
+    "4",
+    "--activation",
+    "linear",
+    "--loss",
+    "ce",
+    "--bias",
+    "free",
+    "--lam-H",
+    "1e-3",
+    "--lam-W",
+    "2e-3",
+    "--steps",
+    "200",
+]
 
 
 @pytest.fixture(scope="module")
@@ -206,30 +252,59 @@ def test_plot_redraws_every_figure(saved_run, capsys, tmp_path):
 def test_config_precedence_and_exact_rerun(saved_run, tmp_path, capsys, monkeypatch):
     """Defaults < file < command line; a results folder's config.json re-runs the same solve exactly."""
     monkeypatch.chdir(tmp_path)
-    rc, out, err = _solve_in_process(["solve", "--config", str(saved_run / "config.json"), "--no-plots", "--json",
-                                      "--out", "again"], capsys)
+    rc, out, err = _solve_in_process(
+        ["solve", "--config", str(saved_run / "config.json"), "--no-plots", "--json", "--out", "again"], capsys
+    )
     assert rc == 0, err
     a = np.load(saved_run / "solution.npz")
     b = np.load(tmp_path / "again" / "solution.npz")
     assert float(a["value"]) == float(b["value"]) and int(a["num_steps"]) == int(b["num_steps"])
     np.testing.assert_array_equal(a["H"], b["H"])
     assert json.loads((tmp_path / "again" / "config.json").read_text()) == json.loads(
-        (saved_run / "config.json").read_text())
+        (saved_run / "config.json").read_text()
+    )
 
     # flat keys, dashes, JSON, and command-line overrides (the same shapes and step budget as TINY: no recompile)
-    (tmp_path / "flat.json").write_text(json.dumps({"num-classes": 3, "widths": [4], "lam-H": 0.25, "loss": "ce",
-                                                    "activation": "linear", "bias": "free", "n_per_class": 2,
-                                                    "max_steps": 200, "seed": 3}))
-    rc, out, err = _solve_in_process(["solve", "--config", "flat.json", "--lam-H", "1e-3", "--lam-W", "2e-3",
-                                      "--no-plots", "--json", "--out", "flat"], capsys)
+    (tmp_path / "flat.json").write_text(
+        json.dumps(
+            {
+                "num-classes": 3,
+                "widths": [4],
+                "lam-H": 0.25,
+                "loss": "ce",
+                "activation": "linear",
+                "bias": "free",
+                "n_per_class": 2,
+                "max_steps": 200,
+                "seed": 3,
+            }
+        )
+    )
+    rc, out, err = _solve_in_process(
+        [
+            "solve",
+            "--config",
+            "flat.json",
+            "--lam-H",
+            "1e-3",
+            "--lam-W",
+            "2e-3",
+            "--no-plots",
+            "--json",
+            "--out",
+            "flat",
+        ],
+        capsys,
+    )
     assert rc == 0, err
     cfg = json.loads((tmp_path / "flat" / "config.json").read_text())
     assert cfg["problem"]["lam_H"] == 1e-3 and cfg["problem"]["num_classes"] == 3 and cfg["problem"]["lam_W"] == 2e-3
     assert cfg["solver"]["steps"] == 200 and cfg["solver"]["seed"] == 3
     assert cfg["solver"]["lr"] == 1.0 and cfg["solver"]["tol"] == 0.0  # solver defaults resolved and recorded
     # "--steps default" restores the solver default over the file's value
-    problem, solver = cli.resolve_config(cli._build_parser().parse_args(["solve", "--config", "flat.json",
-                                                                         "--steps", "default"]))
+    problem, solver = cli.resolve_config(
+        cli._build_parser().parse_args(["solve", "--config", "flat.json", "--steps", "default"])
+    )
     assert solver["steps"] == 10_000 and problem.num_classes == 3
 
 
@@ -306,9 +381,29 @@ def test_out_folder_is_not_overwritten(saved_run, capsys):
 def test_help_exits_0(capsys):
     assert cli.main(["solve", "--help"]) == 0
     text = capsys.readouterr().out
-    for opt in ("--num-classes", "--n-per-class", "--widths", "--activation", "--loss", "--bias", "--lam-H", "--lam-W",
-                "--lam-b", "--label-smoothing", "--method", "--lr", "--steps", "--tol", "--seed", "--init-scale",
-                "--dtype", "--config", "--out", "--json", "--progress"):
+    for opt in (
+        "--num-classes",
+        "--n-per-class",
+        "--widths",
+        "--activation",
+        "--loss",
+        "--bias",
+        "--lam-H",
+        "--lam-W",
+        "--lam-b",
+        "--label-smoothing",
+        "--method",
+        "--lr",
+        "--steps",
+        "--tol",
+        "--seed",
+        "--init-scale",
+        "--dtype",
+        "--config",
+        "--out",
+        "--json",
+        "--progress",
+    ):
         assert opt in text, opt
 
 
@@ -317,8 +412,9 @@ def test_help_exits_0(capsys):
 
 
 def test_progress_line_on_stderr(saved_run, tmp_path, capsys):
-    rc, out, err = _solve_in_process(["solve", *TINY, "--steps", "40", "--progress", "always", "--no-plots",
-                                      "--out", str(tmp_path / "p")], capsys)
+    rc, out, err = _solve_in_process(
+        ["solve", *TINY, "--steps", "40", "--progress", "always", "--no-plots", "--out", str(tmp_path / "p")], capsys
+    )
     assert rc == 0
     assert "step" in err and "|grad f|" in err and "/40" in err
     assert "step " not in out  # progress never pollutes stdout

@@ -17,7 +17,14 @@ import ufm
 
 def np_objective(cfg, H, Ws, b):
     K, ns, act, loss, bias, lam_H, lam_W, lam_b, alpha = (
-        cfg["K"], cfg["ns"], cfg["act"], cfg["loss"], cfg["bias"], cfg["lam_H"], cfg["lam_W"], cfg["lam_b"],
+        cfg["K"],
+        cfg["ns"],
+        cfg["act"],
+        cfg["loss"],
+        cfg["bias"],
+        cfg["lam_H"],
+        cfg["lam_W"],
+        cfg["lam_b"],
         cfg["alpha"],
     )
     N = sum(ns)
@@ -51,11 +58,29 @@ def make_case(loss, act, bias, ns, L, seed=0):
     K = len(ns) if isinstance(ns, tuple) else 3
     widths = tuple(int(w) for w in rng.integers(2, 6, size=L))
     lam_W = tuple(float(x) for x in rng.uniform(1e-3, 1e-1, size=L))
-    cfg = dict(K=K, ns=ns if isinstance(ns, tuple) else (ns,) * K, act=act, loss=loss, bias=bias,
-               lam_H=float(rng.uniform(1e-3, 1e-1)), lam_W=lam_W, lam_b=0.07 if bias == "reg" else 0.0,
-               alpha=0.1 if loss == "ce" else 0.0)
-    p = ufm.UFM(num_classes=K, n_per_class=ns, widths=widths, activation=act, loss=loss, bias=bias,
-                lam_H=cfg["lam_H"], lam_W=lam_W, lam_b=cfg["lam_b"], label_smoothing=cfg["alpha"])
+    cfg = dict(
+        K=K,
+        ns=ns if isinstance(ns, tuple) else (ns,) * K,
+        act=act,
+        loss=loss,
+        bias=bias,
+        lam_H=float(rng.uniform(1e-3, 1e-1)),
+        lam_W=lam_W,
+        lam_b=0.07 if bias == "reg" else 0.0,
+        alpha=0.1 if loss == "ce" else 0.0,
+    )
+    p = ufm.UFM(
+        num_classes=K,
+        n_per_class=ns,
+        widths=widths,
+        activation=act,
+        loss=loss,
+        bias=bias,
+        lam_H=cfg["lam_H"],
+        lam_W=lam_W,
+        lam_b=cfg["lam_b"],
+        label_smoothing=cfg["alpha"],
+    )
     hs, ws, bs = p.param_shapes()
     H = rng.normal(size=hs)
     Ws = tuple(rng.normal(size=s) for s in ws)
@@ -125,8 +150,17 @@ def test_every_regulariser_changes_the_gradient():
 
 
 def test_jit_equals_eager_and_float32_stays_float32():
-    p = ufm.UFM(num_classes=3, n_per_class=(2, 3, 1), widths=(5, 4), activation="relu", loss="ce", bias="free",
-                lam_H=1e-2, lam_W=(1e-2, 2e-2), label_smoothing=0.1)
+    p = ufm.UFM(
+        num_classes=3,
+        n_per_class=(2, 3, 1),
+        widths=(5, 4),
+        activation="relu",
+        loss="ce",
+        bias="free",
+        lam_H=1e-2,
+        lam_W=(1e-2, 2e-2),
+        label_smoothing=0.1,
+    )
     for dt in (jnp.float32, jnp.float64):
         params = ufm.init_params(p, jax.random.key(3), dtype=dt)
         assert all(x.dtype == dt for x in jax.tree_util.tree_leaves(params))
@@ -141,8 +175,9 @@ def test_jit_equals_eager_and_float32_stays_float32():
             np.testing.assert_allclose(a, c, rtol=rtol, atol=rtol * 1e-2)
 
 
-SMALL = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="linear", loss="mse", bias="free",
-                lam_H=5e-3, lam_W=5e-3)
+SMALL = ufm.UFM(
+    num_classes=3, n_per_class=2, widths=(4, 4), activation="linear", loss="mse", bias="free", lam_H=5e-3, lam_W=5e-3
+)
 
 
 def test_solve_batch_equals_loop_of_solves_and_float32():
@@ -290,8 +325,9 @@ def test_nonfinite_init_is_a_status_not_an_exception():
 # ---------------------------------------------------------------------------------------------------------------
 # Bad input: clear errors naming the argument, before any compute.
 
-GOOD = dict(num_classes=3, n_per_class=4, widths=(5, 5), activation="relu", loss="mse", bias="none", lam_H=1e-3,
-            lam_W=1e-3)
+GOOD = dict(
+    num_classes=3, n_per_class=4, widths=(5, 5), activation="relu", loss="mse", bias="none", lam_H=1e-3, lam_W=1e-3
+)
 
 
 @pytest.mark.parametrize(

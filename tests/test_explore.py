@@ -15,8 +15,16 @@ import pytest
 import ufm
 from ufm._explore import STRATEGIES, structure
 
-P = ufm.UFM(num_classes=3, n_per_class=1, widths=(6, 6, 6, 6), activation="relu", loss="mse", bias="none",
-            lam_H=0.004, lam_W=0.004)
+P = ufm.UFM(
+    num_classes=3,
+    n_per_class=1,
+    widths=(6, 6, 6, 6),
+    activation="relu",
+    loss="mse",
+    bias="none",
+    lam_H=0.004,
+    lam_W=0.004,
+)
 OPTS = dict(batch_size=8, steps=500, check_hessian=False)
 MAX_STARTS = 16
 
@@ -84,10 +92,11 @@ def test_minima_are_sorted_distinct_and_described(run):
     assert vals == sorted(vals) and vals[0] == pytest.approx(run.value, rel=1e-12)
     for i, a in enumerate(run.minima):
         assert a.strategy in STRATEGIES
-        for b in run.minima[i + 1:]:  # distinct: different loss or a different Gram spectrum in layers 2..L
+        for b in run.minima[i + 1 :]:  # distinct: different loss or a different Gram spectrum in layers 2..L
             same_loss = abs(a.value - b.value) <= 1e-6 * abs(a.value)
-            same_spec = all(np.max(np.abs(x - y)) <= 1e-3 * max(x[0], y[0])
-                            for x, y in zip(a.gram_spectra[1:], b.gram_spectra[1:]))
+            same_spec = all(
+                np.max(np.abs(x - y)) <= 1e-3 * max(x[0], y[0]) for x, y in zip(a.gram_spectra[1:], b.gram_spectra[1:])
+            )
             assert not (same_loss and same_spec)
     # ranks against an independent NumPy forward pass (n = 1: the class means are the columns)
     best = run.minima[0]
@@ -124,8 +133,16 @@ def test_time_budget_runs_one_round_and_reports_progress():
 
 def test_known_optimum_is_returned_without_search():
     # K = 2 balanced deep ReLU: DNC is the global optimum (Súkeník et al. 2023), predict(...).known is True
-    p2 = ufm.UFM(num_classes=2, n_per_class=2, widths=(4, 4, 4), activation="relu", loss="mse", bias="none",
-                 lam_H=5e-3, lam_W=5e-3)
+    p2 = ufm.UFM(
+        num_classes=2,
+        n_per_class=2,
+        widths=(4, 4, 4),
+        activation="relu",
+        loss="mse",
+        bias="none",
+        lam_H=5e-3,
+        lam_W=5e-3,
+    )
     pred = ufm.predict(p2)
     assert pred.known
     ex = ufm.explore(p2, max_starts=4, key=0, check_hessian=False)
@@ -136,13 +153,16 @@ def test_known_optimum_is_returned_without_search():
     assert ex.check_best.verdict == "matches"
 
 
-@pytest.mark.parametrize("kwargs, exc, words", [
-    (dict(max_starts=0), ValueError, "max_starts"),
-    (dict(time_budget=-1.0), ValueError, "time_budget"),
-    (dict(strategies=("random", "nope")), ValueError, "strategies"),
-    (dict(batch_size=0), ValueError, "batch_size"),
-    (dict(progress=3), TypeError, "progress"),
-])
+@pytest.mark.parametrize(
+    "kwargs, exc, words",
+    [
+        (dict(max_starts=0), ValueError, "max_starts"),
+        (dict(time_budget=-1.0), ValueError, "time_budget"),
+        (dict(strategies=("random", "nope")), ValueError, "strategies"),
+        (dict(batch_size=0), ValueError, "batch_size"),
+        (dict(progress=3), TypeError, "progress"),
+    ],
+)
 def test_bad_arguments_raise_before_compute(kwargs, exc, words):
     with pytest.raises(exc, match=words):
         ufm.explore(P, **kwargs)
@@ -157,12 +177,42 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
     from ufm import cli
 
     out = tmp_path / "ex"
-    rc = cli.main(["explore", "-K", "3", "-n", "1", "--widths", "6,6,6,6", "--lam-H", "0.004", "--lam-W", "0.004",
-                   "--max-starts", "8", "--batch-size", "8", "--steps", "500", "--hessian", "off", "--out", str(out)])
+    rc = cli.main(
+        [
+            "explore",
+            "-K",
+            "3",
+            "-n",
+            "1",
+            "--widths",
+            "6,6,6,6",
+            "--lam-H",
+            "0.004",
+            "--lam-W",
+            "0.004",
+            "--max-starts",
+            "8",
+            "--batch-size",
+            "8",
+            "--steps",
+            "500",
+            "--hessian",
+            "off",
+            "--out",
+            str(out),
+        ]
+    )
     assert rc == 0
     files = {f.name for f in out.iterdir()}
-    assert {"config.json", "report.json", "best.npz", "best.json", "minima.png", "gram.png",
-            "gram_spectra.png"} <= files
+    assert {
+        "config.json",
+        "report.json",
+        "best.npz",
+        "best.json",
+        "minima.png",
+        "gram.png",
+        "gram_spectra.png",
+    } <= files
     report = json.loads((out / "report.json").read_text())
     z = np.load(out / "best.npz")
     params = ufm.Params(z["H"], tuple(z[f"W{l + 1}"] for l in range(4)), None)
@@ -179,8 +229,16 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
 def test_deep_cross_entropy_without_candidates():
     # deep ReLU cross-entropy: no explicit candidate and no DNC loss; explore still searches and reports a finite
     # best point whose value is the objective there (slow: a second compiled program)
-    p = ufm.UFM(num_classes=3, n_per_class=1, widths=(4, 4, 4), activation="relu", loss="ce", bias="none",
-                lam_H=0.004, lam_W=0.004)
+    p = ufm.UFM(
+        num_classes=3,
+        n_per_class=1,
+        widths=(4, 4, 4),
+        activation="relu",
+        loss="ce",
+        bias="none",
+        lam_H=0.004,
+        lam_W=0.004,
+    )
     ex = ufm.explore(p, max_starts=8, key=0, batch_size=8, steps=300, check_hessian=False)
     assert ex.explicit == {} and math.isnan(ex.ratio_to_dnc) and ex.check_dnc is None
     assert math.isfinite(ex.value) and ex.value == pytest.approx(float(ufm.objective(p, ex.params)), rel=1e-12)

@@ -17,8 +17,9 @@ import pytest
 import ufm
 from ufm import cli
 
-PROBLEM = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), activation="linear", loss="ce", bias="free",
-                  lam_H=1e-3, lam_W=2e-3)
+PROBLEM = ufm.UFM(
+    num_classes=3, n_per_class=2, widths=(4,), activation="linear", loss="ce", bias="free", lam_H=1e-3, lam_W=2e-3
+)
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,14 @@ def _same_solution(a, b):
 
 def test_python_to_folder_to_python_and_cli(solved, tmp_path, capsys):
     sol, report = solved
-    folder = ufm.save_results(tmp_path / "py", PROBLEM, sol, report, solver={"method": "lbfgs", "seed": 0},
-                              extras={"my_curve": np.arange(5.0)})
+    folder = ufm.save_results(
+        tmp_path / "py",
+        PROBLEM,
+        sol,
+        report,
+        solver={"method": "lbfgs", "seed": 0},
+        extras={"my_curve": np.arange(5.0)},
+    )
     assert {p.name for p in folder.iterdir()} == {"config.json", "report.json", "solution.npz"}
     res = ufm.load_results(folder)
     assert res.problem.to_dict() == PROBLEM.to_dict()
@@ -64,8 +71,9 @@ def test_python_to_folder_to_python_and_cli(solved, tmp_path, capsys):
     assert rc == 0
     assert rep["solution"]["value"] == float(sol.value) and rep["check"]["verdict"] == report.verdict
     # config.json is a valid --config file (made_by is ignored)
-    problem, solver = cli.resolve_config(cli._build_parser().parse_args(["solve", "--config",
-                                                                         str(folder / "config.json")]))
+    problem, solver = cli.resolve_config(
+        cli._build_parser().parse_args(["solve", "--config", str(folder / "config.json")])
+    )
     assert problem.to_dict() == PROBLEM.to_dict() and solver["method"] == "lbfgs"
 
 
@@ -73,9 +81,36 @@ def test_cli_folder_opens_in_python(solved, tmp_path, capsys):
     """A CLI run (same problem, seed 0, 200 steps: the same compiled solve) loads into the objects the API made."""
     sol, report = solved
     out = tmp_path / "cli"
-    assert cli.main(["solve", "-K", "3", "-n", "2", "--widths", "4", "--activation", "linear", "--loss", "ce",
-                     "--bias", "free", "--lam-H", "1e-3", "--lam-W", "2e-3", "--steps", "200", "--no-plots",
-                     "--json", "--out", str(out)]) == 0
+    assert (
+        cli.main(
+            [
+                "solve",
+                "-K",
+                "3",
+                "-n",
+                "2",
+                "--widths",
+                "4",
+                "--activation",
+                "linear",
+                "--loss",
+                "ce",
+                "--bias",
+                "free",
+                "--lam-H",
+                "1e-3",
+                "--lam-W",
+                "2e-3",
+                "--steps",
+                "200",
+                "--no-plots",
+                "--json",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
     capsys.readouterr()
     res = ufm.load_results(out)
     assert res.report["run"]["versions"]["jax"] == jax.__version__

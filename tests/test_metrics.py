@@ -86,7 +86,8 @@ def test_nc2_nc3_nc4_against_loops(seed, d, K, ns):
 
     assert m.nc2_etf(A, y) == pytest.approx(np.sqrt(np.sum((unitF(Mt.T @ Mt) - E) ** 2)), rel=1e-12)
     assert m.nc2_orthogonal(A, y) == pytest.approx(
-        np.sqrt(np.sum((unitF(mus.T @ mus) - np.eye(K) / np.sqrt(K)) ** 2)), rel=1e-12)
+        np.sqrt(np.sum((unitF(mus.T @ mus) - np.eye(K) / np.sqrt(K)) ** 2)), rel=1e-12
+    )
     G = mus.T @ mus
     off = np.sqrt(sum(G[i, j] ** 2 for i in range(K) for j in range(K) if i != j)) / np.sqrt(np.sum(G**2))
     assert m.nc2_orthogonal(A, y, equinorm=False) == pytest.approx(off, rel=1e-12)
@@ -98,10 +99,12 @@ def test_nc2_nc3_nc4_against_loops(seed, d, K, ns):
     # NC3 (Zhu et al. 2021 product form; Papyan et al. 2020 difference form)
     assert m.nc3_product(W, A, y) == pytest.approx(np.sqrt(np.sum((unitF(W @ Mt) - E) ** 2)), rel=1e-12)
     assert m.nc3_product(W, A, y, target="orthogonal") == pytest.approx(
-        np.sqrt(np.sum((unitF(W @ mus) - np.eye(K) / np.sqrt(K)) ** 2)), rel=1e-12)
+        np.sqrt(np.sum((unitF(W @ mus) - np.eye(K) / np.sqrt(K)) ** 2)), rel=1e-12
+    )
     assert m.nc3_difference(W, A, y) == pytest.approx(np.sum((unitF(W.T) - unitF(Mt)) ** 2), rel=1e-12)
     assert m.nc3_difference(W, A, y, centred=False, squared=False) == pytest.approx(
-        np.sqrt(np.sum((unitF(W.T) - unitF(mus)) ** 2)), rel=1e-12)
+        np.sqrt(np.sum((unitF(W.T) - unitF(mus)) ** 2)), rel=1e-12
+    )
     # NC4: nearest class centre vs classifier, sample by sample
     mism = 0
     for i in range(A.shape[1]):
@@ -206,15 +209,26 @@ def test_exact_values_on_orthogonal_frames(K, d, n):
 def all_metrics(A, y, K, W, b):
     M, muG = m.class_means(A, y, K)
     return {
-        "nc1": m.nc1(A, y, K), "trace": m.nc1_trace_ratio(A, y, K), "cdnv": m.cdnv(A, y, K),
-        "etf": m.nc2_etf(A, y, K), "orth": m.nc2_orthogonal(A, y, K),
-        "orth_u": m.nc2_orthogonal(A, y, K, equinorm=False), "equinorm": m.nc2_equinorm(A, y, K),
-        "equiang": m.nc2_equiangularity(A, y, K), "maxang": m.nc2_max_angle(A, y, K),
-        "invcond": m.inverse_condition_number(M), "nc3p": m.nc3_product(W, A, y, K),
-        "nc3po": m.nc3_product(W, A, y, K, target="orthogonal"), "nc3d": m.nc3_difference(W, A, y, K),
-        "sd": m.self_duality_gram(W, M), "ncc": m.ncc_mismatch(W, A, y, K, b=b),
-        "bres": m.bias_residual(W, A, y, K, b=b), "dnc3": m.dnc3(W, M), "srank": m.stable_rank(A),
-        "rank": m.numerical_rank(A), "bal": m.balancedness(A, W),
+        "nc1": m.nc1(A, y, K),
+        "trace": m.nc1_trace_ratio(A, y, K),
+        "cdnv": m.cdnv(A, y, K),
+        "etf": m.nc2_etf(A, y, K),
+        "orth": m.nc2_orthogonal(A, y, K),
+        "orth_u": m.nc2_orthogonal(A, y, K, equinorm=False),
+        "equinorm": m.nc2_equinorm(A, y, K),
+        "equiang": m.nc2_equiangularity(A, y, K),
+        "maxang": m.nc2_max_angle(A, y, K),
+        "invcond": m.inverse_condition_number(M),
+        "nc3p": m.nc3_product(W, A, y, K),
+        "nc3po": m.nc3_product(W, A, y, K, target="orthogonal"),
+        "nc3d": m.nc3_difference(W, A, y, K),
+        "sd": m.self_duality_gram(W, M),
+        "ncc": m.ncc_mismatch(W, A, y, K, b=b),
+        "bres": m.bias_residual(W, A, y, K, b=b),
+        "dnc3": m.dnc3(W, M),
+        "srank": m.stable_rank(A),
+        "rank": m.numerical_rank(A),
+        "bal": m.balancedness(A, W),
     }
 
 
@@ -314,7 +328,8 @@ def test_layer_metrics_json_and_consistent_with_the_functions():
     assert f["Z_3"]["nc2_etf"] == pytest.approx(m.nc2_etf(fw.Z[1], y), rel=1e-12)
     assert f["H_1"]["nc2_target"] is None and f["H_1"]["nc2"] is None  # ReLU with a bias: no theory
     assert d["weights"][2]["balancedness"] == pytest.approx(
-        m.balancedness(params.Ws[1], params.Ws[2], 1e-2, 1e-2, diagonal=True), rel=1e-12)
+        m.balancedness(params.Ws[1], params.Ws[2], 1e-2, 1e-2, diagonal=True), rel=1e-12
+    )
     assert d["classifier"]["ncc_mismatch"] == m.ncc_mismatch(params.Ws[2], fw.H[2], y, b=params.b)
     assert len(d["dnc"]) == 3 and d["dnc"][0]["exempt"] and not d["dnc"][1]["exempt"]
 

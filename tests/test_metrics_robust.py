@@ -23,6 +23,7 @@ def _one_blas_thread():
     with threadpoolctl.threadpool_limits(limits=1, user_api="blas"):
         yield
 
+
 # ---------------------------------------------------------------------------------------------------------------
 # independent references (explicit d x d covariances on centred data)
 
@@ -75,8 +76,14 @@ def test_issue12_reproduction_offset_example():
 
 
 # (K, d, counts): d > K and d < K, balanced and imbalanced, K = 2 .. 100
-SHAPES = [(2, 2, (4, 4)), (3, 5, (5, 2, 7)), (10, 64, (3,) * 10), (10, 4, tuple(range(2, 12))),
-          (100, 120, (2,) * 100), (100, 30, (2, 3) * 50)]
+SHAPES = [
+    (2, 2, (4, 4)),
+    (3, 5, (5, 2, 7)),
+    (10, 64, (3,) * 10),
+    (10, 4, tuple(range(2, 12))),
+    (100, 120, (2,) * 100),
+    (100, 30, (2, 3) * 50),
+]
 
 
 @pytest.mark.parametrize("K,d,ns", SHAPES)
@@ -145,8 +152,16 @@ def test_invariances_offset_rotation_class_permutation_and_scale(seed):
     A, y = draw(seed, d, K, ns)
     Qr = np.linalg.qr(rng.normal(size=(d, d)))[0]
     perm = rng.permutation(K)
-    names = ["nc1", "nc1_trace_ratio", "cdnv", "nc2_etf", "nc2_equinorm", "nc2_equiangularity", "nc2_max_angle",
-             "nc2_uniformity"]
+    names = [
+        "nc1",
+        "nc1_trace_ratio",
+        "cdnv",
+        "nc2_etf",
+        "nc2_equinorm",
+        "nc2_equiangularity",
+        "nc2_max_angle",
+        "nc2_uniformity",
+    ]
     base = m.feature_metrics(A, y, K)
     variants = {
         "rotation": (Qr @ A, y),
@@ -194,8 +209,17 @@ def test_nonfinite_input_gives_nan_never_a_plausible_value_or_an_exception():
         B[1, 2] = bad
         for k, v in m.feature_metrics(B, y).items():
             assert math.isnan(v), (bad, k)
-        for f in (m.etf_distance, m.orthogonal_frame_distance, m.equinorm, m.equiangularity, m.max_angle,
-                  m.inverse_condition_number, m.hyperspherical_uniformity, m.stable_rank, m.numerical_rank):
+        for f in (
+            m.etf_distance,
+            m.orthogonal_frame_distance,
+            m.equinorm,
+            m.equiangularity,
+            m.max_angle,
+            m.inverse_condition_number,
+            m.hyperspherical_uniformity,
+            m.stable_rank,
+            m.numerical_rank,
+        ):
             assert math.isnan(f(B)), (bad, f.__name__)
         assert np.all(np.isnan(m.singular_values(B)))
         assert math.isnan(m.nc3_product(W, B, y)) and math.isnan(m.nc3_difference(W, B, y))
@@ -240,8 +264,11 @@ def test_streaming_blocks_and_memmap_equal_one_block(tmp_path):
     path = tmp_path / "A.npy"
     np.save(path, A)
     mm = np.load(path, mmap_mode="r")
-    for st in (m.class_stats(A, y, block=3), m.class_stats(mm, y, block=5),
-               m.class_stats_blocks([(A[:, i:i + 4], y[i:i + 4]) for i in range(0, A.shape[1], 4)], 4)):
+    for st in (
+        m.class_stats(A, y, block=3),
+        m.class_stats(mm, y, block=5),
+        m.class_stats_blocks([(A[:, i : i + 4], y[i : i + 4]) for i in range(0, A.shape[1], 4)], 4),
+    ):
         for k, v in m.feature_metrics(st).items():
             assert v == pytest.approx(m.feature_metrics(whole)[k], rel=1e-11), k
         np.testing.assert_allclose(m.class_means(st)[0], m.class_means(whole)[0], rtol=1e-13)

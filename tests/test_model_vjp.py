@@ -47,7 +47,7 @@ def test_grad_and_hvp_match_plain_autodiff_and_finite_differences(activation):
         np.testing.assert_allclose(a, (b - c) / (2 * eps), rtol=1e-6, atol=1e-9)
     # directional derivative of f along v = <grad, v>; central-difference truncation eps^2 |f3(v, v, v)|/6 with
     # ||v|| ~ 8 here is ~1e-9 absolute on a derivative ~0.1: rel 1e-6
-    fd = (f(jax.tree.map(lambda x, t: x + eps * t, params, v)) - f(jax.tree.map(lambda x, t: x - eps * t, params, v)))
+    fd = f(jax.tree.map(lambda x, t: x + eps * t, params, v)) - f(jax.tree.map(lambda x, t: x - eps * t, params, v))
     dot = sum(jnp.sum(a * b) for a, b in zip(jax.tree.leaves(g), jax.tree.leaves(v)))
     assert float(fd / (2 * eps)) == pytest.approx(float(dot), rel=1e-6)
 

@@ -45,8 +45,16 @@ def _etf_optimum(L: int):
     H = np.repeat(M_H, n, axis=1)  # class-major columns
     W_last = alpha * Q @ R.T  # K x d
     Ws = (W_last,) if L == 1 else (R @ R.T, W_last)
-    p = ufm.UFM(num_classes=K, n_per_class=n, widths=(d,) * L, activation="linear", loss="mse", bias="free",
-                lam_H=lam_H, lam_W=lam_W)
+    p = ufm.UFM(
+        num_classes=K,
+        n_per_class=n,
+        widths=(d,) * L,
+        activation="linear",
+        loss="mse",
+        bias="free",
+        lam_H=lam_H,
+        lam_W=lam_W,
+    )
     return p, ufm.Params(H, Ws, np.full(K, 1.0 / K)), alpha, beta, a
 
 
@@ -77,8 +85,15 @@ def test_training_curves_draws_gap_gradient_and_nc1():
     gn_padded = np.concatenate([gn, [np.nan] * 5])
     nc1_steps = np.array([0, 10, 20, 30])
     nc1 = np.array([[1.0, 2.0], [1e-3, 1e-4], [1e-9, 0.0], [1e-15, 1e-16]])
-    fig = plotting.training_curves(ufm.History(loss_padded, gn_padded), predicted_loss=f_star, history_every=2,
-                                   nc1=nc1, nc1_steps=nc1_steps, layer_names=["H_1", "H_2"], tol=1e-9)
+    fig = plotting.training_curves(
+        ufm.History(loss_padded, gn_padded),
+        predicted_loss=f_star,
+        history_every=2,
+        nc1=nc1,
+        nc1_steps=nc1_steps,
+        layer_names=["H_1", "H_2"],
+        tol=1e-9,
+    )
     _png(fig)
     ax_loss, ax_grad, ax_nc1 = fig.axes
     assert len(fig.axes) == 3
@@ -166,8 +181,16 @@ def test_gram_heatmaps_draw_a_given_predicted_gram():
     (Dang et al. 2023), which has no fixed target Gram; the figure draws prediction.gram_H, normalised."""
     from types import SimpleNamespace
 
-    p = ufm.UFM(num_classes=3, n_per_class=(3, 2, 1), widths=(4, 4), activation="linear", loss="mse", bias="none",
-                lam_H=1e-3, lam_W=1e-3)
+    p = ufm.UFM(
+        num_classes=3,
+        n_per_class=(3, 2, 1),
+        widths=(4, 4),
+        activation="linear",
+        loss="mse",
+        bias="none",
+        lam_H=1e-3,
+        lam_W=1e-3,
+    )
     rng = np.random.default_rng(0)
     params = ufm.Params(rng.standard_normal((4, 6)), (rng.standard_normal((4, 4)), rng.standard_normal((3, 4))), None)
     G = np.diag([9.0, 4.0, 1.0])
@@ -181,14 +204,15 @@ def test_gram_heatmaps_draw_a_given_predicted_gram():
 def test_singular_value_plot_against_prediction():
     p, params, alpha, beta, a = _etf_optimum(L=1)
     # closed forms (THEORY.md §1): sigma(W) = alpha (K-1 times), sigma(H over N columns) = sqrt(n) beta
-    fig = plotting.singular_value_plot(p, params, predicted_W=[[alpha] * (K - 1)],
-                                       predicted_H=[[math.sqrt(n) * beta] * (K - 1)])
+    fig = plotting.singular_value_plot(
+        p, params, predicted_W=[[alpha] * (K - 1)], predicted_H=[[math.sqrt(n) * beta] * (K - 1)]
+    )
     _png(fig)
     assert len(fig.axes) == 2 * p.L
     ax_w, ax_h = fig.axes
     found_w = ax_w.lines[0].get_ydata()
     np.testing.assert_allclose(found_w[: K - 1], alpha, rtol=1e-12)
-    assert np.all(found_w[K - 1:] < 1e-12)  # rank K-1: the rest are rounding-level (or drawn at the floor)
+    assert np.all(found_w[K - 1 :] < 1e-12)  # rank K-1: the rest are rounding-level (or drawn at the floor)
     np.testing.assert_allclose(ax_h.lines[0].get_ydata()[: K - 1], math.sqrt(n) * beta, rtol=1e-12)
     np.testing.assert_allclose(ax_w.lines[1].get_ydata(), alpha)  # the predicted marks
     lo, hi = ax_w.get_ylim()
@@ -234,8 +258,9 @@ def test_nc1_over_training_matches_metrics_on_snapshots():
     p, params, *_ = _etf_optimum(L=2)
     rng = np.random.default_rng(1)
     noisy = ufm.Params(params.H + 0.1 * rng.standard_normal(params.H.shape), params.Ws, params.b)
-    stacked = ufm.Params(np.stack([noisy.H, params.H, params.H]), tuple(np.stack([W] * 3) for W in params.Ws),
-                         np.stack([params.b] * 3))
+    stacked = ufm.Params(
+        np.stack([noisy.H, params.H, params.H]), tuple(np.stack([W] * 3) for W in params.Ws), np.stack([params.b] * 3)
+    )
     snaps = ufm.Snapshots(np.array([0, 5, -1]), stacked)  # the last slot is unused
     steps, nc1, names = plotting.nc1_over_training(p, snaps)
     np.testing.assert_array_equal(steps, [0, 5])

@@ -19,10 +19,29 @@ import pytest
 import ufm
 from ufm import _io, _memory, _solution, cli
 
-TINY = ["-K", "3", "-n", "2", "--widths", "4", "--activation", "linear", "--loss", "ce", "--bias", "free",
-        "--lam-H", "1e-3", "--lam-W", "2e-3", "--steps", "200"]
-TINY_PROBLEM = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), activation="linear", loss="ce", bias="free",
-                       lam_H=1e-3, lam_W=2e-3)
+TINY = [
+    "-K",
+    "3",
+    "-n",
+    "2",
+    "--widths",
+    "4",
+    "--activation",
+    "linear",
+    "--loss",
+    "ce",
+    "--bias",
+    "free",
+    "--lam-H",
+    "1e-3",
+    "--lam-W",
+    "2e-3",
+    "--steps",
+    "200",
+]
+TINY_PROBLEM = ufm.UFM(
+    num_classes=3, n_per_class=2, widths=(4,), activation="linear", loss="ce", bias="free", lam_H=1e-3, lam_W=2e-3
+)
 
 
 def _main(argv, capsys):
@@ -66,18 +85,21 @@ def test_replace_keeps_a_per_layer_lam_W():
         p.replace(lamH=1.0)
 
 
-@pytest.mark.parametrize("field,value,match", [
-    ("lam_H", [1e-3, 1e-2], r"lam_H must be a scalar \(lambda_H\); got shape \(2,\)"),
-    ("lam_H", np.array([1e-3]), r"lam_H must be a scalar"),
-    ("lam_b", [1e-3, 1e-3], r"lam_b must be a scalar"),
-    ("label_smoothing", [0.1, 0.2], r"label_smoothing must be a scalar"),
-    ("label_smoothing", -0.1, r"label_smoothing must be >= 0 \(alpha in \[0, 1\)\)"),
-    ("lam_W", [[1e-3, 1e-3]], r"lam_W must be a scalar or a vector \(lambda_W: a scalar or shape \(L,\) = \(2,\)"),
-    ("lam_W", [1e-3, 1e-3, 1e-3], r"lam_W must be a scalar or have one entry per layer \(L=2\)"),
-    ("lam_H", [[1e-3], [1e-2, 1.0]], r"lam_H must be a non-negative number"),
-    ("num_classes", 2**70, r"num_classes must be <= 2147483647"),
-    ("widths", (4, 2**40), r"widths\[1\] must be <= 2147483647"),
-])
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("lam_H", [1e-3, 1e-2], r"lam_H must be a scalar \(lambda_H\); got shape \(2,\)"),
+        ("lam_H", np.array([1e-3]), r"lam_H must be a scalar"),
+        ("lam_b", [1e-3, 1e-3], r"lam_b must be a scalar"),
+        ("label_smoothing", [0.1, 0.2], r"label_smoothing must be a scalar"),
+        ("label_smoothing", -0.1, r"label_smoothing must be >= 0 \(alpha in \[0, 1\)\)"),
+        ("lam_W", [[1e-3, 1e-3]], r"lam_W must be a scalar or a vector \(lambda_W: a scalar or shape \(L,\) = \(2,\)"),
+        ("lam_W", [1e-3, 1e-3, 1e-3], r"lam_W must be a scalar or have one entry per layer \(L=2\)"),
+        ("lam_H", [[1e-3], [1e-2, 1.0]], r"lam_H must be a non-negative number"),
+        ("num_classes", 2**70, r"num_classes must be <= 2147483647"),
+        ("widths", (4, 2**40), r"widths\[1\] must be <= 2147483647"),
+    ],
+)
 def test_problem_refuses_what_solve_cannot_use(field, value, match):
     """Before: lam_H=[1e-3, 1e-2] (and the others) were accepted and failed inside solve with a JAX shape error."""
     kw = dict(num_classes=3, n_per_class=2, widths=(4, 4), loss="ce", bias="reg", lam_b=1e-3)
@@ -174,15 +196,17 @@ def test_npz_declaring_a_huge_member_is_refused_from_its_header(run, tmp_path, c
     assert rc == 0, err
 
     z = dict(np.load(run / "solution.npz"))
-    for i, (name, value, words) in enumerate((
-        ("H", None, ("H must have shape d_1 x N = (4, 6)", "(1000000000,)")),
-        ("value", np.ones(3), ("value must have shape", "a scalar ()", "(3,)")),
-        ("status", np.asarray(0.5), ("status", "must be integer", "float64")),
-        ("history_loss", np.ones(10**4), ("history_loss must be 1-D with at most num_steps + 1",)),
-        ("W1", np.ones((3, 4), np.float32), ("one floating dtype",)),
-        ("num_steps", np.asarray(-5), ("num_steps must be >= 0",)),
-        ("status", np.asarray(99), ("status 99 is not a status code of this ufm", "0 converged")),
-    )):
+    for i, (name, value, words) in enumerate(
+        (
+            ("H", None, ("H must have shape d_1 x N = (4, 6)", "(1000000000,)")),
+            ("value", np.ones(3), ("value must have shape", "a scalar ()", "(3,)")),
+            ("status", np.asarray(0.5), ("status", "must be integer", "float64")),
+            ("history_loss", np.ones(10**4), ("history_loss must be 1-D with at most num_steps + 1",)),
+            ("W1", np.ones((3, 4), np.float32), ("one floating dtype",)),
+            ("num_steps", np.asarray(-5), ("num_steps must be >= 0",)),
+            ("status", np.asarray(99), ("status 99 is not a status code of this ufm", "0 converged")),
+        )
+    ):
         folder = tmp_path / f"{name}{i}"
         shutil.copytree(run, folder)
         zz = {k: v for k, v in z.items() if k != name}
@@ -226,8 +250,11 @@ def test_memory_estimate_parts_are_the_array_sizes():
     widths (64, 64, 64), K = 2, N = 100: P = 64*100 + 64*64*2 + 2*64 = 14,720."""
     p = ufm.UFM(num_classes=2, n_per_class=50, widths=(64, 64, 64), activation="relu", lam_H=5e-3, lam_W=5e-3)
     assert p.num_params == 64 * 100 + 64 * 64 * 2 + 2 * 64 == 14_720
-    est = _memory.estimate_memory(p, dict(dtype="float64", method="lbfgs", memory_size=10, steps=10_000,
-                                      history_every=1, snapshot_every=50), hessian=False)
+    est = _memory.estimate_memory(
+        p,
+        dict(dtype="float64", method="lbfgs", memory_size=10, steps=10_000, history_every=1, snapshot_every=50),
+        hessian=False,
+    )
     assert est["solve"] == 8 * 14_720 * 28
     assert est["history"] == 2 * 8 * 10_001
     assert est["snapshots"] == 8 * 14_720 * 201
@@ -257,6 +284,7 @@ def test_unwritable_output_folder(tmp_path, capsys, monkeypatch):
     ro = tmp_path / "ro"
     ro.mkdir()
     if os.geteuid() == 0:  # root writes into a chmod 500 folder: simulate the refusal of the file system
+
         def refuse(*a, **k):
             raise PermissionError(errno.EACCES, "Permission denied")
 
@@ -274,6 +302,7 @@ def test_unwritable_output_folder(tmp_path, capsys, monkeypatch):
 def test_disk_full_is_one_line_and_leaves_no_partial_file(tmp_path, capsys, monkeypatch):
     """Simulated ENOSPC at the flush of the first file: one line naming the file, no temporary file left, and
     the folder this command created removed (nothing in it was complete)."""
+
     def full(fd):
         raise OSError(errno.ENOSPC, "No space left on device")
 
@@ -373,9 +402,31 @@ def test_real_sigint_during_a_long_solve(tmp_path):
     import time
 
     env = dict(os.environ, MPLBACKEND="Agg")
-    proc = subprocess.Popen([sys.executable, "-m", "ufm", "solve", *TINY[:-2], "--method", "gd", "--lr", "0.01",
-                             "--tol", "0", "--steps", "2000000", "--no-plots", "--out", "r"], cwd=tmp_path,
-                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "ufm",
+            "solve",
+            *TINY[:-2],
+            "--method",
+            "gd",
+            "--lr",
+            "0.01",
+            "--tol",
+            "0",
+            "--steps",
+            "2000000",
+            "--no-plots",
+            "--out",
+            "r",
+        ],
+        cwd=tmp_path,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     time.sleep(3.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=300)

@@ -31,8 +31,18 @@ from ufm._json import to_jsonable
 from ufm._sweep import runner as R
 
 # 3 lambdas x 2 learning rates x 8 seeds = 48 runs; chunk_size 4 -> 12 chunks of one compiled group.
-REF = {"K": 3, "n": 2, "widths": [4, 4], "activation": "relu", "lam": [1e-3, 3e-3, 1e-2], "method": "gd",
-       "lr": [0.05, 0.1], "max_steps": 20000, "tol": 0.0, "seeds": 8}
+REF = {
+    "K": 3,
+    "n": 2,
+    "widths": [4, 4],
+    "activation": "relu",
+    "lam": [1e-3, 3e-3, 1e-2],
+    "method": "gd",
+    "lr": [0.05, 0.1],
+    "max_steps": 20000,
+    "tol": 0.0,
+    "seeds": 8,
+}
 CHUNK = 4
 RUNNER = [sys.executable, "-c", "import sys; from ufm._sweep import sweep_main; sys.exit(sweep_main(sys.argv[1:]))"]
 
@@ -81,8 +91,7 @@ def ref(tmp_path_factory):
 
 
 def test_expand_grid_product_order_aliases_and_defaults():
-    runs = S.expand_grid({"K": [2, 3], "n": 2, "width": 5, "L": [1, 2], "lam": {"logspace": [-3, -1, 3]},
-                          "seeds": 2})
+    runs = S.expand_grid({"K": [2, 3], "n": 2, "width": 5, "L": [1, 2], "lam": {"logspace": [-3, -1, 3]}, "seeds": 2})
     assert len(runs) == 2 * 2 * 3 * 2
     # the last-listed field varies fastest; aliases and shorthands are resolved into the canonical fields
     assert [r["seed"] for r in runs[:4]] == [0, 1, 0, 1]
@@ -179,10 +188,10 @@ def test_sweep_equals_loop_of_single_solves(ref):
     # 8 of the 48 runs, covering every lambda and lr, several seeds (a single solve is ~0.1 s per run here)
     for rec in recs[::6]:
         c = rec["config"]
-        p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="relu", lam_H=c["lam_H"],
-                    lam_W=c["lam_W"])
-        sol = ufm.solve(p, key=jax.random.key(c["seed"]), method="gd", lr=c["lr"], max_steps=20000, tol=0.0,
-                        history=False)
+        p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="relu", lam_H=c["lam_H"], lam_W=c["lam_W"])
+        sol = ufm.solve(
+            p, key=jax.random.key(c["seed"]), method="gd", lr=c["lr"], max_steps=20000, tol=0.0, history=False
+        )
         # equal to round-off: the batched and the single solve run the same iteration, but XLA's batched and
         # unbatched matrix products may sum in another order (measured: 1 of these 8 runs differs, by 1 ulp of
         # the loss). GD contracts near the minimum it approaches, so such differences do not grow: 1e-12.
@@ -214,8 +223,10 @@ def test_two_shape_groups_and_no_recompile_when_numbers_change(ref):
     assert res.num_new == 6 and res.num_chunks == 2
     assert fn._cache_size() == before
     # a second shape group (shallow linear, K=2) runs in the same sweep; each run matches its single solve
-    two = [dict(REF, lam=[2e-3], lr=[0.07], seeds=[5, 6, 7]), {"K": 2, "n": 3, "widths": 3, "method": "gd",
-                                                         "max_steps": 300, "seed": [0, 1]}]
+    two = [
+        dict(REF, lam=[2e-3], lr=[0.07], seeds=[5, 6, 7]),
+        {"K": 2, "n": 3, "widths": 3, "method": "gd", "max_steps": 300, "seed": [0, 1]},
+    ]
     res2 = ufm.sweep(two, chunk_size=CHUNK, metrics=False)
     assert res2.num_chunks == 2 and [r["config"]["num_classes"] for r in res2.records] == [3, 3, 3, 2, 2]
     assert fn._cache_size() == before
@@ -244,8 +255,12 @@ def test_records_ranks_match_an_independent_numpy_forward_pass(ref):
 
     Z2 = W1 @ H
     H2 = np.maximum(Z2, 0)
-    assert rec["ranks"] == {"H": [rank(means(H)), rank(means(H2))], "Z": [rank(means(Z2))],
-                            "W": [rank(W1), rank(W2)], "out": rank(means(W2 @ H2))}
+    assert rec["ranks"] == {
+        "H": [rank(means(H)), rank(means(H2))],
+        "Z": [rank(means(Z2))],
+        "W": [rank(W1), rank(W2)],
+        "out": rank(means(W2 @ H2)),
+    }
 
 
 def test_store_roundtrip_columns_and_progress(ref, capsys):
@@ -319,7 +334,6 @@ def test_torn_last_line_is_ignored_and_redone(ref, tmp_path):
     assert all(json.loads(x) for x in _raw_lines(store)[:-1]) and _raw_lines(store)[-1] == b""
 
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # interruption and devices (subprocesses)
 
@@ -387,8 +401,12 @@ def test_sigkill_then_resume(ref, tmp_path):
 def test_sharded_over_4_host_devices_equals_one_device(ref, tmp_path):
     store = tmp_path / "four.jsonl"
     env = _env(ref, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
-    out = subprocess.run(RUNNER + [ref["config"], "--store", str(store), "--compile-cache", ref["cache"]],
-                         capture_output=True, env=env, timeout=600)
+    out = subprocess.run(
+        RUNNER + [ref["config"], "--store", str(store), "--compile-cache", ref["cache"]],
+        capture_output=True,
+        env=env,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
     assert "on 4 device(s)" in out.stdout.decode()
     assert os.listdir(ref["cache"])  # --compile-cache wrote the 4-device executable there
@@ -409,16 +427,23 @@ def test_sharded_over_4_host_devices_equals_one_device(ref, tmp_path):
 
 def _fake(lam, L, seed, gap, verdict, rank):
     """A hand-made record (only the fields phase_table reads)."""
-    return {"run": f"{lam}-{L}-{seed}", "index": 0, "config": {"lam_H": lam, "lam_W": lam, "widths": [4] * L,
-                                                               "seed": seed},
-            "gap": gap, "verdict": verdict, "ranks": {"H": [3] * (L - 1) + [rank], "out": rank}}
+    return {
+        "run": f"{lam}-{L}-{seed}",
+        "index": 0,
+        "config": {"lam_H": lam, "lam_W": lam, "widths": [4] * L, "seed": seed},
+        "gap": gap,
+        "verdict": verdict,
+        "ranks": {"H": [3] * (L - 1) + [rank], "out": rank},
+    }
 
 
 def test_phase_table_aggregates_cells_as_defined():
     recs = [
-        _fake(1e-3, 2, 0, 1e-9, "optimal", 3), _fake(1e-3, 2, 1, -2e-8, "optimal", 3),
+        _fake(1e-3, 2, 0, 1e-9, "optimal", 3),
+        _fake(1e-3, 2, 1, -2e-8, "optimal", 3),
         _fake(1e-3, 2, 2, 0.3, "suboptimal", 2),
-        _fake(1e-2, 2, 0, 0.5, "suboptimal", 1), _fake(1e-2, 2, 1, None, "unknown", 1),
+        _fake(1e-2, 2, 0, 0.5, "suboptimal", 1),
+        _fake(1e-2, 2, 1, None, "unknown", 1),
         _fake(1e-3, 3, 0, 1e-12, "optimal", 2),
     ]
     t = SP.phase_table(recs, "lam", "L", "reach", tol=1e-6)
@@ -465,8 +490,9 @@ def test_lbfgs_sweep_equals_loop_and_reaches_the_closed_form():
     assert res.num_runs == 24
     for rec in res.records:
         c = rec["config"]
-        p = ufm.UFM(num_classes=3, n_per_class=2, widths=tuple(c["widths"]), bias=c["bias"], lam_H=c["lam_H"],
-                    lam_W=c["lam_W"])
+        p = ufm.UFM(
+            num_classes=3, n_per_class=2, widths=tuple(c["widths"]), bias=c["bias"], lam_H=c["lam_H"], lam_W=c["lam_W"]
+        )
         sol = ufm.solve(p, key=c["seed"], history=False)
         assert rec["status"] == sol.status_name == "converged"
         assert rec["loss"] == pytest.approx(float(sol.value), rel=1e-10)
@@ -498,8 +524,12 @@ def test_corrupt_and_tampered_lines_are_named_skipped_and_resumed_around(ref, tm
     with pytest.warns(S.StoreIntegrityWarning) as w:
         recs = ufm.load_sweep(store)
     msg = str(w[0].message)
-    assert "3 bad line(s)" in msg and "line 4: not JSON" in msg and f"line 6: checksum mismatch (run {rec5['run']}" \
-        in msg and "line 50: checksum mismatch" in msg
+    assert (
+        "3 bad line(s)" in msg
+        and "line 4: not JSON" in msg
+        and f"line 6: checksum mismatch (run {rec5['run']}" in msg
+        and "line 50: checksum mismatch" in msg
+    )
     assert len(recs) == 46  # the two damaged runs are missing, the foreign one is not taken
     with pytest.raises(ValueError, match="line 4: not JSON"):
         ufm.load_sweep(store, strict=True)
@@ -560,8 +590,9 @@ def test_cli_store_folder_read_only_devices_and_broken_pipe(ref, tmp_path, capsy
         assert len(err) == 3
     assert all(line.startswith("ufm sweep: error:") for line in err)
     # `ufm sweep ... | true`: the reader is gone before the summary line; one line on stderr, exit 2
-    proc = subprocess.Popen(RUNNER + [ref["config"], "--store", ref["store"]], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, env=_env(ref))
+    proc = subprocess.Popen(
+        RUNNER + [ref["config"], "--store", ref["store"]], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=_env(ref)
+    )
     proc.stdout.close()
     _, err = proc.communicate(timeout=300)
     lines = err.decode().strip().splitlines()

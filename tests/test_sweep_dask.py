@@ -24,14 +24,25 @@ import ufm
 
 distributed = pytest.importorskip("distributed")
 
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning", "ignore::ResourceWarning",
-                                        "ignore::UserWarning:distributed")
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::DeprecationWarning", "ignore::ResourceWarning", "ignore::UserWarning:distributed"
+)
 
 # The shape, solver and chunk size of tests/test_sweep.py's REF grid (so the in-process reference and the workers
 # reuse its compiled programs, from memory or the persistent cache); 3 lambdas x 2 lr x 2 seeds = 12 runs in
 # 3 chunks of 4.
-GRID = {"K": 3, "n": 2, "widths": [4, 4], "activation": "relu", "lam": [1e-3, 3e-3, 1e-2], "method": "gd",
-        "lr": [0.05, 0.1], "max_steps": 20000, "tol": 0.0, "seeds": 2}
+GRID = {
+    "K": 3,
+    "n": 2,
+    "widths": [4, 4],
+    "activation": "relu",
+    "lam": [1e-3, 3e-3, 1e-2],
+    "method": "gd",
+    "lr": [0.05, 0.1],
+    "max_steps": 20000,
+    "tol": 0.0,
+    "seeds": 2,
+}
 CHUNK = 4
 RUNNER = [sys.executable, "-c", "import sys; from ufm._sweep import sweep_main; sys.exit(sweep_main(sys.argv[1:]))"]
 
@@ -101,8 +112,7 @@ def test_a_killed_worker_chunk_is_recomputed(cluster, ref, tmp_path):
     _, client = cluster
     store = tmp_path / "k.jsonl"
     out = {}
-    t = threading.Thread(target=lambda: out.setdefault("res", ufm.sweep(GRID, store, chunk_size=CHUNK,
-                                                                        client=client)))
+    t = threading.Thread(target=lambda: out.setdefault("res", ufm.sweep(GRID, store, chunk_size=CHUNK, client=client)))
     t.start()
     killed = None
     t0 = time.monotonic()
@@ -132,8 +142,11 @@ def test_client_killed_then_resumed(cluster, ref, tmp_path):
     cfg = tmp_path / "g.json"
     cfg.write_text(json.dumps({"grid": GRID, "chunk_size": CHUNK}))
     store = tmp_path / "c.jsonl"
-    proc = subprocess.Popen(RUNNER + [str(cfg), "--store", str(store), "--scheduler", lc.scheduler_address],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        RUNNER + [str(cfg), "--store", str(store), "--scheduler", lc.scheduler_address],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+    )
     t0 = time.monotonic()
     while time.monotonic() - t0 < 180 and proc.poll() is None and _lines(store) < 2:
         time.sleep(0.005)

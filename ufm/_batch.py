@@ -54,8 +54,9 @@ def _fresh(problem, inputs, ids, tol, rtol, cfg: Config, dtype):
         s = init(p, x0, opt, tol, rtol)
         return s, init_records(s, cfg)
 
-    state, rec = jax.vmap(one)(start_params(problem, take(start), scales[ids], dtype), lH[ids], lW[ids], lb[ids],
-                               lrs[ids])
+    state, rec = jax.vmap(one)(
+        start_params(problem, take(start), scales[ids], dtype), lH[ids], lW[ids], lb[ids], lrs[ids]
+    )
     return state, rec, (lH[ids], lW[ids], lb[ids], lrs[ids])
 
 
@@ -79,8 +80,12 @@ def _cycle(problem, inputs, slots: Slots, load, tol, rtol, *, cfg: Config, dtype
     """Load runs ``load[s] >= 0`` into slot s, then advance every slot by up to ``segment`` steps."""
     state, rec, nums = _fresh(problem, inputs, load, tol, rtol, cfg, dtype)
     sel = load >= 0
-    slots = Slots(_select(sel, state, slots.state), _select(sel, rec, slots.records),
-                  _select(sel, nums, slots.numbers), jnp.where(sel, load, slots.run))
+    slots = Slots(
+        _select(sel, state, slots.state),
+        _select(sel, rec, slots.records),
+        _select(sel, nums, slots.numbers),
+        jnp.where(sel, load, slots.run),
+    )
 
     def advance(state, rec, nums):
         h, w, b, lr = nums
@@ -103,8 +108,9 @@ def _cycle(problem, inputs, slots: Slots, load, tol, rtol, *, cfg: Config, dtype
             return s, record(r, s, cfg)
 
         s, r = jax.lax.while_loop(cond, body, (state, rec))
-        s = s._replace(status=jnp.where((s.status == RUNNING) & (s.step >= cfg.max_steps), MAX_STEPS,
-                                        s.status).astype(jnp.int32))
+        s = s._replace(
+            status=jnp.where((s.status == RUNNING) & (s.step >= cfg.max_steps), MAX_STEPS, s.status).astype(jnp.int32)
+        )
         return s, r
 
     state, rec = jax.vmap(advance)(slots.state, slots.records, slots.numbers)
@@ -130,8 +136,9 @@ def compiled_programs() -> int:
     return sum(f._cache_size() for f in (_cycle, _fresh_jit, _retire, _allocate))  # type: ignore[attr-defined]  # jit's private cache counter; not in jax's stub
 
 
-def solve_slots(problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | None = None,
-                segment: int | None = None) -> Solution:
+def solve_slots(
+    problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | None = None, segment: int | None = None
+) -> Solution:
     """Solve the B runs of ``inputs = (start, lam_H, lam_W, lam_b, lr, init_scale)`` (see module docstring)."""
     B = int(np.shape(inputs[1])[0])
     S = min(B, DEFAULT_SLOTS if slots is None else int(slots))
@@ -174,4 +181,3 @@ def solve_slots(problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | 
         if not (load >= 0).any() and not (st[run_of >= 0] == RUNNING).any():
             assert out is not None  # no slot is running, so each was retired into out
             return out
-

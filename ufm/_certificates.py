@@ -165,8 +165,7 @@ class KinkTest(NamedTuple):
     g_scale: float
 
 
-SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget",
-                "not checked")
+SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget", "not checked")
 
 
 class Certificate(NamedTuple):
@@ -193,8 +192,9 @@ class Certificate(NamedTuple):
         kink = None if self.kink is None else self.kink._asdict()
         return {
             "stationarity": self.stationarity._asdict(),
-            "hessian": None if self.hessian is None else {**self.hessian._asdict(),
-                                                           "smallest": list(self.hessian.smallest)},
+            "hessian": None
+            if self.hessian is None
+            else {**self.hessian._asdict(), "smallest": list(self.hessian.smallest)},
             "descent": None if self.descent is None else self.descent._asdict(),
             "dtype": self.dtype,
             "second_order": self.second_order,
@@ -315,8 +315,14 @@ def _min_slope_gradient(problem, P, masks, gr, tol: float = 0.0, sweeps: int = 1
             A = D.T @ D
             q = D.T @ (-(g0 + gr) + D @ c[li][idx])
             qp = lambda x, A=A, q=q: (0.5 * x @ A @ x - q @ x, A @ x - q)  # noqa: E731
-            r = scipy.optimize.minimize(qp, c[li][idx], jac=True, method="L-BFGS-B", bounds=[(0.0, 1.0)] * idx.size,
-                                        options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-14})
+            r = scipy.optimize.minimize(
+                qp,
+                c[li][idx],
+                jac=True,
+                method="L-BFGS-B",
+                bounds=[(0.0, 1.0)] * idx.size,
+                options={"maxiter": 1000, "ftol": 1e-15, "gtol": 1e-14},
+            )
             new = [x.copy() for x in c]
             new[li][idx] = r.x
             gf_new = g0 + D @ (r.x - c[li][idx])
@@ -339,8 +345,15 @@ def kink_masks(problem: UFM, params: Params, kink_rtol: float | None = None) -> 
     return tuple(z <= kink_rtol * z.max() if z.max() > 0 else np.ones(z.shape, bool) for z in Zs)
 
 
-def stationarity(problem: UFM, params: Params, *, kink_rtol: float | None = None, tol: float = 0.0,
-                 rel_tol: float = 0.0, max_time: float = 60.0) -> Stationarity:
+def stationarity(
+    problem: UFM,
+    params: Params,
+    *,
+    kink_rtol: float | None = None,
+    tol: float = 0.0,
+    rel_tol: float = 0.0,
+    max_time: float = 60.0,
+) -> Stationarity:
     """Value, fit/penalty split and gradient norms at ``params``, kink-aware for ReLU models (see `Stationarity`).
 
     At kinks the slopes c in [0, 1] are chosen by exact block-coordinate descent (`_min_slope_gradient`); for
@@ -363,8 +376,9 @@ def _stationarity(problem, params, kink_rtol=None, tol=0.0, rel_tol=0.0, max_tim
     stat, gfs = g, gf
     scale = float(np.linalg.norm(gf) + np.linalg.norm(gr))
     if kinks and g > tol and g > rel_tol * scale:
-        gfs, c = _min_slope_gradient(problem, P, masks, gr, max(tol, 0.5 * rel_tol * scale),
-                                     deadline=time.perf_counter() + max_time)
+        gfs, c = _min_slope_gradient(
+            problem, P, masks, gr, max(tol, 0.5 * rel_tol * scale), deadline=time.perf_counter() + max_time
+        )
         stat = min(g, float(np.linalg.norm(gfs + gr)))
         if stat == g:
             gfs = gf
@@ -496,8 +510,10 @@ def _lifted_grad_fn(problem, P, masks, slopes, smask):
     def f(x):
         e = None
         if smask:
-            e = tuple(jnp.where(m, x[n + a : n + b].reshape(s), 0.0)
-                      for m, s, a, b in zip(smask, shapes, sizes[:-1], sizes[1:], strict=True))
+            e = tuple(
+                jnp.where(m, x[n + a : n + b].reshape(s), 0.0)
+                for m, s, a, b in zip(smask, shapes, sizes[:-1], sizes[1:], strict=True)
+            )
         return _piece_objective(problem, unravel(x[:n]), masks, slopes, e)
 
     return jax.grad(f), n
@@ -590,8 +606,11 @@ def _sym_projector(problem, P, sym_rtol, cg_steps: int = 50):
     def apply(v):
         p = unravel(v)
         dmats = [p.H, *p.Ws]
-        out = _tangent(problem, P, solve(_tangent_adjoint(problem, P, dmats))) if pairs else [
-            jnp.zeros_like(x) for x in dmats]
+        out = (
+            _tangent(problem, P, solve(_tangent_adjoint(problem, P, dmats)))
+            if pairs
+            else [jnp.zeros_like(x) for x in dmats]
+        )
         b = None if p.b is None else (jnp.full_like(p.b, jnp.mean(p.b)) if shift else jnp.zeros_like(p.b))
         return ravel_pytree(Params(out[0], tuple(out[1:]), b))[0]
 
@@ -602,8 +621,9 @@ def _sym_projector(problem, P, sym_rtol, cg_steps: int = 50):
 
 
 @partial(jax.jit, static_argnames=("num_steps", "project", "cg_steps"))
-def _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, *, num_steps: int, project: bool,
-                   cg_steps: int = 50):
+def _lanczos_cycle(
+    problem, P, masks, slopes, smask, v0, sym_rtol, *, num_steps: int, project: bool, cg_steps: int = 50
+):
     """One compiled cycle of ``num_steps`` Lanczos steps on the Hessian of the smooth piece (``slopes`` at the
     kinks; lifted by activation shifts at the ``smask`` entries), restricted to the complement of the symmetry
     tangent when ``project`` (and to the ``smask`` entries of the shifts)."""
@@ -616,10 +636,24 @@ def _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, *, num_steps:
     return lanczos(lambda v: perp(hvp(perp(v))), v0, num_steps, restrict=perp)
 
 
-def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symmetries: bool = True,
-             sym_rtol: float = 1e-6, dense_max: int = 1500, max_tangent: int = 50_000_000, tol: float = 1e-8,
-             maxiter: int | None = None, krylov_dim: int = 150, max_time: float = 60.0, masks=(), slopes=(),
-             smask=()) -> tuple[HessianSpectrum, np.ndarray | None]:
+def _hessian(
+    problem,
+    params,
+    *,
+    k: int = 6,
+    method: str = "auto",
+    project_symmetries: bool = True,
+    sym_rtol: float = 1e-6,
+    dense_max: int = 1500,
+    max_tangent: int = 50_000_000,
+    tol: float = 1e-8,
+    maxiter: int | None = None,
+    krylov_dim: int = 150,
+    max_time: float = 60.0,
+    masks=(),
+    slopes=(),
+    smask=(),
+) -> tuple[HessianSpectrum, np.ndarray | None]:
     """`hessian_spectrum` and the unit eigenvector of its smallest eigenvalue (in the flat parameter space, and the
     flat activation shifts after it when lifted). ``masks``/``slopes``: the smooth piece (see
     `_piece_objective`); default JAX's convention. ``smask``: lift by activation shifts at these entries."""
@@ -660,8 +694,17 @@ def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symme
         if ev.size:
             vec = np.zeros(n + n_e)
             vec[lifted] = C @ U[:, 0]
-        return HessianSpectrum(tuple(float(x) for x in ev[:k]), largest, None if Q is None else r, n, "dense",
-                               True, "converged", n, time.perf_counter() - t_start), vec
+        return HessianSpectrum(
+            tuple(float(x) for x in ev[:k]),
+            largest,
+            None if Q is None else r,
+            n,
+            "dense",
+            True,
+            "converged",
+            n,
+            time.perf_counter() - t_start,
+        ), vec
 
     # Lanczos: cycles of m compiled steps, explicitly restarted from the bottom Ritz vector, until the bottom k
     # Ritz pairs have residual <= tol * max|theta| or the budget (maxiter steps in all, max_time seconds) is spent.
@@ -675,8 +718,9 @@ def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symme
     steps_done, status = 0, "budget"
     theta, res, vec = np.zeros(0), np.zeros(0), None
     while True:
-        alpha, beta, V, steps = _lanczos_cycle(problem, P, masks, slopes, smask, v0, sym_rtol, num_steps=m,
-                                               project=project)
+        alpha, beta, V, steps = _lanczos_cycle(
+            problem, P, masks, slopes, smask, v0, sym_rtol, num_steps=m, project=project
+        )
         steps = int(steps)
         steps_done += steps
         theta, res, Y = ritz(alpha, beta, steps)
@@ -693,9 +737,17 @@ def _hessian(problem, params, *, k: int = 6, method: str = "auto", project_symme
     # Ritz values of the projected operator; on the complement (projected out: eigenvalue 0 after the projection)
     # they are eigenvalues of the restricted Hessian. Unconverged Ritz values are still >= the true eigenvalue of
     # the same rank (interlacing), so a negative one still shows negative curvature.
-    return HessianSpectrum(tuple(float(x) for x in theta[:k]), float(theta[-1]) if theta.size else float("nan"),
-                           sym, n, "lanczos", status == "converged", status, steps_done,
-                           time.perf_counter() - t_start), vec
+    return HessianSpectrum(
+        tuple(float(x) for x in theta[:k]),
+        float(theta[-1]) if theta.size else float("nan"),
+        sym,
+        n,
+        "lanczos",
+        status == "converged",
+        status,
+        steps_done,
+        time.perf_counter() - t_start,
+    ), vec
 
 
 @jax.jit
@@ -772,10 +824,21 @@ def _default_rtol(params) -> float:
     return 1e-6 if np.asarray(Params(*params).H).dtype == np.float64 else 1e-4
 
 
-def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rtol: float | None = None,
-            grad_tol: float | None = None, rel_grad_tol: float = 0.0, hess_rtol: float | None = None,
-            mult_rtol: float | None = None, descent_rtol: float = 1e-12, max_time: float = 60.0,
-            other_side: bool = False, **hessian_options) -> Certificate:
+def certify(
+    problem: UFM,
+    params: Params,
+    *,
+    hessian: bool | str = True,
+    kink_rtol: float | None = None,
+    grad_tol: float | None = None,
+    rel_grad_tol: float = 0.0,
+    hess_rtol: float | None = None,
+    mult_rtol: float | None = None,
+    descent_rtol: float = 1e-12,
+    max_time: float = 60.0,
+    other_side: bool = False,
+    **hessian_options,
+) -> Certificate:
     """First- and second-order certificate at ``params``.
 
     First order: `stationarity` (kink-aware). The point is *stationary* when ``stationarity <= grad_tol`` if an
@@ -797,10 +860,17 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
     """
     if hessian not in (True, False, "if-stationary"):
         raise ValueError(f"hessian must be True, False or 'if-stationary'; got {hessian!r}")
-    for name, v in (("grad_tol", grad_tol), ("rel_grad_tol", rel_grad_tol), ("hess_rtol", hess_rtol),
-                    ("mult_rtol", mult_rtol), ("descent_rtol", descent_rtol), ("max_time", max_time)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float, np.floating))
-                              or not math.isfinite(v) or v < 0):
+    for name, v in (
+        ("grad_tol", grad_tol),
+        ("rel_grad_tol", rel_grad_tol),
+        ("hess_rtol", hess_rtol),
+        ("mult_rtol", mult_rtol),
+        ("descent_rtol", descent_rtol),
+        ("max_time", max_time),
+    ):
+        if v is not None and (
+            isinstance(v, bool) or not isinstance(v, (int, float, np.floating)) or not math.isfinite(v) or v < 0
+        ):
             raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
     t0 = time.perf_counter()
     # a quarter of the budget for the kink search (an upper bound of the kink-aware gradient when cut short)
@@ -840,8 +910,15 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
             moving.append(m & (np.abs(g) <= g_tol) & (s2 > (kink_rtol_of(params, kink_rtol)) ** 2 * ref))
         lifted = int(sum(x.sum() for x in moving))
         smask = tuple(moving) if lifted else ()
-        kt = KinkTest(st.kinks, int(gk.size - neg - deg), deg, neg, lifted,
-                      float(gk.min() / g_scale) if g_scale > 0 else 0.0, g_scale)
+        kt = KinkTest(
+            st.kinks,
+            int(gk.size - neg - deg),
+            deg,
+            neg,
+            lifted,
+            float(gk.min() / g_scale) if g_scale > 0 else 0.0,
+            g_scale,
+        )
     hs, vec = _hessian(problem, params, masks=masks, slopes=slopes, smask=smask, **opts)
     hess_tol = hess_rtol * abs(hs.largest) if math.isfinite(hs.largest) else 0.0
     lam = hs.smallest[0] if hs.smallest else math.inf
@@ -864,9 +941,14 @@ def certify(problem: UFM, params: Params, *, hessian: bool | str = True, kink_rt
                 desc, found = d1, True
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
         assert G is not None  # set with kt
-        li, idx = min(((li, int(np.argmin(np.where(m, g, np.inf)))) for li, (g, m) in
-                       enumerate(zip(G, masks, strict=True)) if m.any()),
-                      key=lambda t: G[t[0]].ravel()[t[1]])
+        li, idx = min(
+            (
+                (li, int(np.argmin(np.where(m, g, np.inf))))
+                for li, (g, m) in enumerate(zip(G, masks, strict=True))
+                if m.any()
+            ),
+            key=lambda t: G[t[0]].ravel()[t[1]],
+        )
         i, j = np.unravel_index(idx, masks[li].shape)
         d = np.asarray(_preactivation_grad(problem, P, jm, js, li, int(i), int(j)), np.float64)
         if np.linalg.norm(d) > 0:

@@ -158,18 +158,22 @@ def distances(problem: UFM, params: Params, prediction) -> dict:
     out: dict[str, Any] = {"W": [], "H": []}
     for l in range(L):
         W = np.asarray(params.Ws[l], np.float64)
-        out["W"].append({
-            "sv": _rel(_sv(W, len(prediction.sv_W[l])), prediction.sv_W[l]),
-            "norm": _rel(np.linalg.norm(W), prediction.norms_W[l]),
-        })
+        out["W"].append(
+            {
+                "sv": _rel(_sv(W, len(prediction.sv_W[l])), prediction.sv_W[l]),
+                "norm": _rel(np.linalg.norm(W), prediction.norms_W[l]),
+            }
+        )
         Hl = np.asarray(fw.H[l], np.float64)
         G = prediction.gram_H[l]
         M, _ = _metrics.class_means(Hl, y, K)
-        out["H"].append({
-            "sv": _rel(_sv(Hl, len(prediction.sv_H[l])), prediction.sv_H[l]),
-            "norm": _rel(np.linalg.norm(Hl), prediction.norms_H[l]),
-            "gram": None if G is None else _rel(M.T @ M, G),
-        })
+        out["H"].append(
+            {
+                "sv": _rel(_sv(Hl, len(prediction.sv_H[l])), prediction.sv_H[l]),
+                "norm": _rel(np.linalg.norm(Hl), prediction.norms_H[l]),
+                "gram": None if G is None else _rel(M.T @ M, G),
+            }
+        )
     o = np.asarray(fw.out, np.float64)
     out["out_sv"] = _rel(_sv(o, len(prediction.sv_out)), prediction.sv_out)
     WL = np.asarray(params.Ws[-1], np.float64)
@@ -197,8 +201,11 @@ def _unpack(problem: UFM, solution):
                 "(pick one with solutions.take(i))"
             )
         st = int(np.asarray(solution.status))
-        solver = {"status": st, "num_steps": int(np.asarray(solution.num_steps)),
-                  "grad_norm": float(np.asarray(solution.grad_norm))}
+        solver = {
+            "status": st,
+            "num_steps": int(np.asarray(solution.num_steps)),
+            "grad_norm": float(np.asarray(solution.grad_norm)),
+        }
         try:
             solver["status_name"] = solution.status_name
             solver["message"] = solution.message
@@ -222,8 +229,9 @@ def _prediction(problem, prediction, configuration):
         loss = float(prediction)
         return None, (loss if math.isfinite(loss) else None), {"loss": loss}
     if not hasattr(prediction, "loss"):
-        raise TypeError(f"prediction must be a ufm.Prediction, a number (a reference loss) or None; "
-                        f"got {type(prediction).__name__}")
+        raise TypeError(
+            f"prediction must be a ufm.Prediction, a number (a reference loss) or None; got {type(prediction).__name__}"
+        )
     loss = float(prediction.loss)
     return prediction, (loss if math.isfinite(loss) else None), prediction.to_dict()
 
@@ -307,8 +315,13 @@ def check(
     # the float tolerances, and (below) hess_tol, None where no Hessian was computed
     tol_key = "float32" if dtype in ("float32", "float16", "bfloat16") else "float64"
     tol: dict[str, Any] = dict(DEFAULT_TOLERANCES[tol_key])
-    for name, v in (("gap_tol", gap_tol), ("grad_tol", grad_tol), ("hess_rtol", hess_rtol),
-                    ("rel_grad_tol", rel_grad_tol), ("max_time", max_time)):
+    for name, v in (
+        ("gap_tol", gap_tol),
+        ("grad_tol", grad_tol),
+        ("hess_rtol", hess_rtol),
+        ("rel_grad_tol", rel_grad_tol),
+        ("max_time", max_time),
+    ):
         if v is not None:
             if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
@@ -316,9 +329,17 @@ def check(
     pred, f_star, pred_dict = _prediction(problem, prediction, configuration)
 
     finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(params))
-    cert = certify(problem, params, hessian="if-stationary" if (hessian and finite) else False, kink_rtol=kink_rtol,
-                   grad_tol=grad_tol, rel_grad_tol=tol["rel_grad_tol"], hess_rtol=tol["hess_rtol"],
-                   max_time=max_time, **(hessian_options or {}))
+    cert = certify(
+        problem,
+        params,
+        hessian="if-stationary" if (hessian and finite) else False,
+        kink_rtol=kink_rtol,
+        grad_tol=grad_tol,
+        rel_grad_tol=tol["rel_grad_tol"],
+        hess_rtol=tol["hess_rtol"],
+        max_time=max_time,
+        **(hessian_options or {}),
+    )
     st = cert.stationarity
     f = st.value
     finite = finite and math.isfinite(f)
@@ -352,18 +373,26 @@ def check(
         verdict, why = "not-converged", "Not converged: the objective or the parameters are not finite."
     elif gap is not None and gap < -tol["gap_tol"]:
         verdict = "below-prediction"
-        why = (f"Loss {_fmt(f)} is {_fmt(-100 * gap)}% below {label} {_fmt(f_star)}: the predicted configuration is "
-               f"not the global optimum here" + ("" if stationary else
-                                                 f" (the point itself is not yet stationary: {stat_txt})") + ".")
+        why = (
+            f"Loss {_fmt(f)} is {_fmt(-100 * gap)}% below {label} {_fmt(f_star)}: the predicted configuration is "
+            f"not the global optimum here"
+            + ("" if stationary else f" (the point itself is not yet stationary: {stat_txt})")
+            + "."
+        )
     elif not stationary:
         floor = rounding_floor(problem, params)
         tol["rounding_floor"] = floor
-        reach = floor >= (tol["rel_grad_tol"] if grad_tol is None else
-                          grad_tol / max(st.grad_fit_norm + st.grad_reg_norm, np.finfo(np.float64).tiny))
+        reach = floor >= (
+            tol["rel_grad_tol"]
+            if grad_tol is None
+            else grad_tol / max(st.grad_fit_norm + st.grad_reg_norm, np.finfo(np.float64).tiny)
+        )
         if reach:
             verdict = "unresolved"
-            why = (f"Unresolved: the {dtype} dtype cannot resolve this point: {stat_txt} > {tol_txt}, and rounding "
-                   f"the parameters to {dtype} alone gives a relative gradient ~{_fmt(floor)}; solve in float64")
+            why = (
+                f"Unresolved: the {dtype} dtype cannot resolve this point: {stat_txt} > {tol_txt}, and rounding "
+                f"the parameters to {dtype} alone gives a relative gradient ~{_fmt(floor)}; solve in float64"
+            )
         else:
             verdict = "not-converged"
             why = f"Not stationary: {stat_txt} > {tol_txt}"
@@ -372,26 +401,33 @@ def check(
         verdict = "saddle"
         why = f"Saddle: stationary ({stat_txt}) but the {curv} < -{_fmt(cert.hess_tol)}"
         if cert.descent is not None and so == "descent":
-            why = (f"Saddle: stationary ({stat_txt}) but a step {_fmt(cert.descent.step)} along a second-order "
-                   f"direction lowers the loss by {_fmt(cert.descent.decrease)} ({curv})")
+            why = (
+                f"Saddle: stationary ({stat_txt}) but a step {_fmt(cert.descent.step)} along a second-order "
+                f"direction lowers the loss by {_fmt(cert.descent.decrease)} ({curv})"
+            )
         why += "."
     else:
         if so == "certified":
             second = f"second order certified ({curv}"
             if cert.kink is not None:
                 k = cert.kink
-                second += (f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
-                           f" ({k.lifted} lifted)")
+                second += (
+                    f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
+                    f" ({k.lifted} lifted)"
+                )
             second += ")"
         elif so == "first-order only":
             kt = cert.kink
-            second = (f"first-order only: at the {st.kinks} ReLU kinks the second-order test is inconclusive ("
-                      + (f"{kt.negative} negative multipliers, " if kt and kt.negative else "")
-                      + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form, no lower point found)")
+            second = (
+                f"first-order only: at the {st.kinks} ReLU kinks the second-order test is inconclusive ("
+                + (f"{kt.negative} negative multipliers, " if kt and kt.negative else "")
+                + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form, no lower point found)"
+            )
         elif so == "not checked: budget":
             assert hs is not None  # the budget ran out inside the Hessian computation
-            second = (f"second order not checked: budget ({hs.iterations} Lanczos steps, {_fmt(hs.seconds)} s; "
-                      f"{curv} so far)")
+            second = (
+                f"second order not checked: budget ({hs.iterations} Lanczos steps, {_fmt(hs.seconds)} s; {curv} so far)"
+            )
         else:
             second = "second order not checked"
         if f_star is None:
@@ -402,10 +438,11 @@ def check(
             assert gap is not None  # set whenever f_star is and the point is finite
             if abs(gap) <= tol["gap_tol"]:
                 verdict = "matches"
-                why = (f"Matches {label} {_fmt(f_star)}{caveat}: relative gap {_fmt(gap)}, {stat_txt}, {second}.")
+                why = f"Matches {label} {_fmt(f_star)}{caveat}: relative gap {_fmt(gap)}, {stat_txt}, {second}."
             else:
                 verdict = "local-min"
-                why = (f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
-                       f"({stat_txt}), {second}.")
-    return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype,
-                  so)
+                why = (
+                    f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
+                    f"({stat_txt}), {second}."
+                )
+    return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype, so)

@@ -151,14 +151,32 @@ def init(problem, params: Params, opt, tol, rtol) -> SolverState:
     rel0 = rel_grad(problem, params, g0)
     finite = jnp.isfinite(v0) & jnp.isfinite(gn0)
     status = jnp.where(~finite, NONFINITE_INIT, jnp.where(_converged(gn0, rel0, tol, rtol), CONVERGED, RUNNING))
-    return SolverState(jnp.int32(0), params, strong(opt.init(params)), v0, g0, gn0, rel0, v0, gn0, jnp.int32(0),
-                       DIVERGENCE_FACTOR * jnp.maximum(1.0, jnp.abs(v0)), status.astype(jnp.int32))
+    return SolverState(
+        jnp.int32(0),
+        params,
+        strong(opt.init(params)),
+        v0,
+        g0,
+        gn0,
+        rel0,
+        v0,
+        gn0,
+        jnp.int32(0),
+        DIVERGENCE_FACTOR * jnp.maximum(1.0, jnp.abs(v0)),
+        status.astype(jnp.int32),
+    )
 
 
 def strong(tree):
     """Every array leaf without JAX's weak type (a weak leaf in a carried state makes jit compile twice)."""
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype=jnp.asarray(x).dtype) + jnp.zeros((), jnp.asarray(
-        x).dtype) if getattr(x, "weak_type", False) else x, tree)
+    return jax.tree_util.tree_map(
+        lambda x: (
+            jnp.asarray(x, dtype=jnp.asarray(x).dtype) + jnp.zeros((), jnp.asarray(x).dtype)
+            if getattr(x, "weak_type", False)
+            else x
+        ),
+        tree,
+    )
 
 
 def _converged(gn, rel, tol, rtol):
@@ -181,10 +199,24 @@ def step(problem, state: SolverState, opt, tol, rtol, patience: int) -> SolverSt
     floor = RESOLVE_FLOOR["float64" if v.dtype == jnp.float64 else "float32"]
     stalled = jnp.where(rel <= floor, PRECISION_FLOOR, STALLED)
     status = jnp.where(
-        bad, DIVERGED,
-        jnp.where(_converged(gn, rel, tol, rtol), CONVERGED, jnp.where(k - last >= patience, stalled, RUNNING)))
-    return SolverState(k, x, s, v, g, gn, rel, jnp.minimum(state.best_value, v), jnp.minimum(state.best_grad_norm, gn),
-                       last, state.limit, status.astype(jnp.int32))
+        bad,
+        DIVERGED,
+        jnp.where(_converged(gn, rel, tol, rtol), CONVERGED, jnp.where(k - last >= patience, stalled, RUNNING)),
+    )
+    return SolverState(
+        k,
+        x,
+        s,
+        v,
+        g,
+        gn,
+        rel,
+        jnp.minimum(state.best_value, v),
+        jnp.minimum(state.best_grad_norm, gn),
+        last,
+        state.limit,
+        status.astype(jnp.int32),
+    )
 
 
 class Records(NamedTuple):
@@ -199,13 +231,16 @@ def init_records(state: SolverState, cfg: Config) -> Records:
     hist = snaps = None
     if cfg.history:
         nh = cfg.max_steps // cfg.history_every + 1
-        hist = History(jnp.full((nh,), jnp.nan, dtype).at[0].set(state.value),
-                       jnp.full((nh,), jnp.nan, dtype).at[0].set(state.grad_norm))
+        hist = History(
+            jnp.full((nh,), jnp.nan, dtype).at[0].set(state.value),
+            jnp.full((nh,), jnp.nan, dtype).at[0].set(state.grad_norm),
+        )
     if cfg.snapshot_every:
         ns = cfg.max_steps // cfg.snapshot_every + 1
-        snaps = Snapshots(jnp.full((ns,), -1, jnp.int32).at[0].set(0),
-                          jax.tree_util.tree_map(lambda a: jnp.zeros((ns,) + a.shape, a.dtype).at[0].set(a),
-                                                 state.params))
+        snaps = Snapshots(
+            jnp.full((ns,), -1, jnp.int32).at[0].set(0),
+            jax.tree_util.tree_map(lambda a: jnp.zeros((ns,) + a.shape, a.dtype).at[0].set(a), state.params),
+        )
     return Records(hist, snaps)
 
 
@@ -215,22 +250,26 @@ def record(rec: Records, state: SolverState, cfg: Config) -> Records:
     if hist is not None:
         j = k // cfg.history_every
         w = (k % cfg.history_every) == 0
-        hist = History(hist.loss.at[j].set(jnp.where(w, state.value, hist.loss[j])),
-                       hist.grad_norm.at[j].set(jnp.where(w, state.grad_norm, hist.grad_norm[j])))
+        hist = History(
+            hist.loss.at[j].set(jnp.where(w, state.value, hist.loss[j])),
+            hist.grad_norm.at[j].set(jnp.where(w, state.grad_norm, hist.grad_norm[j])),
+        )
     if snaps is not None:
         assert cfg.snapshot_every is not None  # snapshots are recorded only with snapshot_every set
         i = k // cfg.snapshot_every
         w = (k % cfg.snapshot_every) == 0
-        snaps = Snapshots(snaps.step.at[i].set(jnp.where(w, k, snaps.step[i])),
-                          jax.tree_util.tree_map(lambda a, y: a.at[i].set(jnp.where(w, y, a[i])), snaps.params,
-                                                 state.params))
+        snaps = Snapshots(
+            snaps.step.at[i].set(jnp.where(w, k, snaps.step[i])),
+            jax.tree_util.tree_map(lambda a, y: a.at[i].set(jnp.where(w, y, a[i])), snaps.params, state.params),
+        )
     return Records(hist, snaps)
 
 
 def finish(state: SolverState, rec: Records, cfg: Config) -> Solution:
     status = jnp.where(state.status == RUNNING, MAX_STEPS, state.status).astype(jnp.int32)
-    return Solution(state.params, state.value, state.grad_norm, state.step, status, rec.history, rec.snapshots,
-                    state.rel_grad)
+    return Solution(
+        state.params, state.value, state.grad_norm, state.step, status, rec.history, rec.snapshots, state.rel_grad
+    )
 
 
 # --- progress and interruption (host side) ------------------------------------------------------------------------
@@ -283,6 +322,7 @@ class catch_sigint:
         _INTERRUPT.clear()
         self.old = self.pipe = None
         if threading.current_thread() is threading.main_thread():
+
             def handler(signum, frame):
                 if self.seen:
                     raise KeyboardInterrupt
@@ -355,8 +395,9 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
         rec = record(rec, state, cfg)
         if cfg.progress_every:
             stop = _progress_point(handle, state, cfg, state.step >= cfg.max_steps)
-            state = state._replace(status=jnp.where(stop & (state.status == RUNNING), INTERRUPTED,
-                                                    state.status).astype(jnp.int32))
+            state = state._replace(
+                status=jnp.where(stop & (state.status == RUNNING), INTERRUPTED, state.status).astype(jnp.int32)
+            )
         return state, rec
 
     state, rec = jax.lax.while_loop(cond, body, (state0, rec0))

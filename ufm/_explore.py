@@ -133,8 +133,16 @@ class Exploration(NamedTuple):
         d["minima"] = [m.to_dict() for m in self.minima]
         for name in ("check_dnc", "check_best"):
             r = getattr(self, name)
-            d[name] = None if r is None else {"verdict": r.verdict, "explanation": r.explanation, "gap": r.gap,
-                                              "predicted_loss": r.predicted_loss}
+            d[name] = (
+                None
+                if r is None
+                else {
+                    "verdict": r.verdict,
+                    "explanation": r.explanation,
+                    "gap": r.gap,
+                    "predicted_loss": r.predicted_loss,
+                }
+            )
         return to_jsonable(d)
 
 
@@ -161,8 +169,12 @@ def structure(problem: UFM, params: Params, rank_rtol: float = RANK_RTOL) -> dic
     ranks = tuple(_metrics.numerical_rank(M, rank_rtol) for M in Ms)
     ranks_Z = tuple(_metrics.numerical_rank(M, rank_rtol) for M in MZ)
     spectra = tuple(np.sort(np.linalg.eigvalsh(M.T @ M))[::-1] for M in Ms)
-    return {"ranks": ranks, "ranks_Z": ranks_Z, "gram_spectra": spectra,
-            "description": _describe(problem, Ms, ranks, ranks_Z)}
+    return {
+        "ranks": ranks,
+        "ranks_Z": ranks_Z,
+        "gram_spectra": spectra,
+        "description": _describe(problem, Ms, ranks, ranks_Z),
+    }
 
 
 def _describe(problem: UFM, Ms, ranks, ranks_Z) -> str:
@@ -233,8 +245,7 @@ def _np64(x) -> Any:
 
 
 def _tree_np(params: Params) -> Params:
-    return Params(_np64(params.H), tuple(_np64(W) for W in params.Ws),
-                  None if params.b is None else _np64(params.b))
+    return Params(_np64(params.H), tuple(_np64(W) for W in params.Ws), None if params.b is None else _np64(params.b))
 
 
 def _b(params: Params) -> jax.Array:
@@ -295,11 +306,17 @@ def _progress_fn(progress) -> Callable[[dict], None] | None:
     if progress is None or progress is False:
         return None
     if progress is True:
+
         def show(info):
-            print(f"explore: round {info['round']:3d}  {info['elapsed']:7.1f}s  starts {info['starts']:5d}  "
-                  f"best {info['best']:.10g}" + (f"  ratio to DNC {info['ratio_to_dnc']:.4f}"
-                                                 if math.isfinite(info["ratio_to_dnc"]) else "")
-                  + f"  minima {info['minima']}", file=sys.stderr, flush=True)
+            print(
+                f"explore: round {info['round']:3d}  {info['elapsed']:7.1f}s  starts {info['starts']:5d}  "
+                f"best {info['best']:.10g}"
+                + (f"  ratio to DNC {info['ratio_to_dnc']:.4f}" if math.isfinite(info["ratio_to_dnc"]) else "")
+                + f"  minima {info['minima']}",
+                file=sys.stderr,
+                flush=True,
+            )
+
         return show
     if callable(progress):
         return progress
@@ -417,9 +434,24 @@ def explore(
             chk_dnc = check(problem, best_params, configuration="dnc", hessian=check_hessian, metrics=False)
         if np.isfinite(pred.loss):
             chk_best = check(problem, best_params, pred, hessian=check_hessian, metrics=False)
-        return Exploration(best_params, best_value, ratio, dnc_loss, explicit_losses, bool(pred.known), pred,
-                           tuple(minima), chk_dnc, chk_best, stats, tuple(trace), time.perf_counter() - t0,
-                           starts, rounds, message)
+        return Exploration(
+            best_params,
+            best_value,
+            ratio,
+            dnc_loss,
+            explicit_losses,
+            bool(pred.known),
+            pred,
+            tuple(minima),
+            chk_dnc,
+            chk_best,
+            stats,
+            tuple(trace),
+            time.perf_counter() - t0,
+            starts,
+            rounds,
+            message,
+        )
 
     explicit = _explicit_candidates(problem, dt)
     explicit_losses = {k: float(objective(problem, v)) for k, v in explicit.items()}
@@ -428,11 +460,29 @@ def explore(
         params = next(iter(explicit.values()))
         value = float(objective(problem, params))
         st = structure(problem, params)
-        m = Minimum(value, 1, "theory", time.perf_counter() - t0, 0, math.nan, st["ranks"], st["ranks_Z"],
-                    st["gram_spectra"], st["description"], params)
-        return finish(params, value, [m], {"theory": {"starts": 0, "minima": 1, "best": value, "best_time": 0.0}},
-                      [(time.perf_counter() - t0, 0, value)], 0, 0,
-                      f"known optimum ({pred.reference or 'ufm.predict'}): returned ufm.construct's point, no search")
+        m = Minimum(
+            value,
+            1,
+            "theory",
+            time.perf_counter() - t0,
+            0,
+            math.nan,
+            st["ranks"],
+            st["ranks_Z"],
+            st["gram_spectra"],
+            st["description"],
+            params,
+        )
+        return finish(
+            params,
+            value,
+            [m],
+            {"theory": {"starts": 0, "minima": 1, "best": value, "best_time": 0.0}},
+            [(time.perf_counter() - t0, 0, value)],
+            0,
+            0,
+            f"known optimum ({pred.reference or 'ufm.predict'}): returned ufm.construct's point, no search",
+        )
 
     seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
     rng = np.random.default_rng(seed)
@@ -467,8 +517,7 @@ def explore(
         if s == "hop" and minima:
             top = sorted(minima, key=lambda m: m.value)[:3]
             best = top[int(rng.integers(len(top)))]
-            return _Job(_perturb(_tree_np(best.params), rng, float(rng.choice([0.03, 0.1, 0.2, 0.5]))), s, 1.0, 0,
-                        True)
+            return _Job(_perturb(_tree_np(best.params), rng, float(rng.choice([0.03, 0.1, 0.2, 0.5]))), s, 1.0, 0, True)
         return _Job(_random_start(problem, rng, 1.0), "random" if "random" in stats else s, 1.0, 0, True)
 
     def record(job: _Job, params: Params, value: float, status: int, gnorm: float, now: float):
@@ -481,8 +530,21 @@ def explore(
                 minima[i] = m._replace(count=m.count + 1)
                 break
         else:
-            minima.append(Minimum(value, 1, job.strategy, now, status, gnorm, st["ranks"], st["ranks_Z"],
-                                  st["gram_spectra"], st["description"], params))
+            minima.append(
+                Minimum(
+                    value,
+                    1,
+                    job.strategy,
+                    now,
+                    status,
+                    gnorm,
+                    st["ranks"],
+                    st["ranks_Z"],
+                    st["gram_spectra"],
+                    st["description"],
+                    params,
+                )
+            )
             stats[job.strategy]["minima"] += 1
         s = stats[job.strategy]
         if value < s["best"]:
@@ -505,8 +567,9 @@ def explore(
         take = min(len(pending), B - len(jobs))
         jobs += pending[:take]
         pending = pending[take:]
-        others = [s for s in strategies if s != "explicit" and (s != "hop" or minima)
-                  and (s != "perturbed" or explicit)]
+        others = [
+            s for s in strategies if s != "explicit" and (s != "hop" or minima) and (s != "perturbed" or explicit)
+        ]
         n_new = B - len(jobs)
         if max_starts is not None:
             n_new = min(n_new, max(0, max_starts - starts - sum(j.new_start for j in jobs)))
@@ -532,8 +595,15 @@ def explore(
         )
         fac = np.array([j.lam_factor for j in padded])
         tr0 = time.perf_counter()
-        sols = solve_batch(problem, init=init, lam_H=lam_H0 * fac, lam_W=fac[:, None] * lam_W0[None, :],
-                           lam_b=lam_b0 * fac, max_steps=int(steps), history=False)
+        sols = solve_batch(
+            problem,
+            init=init,
+            lam_H=lam_H0 * fac,
+            lam_W=fac[:, None] * lam_W0[None, :],
+            lam_b=lam_b0 * fac,
+            max_steps=int(steps),
+            history=False,
+        )
         values = np.asarray(sols.value, np.float64)
         status = np.asarray(sols.status)
         gnorm = np.asarray(sols.grad_norm, np.float64)
@@ -556,33 +626,50 @@ def explore(
         last_round = time.perf_counter() - tr0
         trace.append((now, starts, best_value))
         if pfn is not None:
-            pfn({"round": rounds, "elapsed": now, "starts": starts, "best": best_value,
-                 "ratio_to_dnc": best_value / dnc_loss if math.isfinite(dnc_loss) else math.nan,
-                 "minima": len(minima)})
+            pfn(
+                {
+                    "round": rounds,
+                    "elapsed": now,
+                    "starts": starts,
+                    "best": best_value,
+                    "ratio_to_dnc": best_value / dnc_loss if math.isfinite(dnc_loss) else math.nan,
+                    "minima": len(minima),
+                }
+            )
 
     # leftovers (budget hit with unfinished continuations): record where they stand
     for j in pending:
         v = float(objective(problem, j.init))
         if j.lam_factor == 1.0 and math.isfinite(v):
-            p_i = Params(jnp.asarray(j.init.H, dt), tuple(jnp.asarray(W, dt) for W in j.init.Ws),
-                         None if j.init.b is None else jnp.asarray(j.init.b, dt))
+            p_i = Params(
+                jnp.asarray(j.init.H, dt),
+                tuple(jnp.asarray(W, dt) for W in j.init.Ws),
+                None if j.init.b is None else jnp.asarray(j.init.b, dt),
+            )
             record(j, p_i, v, 1, math.nan, time.perf_counter() - t0)
     for name, prm in explicit.items():  # never above an explicit candidate
         if explicit_losses[name] < best_value:
             best_value, best_params = explicit_losses[name], prm
     if best_params is None:  # every run failed (non-finite): report the failure as a status, not an exception
         best_params = _random_start(problem, np.random.default_rng(seed), 1.0)
-        best_params = Params(jnp.asarray(best_params.H, dt), tuple(jnp.asarray(W, dt) for W in best_params.Ws),
-                             None if best_params.b is None else jnp.asarray(best_params.b, dt))
-        msg = ("no finite local minimum was reached: every run failed (see the solver statuses); params is a "
-               "random start")
+        best_params = Params(
+            jnp.asarray(best_params.H, dt),
+            tuple(jnp.asarray(W, dt) for W in best_params.Ws),
+            None if best_params.b is None else jnp.asarray(best_params.b, dt),
+        )
+        msg = (
+            "no finite local minimum was reached: every run failed (see the solver statuses); params is a random start"
+        )
         return finish(best_params, math.nan, minima, stats, trace, starts, rounds, msg)
     minima.sort(key=lambda m: m.value)
     for s in stats.values():
         s.pop("wins", None)
     ratio = best_value / dnc_loss if math.isfinite(dnc_loss) else math.nan
-    msg = (f"best {best_value:.10g}" + (f" = {ratio:.4f} x DNC" if math.isfinite(ratio) else "")
-           + f" after {starts} starts in {rounds} rounds; {len(minima)} distinct minima; an upper bound on the "
-             "global optimum (numerical search, no certificate of global optimality)")
+    msg = (
+        f"best {best_value:.10g}"
+        + (f" = {ratio:.4f} x DNC" if math.isfinite(ratio) else "")
+        + f" after {starts} starts in {rounds} rounds; {len(minima)} distinct minima; an upper bound on the "
+        "global optimum (numerical search, no certificate of global optimality)"
+    )
     best_value = float(objective(problem, best_params))
     return finish(best_params, best_value, minima, stats, trace, starts, rounds, msg)

@@ -194,8 +194,9 @@ def _check_limits(extras: Any, max_bytes: Any) -> None:
         raise TypeError(f"max_bytes must be a positive integer (bytes); got {max_bytes!r}")
     if max_bytes <= 0:
         raise ValueError(f"max_bytes must be a positive integer (bytes); got {max_bytes!r}")
-    if not (isinstance(extras, bool) or (isinstance(extras, (list, tuple))
-                                         and all(isinstance(k, str) for k in extras))):
+    if not (
+        isinstance(extras, bool) or (isinstance(extras, (list, tuple)) and all(isinstance(k, str) for k in extras))
+    ):
         raise TypeError(f"extras must be True, False or a sequence of array names; got {extras!r}")
 
 
@@ -203,12 +204,14 @@ def _check_one(solution, name: str = "solution") -> None:
     if not (hasattr(solution, "params") and hasattr(solution, "status")):
         raise TypeError(f"{name} must be a ufm.Solution; got {type(solution).__name__}")
     if np.ndim(solution.status) != 0:
-        raise ValueError(f"{name} must be one solution; got a batch of {np.shape(solution.status)[0]} "
-                         "(use sols.take(i) for run i)")
+        raise ValueError(
+            f"{name} must be one solution; got a batch of {np.shape(solution.status)[0]} (use sols.take(i) for run i)"
+        )
 
 
-def save_solution(path: str | os.PathLike, solution, *, history_every: int = 1,
-                  extras: dict[str, Any] | None = None) -> Path:
+def save_solution(
+    path: str | os.PathLike, solution, *, history_every: int = 1, extras: dict[str, Any] | None = None
+) -> Path:
     """Save an unbatched `ufm.Solution` (params, outcome, trimmed history), ``made_by`` and ``extras`` to ``path``
     (.npz, uncompressed, no pickle), atomically.
 
@@ -279,8 +282,10 @@ def _headers(zf: zipfile.ZipFile, path: Path) -> dict[str, _Member]:
         except Exception as e:  # a malformed header is a malformed file, whatever NumPy raises
             raise ResultsError(f"solution file {path}: array {name!r} has no valid .npy header ({e})") from None
         if dtype.hasobject:
-            raise ResultsError(f"solution file {path}: array {name!r} holds Python objects (dtype {dtype}); "
-                               "results files hold numbers only and are never unpickled")
+            raise ResultsError(
+                f"solution file {path}: array {name!r} holds Python objects (dtype {dtype}); "
+                "results files hold numbers only and are never unpickled"
+            )
         out[name] = _Member(tuple(shape), dtype, int(math.prod(shape)) * dtype.itemsize)
     return out
 
@@ -290,8 +295,9 @@ def _read(zf: zipfile.ZipFile, name: str, path: Path) -> np.ndarray:
         with zf.open(name + ".npy") as fh:
             return np.lib.format.read_array(fh, allow_pickle=False)
     except Exception as e:  # truncated data, CRC errors, ...
-        raise ResultsError(f"solution file {path}: array {name!r} could not be read ({type(e).__name__}: {e})") \
-            from None
+        raise ResultsError(
+            f"solution file {path}: array {name!r} could not be read ({type(e).__name__}: {e})"
+        ) from None
 
 
 def _expect(members: dict[str, _Member], name: str, shape: tuple | None, kinds: str, what: str, path: Path):
@@ -299,15 +305,16 @@ def _expect(members: dict[str, _Member], name: str, shape: tuple | None, kinds: 
     if m is None:
         raise ResultsError(f"solution file {path} has no array {name!r} ({what})")
     if m.dtype.kind not in kinds:
-        raise ResultsError(f"solution file {path}: {name} ({what}) must be "
-                           f"{'floating' if kinds == 'f' else 'integer'}; got dtype {m.dtype}")
+        raise ResultsError(
+            f"solution file {path}: {name} ({what}) must be "
+            f"{'floating' if kinds == 'f' else 'integer'}; got dtype {m.dtype}"
+        )
     if shape is not None and m.shape != shape:
         raise ResultsError(f"solution file {path}: {name} must have shape {what} = {shape}; got {m.shape}")
     return m
 
 
-def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[str] = True,
-                  max_bytes: int = MAX_BYTES):
+def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[str] = True, max_bytes: int = MAX_BYTES):
     """Load ``solution.npz`` for ``problem``: returns ``(Solution, extras, history_every)``.
 
     The file is untrusted: before any array is read, its header must match what the problem needs (H is
@@ -344,21 +351,27 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         dims = problem.widths + (problem.num_classes,)
         needed = {"H": _expect(members, "H", hs, "f", "d_1 x N", path)}
         for i, s in enumerate(ws):
-            needed[f"W{i + 1}"] = _expect(members, f"W{i + 1}", s, "f", f"d_{i + 2} x d_{i + 1} (widths {dims})",
-                                          path)
+            needed[f"W{i + 1}"] = _expect(members, f"W{i + 1}", s, "f", f"d_{i + 2} x d_{i + 1} (widths {dims})", path)
         if bs is not None:
             needed["b"] = _expect(members, "b", bs, "f", "(K,)", path)
         elif "b" in members:
             raise ResultsError(f"solution file {path} has an array 'b' but the problem has bias='none'")
         dtypes = {m.dtype for m in needed.values()}
         if len(dtypes) != 1:
-            raise ResultsError(f"solution file {path}: H, W_l (and b) must share one floating dtype; got "
-                               f"{sorted(map(str, dtypes))}")
+            raise ResultsError(
+                f"solution file {path}: H, W_l (and b) must share one floating dtype; got {sorted(map(str, dtypes))}"
+            )
         if next(iter(dtypes)) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ResultsError(f"solution file {path}: the parameters must be float32 or float64 (the dtypes ufm "
-                               f"solves in); got {next(iter(dtypes))}")
-        for name, kinds, what in (("value", "f", "the objective f"), ("grad_norm", "f", "||grad f||"),
-                                  ("num_steps", "iu", "the steps taken"), ("status", "iu", "the status code")):
+            raise ResultsError(
+                f"solution file {path}: the parameters must be float32 or float64 (the dtypes ufm "
+                f"solves in); got {next(iter(dtypes))}"
+            )
+        for name, kinds, what in (
+            ("value", "f", "the objective f"),
+            ("grad_norm", "f", "||grad f||"),
+            ("num_steps", "iu", "the steps taken"),
+            ("status", "iu", "the status code"),
+        ):
             needed[name] = _expect(members, name, (), kinds, f"{what}, a scalar ()", path)
         if "history_every" in members:
             needed["history_every"] = _expect(members, "history_every", (), "iu", "a scalar ()", path)
@@ -366,20 +379,26 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         num_steps = int(scal["num_steps"])
         history_every = int(scal.get("history_every", 1))
         if num_steps < 0 or history_every < 1:
-            raise ResultsError(f"solution file {path}: num_steps must be >= 0 and history_every >= 1; got "
-                               f"{num_steps} and {history_every}")
+            raise ResultsError(
+                f"solution file {path}: num_steps must be >= 0 and history_every >= 1; got "
+                f"{num_steps} and {history_every}"
+            )
         from ._solution import STATUS_NAMES
 
         if int(scal["status"]) not in STATUS_NAMES:
-            raise ResultsError(f"solution file {path}: status {int(scal['status'])} is not a status code of this "
-                               f"ufm ({', '.join(f'{c} {n}' for c, n in sorted(STATUS_NAMES.items()))})")
+            raise ResultsError(
+                f"solution file {path}: status {int(scal['status'])} is not a status code of this "
+                f"ufm ({', '.join(f'{c} {n}' for c, n in sorted(STATUS_NAMES.items()))})"
+            )
         hist_ok = all(k in members for k in _HISTORY)
         if hist_ok:
             for k in _HISTORY:
                 m = _expect(members, k, None, "f", "a 1-D history", path)
                 if len(m.shape) != 1 or m.shape[0] > num_steps + 1:
-                    raise ResultsError(f"solution file {path}: {k} must be 1-D with at most num_steps + 1 = "
-                                       f"{num_steps + 1} entries; got shape {m.shape}")
+                    raise ResultsError(
+                        f"solution file {path}: {k} must be 1-D with at most num_steps + 1 = "
+                        f"{num_steps + 1} entries; got shape {m.shape}"
+                    )
                 needed[k] = m
         if extras is True:
             extra_names = [k for k in members if k not in needed and k not in (*_HISTORY, "made_by")]
@@ -389,25 +408,38 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
             extra_names = [k for k in extras if k in members and k not in needed]
         for k in extra_names:
             if members[k].dtype.kind not in "biuf":
-                raise ResultsError(f"solution file {path}: extra array {k!r} must be numeric; got dtype "
-                                   f"{members[k].dtype}")
+                raise ResultsError(
+                    f"solution file {path}: extra array {k!r} must be numeric; got dtype {members[k].dtype}"
+                )
             needed[k] = members[k]
         total = sum(m.nbytes for m in needed.values())
         if total > max_bytes:
             big = max(needed, key=lambda k: needed[k].nbytes)
             m = needed[big]
-            raise ResultsError(f"solution file {path} declares {total:,} bytes of arrays (the largest, {big!r}, "
-                               f"shape {m.shape} {m.dtype}: {m.nbytes:,} bytes), more than max_bytes = "
-                               f"{max_bytes:,}; raise max_bytes if the file is trusted")
+            raise ResultsError(
+                f"solution file {path} declares {total:,} bytes of arrays (the largest, {big!r}, "
+                f"shape {m.shape} {m.dtype}: {m.nbytes:,} bytes), more than max_bytes = "
+                f"{max_bytes:,}; raise max_bytes if the file is trusted"
+            )
         arrays = {k: _read(zf, k, path) for k in needed if k not in scal}
     H = jnp.asarray(arrays["H"])
-    params = Params(H, tuple(jnp.asarray(arrays[f"W{i + 1}"]) for i in range(problem.L)),
-                    jnp.asarray(arrays["b"]) if bs is not None else None)
+    params = Params(
+        H,
+        tuple(jnp.asarray(arrays[f"W{i + 1}"]) for i in range(problem.L)),
+        jnp.asarray(arrays["b"]) if bs is not None else None,
+    )
     hist = None
     if hist_ok:
         hist = History(jnp.asarray(arrays["history_loss"]), jnp.asarray(arrays["history_grad_norm"]))
-    sol = Solution(params, jnp.asarray(scal["value"]), jnp.asarray(scal["grad_norm"]),
-                   jnp.asarray(scal["num_steps"]), jnp.asarray(scal["status"]), hist, None)
+    sol = Solution(
+        params,
+        jnp.asarray(scal["value"]),
+        jnp.asarray(scal["grad_norm"]),
+        jnp.asarray(scal["num_steps"]),
+        jnp.asarray(scal["status"]),
+        hist,
+        None,
+    )
     return sol, {k: arrays[k] for k in extra_names}, history_every
 
 
@@ -462,8 +494,13 @@ def build_report(problem, solution, prediction=None, check=None, metrics=None, n
     (what was not computed, and why) and ``made_by``."""
     value = float(solution.value)
     f_pred, known = predicted_loss(prediction)
-    comparison = {"loss": value, "predicted_loss": f_pred, "predicted_is_optimum": known, "gap": None,
-                  "relative_gap": None}
+    comparison = {
+        "loss": value,
+        "predicted_loss": f_pred,
+        "predicted_is_optimum": known,
+        "gap": None,
+        "relative_gap": None,
+    }
     if f_pred is not None and math.isfinite(value):
         comparison["gap"] = value - f_pred
         comparison["relative_gap"] = (value - f_pred) / max(abs(f_pred), 1e-300)
@@ -484,9 +521,17 @@ def build_report(problem, solution, prediction=None, check=None, metrics=None, n
     }
 
 
-def save_results(folder: str | os.PathLike, problem, solution, report=None, *, solver: dict | None = None,
-                 history_every: int | None = None, extras: dict[str, Any] | None = None,
-                 overwrite: bool = False) -> Path:
+def save_results(
+    folder: str | os.PathLike,
+    problem,
+    solution,
+    report=None,
+    *,
+    solver: dict | None = None,
+    history_every: int | None = None,
+    extras: dict[str, Any] | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Save a solve from Python as a results folder, the layout ``ufm solve`` writes (see the module docs), so
     ``ufm check FOLDER``, ``ufm plot FOLDER`` and `load_results` read it.
 
@@ -532,8 +577,11 @@ def save_results(folder: str | os.PathLike, problem, solution, report=None, *, s
         report_d = build_report(problem, solution, report.prediction, report, report.metrics)
     else:
         raise TypeError(f"report must be a ufm.Report, a dict or None; got {type(report).__name__}")
-    config = {"problem": problem.to_dict(), "solver": dict(solver or {}, history_every=history_every),
-              "made_by": made_by()}
+    config = {
+        "problem": problem.to_dict(),
+        "solver": dict(solver or {}, history_every=history_every),
+        "made_by": made_by(),
+    }
     write_json(folder / CONFIG_FILE, config)
     save_solution(folder / SOLUTION_FILE, solution, history_every=history_every, extras=extras)
     write_json(folder / REPORT_FILE, report_d)
@@ -554,14 +602,17 @@ def read_config(folder: str | os.PathLike):
     fmt = config.get("made_by", {}) if isinstance(config.get("made_by"), dict) else {}
     version = fmt.get("format_version", FORMAT_VERSION)
     if isinstance(version, int) and version > FORMAT_VERSION:
-        raise ResultsError(f"config file {folder / CONFIG_FILE} is format_version {version}, newer than this ufm "
-                           f"reads ({FORMAT_VERSION}): made by ufm {fmt.get('ufm')}; upgrade ufm")
+        raise ResultsError(
+            f"config file {folder / CONFIG_FILE} is format_version {version}, newer than this ufm "
+            f"reads ({FORMAT_VERSION}): made by ufm {fmt.get('ufm')}; upgrade ufm"
+        )
     problem = problem_from_dict(config["problem"], f"{folder / CONFIG_FILE} [problem]")
     return config, problem
 
 
-def load_results(folder: str | os.PathLike, *, extras: bool | Sequence[str] = True,
-                 max_bytes: int = MAX_BYTES) -> Results:
+def load_results(
+    folder: str | os.PathLike, *, extras: bool | Sequence[str] = True, max_bytes: int = MAX_BYTES
+) -> Results:
     """Load a results folder written by ``ufm solve`` or `save_results`: the problem, the solution, the report.
 
     Needs ``config.json`` (with a ``problem`` table) and ``solution.npz``; ``report.json`` is optional. The

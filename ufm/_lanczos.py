@@ -25,8 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 
 
-def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: int, *,
-            restrict: Callable[[jax.Array], jax.Array] | None = None, breakdown_rtol: float = 1e-10):
+def lanczos(
+    matvec: Callable[[jax.Array], jax.Array],
+    v0: jax.Array,
+    num_steps: int,
+    *,
+    restrict: Callable[[jax.Array], jax.Array] | None = None,
+    breakdown_rtol: float = 1e-10,
+):
     """m = ``num_steps`` Lanczos steps on the symmetric operator ``matvec`` (n -> n) from ``v0`` (n,), traceable.
 
     ``restrict``: the orthogonal projector on an invariant subspace the iteration must stay in (applied to every new
@@ -64,8 +70,17 @@ def lanczos(matvec: Callable[[jax.Array], jax.Array], v0: jax.Array, num_steps: 
         steps = steps + alive.astype(jnp.int32)
         return V, alpha, beta, v_next, v * alive, jnp.where(ok, b, 0.0), steps, ok, anorm
 
-    init = (V, jnp.zeros(m, dt), jnp.zeros(m, dt), v, jnp.zeros(n, dt), jnp.zeros((), dt), jnp.int32(0),
-            jnp.bool_(True), jnp.zeros((), dt))
+    init = (
+        V,
+        jnp.zeros(m, dt),
+        jnp.zeros(m, dt),
+        v,
+        jnp.zeros(n, dt),
+        jnp.zeros((), dt),
+        jnp.int32(0),
+        jnp.bool_(True),
+        jnp.zeros((), dt),
+    )
     V, alpha, beta, _, _, _, steps, _, _ = jax.lax.fori_loop(0, m, body, init)
     return alpha, beta, V, steps
 

@@ -42,9 +42,10 @@ def available_memory() -> int | None:
 
 def _cgroup_room() -> int | None:
     """A container's memory limit minus its usage (cgroup v2, then v1); None without a limit."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         try:
             with open(limit_file) as fh:
                 text = fh.read().strip()
@@ -107,6 +108,8 @@ def memory_refusal(problem, solver: dict | None = None, hessian: bool = False, w
         return None
     big = max((k for k in est if k != "total"), key=lambda k: est[k])
     hint = ", fewer --steps or a larger --history-every/--snapshot-every" if big in ("history", "snapshots") else ""
-    return (f"{what} needs at least about {human_bytes(est['total'])} of memory ({problem.num_params:,} parameters; "
-            f"the largest part, {big}, {human_bytes(est[big])}), more than the {human_bytes(avail)} available; "
-            f"use smaller widths or fewer samples{hint}")
+    return (
+        f"{what} needs at least about {human_bytes(est['total'])} of memory ({problem.num_params:,} parameters; "
+        f"the largest part, {big}, {human_bytes(est[big])}), more than the {human_bytes(avail)} available; "
+        f"use smaller widths or fewer samples{hint}"
+    )

@@ -254,8 +254,19 @@ def _null_reflect(X: np.ndarray, w: np.ndarray) -> np.ndarray:
 def _empty_stats(d: int, K: int, counts, eps: float) -> ClassStats:
     r = min(d, K - 1)
     nan = math.nan
-    return ClassStats(counts, np.full(d, nan), 1.0, np.full((d, K), nan), np.full((d, r), nan),
-                      np.full((r, r), nan), np.full(K, nan), nan, nan, eps, False)
+    return ClassStats(
+        counts,
+        np.full(d, nan),
+        1.0,
+        np.full((d, K), nan),
+        np.full((d, r), nan),
+        np.full((r, r), nan),
+        np.full(K, nan),
+        nan,
+        nan,
+        eps,
+        False,
+    )
 
 
 def _shifted_rows(Ab, shift, inv, out=None):
@@ -351,7 +362,7 @@ class _Blocks:
     def __iter__(self):
         N = self.A.shape[1]
         for i in range(0, N, self.block):
-            yield self.A[:, i:i + self.block], self.y[i:i + self.block]
+            yield self.A[:, i : i + self.block], self.y[i : i + self.block]
 
 
 def class_stats(features, labels, num_classes: int | None = None, *, block: int | None = None) -> ClassStats:
@@ -410,8 +421,9 @@ def _mean_floor(st: ClassStats) -> float:
     return data + 10 * _EPS64 * math.sqrt(st.total_ss / st.num_samples)
 
 
-def class_means(features, labels=None, num_classes: int | None = None, *,
-                global_mean: str = "weighted") -> tuple[np.ndarray, np.ndarray]:
+def class_means(
+    features, labels=None, num_classes: int | None = None, *, global_mean: str = "weighted"
+) -> tuple[np.ndarray, np.ndarray]:
     """Class means M = [mu_1 ... mu_K] (d x K, float64) and the global mean mu_G (d,).
 
     ``mu_k = (1/n_k) sum_{i: y_i = k} a_i``; ``mu_G = (1/N) sum_i a_i`` (``global_mean="weighted"``) or
@@ -428,8 +440,9 @@ def class_means(features, labels=None, num_classes: int | None = None, *,
 # NC1
 
 
-def nc1(features, labels=None, num_classes: int | None = None, *, rtol: float | None = None,
-        global_mean: str = "weighted") -> float:
+def nc1(
+    features, labels=None, num_classes: int | None = None, *, rtol: float | None = None, global_mean: str = "weighted"
+) -> float:
     """NC1 of Papyan, Han, Donoho (2020): ``tr(Sigma_W Sigma_B^+) / K``.
 
     With B = M~ Q (Q: K x (K-1) orthonormal, orthogonal to the known null vector of M~: the counts n, or 1 for
@@ -514,9 +527,9 @@ def cdnv(features, labels=None, num_classes: int | None = None) -> float:
     M = st.means
     total = 0.0
     for k in range(K - 1):
-        D = M[:, k + 1:] - M[:, [k]]
+        D = M[:, k + 1 :] - M[:, [k]]
         den = 2 * np.einsum("ij,ij->j", D, D)
-        num = V[k] + V[k + 1:]
+        num = V[k] + V[k + 1 :]
         small = num <= vfloor
         with np.errstate(divide="ignore", invalid="ignore"):
             vals = np.where(small, 0.0, np.where(den <= dfloor, math.inf, num / np.where(den > 0, den, 1.0)))
@@ -681,8 +694,9 @@ def nc2_orthogonal(features, labels=None, num_classes: int | None = None, *, equ
     return orthogonal_frame_distance(_uncentred(st), equinorm=equinorm) if st.finite else math.nan
 
 
-def nc2_equinorm(features, labels=None, num_classes: int | None = None, *, centred: bool = True,
-                 global_mean: str = "weighted") -> float:
+def nc2_equinorm(
+    features, labels=None, num_classes: int | None = None, *, centred: bool = True, global_mean: str = "weighted"
+) -> float:
     """NC2 equinorm (Papyan et al. 2020): `equinorm` of the centred (default) or uncentred class means."""
     st = _stats(features, labels, num_classes)
     if not st.finite:
@@ -690,8 +704,9 @@ def nc2_equinorm(features, labels=None, num_classes: int | None = None, *, centr
     return equinorm(_centred(st, global_mean) if centred else _uncentred(st))
 
 
-def nc2_equiangularity(features, labels=None, num_classes: int | None = None, *, centred: bool = True,
-                       global_mean: str = "weighted") -> float:
+def nc2_equiangularity(
+    features, labels=None, num_classes: int | None = None, *, centred: bool = True, global_mean: str = "weighted"
+) -> float:
     """NC2 equiangularity (Papyan et al. 2020): `equiangularity` of the centred (default) or uncentred means."""
     st = _stats(features, labels, num_classes)
     if not st.finite:
@@ -705,8 +720,9 @@ def nc2_max_angle(features, labels=None, num_classes: int | None = None, *, glob
     return max_angle(_centred(st, global_mean)) if st.finite else math.nan
 
 
-def nc2_uniformity(features, labels=None, num_classes: int | None = None, *, kernel: str = "log",
-                   global_mean: str = "weighted") -> float:
+def nc2_uniformity(
+    features, labels=None, num_classes: int | None = None, *, kernel: str = "log", global_mean: str = "weighted"
+) -> float:
     """NC2 as hyperspherical uniformity (Liu et al. 2023): `hyperspherical_uniformity` of the centred class means.
     Wu & Papyan's library reports it with ``global_mean="unweighted"``."""
     st = _stats(features, labels, num_classes)
@@ -724,8 +740,9 @@ def _classifier(W, d: int, K: int) -> np.ndarray:
     return W
 
 
-def nc3_product(W, features, labels=None, num_classes: int | None = None, *, target: str = "etf",
-                global_mean: str = "weighted") -> float:
+def nc3_product(
+    W, features, labels=None, num_classes: int | None = None, *, target: str = "etf", global_mean: str = "weighted"
+) -> float:
     """NC3, product form (Zhu et al. 2021): distance of the class-mean outputs W M to their target,
 
         ``target="etf"``:        || W M~ / ||W M~||_F - (I - J/K)/sqrt(K-1) ||_F   (centred means; free bias, CE)
@@ -746,8 +763,16 @@ def nc3_product(W, features, labels=None, num_classes: int | None = None, *, tar
     return float(np.linalg.norm(_unit(W @ _rescaled(_uncentred(st))) - np.eye(K) / math.sqrt(K)))
 
 
-def nc3_difference(W, features, labels=None, num_classes: int | None = None, *, centred: bool = True,
-                   squared: bool = True, global_mean: str = "weighted") -> float:
+def nc3_difference(
+    W,
+    features,
+    labels=None,
+    num_classes: int | None = None,
+    *,
+    centred: bool = True,
+    squared: bool = True,
+    global_mean: str = "weighted",
+) -> float:
     """NC3, difference form (Papyan et al. 2020): ``|| W^T/||W||_F - M~/||M~||_F ||_F^2`` (``squared=True``, as in
     Papyan et al.) or its square root. ``centred=False`` uses the uncentred means M (bias-free models). A zero
     W or M is normalised to 0. In [0, 4] (squared). NaN when W or the features are not finite."""
@@ -760,8 +785,9 @@ def nc3_difference(W, features, labels=None, num_classes: int | None = None, *, 
     return float(D**2 if squared else D)
 
 
-def nc3_per_class(W, features, labels=None, num_classes: int | None = None, *, centred: bool = True,
-                  global_mean: str = "weighted") -> np.ndarray:
+def nc3_per_class(
+    W, features, labels=None, num_classes: int | None = None, *, centred: bool = True, global_mean: str = "weighted"
+) -> np.ndarray:
     """Per-class self-duality (the per-class NC3 of Wu & Papyan's library, ``similarities(..., cos=True)``):
     the (K,) cosines ``cos(w_k, mu_k - mu_G)`` (``centred=False``: ``cos(w_k, mu_k)``); 1 at NC3. A zero vector
     has cosine 0. NaN entries when W or the features are not finite."""
@@ -820,11 +846,11 @@ def _ncc_hits(W, features, labels, num_classes, b):
     hits = np.zeros(K)
     step = max(256, (1 << 22) // max(A.shape[0], 1))
     for i in range(0, A.shape[1], step):
-        Ab = np.asarray(A[:, i:i + step], dtype=np.float64)
+        Ab = np.asarray(A[:, i : i + step], dtype=np.float64)
         X = (Ab - st.shift[:, None]) * (1.0 / st.scale)
         out = W @ Ab if b is None else W @ Ab + b[:, None]
         ncc = np.argmin(sq[:, None] - 2 * Ms.T @ X, axis=0)
-        yb = y[i:i + step]
+        yb = y[i : i + step]
         hits += np.bincount(yb, weights=(np.argmax(out, axis=0) == ncc).astype(np.float64), minlength=K)
     return hits, st.counts
 
@@ -896,8 +922,9 @@ def partial_products(Ws) -> list[np.ndarray]:
         raise ValueError("Ws must hold at least one matrix W_1")
     for i in range(1, len(mats)):
         if mats[i].shape[1] != mats[i - 1].shape[0]:
-            raise ValueError(f"Ws[{i}] ({mats[i].shape}) must have as many columns as Ws[{i - 1}] has rows "
-                             f"({mats[i - 1].shape})")
+            raise ValueError(
+                f"Ws[{i}] ({mats[i].shape}) must have as many columns as Ws[{i - 1}] has rows ({mats[i - 1].shape})"
+            )
     out = [mats[-1]]
     for W in reversed(mats[:-1]):
         out.append(out[-1] @ W)
@@ -995,8 +1022,9 @@ def balancedness(W_prev, W_next, lam_prev: float = 1.0, lam_next: float = 1.0, *
 # every feature metric from one pass
 
 
-def feature_metrics(features, labels=None, num_classes: int | None = None, *, global_mean: str = "weighted",
-                    rtol: float | None = None) -> dict:
+def feature_metrics(
+    features, labels=None, num_classes: int | None = None, *, global_mean: str = "weighted", rtol: float | None = None
+) -> dict:
     """Every feature-level metric from one `class_stats` pass, as a dict of Python floats: ``nc1``,
     ``nc1_trace_ratio``, ``cdnv``, ``nc2_etf``, ``nc2_orthogonal``, ``nc2_equinorm``, ``nc2_equiangularity``,
     ``nc2_max_angle``, ``nc2_uniformity`` (log kernel). ``features`` may be a `ClassStats`."""

@@ -70,8 +70,10 @@ def check_dtype(dtype) -> np.dtype:
     if not jnp.issubdtype(dt, jnp.floating):
         raise TypeError(f"dtype must be a floating dtype, 'float32' or 'float64'; got {dtype!r}")
     if dt not in (jnp.float32, jnp.float64):
-        raise TypeError(f"dtype must be a floating dtype, 'float32' or 'float64' (half precision cannot resolve a "
-                        f"UFM optimum); got {dtype!r}")
+        raise TypeError(
+            f"dtype must be a floating dtype, 'float32' or 'float64' (half precision cannot resolve a "
+            f"UFM optimum); got {dtype!r}"
+        )
     if dt == jnp.float64 and not jax.config.jax_enable_x64:  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
         raise ValueError("dtype='float64' needs jax.config.update('jax_enable_x64', True) before any JAX call")
     return dt
@@ -110,8 +112,20 @@ def method_key(method) -> str:
     return method if isinstance(method, str) else "adam"
 
 
-def solver_options(method="lbfgs", lr=None, max_steps=None, tol=None, patience=None, history_every=1,
-                   snapshot_every=None, dtype=None, *, rtol=None, momentum=0.9, memory_size=10) -> SolverOptions:
+def solver_options(
+    method="lbfgs",
+    lr=None,
+    max_steps=None,
+    tol=None,
+    patience=None,
+    history_every=1,
+    snapshot_every=None,
+    dtype=None,
+    *,
+    rtol=None,
+    momentum=0.9,
+    memory_size=10,
+) -> SolverOptions:
     """Validate solver options and resolve their defaults (before any compute).
 
     Args:
@@ -161,9 +175,19 @@ def solver_options(method="lbfgs", lr=None, max_steps=None, tol=None, patience=N
         raise ValueError(f"snapshot_every must be None or a positive integer; got {snapshot_every!r}")
     if not isinstance(momentum, numbers.Real) or isinstance(momentum, bool) or momentum < 0 or not momentum < 1:
         raise ValueError(f"momentum must be a number in [0, 1); got {momentum!r}")
-    return SolverOptions(method, lr, int(max_steps), tol, rtol, int(patience), int(history_every),
-                         None if snapshot_every is None else int(snapshot_every), float(momentum), int(memory_size),
-                         dt)
+    return SolverOptions(
+        method,
+        lr,
+        int(max_steps),
+        tol,
+        rtol,
+        int(patience),
+        int(history_every),
+        None if snapshot_every is None else int(snapshot_every),
+        float(momentum),
+        int(memory_size),
+        dt,
+    )
 
 
 def memory_estimate(num_params: int, itemsize: int, options: SolverOptions, batch: int = 1) -> int:
@@ -176,8 +200,9 @@ def memory_estimate(num_params: int, itemsize: int, options: SolverOptions, batc
     return per * batch
 
 
-def check_memory(num_params: int, itemsize: int, options: SolverOptions, *, history: bool, batch: int = 1,
-                 limit: int | None = None) -> None:
+def check_memory(
+    num_params: int, itemsize: int, options: SolverOptions, *, history: bool, batch: int = 1, limit: int | None = None
+) -> None:
     """Refuse (ValueError, with the estimate) a solve whose history/snapshots would exceed ``limit`` bytes
     (default `MEMORY_LIMIT_BYTES`)."""
     o = options._replace(history_every=options.history_every if history else 0)
@@ -188,4 +213,5 @@ def check_memory(num_params: int, itemsize: int, options: SolverOptions, *, hist
             f"this solve would preallocate {need / 2**30:.2f} GiB of history/snapshots (max_steps={o.max_steps}, "
             f"history_every={options.history_every if history else None}, snapshot_every={o.snapshot_every}, "
             f"{batch} run(s) of {num_params} parameters), above the {limit / 2**30:.1f} GiB limit: raise "
-            f"history_every/snapshot_every, pass history=False, or lower max_steps")
+            f"history_every/snapshot_every, pass history=False, or lower max_steps"
+        )

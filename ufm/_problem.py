@@ -57,8 +57,10 @@ def _check_lam(name: str, value: Any, shape_hint: str, max_ndim: int = 0, what: 
             raise TypeError(f"{name} must be a non-negative number {shape_hint}; got dtype {arr.dtype}")
         if arr.ndim > max_ndim:
             batch = " (for a batch of values use ufm.solve_batch or ufm.sweep)"
-            raise ValueError(f"{name} must be {'a scalar' if max_ndim == 0 else 'a scalar or a vector'} "
-                             f"{shape_hint}; got shape {arr.shape}{batch}")
+            raise ValueError(
+                f"{name} must be {'a scalar' if max_ndim == 0 else 'a scalar or a vector'} "
+                f"{shape_hint}; got shape {arr.shape}{batch}"
+            )
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"{name} must be finite; got {value!r}")
         if np.any(arr < 0):
@@ -259,8 +261,13 @@ class UFM:
         fields = {name: getattr(self, name) for name in self.__slots__}
         if "lam_W" not in changes and "widths" in changes:
             new_widths = changes["widths"]
-            new_L = 1 if isinstance(new_widths, numbers.Integral) else len(new_widths) if isinstance(
-                new_widths, (tuple, list)) else None
+            new_L = (
+                1
+                if isinstance(new_widths, numbers.Integral)
+                else len(new_widths)
+                if isinstance(new_widths, (tuple, list))
+                else None
+            )
             lam_W = fields["lam_W"]
             if new_L is not None and new_L != self.L and np.ndim(lam_W) == 1:
                 if is_concrete(lam_W) and not np.all(np.asarray(lam_W) == np.asarray(lam_W)[0]):

@@ -39,22 +39,30 @@ def format_report(report: dict, header: str) -> str:
     run = report.get("run") or {}
     solver = report.get("solver") or {}
     t = f", {run['solve_time_s']:.1f} s" if "solve_time_s" in run else ""
-    outcome = (f"stopped at max_steps = {sol['num_steps']}" if sol["status_name"] == "max_steps"
-               else f"{sol['status_name']} after {sol['num_steps']} steps")
-    lines.append(f"solver      {solver.get('method', '?')}, seed {solver.get('seed', '?')}, {sol['dtype']}: "
-                 f"{outcome}, |grad f| = {sol['grad_norm']:.1e}"
-                 f"{' (tol ' + format(solver['tol'], '.0e') + ')' if is_real(solver.get('tol')) else ''}{t}")
+    outcome = (
+        f"stopped at max_steps = {sol['num_steps']}"
+        if sol["status_name"] == "max_steps"
+        else f"{sol['status_name']} after {sol['num_steps']} steps"
+    )
+    lines.append(
+        f"solver      {solver.get('method', '?')}, seed {solver.get('seed', '?')}, {sol['dtype']}: "
+        f"{outcome}, |grad f| = {sol['grad_norm']:.1e}"
+        f"{' (tol ' + format(solver['tol'], '.0e') + ')' if is_real(solver.get('tol')) else ''}{t}"
+    )
     if not sol["success"]:
         lines.extend(_wrap("", sol["message"]))
     lines.append(f"loss        {sol['value']:.15g}")
     pred = report.get("prediction")
     if cmp_["predicted_loss"] is not None:
         if cmp_.get("predicted_is_optimum", True):
-            lines.append(f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime "
-                         f"{_field(pred, 'regime', '?')})")
+            lines.append(
+                f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime {_field(pred, 'regime', '?')})"
+            )
         else:
-            lines.append(f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
-                         f"{_field(pred, 'regime', '?')})")
+            lines.append(
+                f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
+                f"{_field(pred, 'regime', '?')})"
+            )
         if cmp_["gap"] is None:
             lines.append("gap         n/a (the loss is not finite)")
         else:
@@ -83,8 +91,10 @@ def format_report(report: dict, header: str) -> str:
             lines.append(f"  {f['name']:<9} {_fmt(f['nc1']):<12} {nc2:<29} {f['numerical_rank']}")
         c = m.get("classifier", {})
         if c:
-            lines.append(f"classifier  NC3 ({c.get('nc3_target')}) {_fmt(c.get('nc3_product'))}, "
-                         f"NC4 (NCC mismatch) {_fmt(c.get('ncc_mismatch'))}")
+            lines.append(
+                f"classifier  NC3 ({c.get('nc3_target')}) {_fmt(c.get('nc3_product'))}, "
+                f"NC4 (NCC mismatch) {_fmt(c.get('ncc_mismatch'))}"
+            )
     return "\n".join(lines)
 
 
@@ -92,12 +102,15 @@ def header(problem) -> str:
     """One line naming the model: kind, K, n, widths, activation, loss, bias and the lambdas."""
     d = problem.to_dict()
     kind = {("relu", True): "deep ReLU UFM", ("linear", True): "deep linear UFM"}.get(
-        (d["activation"], problem.L >= 2), "shallow UFM")
+        (d["activation"], problem.L >= 2), "shallow UFM"
+    )
     lam = f"lam_H={d['lam_H']:g}, lam_W={d['lam_W'] if isinstance(d['lam_W'], list) else format(d['lam_W'], 'g')}"
     if d["bias"] == "reg":
         lam += f", lam_b={d['lam_b']:g}"
     if d["loss"] == "ce" and d["label_smoothing"]:
         lam += f", label_smoothing={d['label_smoothing']:g}"
     n = d["n_per_class"]
-    return (f"{kind}: K={d['num_classes']}, n={n if isinstance(n, int) else ','.join(map(str, n))}, "
-            f"widths {','.join(map(str, d['widths']))}, {d['activation']}, {d['loss']}, bias {d['bias']}, {lam}")
+    return (
+        f"{kind}: K={d['num_classes']}, n={n if isinstance(n, int) else ','.join(map(str, n))}, "
+        f"widths {','.join(map(str, d['widths']))}, {d['activation']}, {d['loss']}, bias {d['bias']}, {lam}"
+    )

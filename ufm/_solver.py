@@ -41,8 +41,16 @@ from ._options import (
 from ._problem import UFM, is_concrete
 from ._solution import CONVERGED, MAX_STEPS, MESSAGES, PRECISION_FLOOR, STALLED, ZERO_SADDLE, Solution
 
-__all__ = ["DEFAULT_LR", "DEFAULT_MAX_STEPS", "METHODS", "compiled_programs", "default_rtol", "default_tol",
-           "solve", "solve_batch"]
+__all__ = [
+    "DEFAULT_LR",
+    "DEFAULT_MAX_STEPS",
+    "METHODS",
+    "compiled_programs",
+    "default_rtol",
+    "default_tol",
+    "solve",
+    "solve_batch",
+]
 
 PROGRESS_EVERY = {"lbfgs": 100, "gd": 1000, "momentum": 1000, "adam": 1000}  # measured: a report every 10 L-BFGS steps
 # costs 1.5-2x the run time of a small problem; every 100 keeps Ctrl-C well under a second
@@ -210,8 +218,19 @@ def solve(
             a = np.asarray(init_scale)
             if a.ndim or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a) or a < 0:
                 raise ValueError(f"init_scale must be a finite number >= 0; got {init_scale!r}")
-    o = solver_options(method, lr, max_steps, tol, patience, history_every, snapshot_every, dt, rtol=rtol,
-                       momentum=momentum, memory_size=memory_size)
+    o = solver_options(
+        method,
+        lr,
+        max_steps,
+        tol,
+        patience,
+        history_every,
+        snapshot_every,
+        dt,
+        rtol=rtol,
+        momentum=momentum,
+        memory_size=memory_size,
+    )
     check_memory(num_params(problem), dt.itemsize, o, history=history)
     if progress_every is None:
         # no callback without a progress handler: a program with a host callback is not kept by JAX's persistent
@@ -231,8 +250,16 @@ def solve(
             if init is not None:
                 sol = run_jit(_canonical(problem, dt), init, o.lr, o.tol, o.rtol, handle, cfg)
             else:
-                sol = run_jit(_canonical(problem, dt), (key, jnp.asarray(init_scale, dt)), o.lr, o.tol, o.rtol,
-                              handle, cfg, dtype=dt)
+                sol = run_jit(
+                    _canonical(problem, dt),
+                    (key, jnp.asarray(init_scale, dt)),
+                    o.lr,
+                    o.tol,
+                    o.rtol,
+                    handle,
+                    cfg,
+                    dtype=dt,
+                )
             jax.block_until_ready(sol)
     finally:
         unregister_progress(handle)
@@ -244,8 +271,17 @@ def solve(
 
 
 def _config(o: SolverOptions, history: bool, progress_every: int = 0) -> Config:
-    return Config(o.method, o.momentum, o.memory_size, o.max_steps, o.patience, o.history_every, o.snapshot_every,
-                  bool(history), progress_every)
+    return Config(
+        o.method,
+        o.momentum,
+        o.memory_size,
+        o.max_steps,
+        o.patience,
+        o.history_every,
+        o.snapshot_every,
+        bool(history),
+        progress_every,
+    )
 
 
 def _batch_size(named: dict[str, Any]) -> int:
@@ -275,8 +311,10 @@ def _check_batched(name: str, v, shape: str, *, positive: bool = False):
     bad = ~np.isfinite(a) | ((a <= 0) if positive else (a < 0))
     if np.any(bad):
         i = np.argwhere(bad)[0]
-        raise ValueError(f"{name} must be {'> 0' if positive else '>= 0'} and finite in every element (shape "
-                         f"{shape}); got {a[tuple(i)]!r} at index {tuple(int(j) for j in i)}")
+        raise ValueError(
+            f"{name} must be {'> 0' if positive else '>= 0'} and finite in every element (shape "
+            f"{shape}); got {a[tuple(i)]!r} at index {tuple(int(j) for j in i)}"
+        )
 
 
 def solve_batch(
@@ -379,8 +417,15 @@ def solve_batch(
         if np.ndim(lam_W_arr) not in (1, 2) or (np.ndim(lam_W_arr) == 2 and np.shape(lam_W_arr)[1] != L):
             raise ValueError(f"lam_W must have shape (B,) or (B, L={L}) in solve_batch; got {np.shape(lam_W_arr)}")
         lwb = lam_W_arr
-    named = dict(keys=keys, init=None if init is None else init.H, lam_H=lam_H, lam_W=lwb, lam_b=lam_b,
-                 lr=lr, init_scale=init_scale)
+    named = dict(
+        keys=keys,
+        init=None if init is None else init.H,
+        lam_H=lam_H,
+        lam_W=lwb,
+        lam_b=lam_b,
+        lr=lr,
+        init_scale=init_scale,
+    )
     B = _batch_size(named)
     if keys is None and init is None:
         keys = jax.random.split(jax.random.key(0), B)
@@ -396,8 +441,19 @@ def solve_batch(
     if isinstance(init_scale, str) and init_scale == "auto":
         init_scale = auto_init_scale(problem)
     _check_batched("init_scale", init_scale, "(B,) or a scalar")
-    o = solver_options(method, lr, max_steps, tol, patience, history_every, snapshot_every, dt, rtol=rtol,
-                       momentum=momentum, memory_size=memory_size)
+    o = solver_options(
+        method,
+        lr,
+        max_steps,
+        tol,
+        patience,
+        history_every,
+        snapshot_every,
+        dt,
+        rtol=rtol,
+        momentum=momentum,
+        memory_size=memory_size,
+    )
     check_memory(num_params(problem), dt.itemsize, o, history=history, batch=B)
 
     def bcast(v, default, shape=()):

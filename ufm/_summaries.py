@@ -137,25 +137,29 @@ def layer_metrics(problem, params, *, rank_rtol: float = 1e-4) -> dict:
         prev, lam_prev = (np.asarray(params.H, np.float64), lam_H) if l == 1 else (Ws[l - 2], lam_W[l - 2])
         M, _ = m.class_means(Hs[l - 1], y, K)
         s = m.singular_values(W)
-        weights.append({
-            "name": f"W_{l}",
-            "shape": list(W.shape),
-            "frobenius_norm": float(np.linalg.norm(W)),
-            "singular_values": s.tolist(),
-            "numerical_rank": m.numerical_rank(W, rank_rtol),
-            "stable_rank": m.stable_rank(W),
-            "balancedness": m.balancedness(prev, W, lam_prev, lam_W[l - 1], diagonal=relu and l >= 2),
-            "self_duality_gram": m.self_duality_gram(W, M),
-            "dnc3": m.dnc3(W, M),
-        })
-        dnc.append({
-            "layer": l,
-            "exempt": relu and l == 1 and L >= 2,
-            "dnc1": m.nc1(np.asarray(fw.H[l - 1]), y, K),  # the solution's dtype sets the default cut-off
-            "dnc2_orthogonal": m.orthogonal_frame_distance(M, equinorm=problem.balanced),
-            "dnc2_inverse_condition": m.inverse_condition_number(M),
-            "dnc3": m.dnc3(W, M),
-        })
+        weights.append(
+            {
+                "name": f"W_{l}",
+                "shape": list(W.shape),
+                "frobenius_norm": float(np.linalg.norm(W)),
+                "singular_values": s.tolist(),
+                "numerical_rank": m.numerical_rank(W, rank_rtol),
+                "stable_rank": m.stable_rank(W),
+                "balancedness": m.balancedness(prev, W, lam_prev, lam_W[l - 1], diagonal=relu and l >= 2),
+                "self_duality_gram": m.self_duality_gram(W, M),
+                "dnc3": m.dnc3(W, M),
+            }
+        )
+        dnc.append(
+            {
+                "layer": l,
+                "exempt": relu and l == 1 and L >= 2,
+                "dnc1": m.nc1(np.asarray(fw.H[l - 1]), y, K),  # the solution's dtype sets the default cut-off
+                "dnc2_orthogonal": m.orthogonal_frame_distance(M, equinorm=problem.balanced),
+                "dnc2_inverse_condition": m.inverse_condition_number(M),
+                "dnc3": m.dnc3(W, M),
+            }
+        )
 
     HL = Hs[-1]
     WL = Ws[-1]
@@ -173,5 +177,11 @@ def layer_metrics(problem, params, *, rank_rtol: float = 1e-4) -> dict:
     if not relu:  # out = (W_L ... W_l) H_l + b: NC3 of the map from layer l to the output
         for l, P in enumerate(m.partial_products(Ws), start=1):
             partial.append({"layer": l, "nc3_product": m.nc3_product(P, Hs[l - 1], y, K, target=nc3_target)})
-    return {"features": feats, "weights": weights, "classifier": classifier, "dnc": dnc, "partial": partial,
-            "rank_rtol": rank_rtol}
+    return {
+        "features": feats,
+        "weights": weights,
+        "classifier": classifier,
+        "dnc": dnc,
+        "partial": partial,
+        "rank_rtol": rank_rtol,
+    }

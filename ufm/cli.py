@@ -155,33 +155,57 @@ def _int_or_default(text: str):
 # (flags, dest, type, help) for add_argument
 _PROBLEM_OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], str]] = [
     (("-K", "--num-classes"), "num_classes", _int, "K, the number of classes (default 2)"),
-    (("-n", "--n-per-class"), "n_per_class", _int_or_list,
-     "n, samples per class, or a comma list n_1,...,n_K for unequal classes (default 50)"),
-    (("--widths",), "widths", _int_list, "d_1,...,d_L: the feature dimension and the input widths of W_1..W_L; "
-     "L = their number (default 64,64,64)"),
+    (
+        ("-n", "--n-per-class"),
+        "n_per_class",
+        _int_or_list,
+        "n, samples per class, or a comma list n_1,...,n_K for unequal classes (default 50)",
+    ),
+    (
+        ("--widths",),
+        "widths",
+        _int_list,
+        "d_1,...,d_L: the feature dimension and the input widths of W_1..W_L; L = their number (default 64,64,64)",
+    ),
     (("--activation",), "activation", str, "linear | relu, applied after W_1..W_{L-1} (default relu)"),
     (("--loss",), "loss", str, "mse | ce (default mse)"),
     (("--bias",), "bias", str, "none | free | reg: the output bias b (default none)"),
     (("--lam-H", "--lam-h"), "lam_H", _float, "lambda_H, weight decay on H (default 5e-3)"),
-    (("--lam-W", "--lam-w"), "lam_W", _float_or_list,
-     "lambda_W, one value or a comma list with one per layer (default 5e-3)"),
+    (
+        ("--lam-W", "--lam-w"),
+        "lam_W",
+        _float_or_list,
+        "lambda_W, one value or a comma list with one per layer (default 5e-3)",
+    ),
     (("--lam-b",), "lam_b", _float, "lambda_b > 0, only with --bias reg (default 0)"),
     (("--label-smoothing",), "label_smoothing", _float, "alpha in [0, 1), only with --loss ce (default 0)"),
 ]
 _SOLVER_OPTIONS: list[tuple[tuple[str, ...], str, Callable[[str], Any], str]] = [
     (("--method",), "method", str, "lbfgs | gd | momentum | adam (default lbfgs)"),
-    (("--lr",), "lr", _float_or_default, "learning rate (default: the solver's, 1.0 for lbfgs, 0.1 gd/momentum, "
-     "1e-3 adam)"),
+    (
+        ("--lr",),
+        "lr",
+        _float_or_default,
+        "learning rate (default: the solver's, 1.0 for lbfgs, 0.1 gd/momentum, 1e-3 adam)",
+    ),
     (("--steps",), "steps", _int_or_default, "step budget max_steps (default: 10000 lbfgs, 100000 others)"),
     (("--tol",), "tol", _float_or_default, "stop when ||grad f||_2 <= tol (default 1e-9 float64, 1e-5 float32)"),
     (("--seed",), "seed", _int, "seed of the random init, jax.random.key(seed) (default 0)"),
     (("--init-scale",), "init_scale", _float, "scale of the random init (default 1)"),
     (("--dtype",), "dtype", str, "float64 | float32 (default float64)"),
-    (("--patience",), "patience", _int_or_default,
-     "steps without improvement before status 'stalled' (default 50 lbfgs, 1000 others)"),
+    (
+        ("--patience",),
+        "patience",
+        _int_or_default,
+        "steps without improvement before status 'stalled' (default 50 lbfgs, 1000 others)",
+    ),
     (("--history-every",), "history_every", _int, "record loss and gradient norm every k steps (default 1)"),
-    (("--snapshot-every",), "snapshot_every", _int_or_default,
-     "save parameters every k steps for the NC1 curves; 0 = none (default auto: at most 200 snapshots)"),
+    (
+        ("--snapshot-every",),
+        "snapshot_every",
+        _int_or_default,
+        "save parameters every k steps for the NC1 curves; 0 = none (default auto: at most 200 snapshots)",
+    ),
     (("--momentum",), "momentum", _float, "momentum of --method momentum (default 0.9)"),
     (("--memory-size",), "memory_size", _int, "L-BFGS memory (default 10)"),
 ]
@@ -193,9 +217,12 @@ def _build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="{solve,check,plot,explore,sweep}", parser_class=_Parser)
     sub.required = True
 
-    ps = sub.add_parser("solve", help="solve a UFM, check it against the theory, save and plot it",
-                        description="Solve a UFM (default: binary deep ReLU UFM, Súkeník et al. 2023, L = 3), check "
-                        "it against ufm.predict, print a report and write a results folder.")
+    ps = sub.add_parser(
+        "solve",
+        help="solve a UFM, check it against the theory, save and plot it",
+        description="Solve a UFM (default: binary deep ReLU UFM, Súkeník et al. 2023, L = 3), check "
+        "it against ufm.predict, print a report and write a results folder.",
+    )
     g = ps.add_argument_group("problem (ufm.UFM fields)")
     for flags, dest, typ, help_ in _PROBLEM_OPTIONS:
         g.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
@@ -203,35 +230,58 @@ def _build_parser() -> argparse.ArgumentParser:
     for flags, dest, typ, help_ in _SOLVER_OPTIONS:
         g.add_argument(*flags, dest=dest, type=typ, default=None, help=help_)
     g = ps.add_argument_group("run")
-    g.add_argument("--config", type=Path, default=None,
-                   help="TOML or JSON file with [problem] and [solver] tables (options given here override it)")
-    g.add_argument("--out", type=Path, default=None,
-                   help="results folder (default: a new ufm-results-DATE-TIME folder in the current directory)")
+    g.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML or JSON file with [problem] and [solver] tables (options given here override it)",
+    )
+    g.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="results folder (default: a new ufm-results-DATE-TIME folder in the current directory)",
+    )
     g.add_argument("--overwrite", action="store_true", help="allow --out to be a folder that already holds results")
     g.add_argument("--json", action="store_true", help="print the report as JSON on stdout (for scripts)")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the figures")
-    g.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                   help="progress on stderr (auto: when stderr is a terminal); see 'Progress' in ufm.cli's docs")
-    g.add_argument("--hessian", choices=("auto", "on", "off"), default="auto",
-                   help=f"second-order certificate in the check (auto: on up to {_HESSIAN_AUTO_MAX} parameters)")
+    g.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress on stderr (auto: when stderr is a terminal); see 'Progress' in ufm.cli's docs",
+    )
+    g.add_argument(
+        "--hessian",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"second-order certificate in the check (auto: on up to {_HESSIAN_AUTO_MAX} parameters)",
+    )
 
-    pc = sub.add_parser("check", help="re-check a saved solution", description="Re-check a saved solution against "
-                        "ufm.predict and print the report (the folder is not changed).")
+    pc = sub.add_parser(
+        "check",
+        help="re-check a saved solution",
+        description="Re-check a saved solution against ufm.predict and print the report (the folder is not changed).",
+    )
     pc.add_argument("results", type=Path, help="a results folder written by 'ufm solve'")
     pc.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
-    pc.add_argument("--hessian", choices=("auto", "on", "off"), default="auto",
-                    help=f"second-order certificate (auto: on up to {_HESSIAN_AUTO_MAX} parameters)")
+    pc.add_argument(
+        "--hessian",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"second-order certificate (auto: on up to {_HESSIAN_AUTO_MAX} parameters)",
+    )
 
-    pp = sub.add_parser("plot", help="redraw the figures of a saved solution",
-                        description="Redraw the figures of a results folder.")
+    pp = sub.add_parser(
+        "plot", help="redraw the figures of a saved solution", description="Redraw the figures of a results folder."
+    )
     pp.add_argument("results", type=Path, help="a results folder written by 'ufm solve'")
     pp.add_argument("--out", type=Path, default=None, help="folder for the figures (default: the results folder)")
     pp.add_argument("--format", choices=("png", "pdf", "svg"), default="png", help="image format (default png)")
     pp.add_argument("--dpi", type=_int, default=150, help="resolution of png figures (default 150)")
     _add_explore_parser(sub)
     # 'ufm sweep' is parsed by ufm._sweep.sweep_main (main() hands it the rest of the command line)
-    sub.add_parser("sweep", help="run a grid of solves into a resumable store (see 'ufm sweep --help')",
-                   add_help=False)
+    sub.add_parser("sweep", help="run a grid of solves into a resumable store (see 'ufm sweep --help')", add_help=False)
     return parser
 
 
@@ -298,8 +348,10 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
             elif nk in known_s:
                 solver[nk] = value
             else:
-                raise UsageError(f"--config: {path}: unknown field {key!r} (problem fields: "
-                                 f"{', '.join(sorted(known_p))}; solver fields: {', '.join(sorted(known_s))})")
+                raise UsageError(
+                    f"--config: {path}: unknown field {key!r} (problem fields: "
+                    f"{', '.join(sorted(known_p))}; solver fields: {', '.join(sorted(known_s))})"
+                )
     return problem, solver
 
 
@@ -362,8 +414,16 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
     except _io.ResultsError as e:
         raise UsageError(str(e)) from None
     solver = _check_solver(solver)
-    o = solver_options(solver["method"], solver["lr"], solver["steps"], solver["tol"], solver["patience"],
-                       solver["history_every"], None, solver["dtype"])
+    o = solver_options(
+        solver["method"],
+        solver["lr"],
+        solver["steps"],
+        solver["tol"],
+        solver["patience"],
+        solver["history_every"],
+        None,
+        solver["dtype"],
+    )
     solver.update(lr=float(o.lr), steps=o.max_steps, tol=float(o.tol), patience=o.patience)
     if solver["snapshot_every"] is None:
         solver["snapshot_every"] = _auto_snapshot_every(ufm_problem, solver)
@@ -398,13 +458,26 @@ def run_solver(problem, solver: dict, progress=None):
             enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR or ~/.cache/ufm/jax
         except OSError:
             pass  # an unwritable cache folder only costs compile time
-    kw = dict(method=solver["method"], lr=solver["lr"], tol=solver["tol"], patience=solver["patience"],
-              history_every=solver["history_every"], snapshot_every=solver["snapshot_every"] or None,
-              momentum=solver["momentum"], memory_size=solver["memory_size"])
+    kw = dict(
+        method=solver["method"],
+        lr=solver["lr"],
+        tol=solver["tol"],
+        patience=solver["patience"],
+        history_every=solver["history_every"],
+        snapshot_every=solver["snapshot_every"] or None,
+        momentum=solver["momentum"],
+        memory_size=solver["memory_size"],
+    )
     # always a progress handler (a no-op without a terminal), so that Ctrl-C is honoured inside the compiled loop
-    return solve(problem, key=jax.random.key(solver["seed"]), max_steps=solver["steps"],
-                 init_scale=solver["init_scale"], dtype=solver["dtype"],
-                 progress=progress if progress is not None else (lambda *a: None), **kw)
+    return solve(
+        problem,
+        key=jax.random.key(solver["seed"]),
+        max_steps=solver["steps"],
+        init_scale=solver["init_scale"],
+        dtype=solver["dtype"],
+        progress=progress if progress is not None else (lambda *a: None),
+        **kw,
+    )
 
 
 class _Progress:
@@ -417,8 +490,10 @@ class _Progress:
 
     def __call__(self, step, value, grad_norm):
         width = len(str(self.steps))
-        self.stream.write(f"\rstep {step:>{width}}/{self.steps}   f = {value:.12e}   |grad f| = {grad_norm:.2e}   "
-                          f"{time.perf_counter() - self.t0:6.1f} s ")
+        self.stream.write(
+            f"\rstep {step:>{width}}/{self.steps}   f = {value:.12e}   |grad f| = {grad_norm:.2e}   "
+            f"{time.perf_counter() - self.t0:6.1f} s "
+        )
         self.stream.flush()
 
     def close(self):
@@ -462,8 +537,10 @@ def _use_hessian(mode: str, problem) -> tuple[bool, str | None]:
         return False, "second-order certificate skipped (--hessian off): 'matches' means first-order only"
     if n <= _HESSIAN_AUTO_MAX:
         return True, None
-    return False, (f"second-order certificate skipped: {n:,} parameters > {_HESSIAN_AUTO_MAX} (--hessian on computes "
-                   "it, slowly): 'matches' means first-order only")
+    return False, (
+        f"second-order certificate skipped: {n:,} parameters > {_HESSIAN_AUTO_MAX} (--hessian on computes "
+        "it, slowly): 'matches' means first-order only"
+    )
 
 
 def _finite(solution) -> bool:
@@ -523,8 +600,10 @@ def _analyse(problem, solution, hessian_mode: str):
 
 def _nonfinite_note(solution, what: str) -> str:
     summary = _io.solution_summary(solution)
-    return (f"{what} skipped: the objective or the parameters are not finite (status {summary['status_name']}, "
-            f"f = {summary['value']:g})")
+    return (
+        f"{what} skipped: the objective or the parameters are not finite (status {summary['status_name']}, "
+        f"f = {summary['value']:g})"
+    )
 
 
 def _field(obj, name, default=None):
@@ -578,9 +657,20 @@ def _savefig(fig, fh, *, dpi: int, fmt: str) -> None:
     fig.savefig(fh, dpi=dpi, format=fmt)
 
 
-def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: str = "png", dpi: int = 150,
-                 history_every: int = 1, tol: float | None = None, trace=None, notes: list[str] | None = None
-                 ) -> list[Path]:
+def draw_figures(
+    problem,
+    solution,
+    prediction,
+    metrics,
+    *,
+    folder: Path,
+    fmt: str = "png",
+    dpi: int = 150,
+    history_every: int = 1,
+    tol: float | None = None,
+    trace=None,
+    notes: list[str] | None = None,
+) -> list[Path]:
     """Draw the five figures of a results folder (figures from `ufm.plotting`, built without pyplot, so no
     backend is chosen here); returns the files written, each written atomically.
 
@@ -598,20 +688,30 @@ def draw_figures(problem, solution, prediction, metrics, *, folder: Path, fmt: s
         steps, nc1, names = trace if trace is not None else (None, None, None)
         f_pred, known = _predicted_loss(prediction)
         makers["training"] = lambda: plotting.training_curves(
-            solution.history, predicted_loss=f_pred, predicted_known=known, history_every=history_every,
-            nc1=nc1, nc1_steps=steps, layer_names=names, tol=tol)
+            solution.history,
+            predicted_loss=f_pred,
+            predicted_known=known,
+            history_every=history_every,
+            nc1=nc1,
+            nc1_steps=steps,
+            layer_names=names,
+            tol=tol,
+        )
     if finite and metrics is not None:
         makers["collapse"] = lambda: plotting.collapse_bars(metrics)
     if finite:
         makers["gram"] = lambda: plotting.gram_heatmaps(problem, solution.params, prediction=prediction)
         makers["singular_values"] = lambda: plotting.singular_value_plot(
-            problem, solution.params, predicted_W=_predicted_sv(prediction, "sv_W", L),
-            predicted_H=_predicted_sv(prediction, "sv_H", L))
+            problem,
+            solution.params,
+            predicted_W=_predicted_sv(prediction, "sv_W", L),
+            predicted_H=_predicted_sv(prediction, "sv_H", L),
+        )
         makers["class_means"] = lambda: plotting.class_means_plot(
-            problem, solution.params, dim=2 if problem.num_classes <= 3 else 3)
+            problem, solution.params, dim=2 if problem.num_classes <= 3 else 3
+        )
     else:
-        notes.append(_nonfinite_note(solution, "figures " + ", ".join(
-            n for n in _FIGURES if n != "training")))
+        notes.append(_nonfinite_note(solution, "figures " + ", ".join(n for n in _FIGURES if n != "training")))
     written = []
     for name, make in makers.items():
         path = folder / f"{name}.{fmt}"
@@ -671,8 +771,9 @@ def _prepare_out(args) -> tuple[Path, bool]:
             raise UsageError(f"--out {out} exists and is not a folder")
         taken = [f for f in (_io.CONFIG_FILE, _io.REPORT_FILE, _io.SOLUTION_FILE) if (out / f).exists()]
         if taken and not args.overwrite:
-            raise UsageError(f"--out {out} already holds results ({', '.join(taken)}); choose another folder or "
-                             "pass --overwrite")
+            raise UsageError(
+                f"--out {out} already holds results ({', '.join(taken)}); choose another folder or pass --overwrite"
+            )
         created = not out.exists()
         try:
             out.mkdir(parents=True, exist_ok=True)
@@ -753,8 +854,10 @@ def _analyse_and_draw(args, problem, solution, solver: dict, out: Path, interrup
     files: list[str] = []
     try:
         if interrupted:
-            notes.append(f"the solve was interrupted after {int(solution.num_steps)} steps: the check and the "
-                         f"figures were skipped; run 'ufm check {out}' to check what was reached")
+            notes.append(
+                f"the solve was interrupted after {int(solution.num_steps)} steps: the check and the "
+                f"figures were skipped; run 'ufm check {out}' to check what was reached"
+            )
             prediction, _ = _predict(problem)
             return prediction, check, metrics, notes, files, interrupted
         prediction, check, metrics, notes = _analyse(problem, solution, args.hessian)
@@ -763,16 +866,31 @@ def _analyse_and_draw(args, problem, solution, solver: dict, out: Path, interrup
             from .plotting import nc1_over_training
 
             trace = nc1_over_training(problem, solution.snapshots)
-            _io.save_solution(out / _io.SOLUTION_FILE, solution, history_every=solver["history_every"],
-                              extras={"trace_nc1_step": trace[0], "trace_nc1": trace[1]})
+            _io.save_solution(
+                out / _io.SOLUTION_FILE,
+                solution,
+                history_every=solver["history_every"],
+                extras={"trace_nc1_step": trace[0], "trace_nc1": trace[1]},
+            )
         if args.plots:
-            figs = draw_figures(problem, solution, prediction, metrics, folder=out,
-                                history_every=solver["history_every"], tol=solver["tol"], trace=trace, notes=notes)
+            figs = draw_figures(
+                problem,
+                solution,
+                prediction,
+                metrics,
+                folder=out,
+                history_every=solver["history_every"],
+                tol=solver["tol"],
+                trace=trace,
+                notes=notes,
+            )
             files = [p.name for p in figs]
     except KeyboardInterrupt:
         interrupted = True
-        notes.append("interrupted during the check or the figures: what is missing was skipped; run "
-                     f"'ufm check {out}' / 'ufm plot {out}' to complete it")
+        notes.append(
+            "interrupted during the check or the figures: what is missing was skipped; run "
+            f"'ufm check {out}' / 'ufm plot {out}' to complete it"
+        )
     except OSError as e:
         raise _write_error(e) from None
     return prediction, check, metrics, notes, files, interrupted
@@ -801,8 +919,10 @@ def cmd_solve(args, argv) -> int:
     solution = _solve_or_none(problem, solver, show)
     if solution is None:
         gone = _discard(out, created)
-        sys.stderr.write(f"\n{PROG} solve: interrupted before a solution came back; nothing saved"
-                         f"{f' (removed the empty folder {out})' if gone else ''}\n")
+        sys.stderr.write(
+            f"\n{PROG} solve: interrupted before a solution came back; nothing saved"
+            f"{f' (removed the empty folder {out})' if gone else ''}\n"
+        )
         return 130
     solve_time = time.perf_counter() - t0
     try:
@@ -811,7 +931,8 @@ def cmd_solve(args, argv) -> int:
         sys.stderr.write(f"\n{PROG} solve: interrupted while saving; {out} is incomplete (no report.json)\n")
         return 130
     prediction, check, metrics, notes, figs, interrupted = _analyse_and_draw(
-        args, problem, solution, solver, out, _status_name(solution) == "interrupted")
+        args, problem, solution, solver, out, _status_name(solution) == "interrupted"
+    )
 
     report = build_report(problem, solution, prediction, check, metrics, notes)
     report["solver"] = solver
@@ -891,8 +1012,19 @@ def cmd_plot(args) -> int:
     solver = res.config.get("solver", {}) if isinstance(res.config.get("solver"), dict) else {}
     tol = solver.get("tol") if _is_real(solver.get("tol")) else None
     try:
-        files = draw_figures(res.problem, res.solution, prediction, metrics, folder=out, fmt=args.format,
-                             dpi=args.dpi, history_every=res.history_every, tol=tol, trace=trace, notes=notes)
+        files = draw_figures(
+            res.problem,
+            res.solution,
+            prediction,
+            metrics,
+            folder=out,
+            fmt=args.format,
+            dpi=args.dpi,
+            history_every=res.history_every,
+            tol=tol,
+            trace=trace,
+            notes=notes,
+        )
     except OSError as e:
         raise _write_error(e) from None
     for p in files:
@@ -918,8 +1050,14 @@ EXPLORE_DEFAULT_PROBLEM: dict[str, Any] = {
     "lam_b": 0.0,
     "label_smoothing": 0.0,
 }
-EXPLORE_DEFAULTS: dict[str, Any] = {"time_budget": 150.0, "max_starts": None, "seed": 0, "batch_size": 16,
-                                    "steps": 2000, "strategies": None}
+EXPLORE_DEFAULTS: dict[str, Any] = {
+    "time_budget": 150.0,
+    "max_starts": None,
+    "seed": 0,
+    "batch_size": 16,
+    "steps": 2000,
+    "strategies": None,
+}
 _EXPLORE_FIGURES = ("minima", "gram", "gram_spectra")
 
 
@@ -928,37 +1066,67 @@ def _strategy_list(text: str):
 
 
 def _add_explore_parser(sub) -> None:
-    pe = sub.add_parser("explore", help="search for the global optimum where theory is open (ufm.explore)",
-                        description="Run ufm.explore: a budgeted portfolio of batched L-BFGS starts (explicit DNC/SRG "
-                        "candidates, random, low-rank, perturbed, continuation in lambda, basin hopping). Default "
-                        "problem: K=6, n=1, widths 11,11,11,11, deep ReLU, MSE, no bias, lambda=0.004. Writes "
-                        "config.json, report.json, best.npz, best.json and figures.")
+    pe = sub.add_parser(
+        "explore",
+        help="search for the global optimum where theory is open (ufm.explore)",
+        description="Run ufm.explore: a budgeted portfolio of batched L-BFGS starts (explicit DNC/SRG "
+        "candidates, random, low-rank, perturbed, continuation in lambda, basin hopping). Default "
+        "problem: K=6, n=1, widths 11,11,11,11, deep ReLU, MSE, no bias, lambda=0.004. Writes "
+        "config.json, report.json, best.npz, best.json and figures.",
+    )
     g = pe.add_argument_group("problem (ufm.UFM fields)")
     for flags, dest, typ, help_ in _PROBLEM_OPTIONS:
         d = EXPLORE_DEFAULT_PROBLEM[dest]
         d = ",".join(map(str, d)) if isinstance(d, list) else d
         g.add_argument(*flags, dest=dest, type=typ, default=None, help=f"{help_.split(' (default')[0]} (default {d})")
     g = pe.add_argument_group("search (ufm.explore options)")
-    g.add_argument("--time-budget", dest="time_budget", type=_float, default=None,
-                   help="seconds (default 150; loosely: no round starts that would end past it)")
-    g.add_argument("--max-starts", dest="max_starts", type=_int, default=None,
-                   help="number of starts (deterministic for a fixed --seed; default: no limit)")
+    g.add_argument(
+        "--time-budget",
+        dest="time_budget",
+        type=_float,
+        default=None,
+        help="seconds (default 150; loosely: no round starts that would end past it)",
+    )
+    g.add_argument(
+        "--max-starts",
+        dest="max_starts",
+        type=_int,
+        default=None,
+        help="number of starts (deterministic for a fixed --seed; default: no limit)",
+    )
     g.add_argument("--seed", dest="seed", type=_int, default=None, help="seed of the search (default 0)")
     g.add_argument("--batch-size", dest="batch_size", type=_int, default=None, help="starts per round (default 16)")
     g.add_argument("--steps", dest="steps", type=_int, default=None, help="L-BFGS steps per round (default 2000)")
-    g.add_argument("--strategies", dest="strategies", type=_strategy_list, default=None,
-                   help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop (default all)")
+    g.add_argument(
+        "--strategies",
+        dest="strategies",
+        type=_strategy_list,
+        default=None,
+        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop (default all)",
+    )
     g = pe.add_argument_group("run")
-    g.add_argument("--config", type=Path, default=None,
-                   help="TOML or JSON file with a [problem] table and an optional [explore] table")
+    g.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        help="TOML or JSON file with a [problem] table and an optional [explore] table",
+    )
     g.add_argument("--out", type=Path, default=None, help="results folder (default: a new ufm-explore-DATE-TIME)")
     g.add_argument("--overwrite", action="store_true", help="allow --out to be a folder that already holds results")
     g.add_argument("--json", action="store_true", help="print the report as JSON on stdout")
     g.add_argument("--no-plots", dest="plots", action="store_false", help="do not draw the figures")
-    g.add_argument("--progress", choices=("auto", "always", "never"), default="auto",
-                   help="one line per round on stderr (auto: when stderr is a terminal)")
-    g.add_argument("--hessian", choices=("auto", "on", "off"), default="auto",
-                   help=f"second-order certificate in the checks (auto: on up to {_HESSIAN_AUTO_MAX} parameters)")
+    g.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="one line per round on stderr (auto: when stderr is a terminal)",
+    )
+    g.add_argument(
+        "--hessian",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"second-order certificate in the checks (auto: on up to {_HESSIAN_AUTO_MAX} parameters)",
+    )
 
 
 def resolve_explore_config(args) -> tuple[Any, dict]:
@@ -992,8 +1160,9 @@ def resolve_explore_config(args) -> tuple[Any, dict]:
         for k, v in (data.get("explore") or {}).items():
             nk = k.replace("-", "_")
             if nk not in EXPLORE_DEFAULTS:
-                raise UsageError(f"--config: {path}: unknown field {k!r} in [explore] "
-                                 f"(fields: {', '.join(EXPLORE_DEFAULTS)})")
+                raise UsageError(
+                    f"--config: {path}: unknown field {k!r} in [explore] (fields: {', '.join(EXPLORE_DEFAULTS)})"
+                )
             search[nk] = v
     for _, dest, _, _ in _PROBLEM_OPTIONS:
         v = getattr(args, dest)
@@ -1029,8 +1198,10 @@ def format_exploration(ex, header: str) -> str:
     for name, v in ex.explicit.items():
         r = f"  ({v / ex.dnc_loss:.4f} x DNC)" if math.isfinite(ex.dnc_loss) else ""
         lines.append(f"  explicit {name:<9s} {v:.10g}{r}")
-    lines.append(f"  best found         {ex.value:.10g}"
-                 + (f"  ({ex.ratio_to_dnc:.4f} x DNC)" if math.isfinite(ex.ratio_to_dnc) else ""))
+    lines.append(
+        f"  best found         {ex.value:.10g}"
+        + (f"  ({ex.ratio_to_dnc:.4f} x DNC)" if math.isfinite(ex.ratio_to_dnc) else "")
+    )
     if ex.minima:
         lines.append(f"  structure          {ex.minima[0].description}")
     for label, rep in (("check vs DNC", ex.check_dnc), ("check vs predict", ex.check_best)):
@@ -1040,8 +1211,10 @@ def format_exploration(ex, header: str) -> str:
     for m in ex.minima[:10]:
         r = f" = {m.value / ex.dnc_loss:.4f} x DNC" if math.isfinite(ex.dnc_loss) else ""
         lines.append(f"    {m.value:.10g}{r}  x{m.count:<3d} {m.strategy}")
-    lines.append("  strategies: " + "; ".join(f"{k} {v['starts']} starts, {v['minima']} minima"
-                                             for k, v in ex.strategies.items()))
+    lines.append(
+        "  strategies: "
+        + "; ".join(f"{k} {v['starts']} starts, {v['minima']} minima" for k, v in ex.strategies.items())
+    )
     lines.append(f"  time {ex.time:.1f} s, {ex.num_starts} starts, {ex.num_rounds} rounds")
     return "\n".join(lines)
 
@@ -1066,19 +1239,36 @@ def cmd_explore(args, argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     hessian, note = _use_hessian(args.hessian, problem)
-    ex = _explore.explore(problem, time_budget=search["time_budget"], max_starts=search["max_starts"],
-                          key=jax.random.key(search["seed"]), progress=True if show else None,
-                          strategies=search["strategies"] or _explore.STRATEGIES, batch_size=search["batch_size"],
-                          steps=search["steps"], check_hessian=hessian)
+    ex = _explore.explore(
+        problem,
+        time_budget=search["time_budget"],
+        max_starts=search["max_starts"],
+        key=jax.random.key(search["seed"]),
+        progress=True if show else None,
+        strategies=search["strategies"] or _explore.STRATEGIES,
+        batch_size=search["batch_size"],
+        steps=search["steps"],
+        check_hessian=hessian,
+    )
     best = _explore.structure(problem, ex.params)
     best_info = {"value": ex.value, "ratio_to_dnc": ex.ratio_to_dnc, **best}
-    report: dict[str, Any] = {"exploration": ex.to_dict(), "best": best_info,
-              "check_dnc": None if ex.check_dnc is None else ex.check_dnc.to_dict(),
-              "check_best": None if ex.check_best is None else ex.check_best.to_dict(),
-              "notes": [note] if note else []}
+    report: dict[str, Any] = {
+        "exploration": ex.to_dict(),
+        "best": best_info,
+        "check_dnc": None if ex.check_dnc is None else ex.check_dnc.to_dict(),
+        "check_best": None if ex.check_best is None else ex.check_best.to_dict(),
+        "notes": [note] if note else [],
+    }
     files = [_io.CONFIG_FILE, _io.REPORT_FILE, "best.npz", "best.json"]
-    report["run"] = {"command": [PROG, *argv], "started": started, "seed": search["seed"], "device": _device(),
-                     "x64": bool(jax.config.jax_enable_x64), "versions": _versions(), "results": str(out)}  # type: ignore[attr-defined]  # set on jax's Config at runtime; its stub omits it
+    report["run"] = {
+        "command": [PROG, *argv],
+        "started": started,
+        "seed": search["seed"],
+        "device": _device(),
+        "x64": bool(jax.config.jax_enable_x64),  # type: ignore[attr-defined]  # runtime option; the stub omits it
+        "versions": _versions(),
+        "results": str(out),
+    }
     arrays: dict[str, Any] = {"H": np.asarray(ex.params.H), "value": np.asarray(ex.value)}
     for i, W in enumerate(ex.params.Ws):
         arrays[f"W{i + 1}"] = np.asarray(W)
@@ -1111,10 +1301,13 @@ def draw_explore_figures(problem, ex, *, folder: Path, fmt: str = "png", dpi: in
         ref = construct(problem, "dnc") if math.isfinite(ex.dnc_loss) else None
     except ValueError:
         ref = None
-    figs = {"minima": plotting.exploration_minima(ex),
-            "gram": plotting.gram_heatmaps(problem, ex.params, title="best point found: class-mean Grams"),
-            "gram_spectra": plotting.gram_spectra_plot(problem, ex.params, reference=ref,
-                                                       title="best point found: class-mean Gram spectra")}
+    figs = {
+        "minima": plotting.exploration_minima(ex),
+        "gram": plotting.gram_heatmaps(problem, ex.params, title="best point found: class-mean Grams"),
+        "gram_spectra": plotting.gram_spectra_plot(
+            problem, ex.params, reference=ref, title="best point found: class-mean Gram spectra"
+        ),
+    }
     written = []
     for name, fig in figs.items():
         path = Path(folder) / f"{name}.{fmt}"

@@ -196,8 +196,9 @@ def training_curves(
             below = np.where(gap < 0, -gap, np.nan)
             ax_loss.plot(steps, above, color="C0", lw=1.5, label=r"$f_k - f_{\rm pred} \geq 0$")
             if np.any(gap < 0):
-                ax_loss.plot(steps, below, "o", color="C3", ms=2.5,
-                             label=r"$f_{\rm pred} - f_k > 0$ (below prediction)")
+                ax_loss.plot(
+                    steps, below, "o", color="C3", ms=2.5, label=r"$f_{\rm pred} - f_k > 0$ (below prediction)"
+                )
             ax_loss.set_yscale("log")
             ax_loss.set_ylabel(r"$|f_k - f_{\rm pred}|$")
             what = "prediction" if predicted_known else "best known bound"
@@ -223,12 +224,25 @@ def training_curves(
             ax_nc1.set_yscale("log")
             ax_nc1.legend(loc="upper right", ncol=1 + nc1.shape[1] // 5)
             if np.all(nc1 == 0):
-                ax_nc1.text(0.5, 0.3, "NC1 = 0 exactly at every snapshot\n(drawn at 1e-17; e.g. one sample per class)",
-                            ha="center", va="center", transform=ax_nc1.transAxes, fontsize=8)
+                ax_nc1.text(
+                    0.5,
+                    0.3,
+                    "NC1 = 0 exactly at every snapshot\n(drawn at 1e-17; e.g. one sample per class)",
+                    ha="center",
+                    va="center",
+                    transform=ax_nc1.transAxes,
+                    fontsize=8,
+                )
             ax_nc1.set_title("within-class variability per layer")
         else:
-            ax_nc1.text(0.5, 0.5, "no parameter snapshots:\nsolve with snapshot_every=k", ha="center", va="center",
-                        transform=ax_nc1.transAxes)
+            ax_nc1.text(
+                0.5,
+                0.5,
+                "no parameter snapshots:\nsolve with snapshot_every=k",
+                ha="center",
+                va="center",
+                transform=ax_nc1.transAxes,
+            )
             ax_nc1.set_title("within-class variability per layer")
         ax_nc1.set_ylabel(r"NC1 = tr$(\Sigma_W \Sigma_B^{+})/K$")
         for ax in (ax_loss, ax_grad, ax_nc1):
@@ -261,8 +275,16 @@ def _bars(ax, names, values, colors):
             ax.text(x[i], 0.02, "n/a", transform=base, ha="center", va="bottom", fontsize=7, color="0.4")
             continue
         text = "0" if v == 0 else (f"{v:.0e}" if v < 1e-2 else f"{v:.2f}")
-        ax.annotate(text, (x[i], heights[i]), xytext=(0, 2), textcoords="offset points", ha="center", va="bottom",
-                    fontsize=7, annotation_clip=False)
+        ax.annotate(
+            text,
+            (x[i], heights[i]),
+            xytext=(0, 2),
+            textcoords="offset points",
+            ha="center",
+            va="bottom",
+            fontsize=7,
+            annotation_clip=False,
+        )
     ax.set_xticks(x, [_sub(n) for n in names])
 
 
@@ -301,14 +323,23 @@ def collapse_bars(metrics: dict, *, title: str | None = None):
         ax2.set_title("NC2: distance to predicted geometry")
         ax2.set_ylabel(r"$\| G/\|G\|_F - G_{\rm pred} \|_F$")
         if targets:
-            ax2.text(0.02, 0.97, "target: " + ", ".join(tnames.get(t, t) for t in targets), transform=ax2.transAxes,
-                     va="top", fontsize=7)
+            ax2.text(
+                0.02,
+                0.97,
+                "target: " + ", ".join(tnames.get(t, t) for t in targets),
+                transform=ax2.transAxes,
+                va="top",
+                fontsize=7,
+            )
         _bars(ax3, [w["name"] for w in weights], [w["dnc3"] for w in weights], ["#e6550d"] * len(weights))
         ax3.set_title("DNC3 (alignment)")
         ax3.set_ylabel(r"$1 - $mean$_r \max_k |\cos(w_r, \mu_k)|$")
         for ax in (ax1, ax2):
-            ax.set_xlabel("feature layer (light: pre-activation $Z_l$)" if any(n.startswith("Z_") for n in names)
-                          else "feature layer")
+            ax.set_xlabel(
+                "feature layer (light: pre-activation $Z_l$)"
+                if any(n.startswith("Z_") for n in names)
+                else "feature layer"
+            )
         ax3.set_xlabel("$W_l$ vs class means of $H_l$")
         if title:
             fig.suptitle(title)
@@ -359,8 +390,11 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
         targets.append(t)
     predicted = [t for t in targets if t is not None]
     t_pred = max(set(predicted), key=predicted.count) if predicted else None
-    tnames: dict[str | None, str] = {"etf": "simplex ETF", "orthogonal": "orthogonal frame",
-                                      "orthogonal-unequal": "orth. frame, unequal norms"}
+    tnames: dict[str | None, str] = {
+        "etf": "simplex ETF",
+        "orthogonal": "orthogonal frame",
+        "orthogonal-unequal": "orth. frame, unequal norms",
+    }
     G_pred = _target_gram(t_pred, K)
     pred_title = None
     grams = getattr(prediction, "gram_H", None) if prediction is not None else None
@@ -394,8 +428,15 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
             if K <= 6:
                 for i in range(K):
                     for j in range(K):
-                        ax.text(j, i, f"{G[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                                color="white" if abs(G[i, j]) > 0.6 * vmax else "black")
+                        ax.text(
+                            j,
+                            i,
+                            f"{G[i, j]:.2f}",
+                            ha="center",
+                            va="center",
+                            fontsize=7,
+                            color="white" if abs(G[i, j]) > 0.6 * vmax else "black",
+                        )
             ax.set_title(st if st != "predicted" else pred_title or f"predicted:\n{tnames.get(t_pred, t_pred)}")
         axes[0].set_ylabel("class $j$")
         if im is not None:
@@ -408,8 +449,15 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
 # singular values
 
 
-def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None, predicted_H: Sequence | None = None,
-                        max_index: int | None = None, title: str | None = None):
+def singular_value_plot(
+    problem,
+    params,
+    *,
+    predicted_W: Sequence | None = None,
+    predicted_H: Sequence | None = None,
+    max_index: int | None = None,
+    title: str | None = None,
+):
     """Singular values of every weight matrix W_l (top row) and feature matrix H_l (bottom row, all N columns),
     on a log axis, against predicted values.
 
@@ -435,8 +483,10 @@ def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None,
         [(f"W_{l + 1}", np.asarray(W, np.float64)) for l, W in enumerate(params.Ws)],
         layers,
     ]
-    preds = [list(predicted_W) if predicted_W is not None else [None] * L,
-             list(predicted_H) if predicted_H is not None else [None] * L]
+    preds = [
+        list(predicted_W) if predicted_W is not None else [None] * L,
+        list(predicted_H) if predicted_H is not None else [None] * L,
+    ]
     for p in preds:
         if len(p) != L:
             raise ValueError(f"predicted singular values need one entry per layer (L={L}); got {len(p)}")
@@ -456,8 +506,16 @@ def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None,
                     pv = np.atleast_1d(np.asarray(pred, np.float64))[:shown_max]
                     pred = None if np.all(np.isnan(pv)) else pred  # nan: not determined by the theory
                 if pred is not None:
-                    ax.plot(np.arange(1, pv.size + 1), _positive(pv), "o", ms=8, mfc="none", mew=1.2, color="k",
-                            label="predicted")
+                    ax.plot(
+                        np.arange(1, pv.size + 1),
+                        _positive(pv),
+                        "o",
+                        ms=8,
+                        mfc="none",
+                        mew=1.2,
+                        color="k",
+                        label="predicted",
+                    )
                 ax.set_yscale("log")
                 shown = [_positive(s)] + ([] if pred is None else [_positive(pv)])
                 _log_ylim(ax, np.concatenate(shown))
@@ -472,8 +530,11 @@ def singular_value_plot(problem, params, *, predicted_W: Sequence | None = None,
                     ax.legend(loc="upper right")
                 else:
                     ax.text(0.97, 0.97, "not predicted", ha="right", va="top", transform=ax.transAxes, fontsize=7)
-        fig.suptitle(title or "singular values per layer: weights (top), features over all N samples (bottom); "
-                     "exact zeros drawn at 1e-17")
+        fig.suptitle(
+            title
+            or "singular values per layer: weights (top), features over all N samples (bottom); "
+            "exact zeros drawn at 1e-17"
+        )
     return fig
 
 
@@ -530,8 +591,11 @@ def class_means_plot(problem, params, *, dim: int = 2, title: str | None = None)
             ax.scatter(*[[gp[i]] for i in range(dim)], marker="*", c="k", s=50)
             ang_u = _mean_angle(M)
             ang_c = _mean_angle(M - muG[:, None])
-            ax.set_title(f"{_sub(name)}\nangle: {ang_u} uncentred, {ang_c} centred\n"
-                         f"$\\|M\\|_F$ = {np.linalg.norm(M):.2g}, projection keeps {100 * kept:.0f}%", fontsize=8)
+            ax.set_title(
+                f"{_sub(name)}\nangle: {ang_u} uncentred, {ang_c} centred\n"
+                f"$\\|M\\|_F$ = {np.linalg.norm(M):.2g}, projection keeps {100 * kept:.0f}%",
+                fontsize=8,
+            )
             ax.set_xlabel("PC 1")
             ax.set_ylabel("PC 2")
             if dim == 3:
@@ -599,12 +663,25 @@ def exploration_minima(exploration, *, title: str | None = None):
             counts = np.array([m.count for m in minima if m.strategy == s], float)
             inside = vals <= hi
             if inside.any():
-                ax.scatter(vals[inside], np.full(inside.sum(), i), s=18 * np.sqrt(counts[inside]) + 8,
-                           color=colors[i], alpha=0.7, edgecolors="k", linewidths=0.4)
+                ax.scatter(
+                    vals[inside],
+                    np.full(inside.sum(), i),
+                    s=18 * np.sqrt(counts[inside]) + 8,
+                    color=colors[i],
+                    alpha=0.7,
+                    edgecolors="k",
+                    linewidths=0.4,
+                )
             if (~inside).any():
                 ax.scatter([hi + 0.04 * span], [i], marker=">", color=colors[i], edgecolors="k", linewidths=0.4)
-                ax.annotate(f"{int((~inside).sum())} above", (hi + 0.04 * span, i), xytext=(0, 6),
-                            textcoords="offset points", fontsize=7, ha="center")
+                ax.annotate(
+                    f"{int((~inside).sum())} above",
+                    (hi + 0.04 * span, i),
+                    xytext=(0, 6),
+                    textcoords="offset points",
+                    fontsize=7,
+                    ha="center",
+                )
         for name, v in exploration.explicit.items():
             ax.axvline(v / scale, color="0.4", ls="--", lw=0.8)
             ax.annotate(name, (v / scale, len(names) - 0.5), fontsize=7, rotation=90, va="top", ha="right")
@@ -613,8 +690,11 @@ def exploration_minima(exploration, *, title: str | None = None):
         ax.set_yticks(range(len(names)), names)
         ax.set_ylim(-0.7, len(names) - 0.3)
         ax.set_xlabel("loss / DNC loss" if scale != 1.0 else "loss")
-        ax.set_title(title or f"{len(minima)} distinct minima from {exploration.num_starts} starts "
-                     "(area ∝ starts reaching it; red: best)")
+        ax.set_title(
+            title
+            or f"{len(minima)} distinct minima from {exploration.num_starts} starts "
+            "(area ∝ starts reaching it; red: best)"
+        )
     return fig
 
 

@@ -52,8 +52,9 @@ def _field(records, name: str) -> list:
         lH = iter_fields(records, "lam_H")
         lW = iter_fields(records, "lam_W")
         if any(a != b for a, b in zip(lH, lW, strict=True)):
-            raise ValueError("field 'lam' means lam_H = lam_W, but these records have lam_H != lam_W; "
-                             "use lam_H or lam_W")
+            raise ValueError(
+                "field 'lam' means lam_H = lam_W, but these records have lam_H != lam_W; use lam_H or lam_W"
+            )
         return lH
     return iter_fields(records, name)
 
@@ -206,8 +207,13 @@ def phase_diagram(
         im = ax.imshow(data, origin="lower", aspect="auto", cmap=cm, vmin=-0.5, vmax=len(t.categories) - 0.5)
         from matplotlib.patches import Patch
 
-        ax.legend(handles=[Patch(color=cm(i), label=c) for i, c in enumerate(t.categories)], title=t.label,
-                  loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize="small")
+        ax.legend(
+            handles=[Patch(color=cm(i), label=c) for i, c in enumerate(t.categories)],
+            title=t.label,
+            loc="upper left",
+            bbox_to_anchor=(1.01, 1.0),
+            fontsize="small",
+        )
     else:
         norm: colors.Normalize | None = None
         if value in ("gap", "gap_abs"):
@@ -232,8 +238,15 @@ def phase_diagram(
                     s = f"{v:g}"
                 else:
                     s = f"{v:.2g}"
-                ax.text(j, i, f"{s}\n(n={t.counts[i, j]})", ha="center", va="center", fontsize="x-small",
-                        color="white" if t.categories is None else "black")
+                ax.text(
+                    j,
+                    i,
+                    f"{s}\n(n={t.counts[i, j]})",
+                    ha="center",
+                    va="center",
+                    fontsize="x-small",
+                    color="white" if t.categories is None else "black",
+                )
     ax.set_xticks(range(len(t.x)), [_fmt(v) for v in t.x], rotation=45 if len(t.x) > 6 else 0)
     ax.set_yticks(range(len(t.y)), [_fmt(v) for v in t.y])
     ax.set_xlabel(x)

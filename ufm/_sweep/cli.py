@@ -42,8 +42,18 @@ def _load_config(path: str) -> dict:
         raise UsageError(f"config file {path!r} is not valid {kind}: {e}") from None
     if not isinstance(cfg, dict) or "grid" not in cfg:
         raise UsageError(f"config file {path!r} must be a table with a 'grid' entry (a table or a list of tables)")
-    allowed = {"grid", "store", "chunk_size", "second_order", "check_options", "metrics", "rank_rtol", "rank_atol",
-               "x64", "devices"}
+    allowed = {
+        "grid",
+        "store",
+        "chunk_size",
+        "second_order",
+        "check_options",
+        "metrics",
+        "rank_rtol",
+        "rank_atol",
+        "x64",
+        "devices",
+    }
     unknown = sorted(set(cfg) - allowed)
     if unknown:
         raise UsageError(f"config file {path!r} has unknown entries {unknown}; allowed: {sorted(allowed)}")
@@ -82,14 +92,24 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-size", type=int, help="runs per compiled call")
     parser.add_argument("--devices", type=int, help="use the first N of jax.devices()")
     where = parser.add_mutually_exclusive_group()
-    where.add_argument("--workers", type=int, metavar="N",
-                       help="run the chunks on a local Dask cluster of N worker processes")
-    where.add_argument("--scheduler", metavar="ADDRESS",
-                       help="run the chunks on a running Dask cluster (e.g. tcp://host:8786)")
-    parser.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
-                        help="progress bar on stderr (tqdm; default: when stderr is a terminal)")
-    parser.add_argument("--second-order", action="store_true", default=None,
-                        help="ask ufm.check for its second-order (Hessian) certificate")
+    where.add_argument(
+        "--workers", type=int, metavar="N", help="run the chunks on a local Dask cluster of N worker processes"
+    )
+    where.add_argument(
+        "--scheduler", metavar="ADDRESS", help="run the chunks on a running Dask cluster (e.g. tcp://host:8786)"
+    )
+    parser.add_argument(
+        "--progress",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="progress bar on stderr (tqdm; default: when stderr is a terminal)",
+    )
+    parser.add_argument(
+        "--second-order",
+        action="store_true",
+        default=None,
+        help="ask ufm.check for its second-order (Hessian) certificate",
+    )
     parser.add_argument("--compile-cache", help="persistent JAX compilation cache folder (faster restarts)")
     return parser
 
@@ -106,8 +126,9 @@ def _store_path(args, cfg: dict) -> str:
 def _options(args, cfg: dict) -> dict:
     devices = args.devices if args.devices is not None else cfg.get("devices")
     if devices is not None and (not isinstance(devices, int) or isinstance(devices, bool) or devices < 1):
-        raise UsageError(f"config entry 'devices' must be a number of devices >= 1 (the first N of "
-                         f"jax.devices()); got {devices!r}")
+        raise UsageError(
+            f"config entry 'devices' must be a number of devices >= 1 (the first N of jax.devices()); got {devices!r}"
+        )
     kw = dict(
         chunk_size=args.chunk_size if args.chunk_size is not None else cfg.get("chunk_size", 64),
         devices=devices,
@@ -183,8 +204,10 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except KeyboardInterrupt:
         n = _count_records(store) if store else 0
-        print(f"ufm sweep: interrupted; {n} finished runs are saved in {store}; run the same command to resume",
-              file=sys.stderr)
+        print(
+            f"ufm sweep: interrupted; {n} finished runs are saved in {store}; run the same command to resume",
+            file=sys.stderr,
+        )
         return 130
     except (UsageError, ValueError, TypeError, ImportError, OSError) as e:
         print(f"ufm sweep: error: {e}", file=sys.stderr)
@@ -196,13 +219,18 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
     summary = ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()))
     where = f"{res.num_devices} device(s)" if not (args.workers or args.scheduler) else "a Dask cluster"
     try:
-        print(f"ufm sweep: {res.num_runs} runs ({res.num_new} new, {res.num_skipped} already saved) on {where} "
-              f"in {res.path}: {summary}", flush=True)
+        print(
+            f"ufm sweep: {res.num_runs} runs ({res.num_new} new, {res.num_skipped} already saved) on {where} "
+            f"in {res.path}: {summary}",
+            flush=True,
+        )
     except BrokenPipeError:  # `ufm sweep ... | head`: the reader left; the store is complete
         with contextlib.suppress(OSError):
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit
-        print("ufm sweep: error: stdout closed (broken pipe); the sweep finished and its store is complete",
-              file=sys.stderr)
+        print(
+            "ufm sweep: error: stdout closed (broken pipe); the sweep finished and its store is complete",
+            file=sys.stderr,
+        )
         return 2
     return 0
 

@@ -78,7 +78,6 @@ def to_columns(records: Sequence[Mapping]) -> dict[str, np.ndarray]:
     return cols
 
 
-
 def _layer_keys(items: list) -> list[str] | None:
     """Column labels for a list of per-layer dicts: their distinct ``name``s, else their ``layer``s, else None."""
     for field in ("name", "layer"):

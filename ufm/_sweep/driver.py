@@ -204,11 +204,14 @@ def sweep(
     check_options = validate_check_options(check_options)
     if client is not None:
         if not _is_client(client):
-            raise TypeError(f"client must be a dask.distributed.Client; got {type(client).__name__} "
-                            "(pip install 'ufm[distributed]')")
+            raise TypeError(
+                f"client must be a dask.distributed.Client; got {type(client).__name__} "
+                "(pip install 'ufm[distributed]')"
+            )
         if devices is not None:
-            raise ValueError("devices and client are exclusive: with a Dask client each task uses its worker's "
-                             "first device")
+            raise ValueError(
+                "devices and client are exclusive: with a Dask client each task uses its worker's first device"
+            )
         mesh, ndev = None, 1
     else:
         mesh = make_mesh(devices)
@@ -216,13 +219,20 @@ def sweep(
     if progress:
         tqdm_class(required=True)
     settings = {
-        "chunk_size": int(chunk_size), "second_order": bool(second_order), "rank_rtol": float(rank_rtol),
-        "rank_atol": float(rank_atol), "x64": bool(jax.config.read("jax_enable_x64")), "metrics": bool(metrics),
+        "chunk_size": int(chunk_size),
+        "second_order": bool(second_order),
+        "rank_rtol": float(rank_rtol),
+        "rank_atol": float(rank_atol),
+        "x64": bool(jax.config.read("jax_enable_x64")),
+        "metrics": bool(metrics),
         "check_options": to_jsonable(check_options),
     }
     ids = [run_id(c) for c in configs]
-    header = new_header(_fingerprint(ids, settings), to_jsonable(grid),
-                        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"))
+    header = new_header(
+        _fingerprint(ids, settings),
+        to_jsonable(grid),
+        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    )
     st = Store(os.fspath(store), header) if store is not None else None
     try:
         done = dict(st.done) if st is not None else {}
@@ -251,8 +261,16 @@ def sweep(
         finally:
             bar.close()
         records = [done[i] for i in ids if i in done]
-        return SweepResult(records, None if store is None else os.fspath(store), len(configs), new, skipped,
-                           len(chunks), st.header if st is not None else header, ndev)
+        return SweepResult(
+            records,
+            None if store is None else os.fspath(store),
+            len(configs),
+            new,
+            skipped,
+            len(chunks),
+            st.header if st is not None else header,
+            ndev,
+        )
     finally:
         if st is not None:
             st.close()
@@ -282,8 +300,7 @@ def _run_here(configs, ids, chunks, finished, settings, mesh, commit, bar) -> No
             todo = np.asarray([j for j, i in enumerate(idx) if not finished[i]], int)  # finished runs: not again
             host = jax.tree_util.tree_map(lambda a, todo=todo: a[todo], host)
             sel = [idx[j] for j in todo]
-            commit(summarise([configs[i] for i in sel], sel, [ids[i] for i in sel], host, settings, pred_cache,
-                             wall))
+            commit(summarise([configs[i] for i in sel], sel, [ids[i] for i in sel], host, settings, pred_cache, wall))
         pending = nxt
 
 
@@ -295,10 +312,19 @@ def _run_on_client(client, configs, ids, chunks, finished, settings, commit) -> 
     token = secrets.token_hex(4)  # task keys unique per call: a chunk's `keep` mask differs between calls
     futures = []
     for k, (_, idx, size) in enumerate(chunks):
-        futures.append(client.submit(
-            solve_chunk, [configs[i] for i in idx], list(idx), [ids[i] for i in idx], size,
-            [not finished[i] for i in idx], settings, pure=False, key=f"ufm-sweep-chunk-{k}-{token}",
-        ))
+        futures.append(
+            client.submit(
+                solve_chunk,
+                [configs[i] for i in idx],
+                list(idx),
+                [ids[i] for i in idx],
+                size,
+                [not finished[i] for i in idx],
+                settings,
+                pure=False,
+                key=f"ufm-sweep-chunk-{k}-{token}",
+            )
+        )
     try:
         for fut in as_completed(futures):
             commit(fut.result())
@@ -306,8 +332,14 @@ def _run_on_client(client, configs, ids, chunks, finished, settings, commit) -> 
         client.cancel(futures)
 
 
-def load_sweep(path: str | os.PathLike, *, columns: bool = False, header: bool = False, as_frame: bool = False,
-               strict: bool = False):
+def load_sweep(
+    path: str | os.PathLike,
+    *,
+    columns: bool = False,
+    header: bool = False,
+    as_frame: bool = False,
+    strict: bool = False,
+):
     """Load a sweep store written by `sweep` / ``ufm sweep``.
 
     Returns the run records (a list of dicts, in grid order); with ``columns=True`` a dict of NumPy columns
@@ -357,8 +389,18 @@ def rerun(record: Mapping) -> tuple[UFM, Solution]:
         raise TypeError(f"record must be a sweep record (a dict) or its config; got {type(record).__name__}")
     c = record["config"] if "config" in record else record
     problem = problem_of(c)
-    sol = solve(problem, key=int(c["seed"]), method=c["method"], lr=c["lr"], max_steps=c["max_steps"], tol=c["tol"],
-                init_scale=c["init_scale"], dtype=c["dtype"], patience=c["patience"], history=False)
+    sol = solve(
+        problem,
+        key=int(c["seed"]),
+        method=c["method"],
+        lr=c["lr"],
+        max_steps=c["max_steps"],
+        tol=c["tol"],
+        init_scale=c["init_scale"],
+        dtype=c["dtype"],
+        patience=c["patience"],
+        history=False,
+    )
     return problem, sol
 
 
@@ -396,5 +438,7 @@ def as_records(source) -> list:
         return frame_records(source)
     if isinstance(source, Sequence):
         return list(source)
-    raise TypeError("expected a store path, a SweepResult, a DataFrame of load_sweep(..., as_frame=True) or a "
-                    f"list of run records; got {type(source).__name__}")
+    raise TypeError(
+        "expected a store path, a SweepResult, a DataFrame of load_sweep(..., as_frame=True) or a "
+        f"list of run records; got {type(source).__name__}"
+    )

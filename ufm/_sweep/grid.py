@@ -22,15 +22,26 @@ import numpy as np
 from .._problem import ACTIVATIONS, BIASES, LOSSES, UFM
 from .._solver import DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, default_tol
 
-PROBLEM_FIELDS = ("num_classes", "n_per_class", "widths", "activation", "loss", "bias", "lam_H", "lam_W", "lam_b",
-                  "label_smoothing")
+PROBLEM_FIELDS = (
+    "num_classes",
+    "n_per_class",
+    "widths",
+    "activation",
+    "loss",
+    "bias",
+    "lam_H",
+    "lam_W",
+    "lam_b",
+    "label_smoothing",
+)
 SOLVER_FIELDS = ("method", "lr", "max_steps", "tol", "init_scale", "patience", "dtype", "seed")
 CONFIG_FIELDS = PROBLEM_FIELDS + SOLVER_FIELDS
 ALIASES = {"K": "num_classes", "n": "n_per_class"}
 SHORTHANDS = ("width", "L", "lam", "seeds")
 GRID_FIELDS = CONFIG_FIELDS + tuple(ALIASES) + SHORTHANDS
-PROBLEM_DEFAULTS = dict(activation="linear", loss="mse", bias="none", lam_H=1e-3, lam_W=1e-3, lam_b=0.0,
-                        label_smoothing=0.0)
+PROBLEM_DEFAULTS = dict(
+    activation="linear", loss="mse", bias="none", lam_H=1e-3, lam_W=1e-3, lam_b=0.0, label_smoothing=0.0
+)
 SEED_MAX = 2**31 - 1
 """The largest seed (seeds are stored as int32 on the device)."""
 
@@ -58,10 +69,16 @@ def _spaced(field: str, v: Mapping) -> list:
     ``{"range": [start, stop(, step)]}`` (integers)."""
     if len(v) != 1:
         raise _bad(field, dict(v), "a value table must have exactly one key: logspace, linspace or range")
-    (kind, args), = v.items()
+    ((kind, args),) = v.items()
     if kind in ("logspace", "linspace"):
-        if not (_is_seq(args) and len(args) == 3 and is_num(args[0]) and is_num(args[1]) and is_int(args[2])
-                and args[2] >= 1):
+        if not (
+            _is_seq(args)
+            and len(args) == 3
+            and is_num(args[0])
+            and is_num(args[1])
+            and is_int(args[2])
+            and args[2] >= 1
+        ):
             raise _bad(field, dict(v), f"{kind} needs [start, stop, num] with an integer num >= 1")
         xs = np.linspace(float(args[0]), float(args[1]), int(args[2]))
         return [float(x) for x in (10.0**xs if kind == "logspace" else xs)]
@@ -237,9 +254,16 @@ def problem_of(config: Mapping) -> UFM:
     """The `ufm.UFM` of a run config (an `expand_grid` entry or a stored record's ``config``)."""
     n = config["n_per_class"]
     return UFM(
-        num_classes=config["num_classes"], n_per_class=tuple(n) if isinstance(n, list) else n,
-        widths=tuple(config["widths"]), activation=config["activation"], loss=config["loss"], bias=config["bias"],
-        lam_H=config["lam_H"], lam_W=config["lam_W"], lam_b=config["lam_b"], label_smoothing=config["label_smoothing"],
+        num_classes=config["num_classes"],
+        n_per_class=tuple(n) if isinstance(n, list) else n,
+        widths=tuple(config["widths"]),
+        activation=config["activation"],
+        loss=config["loss"],
+        bias=config["bias"],
+        lam_H=config["lam_H"],
+        lam_W=config["lam_W"],
+        lam_b=config["lam_b"],
+        label_smoothing=config["label_smoothing"],
     )
 
 

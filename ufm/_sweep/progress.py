@@ -26,9 +26,16 @@ class Progress:
         self.bar = None
         tqdm = tqdm_class(required=False) if enabled else None
         if tqdm is not None:
-            self.bar = tqdm(total=total, initial=done, unit=" runs", file=stream or sys.stderr, desc="sweep",
-                            bar_format="{desc} [{bar:24}] {n_fmt}/{total_fmt} runs  {rate_fmt}  {remaining} left"
-                                       "{postfix}", ascii=" #", mininterval=0.2)
+            self.bar = tqdm(
+                total=total,
+                initial=done,
+                unit=" runs",
+                file=stream or sys.stderr,
+                desc="sweep",
+                bar_format="{desc} [{bar:24}] {n_fmt}/{total_fmt} runs  {rate_fmt}  {remaining} left{postfix}",
+                ascii=" #",
+                mininterval=0.2,
+            )
 
     def note(self, status: str) -> None:
         """A short status after the counters (e.g. "compiling K=3 widths=(4, 4)"); "" clears it."""

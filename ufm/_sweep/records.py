@@ -56,8 +56,12 @@ def ranks(config: Mapping, H, Ws, b, rtol: float, atol: float) -> list[dict]:
     B = h.shape[0]
     Wr = [rank(W) for W in Ws]
     return [
-        {"H": [int(r[i]) for r in Hr], "Z": [int(r[i]) for r in Zr], "W": [int(r[i]) for r in Wr],
-         "out": int(rank(out @ E)[i])}
+        {
+            "H": [int(r[i]) for r in Hr],
+            "Z": [int(r[i]) for r in Zr],
+            "W": [int(r[i]) for r in Wr],
+            "out": int(rank(out @ E)[i]),
+        }
         for i in range(B)
     ]
 
@@ -81,8 +85,15 @@ def _prediction(problem, config: Mapping, cache: dict):
     return cache[pkey]
 
 
-def summarise(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequence[str], host,
-              settings: Mapping, pred_cache: dict, wall: float) -> list[dict]:
+def summarise(
+    rows: Sequence[Mapping],
+    indices: Sequence[int],
+    run_ids: Sequence[str],
+    host,
+    settings: Mapping,
+    pred_cache: dict,
+    wall: float,
+) -> list[dict]:
     """One record per run of a solved chunk (``host`` = `runner.to_host` of it, rows aligned with ``rows``)."""
     params, value, grad_norm, num_steps, status = host
     rk = ranks(rows[0], params.H, params.Ws, params.b, settings["rank_rtol"], settings["rank_atol"])
@@ -90,9 +101,15 @@ def summarise(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequence
     for j, (c, i, rid) in enumerate(zip(rows, indices, run_ids, strict=True)):
         loss = _finite(value[j])
         rec: dict[str, Any] = {
-            "run": rid, "index": int(i), "config": c, "loss": loss, "grad_norm": _finite(grad_norm[j]),
-            "num_steps": int(num_steps[j]), "status": STATUS_NAMES[int(status[j])],
-            "success": bool(int(status[j]) == 0), "ranks": rk[j],
+            "run": rid,
+            "index": int(i),
+            "config": c,
+            "loss": loss,
+            "grad_norm": _finite(grad_norm[j]),
+            "num_steps": int(num_steps[j]),
+            "status": STATUS_NAMES[int(status[j])],
+            "success": bool(int(status[j]) == 0),
+            "ranks": rk[j],
         }
         errors = {}
         problem = problem_of(c)
@@ -107,12 +124,14 @@ def summarise(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequence
             rec["gap_abs"] = loss - ploss
         else:
             rec["gap"] = rec["gap_abs"] = None
-        sol = Solution(jax.tree_util.tree_map(lambda a, j=j: a[j], params), value[j], grad_norm[j], num_steps[j],
-                       status[j])
+        sol = Solution(
+            jax.tree_util.tree_map(lambda a, j=j: a[j], params), value[j], grad_norm[j], num_steps[j], status[j]
+        )
         rec["verdict"] = rec["check"] = None
         try:
-            report = check(problem, sol, prediction, hessian=settings["second_order"], metrics=False,
-                           **settings["check_options"])
+            report = check(
+                problem, sol, prediction, hessian=settings["second_order"], metrics=False, **settings["check_options"]
+            )
             d = to_jsonable(report)
             rec["verdict"] = getattr(report, "verdict", None)
             rec["check"] = {k: v for k, v in d.items() if k not in CHECK_DUPLICATES} if isinstance(d, dict) else d
@@ -130,8 +149,14 @@ def summarise(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequence
     return out
 
 
-def solve_chunk(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequence[str], size: int,
-                keep: Sequence[bool], settings: Mapping) -> list[dict]:
+def solve_chunk(
+    rows: Sequence[Mapping],
+    indices: Sequence[int],
+    run_ids: Sequence[str],
+    size: int,
+    keep: Sequence[bool],
+    settings: Mapping,
+) -> list[dict]:
     """Solve one whole chunk (padded to ``size``) on this process's devices and return the records of the runs
     marked in ``keep``. This is the task a Dask worker runs; it sets ``jax_enable_x64`` from the settings
     first (a worker process starts with JAX's default, float32)."""
@@ -142,5 +167,6 @@ def solve_chunk(rows: Sequence[Mapping], indices: Sequence[int], run_ids: Sequen
     wall = (time.perf_counter() - t0) / len(rows)
     sel = [j for j, k in enumerate(keep) if k]
     host = jax.tree_util.tree_map(lambda a: a[np.asarray(sel, int)], host)
-    return summarise([rows[j] for j in sel], [indices[j] for j in sel], [run_ids[j] for j in sel], host, settings,
-                     {}, wall)
+    return summarise(
+        [rows[j] for j in sel], [indices[j] for j in sel], [run_ids[j] for j in sel], host, settings, {}, wall
+    )

@@ -22,8 +22,18 @@ import numpy as np
 from .._solver import solve_batch
 from .grid import is_int, problem_of
 
-STATIC_FIELDS = ("num_classes", "n_per_class", "widths", "activation", "loss", "bias", "method", "max_steps",
-                 "patience", "dtype")
+STATIC_FIELDS = (
+    "num_classes",
+    "n_per_class",
+    "widths",
+    "activation",
+    "loss",
+    "bias",
+    "method",
+    "max_steps",
+    "patience",
+    "dtype",
+)
 """Fields that change the compiled program: runs that differ in one of them never share a chunk."""
 SHARED_FIELDS = ("tol", "label_smoothing")
 """Scalars passed once per chunk (not batched): runs that differ in one of them never share a chunk."""
@@ -53,7 +63,7 @@ def plan(configs: Sequence[Mapping], chunk_size: int, ndev: int = 1) -> list[tup
     for key, idx in groups.items():
         b = chunk_len(len(idx), chunk_size, ndev)
         for s in range(0, len(idx), b):
-            chunks.append((key, idx[s:s + b], b))
+            chunks.append((key, idx[s : s + b], b))
     return chunks
 
 
@@ -91,14 +101,26 @@ def compiled_runner(c0: Mapping, mesh: jax.sharding.Mesh):
 
     def local(problem, seeds, lam_H, lam_W, lam_b, lr, init_scale, tol):
         keys = jax.vmap(jax.random.key)(seeds)
-        sol = solve_batch(problem, keys=keys, lam_H=lam_H, lam_W=lam_W, lam_b=lam_b, lr=lr, init_scale=init_scale,
-                          method=method, max_steps=max_steps, tol=tol, dtype=dtype, patience=patience,
-                          history=False, history_every=max_steps)
+        sol = solve_batch(
+            problem,
+            keys=keys,
+            lam_H=lam_H,
+            lam_W=lam_W,
+            lam_b=lam_b,
+            lr=lr,
+            init_scale=init_scale,
+            method=method,
+            max_steps=max_steps,
+            tol=tol,
+            dtype=dtype,
+            patience=patience,
+            history=False,
+            history_every=max_steps,
+        )
         return sol._replace(history=None, snapshots=None)
 
     b = P("runs")
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), b, b, b, b, b, b, P()), out_specs=b,
-                               check_vma=False))
+    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), b, b, b, b, b, b, P()), out_specs=b, check_vma=False))
     _RUNNERS[key] = fn
     return fn
 

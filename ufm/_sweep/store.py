@@ -42,8 +42,13 @@ class StoreIntegrityWarning(UserWarning):
 
 def new_header(fingerprint: Mapping, grid, created: str) -> dict:
     """The header line of a new store (``store_id`` is random: it salts the record checksums)."""
-    return {"ufm_sweep": SCHEMA, "store_id": secrets.token_hex(8), "fingerprint": dict(fingerprint), "grid": grid,
-            "created": created}
+    return {
+        "ufm_sweep": SCHEMA,
+        "store_id": secrets.token_hex(8),
+        "fingerprint": dict(fingerprint),
+        "grid": grid,
+        "created": created,
+    }
 
 
 def _canonical(obj) -> bytes:
@@ -118,8 +123,7 @@ def report_bad(path: str, bad: list, strict: bool) -> None:
     """Warn (or raise ValueError when ``strict``) naming the bad lines of a store."""
     if not bad:
         return
-    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5
-                                                                     else "")
+    shown = "; ".join(f"line {n}: {why}" for n, why in bad[:5]) + (f"; and {len(bad) - 5} more" if len(bad) > 5 else "")
     msg = f"sweep store {path!r} has {len(bad)} bad line(s), skipped: {shown}"
     if strict:
         raise ValueError(msg)
@@ -134,8 +138,10 @@ def compare(path: str, old: Mapping, new: Mapping) -> None:
         diffs.append(f"store schema {old.get('ufm_sweep')} != {SCHEMA}")
     fp = old.get("fingerprint", {})
     if fp.get("n_runs") != new["n_runs"] or fp.get("runs_sha256") != new["runs_sha256"]:
-        diffs.append(f"the grid differs (store: {fp.get('n_runs')} runs, this sweep: {new['n_runs']} runs, "
-                     "or the same count with other configs)")
+        diffs.append(
+            f"the grid differs (store: {fp.get('n_runs')} runs, this sweep: {new['n_runs']} runs, "
+            "or the same count with other configs)"
+        )
     for k in sorted(set(fp.get("settings", {})) | set(new["settings"])):
         a, b = fp.get("settings", {}).get(k), new["settings"].get(k)
         if a != b:
@@ -146,7 +152,8 @@ def compare(path: str, old: Mapping, new: Mapping) -> None:
             diffs.append(f"{k} version: store {a}, now {b}")
     if diffs:
         raise IncompatibleStoreError(
-            f"sweep store {path!r} was written by an incompatible sweep and will not be mixed: " + "; ".join(diffs)
+            f"sweep store {path!r} was written by an incompatible sweep and will not be mixed: "
+            + "; ".join(diffs)
             + ". Use a new store path (or delete this one to start over)."
         )
 
@@ -183,8 +190,10 @@ class Store:
         self.path = os.fspath(path)
         self.fd = None
         if os.path.isdir(self.path):
-            raise ValueError(f"sweep store {self.path!r} is a folder; give a file path such as "
-                             f"{os.path.join(self.path, 'sweep.jsonl')!r}")
+            raise ValueError(
+                f"sweep store {self.path!r} is a folder; give a file path such as "
+                f"{os.path.join(self.path, 'sweep.jsonl')!r}"
+            )
         try:
             if not os.path.exists(self.path):
                 self._create(header)
