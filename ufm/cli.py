@@ -297,10 +297,10 @@ def _normalise_key(k: str) -> str:
     return _SOLVER_ALIASES.get(k, k)
 
 
-def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
-    """Read a TOML (``.toml``) or JSON (``.json``) config: tables ``problem`` and ``solver``, or flat keys (each
-    assigned by name). Keys may use ``-`` or ``_``. Returns ``(problem, solver)`` dicts; `UsageError` names an
-    unknown or misplaced field."""
+def read_config_data(path: str | os.PathLike) -> dict:
+    """The top-level table of a ``--config`` file (TOML ``.toml`` or JSON ``.json``, at most
+    ``_MAX_CONFIG_BYTES``); `UsageError` for a missing, oversized, unparsable or non-table file. Shared by
+    ``ufm solve`` and ``ufm explore``."""
     path = Path(path)
     if not path.is_file():
         raise UsageError(f"--config: file {path} does not exist")
@@ -324,6 +324,15 @@ def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
         raise UsageError(f"--config: {path} could not be parsed: {e}") from None
     if not isinstance(data, dict):
         raise UsageError(f"--config: {path} must hold a table/object at the top level")
+    return data
+
+
+def load_config_file(path: str | os.PathLike) -> tuple[dict, dict]:
+    """Read a TOML (``.toml``) or JSON (``.json``) config: tables ``problem`` and ``solver``, or flat keys (each
+    assigned by name). Keys may use ``-`` or ``_``. Returns ``(problem, solver)`` dicts; `UsageError` names an
+    unknown or misplaced field."""
+    path = Path(path)
+    data = read_config_data(path)
     problem: dict = {}
     solver: dict = {}
     known_p, known_s = set(DEFAULT_PROBLEM), set(DEFAULT_SOLVER)
@@ -1137,21 +1146,7 @@ def resolve_explore_config(args) -> tuple[Any, dict]:
     search = dict(EXPLORE_DEFAULTS)
     if args.config is not None:
         path = Path(args.config)
-        data: dict = {}
-        if path.is_file() and path.suffix.lower() in (".toml", ".json"):
-            try:
-                if path.suffix.lower() == ".json":
-                    data = json.loads(path.read_text())
-                else:
-                    import tomllib
-
-                    data = tomllib.loads(path.read_text())
-            except Exception as e:
-                raise UsageError(f"--config: {path} could not be parsed: {e}") from None
-        else:
-            raise UsageError(f"--config: {path} must be an existing .toml or .json file")
-        if not isinstance(data, dict):
-            raise UsageError(f"--config: {path} must hold a table/object at the top level")
+        data = read_config_data(path)
         for k, v in (data.get("problem") or {}).items():
             nk = _normalise_key(k)
             if nk not in DEFAULT_PROBLEM:
