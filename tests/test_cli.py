@@ -15,6 +15,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from cli_cases import TINY
 from scipy.optimize import brentq
 
 import ufm
@@ -176,28 +177,6 @@ def _solve_in_process(argv, capsys):
     rc = cli.main(argv)
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
-
-
-TINY = [
-    "-K",
-    "3",
-    "-n",
-    "2",
-    "--widths",
-    "4",
-    "--activation",
-    "linear",
-    "--loss",
-    "ce",
-    "--bias",
-    "free",
-    "--lam-H",
-    "1e-3",
-    "--lam-W",
-    "2e-3",
-    "--steps",
-    "200",
-]
 
 
 @pytest.fixture(scope="module")

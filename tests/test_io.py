@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_cases import TINY
 
 import ufm
 from ufm import cli
@@ -85,24 +86,7 @@ def test_cli_folder_opens_in_python(solved, tmp_path, capsys):
         cli.main(
             [
                 "solve",
-                "-K",
-                "3",
-                "-n",
-                "2",
-                "--widths",
-                "4",
-                "--activation",
-                "linear",
-                "--loss",
-                "ce",
-                "--bias",
-                "free",
-                "--lam-H",
-                "1e-3",
-                "--lam-W",
-                "2e-3",
-                "--steps",
-                "200",
+                *TINY,
                 "--no-plots",
                 "--json",
                 "--out",

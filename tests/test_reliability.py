@@ -15,30 +15,11 @@ import zipfile
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from cli_cases import TINY
 
 import ufm
 from ufm import _io, _memory, _solution, cli
 
-TINY = [
-    "-K",
-    "3",
-    "-n",
-    "2",
-    "--widths",
-    "4",
-    "--activation",
-    "linear",
-    "--loss",
-    "ce",
-    "--bias",
-    "free",
-    "--lam-H",
-    "1e-3",
-    "--lam-W",
-    "2e-3",
-    "--steps",
-    "200",
-]
 TINY_PROBLEM = ufm.UFM(
     num_classes=3, n_per_class=2, widths=(4,), activation="linear", loss="ce", bias="free", lam_H=1e-3, lam_W=2e-3
 )
