@@ -19,8 +19,8 @@ from numpy.typing import DTypeLike
 
 from .. import UFM, Params, forward, metrics, objective, predict
 from .. import solve as solve_ufm
+from .._options import check_dtype
 from ._args import as_key, positive, positive_int
-from ._borrowed import check_dtype
 from .data import Dataset, as_dataset, check_dataset
 from .measures import AffineFloor, affine_nc1_floor, cluster_accuracy, feature_metrics, kmeans
 from .mlp import TrainResult, check_inputs, check_result, features, train

@@ -14,8 +14,9 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from .. import metrics
+from ..metrics import as_matrix as matrix
+from ..metrics import prepare
 from ._args import positive_int
-from ._borrowed import matrix, prepare
 from .data import Dataset
 from .mlp import TrainResult, check_inputs, check_result, features, fit_loss
 

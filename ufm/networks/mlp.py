@@ -19,8 +19,8 @@ import numpy as np
 import optax
 from numpy.typing import ArrayLike, DTypeLike
 
+from .._options import check_dtype
 from ._args import as_key, positive, positive_int
-from ._borrowed import check_dtype
 from .data import Dataset, check_dataset
 
 __all__ = [
