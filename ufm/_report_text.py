@@ -1,13 +1,19 @@
 """The short human report of a results folder, as text: the loss, the prediction, the gap, the verdict, notes and
-the per-layer NC metrics (from the report dict that `ufm._io.build_report` makes). A face module."""
+the per-layer NC metrics (from the report dict that `ufm._io.build_report` makes), and `emit`, which prints a
+report as this text or as JSON. A face module."""
 
 from __future__ import annotations
 
+import json
 import math
+import sys
 import textwrap
 
+from ._json import to_jsonable
 
-def _field(obj, name, default=None):
+
+def field(obj, name, default=None):
+    """``obj.name`` or ``obj[name]`` (a dict), or ``default`` when absent or when ``obj`` is None."""
     if obj is None:
         return default
     if isinstance(obj, dict):
@@ -56,12 +62,12 @@ def format_report(report: dict, header: str) -> str:
     if cmp_["predicted_loss"] is not None:
         if cmp_.get("predicted_is_optimum", True):
             lines.append(
-                f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime {_field(pred, 'regime', '?')})"
+                f"predicted   {cmp_['predicted_loss']:.15g}  (the global optimum; regime {field(pred, 'regime', '?')})"
             )
         else:
             lines.append(
                 f"best known  {cmp_['predicted_loss']:.15g}  (an upper bound, not a proven optimum; regime "
-                f"{_field(pred, 'regime', '?')})"
+                f"{field(pred, 'regime', '?')})"
             )
         if cmp_["gap"] is None:
             lines.append("gap         n/a (the loss is not finite)")
@@ -71,13 +77,13 @@ def format_report(report: dict, header: str) -> str:
         lines.append("predicted   unknown")
     check = report.get("check")
     if check is not None:
-        lines.append(f"verdict     {_field(check, 'verdict')}")
-        expl = _field(check, "explanation")
+        lines.append(f"verdict     {field(check, 'verdict')}")
+        expl = field(check, "explanation")
         if expl:
             for para in str(expl).splitlines():
                 lines.extend(_wrap("", para))
     for label, key in (("structure", "structure"), ("source", "reference"), ("caveat", "reason")):
-        text = _field(pred, key)
+        text = field(pred, key)
         if text and text != "unknown":
             lines.extend(_wrap(label, str(text)))
     for why in report.get("notes", []):
@@ -114,3 +120,12 @@ def header(problem) -> str:
         f"{kind}: K={d['num_classes']}, n={n if isinstance(n, int) else ','.join(map(str, n))}, "
         f"widths {','.join(map(str, d['widths']))}, {d['activation']}, {d['loss']}, bias {d['bias']}, {lam}"
     )
+
+
+def emit(report: dict, header: str, as_json: bool) -> None:
+    """Print ``report`` on stdout: as JSON (strict: no NaN) when ``as_json``, else as `format_report`'s text."""
+    if as_json:
+        sys.stdout.write(json.dumps(to_jsonable(report), indent=2, allow_nan=False) + "\n")
+    else:
+        sys.stdout.write(format_report(report, header) + "\n")
+    sys.stdout.flush()

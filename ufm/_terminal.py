@@ -1,4 +1,5 @@
-"""What every ``ufm`` subcommand shares at the terminal: usage errors, the argument parser, versions, exit codes.
+"""What every ``ufm`` subcommand shares at the terminal: the program name, usage errors, the argument parser,
+versions and the device, exit codes.
 
 A face module (imports nothing of the core). Exit codes of every subcommand:
 
@@ -18,6 +19,7 @@ import sys
 from collections.abc import Callable
 from importlib import metadata
 
+PROG = "ufm"
 EXIT_OK = 0
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
@@ -57,6 +59,15 @@ def versions() -> dict:
         except metadata.PackageNotFoundError:
             out[pkg] = version() if pkg == "ufm" else None
     return out
+
+
+def device() -> str:
+    """The first JAX device and the device count, e.g. ``"cpu:cpu (1 device(s))"`` (the ``run`` record of a
+    report)."""
+    import jax
+
+    d = jax.devices()[0]
+    return f"{d.platform}:{getattr(d, 'device_kind', str(d))} ({jax.device_count()} device(s))"
 
 
 def exit_code(exc: BaseException, prefix: str) -> int:
