@@ -332,11 +332,6 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
     Raises:
       ResultsError: naming the file and the first missing, mis-shaped, mis-typed or oversized array.
     """
-    import jax.numpy as jnp
-
-    from ._model import Params
-    from ._solution import History, Solution
-
     path = _as_path(path, "path")
     _check_limits(extras, max_bytes)
     if not path.is_file():
@@ -347,25 +342,7 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         raise ResultsError(f"solution file {path} could not be read as .npz: {e}") from None
     with zf:
         members = _headers(zf, path)
-        (hs, ws, bs) = problem.param_shapes()
-        dims = problem.widths + (problem.num_classes,)
-        needed = {"H": _expect(members, "H", hs, "f", "d_1 x N", path)}
-        for i, s in enumerate(ws):
-            needed[f"W{i + 1}"] = _expect(members, f"W{i + 1}", s, "f", f"d_{i + 2} x d_{i + 1} (widths {dims})", path)
-        if bs is not None:
-            needed["b"] = _expect(members, "b", bs, "f", "(K,)", path)
-        elif "b" in members:
-            raise ResultsError(f"solution file {path} has an array 'b' but the problem has bias='none'")
-        dtypes = {m.dtype for m in needed.values()}
-        if len(dtypes) != 1:
-            raise ResultsError(
-                f"solution file {path}: H, W_l (and b) must share one floating dtype; got {sorted(map(str, dtypes))}"
-            )
-        if next(iter(dtypes)) not in (np.dtype(np.float32), np.dtype(np.float64)):
-            raise ResultsError(
-                f"solution file {path}: the parameters must be float32 or float64 (the dtypes ufm "
-                f"solves in); got {next(iter(dtypes))}"
-            )
+        needed = _parameter_members(members, problem, path)
         for name, kinds, what in (
             ("value", "f", "the objective f"),
             ("grad_norm", "f", "||grad f||"),
@@ -376,62 +353,119 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         if "history_every" in members:
             needed["history_every"] = _expect(members, "history_every", (), "iu", "a scalar ()", path)
         scal = {k: _read(zf, k, path) for k in (*_SCALARS, "history_every") if k in needed}
-        num_steps = int(scal["num_steps"])
-        history_every = int(scal.get("history_every", 1))
-        if num_steps < 0 or history_every < 1:
-            raise ResultsError(
-                f"solution file {path}: num_steps must be >= 0 and history_every >= 1; got "
-                f"{num_steps} and {history_every}"
-            )
-        from ._solution import STATUS_NAMES
-
-        if int(scal["status"]) not in STATUS_NAMES:
-            raise ResultsError(
-                f"solution file {path}: status {int(scal['status'])} is not a status code of this "
-                f"ufm ({', '.join(f'{c} {n}' for c, n in sorted(STATUS_NAMES.items()))})"
-            )
-        hist_ok = all(k in members for k in _HISTORY)
-        if hist_ok:
-            for k in _HISTORY:
-                m = _expect(members, k, None, "f", "a 1-D history", path)
-                if len(m.shape) != 1 or m.shape[0] > num_steps + 1:
-                    raise ResultsError(
-                        f"solution file {path}: {k} must be 1-D with at most num_steps + 1 = "
-                        f"{num_steps + 1} entries; got shape {m.shape}"
-                    )
-                needed[k] = m
-        if extras is True:
-            extra_names = [k for k in members if k not in needed and k not in (*_HISTORY, "made_by")]
-        elif extras is False:
-            extra_names = []
-        else:
-            extra_names = [k for k in extras if k in members and k not in needed]
-        for k in extra_names:
-            if members[k].dtype.kind not in "biuf":
-                raise ResultsError(
-                    f"solution file {path}: extra array {k!r} must be numeric; got dtype {members[k].dtype}"
-                )
-            needed[k] = members[k]
-        total = sum(m.nbytes for m in needed.values())
-        if total > max_bytes:
-            big = max(needed, key=lambda k: needed[k].nbytes)
-            m = needed[big]
-            raise ResultsError(
-                f"solution file {path} declares {total:,} bytes of arrays (the largest, {big!r}, "
-                f"shape {m.shape} {m.dtype}: {m.nbytes:,} bytes), more than max_bytes = "
-                f"{max_bytes:,}; raise max_bytes if the file is trusted"
-            )
+        num_steps, history_every = _check_scalars(scal, path)
+        history = _history_members(members, num_steps, path)
+        needed.update(history)
+        extra_names = _extra_members(members, needed, extras, path)
+        needed.update((k, members[k]) for k in extra_names)
+        _check_total(needed, max_bytes, path)
         arrays = {k: _read(zf, k, path) for k in needed if k not in scal}
-    H = jnp.asarray(arrays["H"])
+    sol = _solution_of(problem, arrays, scal, bool(history))
+    return sol, {k: arrays[k] for k in extra_names}, history_every
+
+
+def _parameter_members(members: dict, problem, path: Path) -> dict:
+    """The headers of H, W_1..W_L (and b), checked against ``problem``'s shapes and for one float dtype."""
+    (hs, ws, bs) = problem.param_shapes()
+    dims = problem.widths + (problem.num_classes,)
+    needed = {"H": _expect(members, "H", hs, "f", "d_1 x N", path)}
+    for i, s in enumerate(ws):
+        needed[f"W{i + 1}"] = _expect(members, f"W{i + 1}", s, "f", f"d_{i + 2} x d_{i + 1} (widths {dims})", path)
+    if bs is not None:
+        needed["b"] = _expect(members, "b", bs, "f", "(K,)", path)
+    elif "b" in members:
+        raise ResultsError(f"solution file {path} has an array 'b' but the problem has bias='none'")
+    dtypes = {m.dtype for m in needed.values()}
+    if len(dtypes) != 1:
+        raise ResultsError(
+            f"solution file {path}: H, W_l (and b) must share one floating dtype; got {sorted(map(str, dtypes))}"
+        )
+    if next(iter(dtypes)) not in (np.dtype(np.float32), np.dtype(np.float64)):
+        raise ResultsError(
+            f"solution file {path}: the parameters must be float32 or float64 (the dtypes ufm "
+            f"solves in); got {next(iter(dtypes))}"
+        )
+    return needed
+
+
+def _check_scalars(scal: dict, path: Path) -> tuple[int, int]:
+    """``(num_steps, history_every)`` after checking them and the status code."""
+    from ._solution import STATUS_NAMES
+
+    num_steps = int(scal["num_steps"])
+    history_every = int(scal.get("history_every", 1))
+    if num_steps < 0 or history_every < 1:
+        raise ResultsError(
+            f"solution file {path}: num_steps must be >= 0 and history_every >= 1; got {num_steps} and {history_every}"
+        )
+    if int(scal["status"]) not in STATUS_NAMES:
+        raise ResultsError(
+            f"solution file {path}: status {int(scal['status'])} is not a status code of this "
+            f"ufm ({', '.join(f'{c} {n}' for c, n in sorted(STATUS_NAMES.items()))})"
+        )
+    return num_steps, history_every
+
+
+def _history_members(members: dict, num_steps: int, path: Path) -> dict:
+    """The headers of the loss and gradient-norm history (1-D, at most ``num_steps + 1`` entries), or {} when the
+    file has no (complete) history."""
+    if not all(k in members for k in _HISTORY):
+        return {}
+    out = {}
+    for k in _HISTORY:
+        m = _expect(members, k, None, "f", "a 1-D history", path)
+        if len(m.shape) != 1 or m.shape[0] > num_steps + 1:
+            raise ResultsError(
+                f"solution file {path}: {k} must be 1-D with at most num_steps + 1 = "
+                f"{num_steps + 1} entries; got shape {m.shape}"
+            )
+        out[k] = m
+    return out
+
+
+def _extra_members(members: dict, needed: dict, extras: bool | Sequence[str], path: Path) -> list[str]:
+    """The names of the extra arrays to read (all, none, or those named that are present), each numeric."""
+    if extras is True:
+        names = [k for k in members if k not in needed and k not in (*_HISTORY, "made_by")]
+    elif extras is False:
+        names = []
+    else:
+        names = [k for k in extras if k in members and k not in needed]
+    for k in names:
+        if members[k].dtype.kind not in "biuf":
+            raise ResultsError(f"solution file {path}: extra array {k!r} must be numeric; got dtype {members[k].dtype}")
+    return names
+
+
+def _check_total(needed: dict, max_bytes: int, path: Path) -> None:
+    """Refuse a file whose arrays to be read declare more than ``max_bytes`` together, naming the largest."""
+    total = sum(m.nbytes for m in needed.values())
+    if total > max_bytes:
+        big = max(needed, key=lambda k: needed[k].nbytes)
+        m = needed[big]
+        raise ResultsError(
+            f"solution file {path} declares {total:,} bytes of arrays (the largest, {big!r}, "
+            f"shape {m.shape} {m.dtype}: {m.nbytes:,} bytes), more than max_bytes = "
+            f"{max_bytes:,}; raise max_bytes if the file is trusted"
+        )
+
+
+def _solution_of(problem, arrays: dict, scal: dict, has_history: bool):
+    """The `ufm.Solution` of the arrays read (no snapshots)."""
+    import jax.numpy as jnp
+
+    from ._model import Params
+    from ._solution import History, Solution
+
     params = Params(
-        H,
+        jnp.asarray(arrays["H"]),
         tuple(jnp.asarray(arrays[f"W{i + 1}"]) for i in range(problem.L)),
-        jnp.asarray(arrays["b"]) if bs is not None else None,
+        jnp.asarray(arrays["b"]) if "b" in arrays else None,
     )
     hist = None
-    if hist_ok:
+    if has_history:
         hist = History(jnp.asarray(arrays["history_loss"]), jnp.asarray(arrays["history_grad_norm"]))
-    sol = Solution(
+    return Solution(
         params,
         jnp.asarray(scal["value"]),
         jnp.asarray(scal["grad_norm"]),
@@ -440,7 +474,6 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
         hist,
         None,
     )
-    return sol, {k: arrays[k] for k in extra_names}, history_every
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -116,20 +116,44 @@ def layer_metrics(problem, params, *, rank_rtol: float = 1e-4) -> dict:
     fw = forward(problem, params)
     y = problem.labels()
     K = problem.num_classes
+    Hs = [np.asarray(h, np.float64) for h in fw.H]
+    Ws = [np.asarray(W, np.float64) for W in params.Ws]
+    weights, dnc = _weight_and_dnc_entries(problem, params, fw, Hs, Ws, y, rank_rtol)
+    b = None if params.b is None else np.asarray(params.b, np.float64)
+    nc3_target = "orthogonal" if (problem.loss == "mse" and problem.bias == "none") else "etf"
+    partial = []
+    if problem.activation != "relu":  # out = (W_L ... W_l) H_l + b: NC3 of the map from layer l to the output
+        for l, P in enumerate(m.partial_products(Ws), start=1):
+            partial.append({"layer": l, "nc3_product": m.nc3_product(P, Hs[l - 1], y, K, target=nc3_target)})
+    return {
+        "features": _feature_entries(problem, fw, y, rank_rtol),
+        "weights": weights,
+        "classifier": _classifier_entry(Hs[-1], Ws[-1], b, y, K, nc3_target),
+        "dnc": dnc,
+        "partial": partial,
+        "rank_rtol": rank_rtol,
+    }
+
+
+def _feature_entries(problem, fw, y, rank_rtol: float) -> list[dict]:
+    """The feature entries of `layer_metrics`: H_1, then Z_l (ReLU only) and H_l for l = 2..L, then the output."""
+    K = problem.num_classes
+    feats = [_feature_entry("H_1", fw.H[0], y, K, nc2_target(problem, "H_1"), rank_rtol)]
+    for l in range(2, problem.L + 1):
+        if problem.activation == "relu":
+            feats.append(_feature_entry(f"Z_{l}", fw.Z[l - 2], y, K, nc2_target(problem, f"Z_{l}"), rank_rtol))
+        feats.append(_feature_entry(f"H_{l}", fw.H[l - 1], y, K, nc2_target(problem, f"H_{l}"), rank_rtol))
+    feats.append(_feature_entry("out", fw.out, y, K, nc2_target(problem, "out"), rank_rtol))
+    return feats
+
+
+def _weight_and_dnc_entries(problem, params, fw, Hs, Ws, y, rank_rtol: float) -> tuple[list[dict], list[dict]]:
+    """The weight entries W_1..W_L and the deep-collapse entries DNC1-3 of layers 1..L of `layer_metrics`."""
+    K = problem.num_classes
     L = problem.L
     relu = problem.activation == "relu"
     lam_H = float(np.asarray(problem.lam_H))
     lam_W = np.broadcast_to(np.asarray(problem.lam_W, dtype=np.float64), (L,))
-
-    feats = [_feature_entry("H_1", fw.H[0], y, K, nc2_target(problem, "H_1"), rank_rtol)]
-    for l in range(2, L + 1):
-        if relu:
-            feats.append(_feature_entry(f"Z_{l}", fw.Z[l - 2], y, K, nc2_target(problem, f"Z_{l}"), rank_rtol))
-        feats.append(_feature_entry(f"H_{l}", fw.H[l - 1], y, K, nc2_target(problem, f"H_{l}"), rank_rtol))
-    feats.append(_feature_entry("out", fw.out, y, K, nc2_target(problem, "out"), rank_rtol))
-
-    Hs = [np.asarray(h, np.float64) for h in fw.H]
-    Ws = [np.asarray(W, np.float64) for W in params.Ws]
     weights = []
     dnc = []
     for l in range(1, L + 1):
@@ -160,28 +184,16 @@ def layer_metrics(problem, params, *, rank_rtol: float = 1e-4) -> dict:
                 "dnc3": m.dnc3(W, M),
             }
         )
+    return weights, dnc
 
-    HL = Hs[-1]
-    WL = Ws[-1]
-    b = None if params.b is None else np.asarray(params.b, np.float64)
-    nc3_target = "orthogonal" if (problem.loss == "mse" and problem.bias == "none") else "etf"
-    classifier = {
+
+def _classifier_entry(HL, WL, b, y, K: int, nc3_target: str) -> dict:
+    """The ``"classifier"`` entry of `layer_metrics`: NC3, NC4 and the bias residual of W_L (and b) on H_L."""
+    return {
         "nc3_target": nc3_target,
         "nc3_product": m.nc3_product(WL, HL, y, K, target=nc3_target),
         "nc3_difference": m.nc3_difference(WL, HL, y, K, centred=nc3_target == "etf"),
         "ncc_mismatch": m.ncc_mismatch(WL, HL, y, K, b=b),
         "bias_residual": m.bias_residual(WL, HL, y, K, b=b),
         "bias": None if b is None else b.tolist(),
-    }
-    partial = []
-    if not relu:  # out = (W_L ... W_l) H_l + b: NC3 of the map from layer l to the output
-        for l, P in enumerate(m.partial_products(Ws), start=1):
-            partial.append({"layer": l, "nc3_product": m.nc3_product(P, Hs[l - 1], y, K, target=nc3_target)})
-    return {
-        "features": feats,
-        "weights": weights,
-        "classifier": classifier,
-        "dnc": dnc,
-        "partial": partial,
-        "rank_rtol": rank_rtol,
     }
