@@ -190,66 +190,79 @@ def training_curves(
     with _rc():
         fig = _figure(10.0, 3.2)
         ax_loss, ax_grad, ax_nc1 = fig.subplots(1, 3)
-        if predicted_loss is not None and np.isfinite(predicted_loss):
-            gap = loss - float(predicted_loss)
-            above = np.where(gap >= 0, _positive(gap), np.nan)
-            below = np.where(gap < 0, -gap, np.nan)
-            ax_loss.plot(steps, above, color="C0", lw=1.5, label=r"$f_k - f_{\rm pred} \geq 0$")
-            if np.any(gap < 0):
-                ax_loss.plot(
-                    steps, below, "o", color="C3", ms=2.5, label=r"$f_{\rm pred} - f_k > 0$ (below prediction)"
-                )
-            ax_loss.set_yscale("log")
-            ax_loss.set_ylabel(r"$|f_k - f_{\rm pred}|$")
-            what = "prediction" if predicted_known else "best known bound"
-            ax_loss.set_title(f"loss gap to {what} $f_{{\\rm pred}}$ = {float(predicted_loss):.6g}")
-            ax_loss.legend(loc="upper right")
-        else:
-            ax_loss.plot(steps, _positive(loss), color="C0", lw=1.5)
-            ax_loss.set_yscale("log")
-            ax_loss.set_ylabel(r"loss $f_k$")
-            ax_loss.set_title("loss (no prediction to compare)")
-        ax_grad.plot(steps, _positive(gn), color="C1", lw=1.5, label=r"$\|\nabla f\|_2$")
-        if tol is not None and tol > 0:
-            ax_grad.axhline(tol, color="k", ls="--", lw=1, label=f"tol = {tol:.0e}")
-            ax_grad.legend(loc="upper right")
-        ax_grad.set_yscale("log")
-        ax_grad.set_ylabel(r"gradient norm $\|\nabla f(x_k)\|_2$")
-        ax_grad.set_title("gradient norm")
-        if nc1 is not None and nc1_steps is not None and np.size(nc1):
-            nc1 = np.asarray(nc1, np.float64).reshape(len(nc1_steps), -1)
-            names = list(layer_names) if layer_names is not None else [f"H_{l + 1}" for l in range(nc1.shape[1])]
-            for l, c in enumerate(_layer_colors(nc1.shape[1])):
-                ax_nc1.plot(nc1_steps, _positive(nc1[:, l]), "-o", ms=2.5, lw=1.3, color=c, label=_sub(names[l]))
-            ax_nc1.set_yscale("log")
-            ax_nc1.legend(loc="upper right", ncol=1 + nc1.shape[1] // 5)
-            if np.all(nc1 == 0):
-                ax_nc1.text(
-                    0.5,
-                    0.3,
-                    "NC1 = 0 exactly at every snapshot\n(drawn at 1e-17; e.g. one sample per class)",
-                    ha="center",
-                    va="center",
-                    transform=ax_nc1.transAxes,
-                    fontsize=8,
-                )
-            ax_nc1.set_title("within-class variability per layer")
-        else:
-            ax_nc1.text(
-                0.5,
-                0.5,
-                "no parameter snapshots:\nsolve with snapshot_every=k",
-                ha="center",
-                va="center",
-                transform=ax_nc1.transAxes,
-            )
-            ax_nc1.set_title("within-class variability per layer")
+        _loss_panel(ax_loss, steps, loss, predicted_loss, predicted_known)
+        _grad_panel(ax_grad, steps, gn, tol)
+        _nc1_panel(ax_nc1, nc1, nc1_steps, layer_names)
         ax_nc1.set_ylabel(r"NC1 = tr$(\Sigma_W \Sigma_B^{+})/K$")
         for ax in (ax_loss, ax_grad, ax_nc1):
             ax.set_xlabel("optimiser step $k$")
         if title:
             fig.suptitle(title)
     return fig
+
+
+def _loss_panel(ax, steps, loss, predicted_loss, predicted_known: bool) -> None:
+    """The first panel of `training_curves`: |f_k - f_pred| (below-prediction steps in red), or f_k alone."""
+    if predicted_loss is not None and np.isfinite(predicted_loss):
+        gap = loss - float(predicted_loss)
+        above = np.where(gap >= 0, _positive(gap), np.nan)
+        below = np.where(gap < 0, -gap, np.nan)
+        ax.plot(steps, above, color="C0", lw=1.5, label=r"$f_k - f_{\rm pred} \geq 0$")
+        if np.any(gap < 0):
+            ax.plot(steps, below, "o", color="C3", ms=2.5, label=r"$f_{\rm pred} - f_k > 0$ (below prediction)")
+        ax.set_yscale("log")
+        ax.set_ylabel(r"$|f_k - f_{\rm pred}|$")
+        what = "prediction" if predicted_known else "best known bound"
+        ax.set_title(f"loss gap to {what} $f_{{\\rm pred}}$ = {float(predicted_loss):.6g}")
+        ax.legend(loc="upper right")
+    else:
+        ax.plot(steps, _positive(loss), color="C0", lw=1.5)
+        ax.set_yscale("log")
+        ax.set_ylabel(r"loss $f_k$")
+        ax.set_title("loss (no prediction to compare)")
+
+
+def _grad_panel(ax, steps, gn, tol) -> None:
+    """The second panel of `training_curves`: the gradient norm, and ``tol`` dashed."""
+    ax.plot(steps, _positive(gn), color="C1", lw=1.5, label=r"$\|\nabla f\|_2$")
+    if tol is not None and tol > 0:
+        ax.axhline(tol, color="k", ls="--", lw=1, label=f"tol = {tol:.0e}")
+        ax.legend(loc="upper right")
+    ax.set_yscale("log")
+    ax.set_ylabel(r"gradient norm $\|\nabla f(x_k)\|_2$")
+    ax.set_title("gradient norm")
+
+
+def _nc1_panel(ax, nc1, nc1_steps, layer_names) -> None:
+    """The third panel of `training_curves`: NC1 per layer at the snapshot steps, or a note that there are none."""
+    if nc1 is not None and nc1_steps is not None and np.size(nc1):
+        nc1 = np.asarray(nc1, np.float64).reshape(len(nc1_steps), -1)
+        names = list(layer_names) if layer_names is not None else [f"H_{l + 1}" for l in range(nc1.shape[1])]
+        for l, c in enumerate(_layer_colors(nc1.shape[1])):
+            ax.plot(nc1_steps, _positive(nc1[:, l]), "-o", ms=2.5, lw=1.3, color=c, label=_sub(names[l]))
+        ax.set_yscale("log")
+        ax.legend(loc="upper right", ncol=1 + nc1.shape[1] // 5)
+        if np.all(nc1 == 0):
+            ax.text(
+                0.5,
+                0.3,
+                "NC1 = 0 exactly at every snapshot\n(drawn at 1e-17; e.g. one sample per class)",
+                ha="center",
+                va="center",
+                transform=ax.transAxes,
+                fontsize=8,
+            )
+        ax.set_title("within-class variability per layer")
+    else:
+        ax.text(
+            0.5,
+            0.5,
+            "no parameter snapshots:\nsolve with snapshot_every=k",
+            ha="center",
+            va="center",
+            transform=ax.transAxes,
+        )
+        ax.set_title("within-class variability per layer")
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -372,39 +385,9 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
     Returns:
       A Figure with L + 2 heatmap axes and one colour-bar axis.
     """
-    from . import metrics
-
     K = problem.num_classes
-    y = problem.labels()
-    layers = _feature_layers(problem, params)
-    mats, subtitles, targets = [], [], []
-    for name, A in layers:
-        t = metrics.nc2_target(problem, name if name != "out" else "out")
-        M, muG = metrics.class_means(A, y, K)
-        centred = t == "etf"
-        V = M - muG[:, None] if centred else M
-        G = V.T @ V
-        n = np.linalg.norm(G)
-        mats.append(G / n if n > 0 else G)
-        subtitles.append(_sub(name) + (" (centred)" if centred else ""))
-        targets.append(t)
-    predicted = [t for t in targets if t is not None]
-    t_pred = max(set(predicted), key=predicted.count) if predicted else None
-    tnames: dict[str | None, str] = {
-        "etf": "simplex ETF",
-        "orthogonal": "orthogonal frame",
-        "orthogonal-unequal": "orth. frame, unequal norms",
-    }
-    G_pred = _target_gram(t_pred, K)
-    pred_title = None
-    grams = getattr(prediction, "gram_H", None) if prediction is not None else None
-    if G_pred is None and grams is not None:
-        for l in range(len(grams) - 1, -1, -1):
-            G = None if grams[l] is None else np.asarray(grams[l], np.float64)
-            if G is not None and G.shape == (K, K) and np.all(np.isfinite(G)) and np.linalg.norm(G) > 0:
-                G_pred = G / np.linalg.norm(G)
-                pred_title = f"predicted, {_sub(f'H_{l + 1}')}:\n{tnames.get(t_pred, t_pred or 'ufm.predict')}"
-                break
+    mats, subtitles, targets = _layer_grams(problem, params)
+    t_pred, G_pred, pred_title = _predicted_gram(targets, K, prediction)
     vmax = max(1e-12, max(float(np.max(np.abs(G))) for G in mats))
     with _rc():
         ncols = len(mats) + 1
@@ -414,35 +397,87 @@ def gram_heatmaps(problem, params, *, prediction=None, title: str | None = None)
         for ax, G, st in zip(axes, mats + [G_pred], subtitles + ["predicted"], strict=True):
             ax.grid(False)
             if G is None:
-                note = "no unique\npredicted geometry" if t_pred is None else tnames.get(t_pred, t_pred)
+                note = "no unique\npredicted geometry" if t_pred is None else _GEOMETRY_NAMES.get(t_pred, t_pred)
                 ax.text(0.5, 0.5, note, ha="center", va="center", transform=ax.transAxes)
                 ax.set_xticks([])
                 ax.set_yticks([])
                 ax.set_title("predicted")
                 continue
-            im = ax.imshow(G, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
-            ticks = np.arange(K) if K <= 10 else np.arange(0, K, max(1, K // 5))
-            ax.set_xticks(ticks, [str(k + 1) for k in ticks])
-            ax.set_yticks(ticks, [str(k + 1) for k in ticks])
-            ax.set_xlabel("class $k$")
-            if K <= 6:
-                for i in range(K):
-                    for j in range(K):
-                        ax.text(
-                            j,
-                            i,
-                            f"{G[i, j]:.2f}",
-                            ha="center",
-                            va="center",
-                            fontsize=7,
-                            color="white" if abs(G[i, j]) > 0.6 * vmax else "black",
-                        )
-            ax.set_title(st if st != "predicted" else pred_title or f"predicted:\n{tnames.get(t_pred, t_pred)}")
+            im = _gram_image(ax, G, vmax)
+            predicted_title = pred_title or f"predicted:\n{_GEOMETRY_NAMES.get(t_pred, t_pred)}"
+            ax.set_title(st if st != "predicted" else predicted_title)
         axes[0].set_ylabel("class $j$")
         if im is not None:
             fig.colorbar(im, ax=list(axes), shrink=0.8, label=r"$G_{jk} / \|G\|_F$")
         fig.suptitle(title or r"class-mean Gram $G = M^\top M$ per layer, normalised")
     return fig
+
+
+_GEOMETRY_NAMES: dict[str | None, str] = {
+    "etf": "simplex ETF",
+    "orthogonal": "orthogonal frame",
+    "orthogonal-unequal": "orth. frame, unequal norms",
+}
+
+
+def _layer_grams(problem, params) -> tuple[list, list[str], list[str | None]]:
+    """Per feature layer and the output: the normalised class-mean Gram (centred where the target is the simplex
+    ETF), its panel title, and the layer's NC2 target (`ufm.metrics.nc2_target`)."""
+    from . import metrics
+
+    K = problem.num_classes
+    y = problem.labels()
+    mats, subtitles, targets = [], [], []
+    for name, A in _feature_layers(problem, params):
+        t = metrics.nc2_target(problem, name)
+        M, muG = metrics.class_means(A, y, K)
+        centred = t == "etf"
+        V = M - muG[:, None] if centred else M
+        G = V.T @ V
+        n = np.linalg.norm(G)
+        mats.append(G / n if n > 0 else G)
+        subtitles.append(_sub(name) + (" (centred)" if centred else ""))
+        targets.append(t)
+    return mats, subtitles, targets
+
+
+def _predicted_gram(targets: list[str | None], K: int, prediction) -> tuple[str | None, Any, str | None]:
+    """``(target, normalised Gram, panel title)`` of the prediction panel: the most common layer target's Gram;
+    else the deepest finite ``prediction.gram_H`` (with its own title); else None (no unique geometry)."""
+    predicted = [t for t in targets if t is not None]
+    t_pred = max(set(predicted), key=predicted.count) if predicted else None
+    G_pred = _target_gram(t_pred, K)
+    grams = getattr(prediction, "gram_H", None) if prediction is not None else None
+    if G_pred is None and grams is not None:
+        for l in range(len(grams) - 1, -1, -1):
+            G = None if grams[l] is None else np.asarray(grams[l], np.float64)
+            if G is not None and G.shape == (K, K) and np.all(np.isfinite(G)) and np.linalg.norm(G) > 0:
+                name = _GEOMETRY_NAMES.get(t_pred, t_pred or "ufm.predict")
+                return t_pred, G / np.linalg.norm(G), f"predicted, {_sub(f'H_{l + 1}')}:\n{name}"
+    return t_pred, G_pred, None
+
+
+def _gram_image(ax, G, vmax: float):
+    """One K x K Gram heatmap on the shared scale [-vmax, vmax], its entries printed when K <= 6."""
+    K = G.shape[0]
+    im = ax.imshow(G, cmap="RdBu_r", vmin=-vmax, vmax=vmax)
+    ticks = np.arange(K) if K <= 10 else np.arange(0, K, max(1, K // 5))
+    ax.set_xticks(ticks, [str(k + 1) for k in ticks])
+    ax.set_yticks(ticks, [str(k + 1) for k in ticks])
+    ax.set_xlabel("class $k$")
+    if K <= 6:
+        for i in range(K):
+            for j in range(K):
+                ax.text(
+                    j,
+                    i,
+                    f"{G[i, j]:.2f}",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="white" if abs(G[i, j]) > 0.6 * vmax else "black",
+                )
+    return im
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -471,8 +506,6 @@ def singular_value_plot(
     Returns:
       A Figure with 2 L axes.
     """
-    from matplotlib.ticker import MaxNLocator
-
     from ._model import Params
 
     params = Params(*params)
@@ -495,47 +528,45 @@ def singular_value_plot(
         axes = np.asarray(fig.subplots(2, L, squeeze=False))
         for r in range(2):
             for l in range(L):
-                ax = axes[r, l]
                 name, A = rows[r][l]
-                s_all = np.linalg.svd(A, compute_uv=False)
-                s = s_all[:shown_max]
-                j = np.arange(1, s.size + 1)
-                ax.plot(j, _positive(s), "o", ms=3.5, color="C0" if r == 0 else "C2", label="found")
-                pred = preds[r][l]
-                if pred is not None:
-                    pv = np.atleast_1d(np.asarray(pred, np.float64))[:shown_max]
-                    pred = None if np.all(np.isnan(pv)) else pred  # nan: not determined by the theory
-                if pred is not None:
-                    ax.plot(
-                        np.arange(1, pv.size + 1),
-                        _positive(pv),
-                        "o",
-                        ms=8,
-                        mfc="none",
-                        mew=1.2,
-                        color="k",
-                        label="predicted",
-                    )
-                ax.set_yscale("log")
-                shown = [_positive(s)] + ([] if pred is None else [_positive(pv)])
-                _log_ylim(ax, np.concatenate(shown))
-                ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-                ax.set_xlim(0.3, max(s.size, pv.size if pred is not None else 0) + 0.7)
-                ax.set_title(_sub(name) + f"  ({A.shape[0]}$\\times${A.shape[1]})")
-                more = s_all.size - s.size
-                ax.set_xlabel("index $j$" + (f"  ({more} more, all $\\leq$ {s_all[s.size]:.0e})" if more else ""))
-                if l == 0:
-                    ax.set_ylabel(r"singular value $\sigma_j$")
-                if pred is not None:
-                    ax.legend(loc="upper right")
-                else:
-                    ax.text(0.97, 0.97, "not predicted", ha="right", va="top", transform=ax.transAxes, fontsize=7)
+                _sv_panel(axes[r, l], name, A, preds[r][l], shown_max, "C0" if r == 0 else "C2", l == 0)
         fig.suptitle(
             title
             or "singular values per layer: weights (top), features over all N samples (bottom); "
             "exact zeros drawn at 1e-17"
         )
     return fig
+
+
+def _sv_panel(ax, name: str, A, pred, shown_max: int, color: str, first: bool) -> None:
+    """One panel of `singular_value_plot`: the ``shown_max`` largest singular values of ``A`` and the predicted
+    ones ``pred`` (None or all-nan: "not predicted")."""
+    from matplotlib.ticker import MaxNLocator
+
+    s_all = np.linalg.svd(A, compute_uv=False)
+    s = s_all[:shown_max]
+    j = np.arange(1, s.size + 1)
+    ax.plot(j, _positive(s), "o", ms=3.5, color=color, label="found")
+    pv = None
+    if pred is not None:
+        pv = np.atleast_1d(np.asarray(pred, np.float64))[:shown_max]
+        pv = None if np.all(np.isnan(pv)) else pv  # nan: not determined by the theory
+    if pv is not None:
+        ax.plot(np.arange(1, pv.size + 1), _positive(pv), "o", ms=8, mfc="none", mew=1.2, color="k", label="predicted")
+    ax.set_yscale("log")
+    shown = [_positive(s)] + ([] if pv is None else [_positive(pv)])
+    _log_ylim(ax, np.concatenate(shown))
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlim(0.3, max(s.size, pv.size if pv is not None else 0) + 0.7)
+    ax.set_title(_sub(name) + f"  ({A.shape[0]}$\\times${A.shape[1]})")
+    more = s_all.size - s.size
+    ax.set_xlabel("index $j$" + (f"  ({more} more, all $\\leq$ {s_all[s.size]:.0e})" if more else ""))
+    if first:
+        ax.set_ylabel(r"singular value $\sigma_j$")
+    if pv is not None:
+        ax.legend(loc="upper right")
+    else:
+        ax.text(0.97, 0.97, "not predicted", ha="right", va="top", transform=ax.transAxes, fontsize=7)
 
 
 # ---------------------------------------------------------------------------------------------------------------

@@ -105,58 +105,18 @@ def phase_table(
     Returns:
       `PhaseTable`.
     """
-    recs = as_records(source)
-    if where:
-        for k, v in where.items():
-            vals = _field(recs, k)
-            want = tuple(v) if isinstance(v, list) else v
-            recs = [r for r, got in zip(recs, vals, strict=True) if got == want]
-    if not recs:
-        raise ValueError(f"no records to tabulate (where={dict(where or {})})")
+    recs = _filtered(as_records(source), where)
     xs_all, ys_all = _field(recs, x), _field(recs, y)
     xs = sorted(set(xs_all), key=_sort_key)
     ys = sorted(set(ys_all), key=_sort_key)
     cells: dict[tuple[int, int], list] = {}
     xi = {v: i for i, v in enumerate(xs)}
     yi = {v: i for i, v in enumerate(ys)}
-    categorical = value in ("verdict", "status")
     for r, a, b in zip(recs, xs_all, ys_all, strict=True):
-        if categorical:
-            v = r.get(value)
-            v = "none" if v is None else str(v)
-        elif value == "reach":
-            v = _reached(r, tol)
-        elif value in ("gap", "gap_abs"):
-            g = r.get(value)
-            v = float("nan") if g is None else abs(float(g))
-        elif value == "rank":
-            ranks = r.get("ranks") or {}
-            if rank_of == "out":
-                v = ranks.get("out", float("nan"))
-            else:
-                seq = ranks.get(rank_of) or []
-                v = seq[layer] if -len(seq) <= layer < len(seq) else float("nan")
-        else:
-            got = _field([r], value)[0]
-            v = float("nan") if got is None else float(got)
-        cells.setdefault((yi[b], xi[a]), []).append(v)
-    values = np.full((len(ys), len(xs)), np.nan)
-    counts = np.zeros((len(ys), len(xs)), np.int64)
-    categories = None
-    if categorical:
-        categories = sorted({v for vs in cells.values() for v in vs})
-        code = {c: i for i, c in enumerate(categories)}
+        cells.setdefault((yi[b], xi[a]), []).append(_cell_value(r, value, tol, layer, rank_of))
+    categorical = value in ("verdict", "status")
     agg = reduce or (np.mean if value == "reach" else np.median)  # reach: the mean of 0/1 is the fraction
-    for (i, j), vs in cells.items():
-        counts[i, j] = len(vs)
-        if categorical:
-            c = Counter(vs)
-            top = max(c.values())
-            values[i, j] = code[min(k for k, n in c.items() if n == top)]
-        else:
-            arr = np.asarray(vs, np.float64)
-            arr = arr[~np.isnan(arr)]
-            values[i, j] = float(agg(arr)) if arr.size else np.nan
+    values, counts, categories = _aggregate(cells, (len(ys), len(xs)), categorical, agg)
     label = {
         "verdict": "most frequent verdict",
         "status": "most frequent solver status",
@@ -170,6 +130,60 @@ def phase_table(
     if value == "reach" and reduce is not None:
         label = label.replace("fraction", getattr(reduce, "__name__", "reduced"))
     return PhaseTable(xs, ys, values, counts, categories, label)
+
+
+def _filtered(recs: list[dict], where: Mapping[str, Any] | None) -> list[dict]:
+    """The records whose fields equal ``where``'s values (a list value matches a tuple field); ValueError if none."""
+    if where:
+        for k, v in where.items():
+            vals = _field(recs, k)
+            want = tuple(v) if isinstance(v, list) else v
+            recs = [r for r, got in zip(recs, vals, strict=True) if got == want]
+    if not recs:
+        raise ValueError(f"no records to tabulate (where={dict(where or {})})")
+    return recs
+
+
+def _cell_value(r: dict, value: str, tol: float, layer: int, rank_of: str):
+    """What one record contributes to its cell for ``value`` (see `phase_table`): a category name or a float."""
+    if value in ("verdict", "status"):
+        v = r.get(value)
+        return "none" if v is None else str(v)
+    if value == "reach":
+        return _reached(r, tol)
+    if value in ("gap", "gap_abs"):
+        g = r.get(value)
+        return float("nan") if g is None else abs(float(g))
+    if value == "rank":
+        ranks = r.get("ranks") or {}
+        if rank_of == "out":
+            return ranks.get("out", float("nan"))
+        seq = ranks.get(rank_of) or []
+        return seq[layer] if -len(seq) <= layer < len(seq) else float("nan")
+    got = _field([r], value)[0]
+    return float("nan") if got is None else float(got)
+
+
+def _aggregate(cells: dict, shape: tuple[int, int], categorical: bool, agg: Callable):
+    """``(values, counts, categories)`` of the cells: the most frequent category's code (ties: the first in sorted
+    order; ``categories`` lists them), or ``agg`` of the non-NaN numbers (NaN for none)."""
+    values = np.full(shape, np.nan)
+    counts = np.zeros(shape, np.int64)
+    categories = None
+    if categorical:
+        categories = sorted({v for vs in cells.values() for v in vs})
+        code = {c: i for i, c in enumerate(categories)}
+    for (i, j), vs in cells.items():
+        counts[i, j] = len(vs)
+        if categorical:
+            c = Counter(vs)
+            top = max(c.values())
+            values[i, j] = code[min(k for k, n in c.items() if n == top)]
+        else:
+            arr = np.asarray(vs, np.float64)
+            arr = arr[~np.isnan(arr)]
+            values[i, j] = float(agg(arr)) if arr.size else np.nan
+    return values, counts, categories
 
 
 def _fmt(v) -> str:
