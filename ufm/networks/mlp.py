@@ -352,6 +352,29 @@ def train(
     """
     data = check_dataset(data)
     config = _check_config(data.p, widths, data.num_classes, activation, loss, bias)
+    run = _train_options(data, steps, weight_decay, optimizer, lr, momentum, batch_size, record_steps, dtype)
+    k_init, k_batch = jax.random.split(as_key(key))
+    params0 = init_mlp(config, k_init, positive("init_scale", init_scale), run.dtype)
+    return _run_training(data, config, run, params0, k_batch)
+
+
+class _TrainOptions(NamedTuple):
+    """The validated options of `train`: steps, weight decay, lr, momentum, batch size, the recorded steps and
+    their slot per step, and the dtype."""
+
+    optimizer: Any
+    steps: int
+    weight_decay: float
+    lr: float
+    momentum: float
+    batch_size: int | None
+    record_steps: np.ndarray
+    slots: np.ndarray
+    dtype: Any
+
+
+def _train_options(data, steps, weight_decay, optimizer, lr, momentum, batch_size, record_steps, dtype):
+    """`train`'s options checked (in this order; a ValueError/TypeError names the first bad one)."""
     steps = positive_int("steps", steps, "optimiser steps")
     wd = positive("weight_decay", weight_decay, allow_zero=True)
     lr = _learning_rate(optimizer, lr)
@@ -359,9 +382,12 @@ def train(
     batch_size = _batch_size(batch_size, data.N)
     rec, slots = _record_slots(record_steps, steps)
     dt = check_dtype(np.float32 if (dtype is None and data.X.dtype == np.float32) else dtype)
-    key = as_key(key)
-    k_init, k_batch = jax.random.split(key)
-    params0 = init_mlp(config, k_init, positive("init_scale", init_scale), dt)
+    return _TrainOptions(optimizer, steps, wd, lr, momentum, batch_size, rec, slots, dt)
+
+
+def _run_training(data, config: MLPConfig, run: _TrainOptions, params0, k_batch) -> TrainResult:
+    """The compiled training loop from ``params0`` (`_train_jit`), and its `TrainResult`."""
+    dt = run.dtype
     X = jnp.asarray(data.X, dt)
     Y = jnp.asarray(np.eye(data.num_classes)[:, data.y], dt)
     y = jnp.asarray(data.y, jnp.int32)
@@ -371,19 +397,21 @@ def train(
         Y,
         y,
         k_batch,
-        jnp.asarray(lr, dt),
-        jnp.asarray(wd, dt),
-        jnp.asarray(slots),
+        jnp.asarray(run.lr, dt),
+        jnp.asarray(run.weight_decay, dt),
+        jnp.asarray(run.slots),
         config=config,
-        steps=steps,
-        batch_size=batch_size,
-        optimizer=optimizer,
-        momentum=momentum,
-        n_records=int(rec.size),
+        steps=run.steps,
+        batch_size=run.batch_size,
+        optimizer=run.optimizer,
+        momentum=run.momentum,
+        n_records=int(run.record_steps.size),
     )
     hist = TrainHistory(np.asarray(hv), np.asarray(hf), np.asarray(he))
     finite = bool(np.all(np.isfinite(hist.loss)) and np.isfinite(float(v)))
-    return TrainResult(config, params, buf, rec, hist, wd, float(v), float(fit), float(err), finite)
+    return TrainResult(
+        config, params, buf, run.record_steps, hist, run.weight_decay, float(v), float(fit), float(err), finite
+    )
 
 
 def check_result(result: Any, name: str = "result") -> TrainResult:
