@@ -378,6 +378,36 @@ def test_affine_floor_is_the_minimum_over_linear_maps():
         assert np_nc1(H, y, K) >= fl.floor * (1 - 1e-9)
 
 
+def test_affine_floor_is_invariant_to_an_offset_of_the_inputs():
+    """NC1 of V X + c 1^T does not depend on any offset of X (centring removes it), so neither does the floor.
+    X has 10 fractional bits and |X| < 2^6, so X + 2^k is exact in float64 for k <= 40: any change is the code's
+    rounding. Before the fix (Sigma_B from uncentred means, cut relative to its largest eigenvalue only) an offset
+    of 2^36 moved gamma_1 by ~1e-6 relatively and 2^40 added a spurious gamma of ~1e8; in the shifted coordinates
+    of `ufm.metrics.class_stats` the error is that of the spread (rtol 1e-12: a few hundred eps). The inputs of
+    float32 data with an offset of 2^12 are exact too (|X + 2^12| < 2^13 with 10 fractional bits fits 24 bits)."""
+    rng = np.random.default_rng(3)
+    K, n, p = 4, 30, 6
+    y = np.repeat(np.arange(K), n)
+    X = rng.standard_normal((p, K * n)) + 2.0 * rng.standard_normal((p, K))[:, y]
+    X = np.round(X * 2**10) / 2**10
+    assert np.max(np.abs(X)) < 2**6
+    ref = nets.affine_nc1_floor(X, y)
+    assert ref.gammas.shape == (K - 1,)
+    for c in (2.0**20, 2.0**36, 2.0**40):
+        assert np.array_equal((X + c) - c, X)  # the offset inputs are exact
+        fl = nets.affine_nc1_floor(X + c, y)
+        assert fl.gammas.shape == (K - 1,), (c, fl.gammas)
+        np.testing.assert_allclose(fl.gammas, ref.gammas, rtol=1e-12, err_msg=f"offset {c}")
+        np.testing.assert_allclose([fl.floor, fl.floor_full_rank], [ref.floor, ref.floor_full_rank], rtol=1e-12)
+    X32 = X.astype(np.float32)
+    assert np.array_equal(((X32 + np.float32(2**12)) - np.float32(2**12)).astype(np.float64), X)
+    np.testing.assert_allclose(nets.affine_nc1_floor(X32 + np.float32(2**12), y).gammas, ref.gammas, rtol=1e-12)
+    # non-finite inputs give NaN (as ufm.metrics), not an exception or a number
+    Xn = X.copy()
+    Xn[0, 0] = np.nan
+    assert np.all(np.isnan(nets.affine_nc1_floor(Xn, y).gammas))
+
+
 @pytest.fixture(scope="module")
 def comparison(deep, gmm):
     return nets.shallow_vs_expressive(gmm, width=32, deep=deep, loss="mse", weight_decay=WD, steps=STEPS, key=1)

@@ -197,19 +197,34 @@ def affine_nc1_floor(
     Args:
       X: p x N inputs (samples are columns). labels: (N,) in [0, K).
       rtol: eigenvalues of Sigma_B below ``rtol`` times the largest count as zero.
+
+    Numerics (as `ufm.metrics.nc1`, module `ufm._metrics`): everything is computed in the shifted, scaled float64
+    coordinates of `ufm.metrics.class_stats` (x = (a - shift)/scale), so the centred class means and the
+    within-class residuals are accurate to the rounding of the *spread* of X, not of its offset; the known null
+    direction of the centred means (M~ n = 0, n the class counts) is removed exactly before the rank decision;
+    and a direction of Sigma_B is kept only when its eigenvalue exceeds ``rtol`` times the largest *and* its
+    singular value exceeds the rounding level of the class means, (sqrt(p) + sqrt(K)) eps max|mu_k| (eps of the
+    input dtype). An offset c 1^T added to X leaves the result unchanged (to rounding of the spread).
+
+    Returns:
+      `AffineFloor`; NaN for non-finite X. ValueError when the class means coincide (nothing separates them).
     """
     A, y, K = prepare(X, labels, num_classes)
-    M, muG = metrics.class_means(A, y, K)
-    N = A.shape[1]
-    R = A - M[:, y]
-    SW = R @ R.T / N
-    Mc = M - muG[:, None]
-    SB = Mc @ Mc.T / K
-    e, U = np.linalg.eigh(SB)
-    keep = e > rtol * e.max() if e.max() > 0 else np.zeros(e.shape, bool)
+    st = metrics.class_stats(A, y, K)  # x = (a - shift) / scale: float64, shifted by a data point, scale 2^k
+    r = min(st.dim, K - 1)
+    if not st.finite:
+        return AffineFloor(np.full(r, np.nan), np.nan, np.nan)
+    U, s = _between_class_directions(st)
+    e = s**2 / K  # the nonzero eigenvalues of Sigma_B = B B^T / K, descending
+    floor = (np.sqrt(st.dim) + np.sqrt(K)) * st.eps * st.mean_abs / st.scale  # rounding of the class means
+    keep = np.zeros(U.shape[1], bool)
+    if s.size and s[0] > floor:
+        keep[: s.size] = (e > rtol * e[0]) & (s > floor)
     if not np.any(keep):
         raise ValueError("the class means of X coincide: no map of X separates the classes")
-    T = U[:, keep] / np.sqrt(e[keep])
+    R = (np.asarray(A, np.float64) - st.shift[:, None]) / st.scale - st.means[:, y]  # within-class residuals
+    SW = R @ R.T / A.shape[1]
+    T = U[:, keep] / np.sqrt(e[keep[: s.size]])
     U0 = U[:, ~keep]
     S = T.T @ SW @ T
     if U0.shape[1]:
@@ -217,6 +232,19 @@ def affine_nc1_floor(
         S = S - C @ np.linalg.pinv(U0.T @ SW @ U0, rcond=1e-12, hermitian=True) @ C.T
     g = np.clip(np.linalg.eigvalsh((S + S.T) / 2), 0.0, None)
     return AffineFloor(g, float(g[0] / K), float(g.sum() / K))
+
+
+def _between_class_directions(st) -> tuple[np.ndarray, np.ndarray]:
+    """``(U, s)``: U (p x p) orthonormal, its first columns the left singular vectors of B = M~ Q with singular
+    values s (descending), where M~ are the centred class means of ``st`` (shifted coordinates) and Q (K x (K-1))
+    an orthonormal basis of the complement of the counts n (M~ n = 0 exactly, so the spurious K-th direction
+    that rounding gives M~ never enters). Sigma_B = B B^T / K."""
+    n = st.counts.astype(np.float64)
+    Mc = st.means - (st.means @ n)[:, None] / n.sum()
+    Qn = np.linalg.qr(n[:, None], mode="complete")[0]  # first column ∝ n, the others its complement
+    B = Mc @ Qn[:, 1:]
+    U, s, _ = np.linalg.svd(B, full_matrices=True)
+    return U, s
 
 
 class KMeans(NamedTuple):
