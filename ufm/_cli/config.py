@@ -54,6 +54,8 @@ MAX_CONFIG_BYTES = 16 * 2**20
 
 
 def normalise_key(k: str) -> str:
+    """A config key as a field name: ``-`` -> ``_``, ``lam_h``/``lam_w`` in any case -> ``lam_H``/``lam_W``, and
+    the solver aliases (``max_steps`` -> ``steps``)."""
     k = k.replace("-", "_")
     for exact in ("lam_H", "lam_W"):
         if k.lower() == exact.lower():

@@ -14,6 +14,7 @@ from .figures import FIGURES
 
 
 def writable(folder: Path, flag: str) -> None:
+    """`UsageError` naming ``flag`` and ``folder`` when a file cannot be created in ``folder``."""
     try:
         _io.check_writable(folder)
     except OSError as e:
@@ -60,10 +61,12 @@ def discard(folder: Path, created: bool) -> bool:
 
 
 def write_error(e: OSError) -> UsageError:
+    """The one-line `UsageError` for a failed write (a full disk, a read-only folder), naming the file."""
     return UsageError(f"cannot write {e.filename or 'the results'}: {e.strerror or e}")
 
 
 def status_name(solution) -> str:
+    """The solver status of ``solution`` by name (e.g. "converged", "interrupted")."""
     return _io.solution_summary(solution)["status_name"]
 
 
