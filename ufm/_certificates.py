@@ -148,6 +148,15 @@ class KinkTest(NamedTuple):
     row of W and the column of the features entering z_a are zero) move only at second order and are not lifted:
     at second order their activation does not move.
 
+    Not certified (issue 16, part 3, open): a point whose degenerate kinks make the lifted form indefinite, such as
+    the binary DNC optimum (THEORY.md §4.2, a global optimum by Sukenik et al. 2023). There the second-order change
+    is q(delta) = Q(delta, u) with u_a = max(J_a delta + sum_b K_ab u_b, 0): the activation shifts u_b of layer l
+    open the kinks of layer l + 1 (K != 0), so q is piecewise quadratic on up to 2^m pieces. The sign relaxations
+    (u_a = max(J_a delta, 0), or u >= 0 free) are not copositive there: on the 64-parameter binary case of the tests
+    a direction has Q = -1.4e-3 |delta|^2 in the relaxation but a true second difference of +0.37 |delta|^2. A
+    sound test must keep the nesting; the exact one is copositivity on a polyhedral fan (co-NP-hard in general),
+    and no affordable sufficient condition that holds at DNC was found. The verdict there stays "first-order only".
+
     Attributes:
       kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
         |g_a| <= g_tol, g_a < -g_tol, with g_tol = ``mult_rtol`` times the largest |dF/dh| over all ReLU
