@@ -745,31 +745,80 @@ def _hessian(
         method = "dense" if n + int(lifted[n:].sum()) <= dense_max else "lanczos"
 
     if method == "dense":
-        Q = None
-        if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
-            Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
-        r = 0 if Q is None else Q.shape[0]
-        Hd = _dense_hessian(problem, P, n + n_e, masks, slopes, smask)[np.ix_(lifted, lifted)]
-        largest = float(np.linalg.eigvalsh(Hd)[-1])
-        C = scipy.linalg.null_space(Q) if r else np.eye(n)  # n x (n - r), orthonormal
-        C = scipy.linalg.block_diag(C, np.eye(Hd.shape[0] - n))  # the shifts are not rotated
-        ev, U = np.linalg.eigh(C.T @ Hd @ C)
-        vec = None
-        if ev.size:
-            vec = np.zeros(n + n_e)
-            vec[lifted] = C @ U[:, 0]
-        return HessianSpectrum(
-            tuple(float(x) for x in ev[:k]),
-            largest,
-            None if Q is None else r,
-            n,
-            "dense",
-            True,
-            "converged",
-            n,
-            time.perf_counter() - t_start,
-        ), vec
+        return _dense_spectrum(
+            problem, P, n, n_e, lifted, masks, slopes, smask, k, project_symmetries, sym_rtol, max_tangent, t_start
+        )
+    return _lanczos_spectrum(
+        problem,
+        P,
+        n,
+        n_e,
+        lifted,
+        masks,
+        slopes,
+        smask,
+        k,
+        project_symmetries,
+        sym_rtol,
+        tol,
+        maxiter,
+        krylov_dim,
+        max_time,
+        t_start,
+    )
 
+
+def _dense_spectrum(
+    problem, P, n, n_e, lifted, masks, slopes, smask, k, project_symmetries, sym_rtol, max_tangent, t_start
+):
+    """`_hessian`, dense: C^T Hess C with C an orthonormal basis of the complement of the symmetry tangent (and the
+    lifted shifts appended, not rotated); exact, from n (+ lifted) Hessian-vector products."""
+    Q = None
+    if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
+        Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
+    r = 0 if Q is None else Q.shape[0]
+    Hd = _dense_hessian(problem, P, n + n_e, masks, slopes, smask)[np.ix_(lifted, lifted)]
+    largest = float(np.linalg.eigvalsh(Hd)[-1])
+    C = scipy.linalg.null_space(Q) if r else np.eye(n)  # n x (n - r), orthonormal
+    C = scipy.linalg.block_diag(C, np.eye(Hd.shape[0] - n))  # the shifts are not rotated
+    ev, U = np.linalg.eigh(C.T @ Hd @ C)
+    vec = None
+    if ev.size:
+        vec = np.zeros(n + n_e)
+        vec[lifted] = C @ U[:, 0]
+    return HessianSpectrum(
+        tuple(float(x) for x in ev[:k]),
+        largest,
+        None if Q is None else r,
+        n,
+        "dense",
+        True,
+        "converged",
+        n,
+        time.perf_counter() - t_start,
+    ), vec
+
+
+def _lanczos_spectrum(
+    problem,
+    P,
+    n,
+    n_e,
+    lifted,
+    masks,
+    slopes,
+    smask,
+    k,
+    project_symmetries,
+    sym_rtol,
+    tol,
+    maxiter,
+    krylov_dim,
+    max_time,
+    t_start,
+):
+    """`_hessian` by the compiled Lanczos (`_lanczos_cycle`) on the projected operator P Hess P."""
+    dt = jnp.asarray(P.H).dtype
     # Lanczos: cycles of m compiled steps, explicitly restarted from the bottom Ritz vector, until the bottom k
     # Ritz pairs have residual <= tol * max|theta| or the budget (maxiter steps in all, max_time seconds) is spent.
     project = bool(project_symmetries)
@@ -888,6 +937,63 @@ def _default_rtol(params) -> float:
     return 1e-6 if np.asarray(Params(*params).H).dtype == np.float64 else 1e-4
 
 
+def _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol):
+    """The multipliers g_a = dF/dh_a at the kink entries (`KinkTest`), and the degenerate kinks to lift: those with
+    |g_a| <= mult_rtol * max|dF/dh| whose pre-activation moves at first order (||W_l[i, :]||^2 + ||H_l[:, j]||^2 > 0).
+
+    Returns:
+      (`KinkTest`, G the list of dF/dH_{l+2} arrays (d_l, N), smask the lifted-entry masks or ())."""
+    dt = jnp.asarray(P.H).dtype
+    jm = tuple(jnp.asarray(m) for m in masks)
+    js = tuple(jnp.asarray(s, dt) for s in slopes)
+    G = [np.asarray(g, np.float64) for g in _activation_grads(problem, P, jm, js)]
+    g_scale = max(float(np.max(np.abs(g))) for g in G)
+    g_tol = mult_rtol * g_scale
+    gk = np.concatenate([g[m] for g, m in zip(G, masks, strict=True)])
+    neg, deg = int(np.sum(gk < -g_tol)), int(np.sum(np.abs(gk) <= g_tol))
+    # degenerate kinks whose pre-activation moves at first order: ||W_l[i, :]||^2 + ||H_l[:, j]||^2 > 0
+    fw = forward(problem, P)
+    moving = []
+    for li, (g, m) in enumerate(zip(G, masks, strict=True)):
+        W = np.asarray(P.Ws[li], np.float64)
+        Hl = np.asarray(fw.H[li], np.float64)
+        s2 = (W**2).sum(1)[:, None] + (Hl**2).sum(0)[None, :]
+        ref = max(float(s2.max()), np.finfo(np.float64).tiny)
+        moving.append(m & (np.abs(g) <= g_tol) & (s2 > (kink_rtol_of(params, kink_rtol)) ** 2 * ref))
+    lifted = int(sum(x.sum() for x in moving))
+    smask = tuple(moving) if lifted else ()
+    kt = KinkTest(
+        st.kinks,
+        int(gk.size - neg - deg),
+        deg,
+        neg,
+        lifted,
+        float(gk.min() / g_scale) if g_scale > 0 else 0.0,
+        g_scale,
+    )
+    return kt, G, smask
+
+
+def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
+    """`descent_test` along grad z_a of the kink with the most negative multiplier g_a (opening it lowers the fit at
+    first order by |g_a| dz_a); None when that pre-activation does not move at first order."""
+    P = _work_params(params)
+    dt = jnp.asarray(P.H).dtype
+    jm = tuple(jnp.asarray(m) for m in masks)
+    js = tuple(jnp.asarray(s, dt) for s in slopes)
+    li, idx = min(
+        (
+            (li, int(np.argmin(np.where(m, g, np.inf))))
+            for li, (g, m) in enumerate(zip(G, masks, strict=True))
+            if m.any()
+        ),
+        key=lambda t: G[t[0]].ravel()[t[1]],
+    )
+    i, j = np.unravel_index(idx, masks[li].shape)
+    d = np.asarray(_preactivation_grad(problem, P, jm, js, li, int(i), int(j)), np.float64)
+    return descent_test(problem, params, d) if np.linalg.norm(d) > 0 else None
+
+
 def certify(
     problem: UFM,
     params: Params,
@@ -953,36 +1059,10 @@ def certify(
     P = _work_params(params)
     n = int(_flat(P).size)
     smask: tuple[Any, ...] = ()
-    kt, G, g_tol = None, None, 0.0
+    kt: KinkTest | None = None
+    G: list | None = None
     if st.kinks:  # ReLU kinks: multipliers g_a = dF/dh_a at the kink entries
-        dt = jnp.asarray(P.H).dtype
-        jm = tuple(jnp.asarray(m) for m in masks)
-        js = tuple(jnp.asarray(s, dt) for s in slopes)
-        G = [np.asarray(g, np.float64) for g in _activation_grads(problem, P, jm, js)]
-        g_scale = max(float(np.max(np.abs(g))) for g in G)
-        g_tol = mult_rtol * g_scale
-        gk = np.concatenate([g[m] for g, m in zip(G, masks, strict=True)])
-        neg, deg = int(np.sum(gk < -g_tol)), int(np.sum(np.abs(gk) <= g_tol))
-        # degenerate kinks whose pre-activation moves at first order: ||W_l[i, :]||^2 + ||H_l[:, j]||^2 > 0
-        fw = forward(problem, P)
-        moving = []
-        for li, (g, m) in enumerate(zip(G, masks, strict=True)):
-            W = np.asarray(P.Ws[li], np.float64)
-            Hl = np.asarray(fw.H[li], np.float64)
-            s2 = (W**2).sum(1)[:, None] + (Hl**2).sum(0)[None, :]
-            ref = max(float(s2.max()), np.finfo(np.float64).tiny)
-            moving.append(m & (np.abs(g) <= g_tol) & (s2 > (kink_rtol_of(params, kink_rtol)) ** 2 * ref))
-        lifted = int(sum(x.sum() for x in moving))
-        smask = tuple(moving) if lifted else ()
-        kt = KinkTest(
-            st.kinks,
-            int(gk.size - neg - deg),
-            deg,
-            neg,
-            lifted,
-            float(gk.min() / g_scale) if g_scale > 0 else 0.0,
-            g_scale,
-        )
+        kt, G, smask = _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol)
     hs, vec = _hessian(problem, params, masks=masks, slopes=slopes, smask=smask, **opts)
     hess_tol = hess_rtol * abs(hs.largest) if math.isfinite(hs.largest) else 0.0
     lam = hs.smallest[0] if hs.smallest else math.inf
@@ -1005,20 +1085,9 @@ def certify(
                 desc, found = d1, True
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
         assert G is not None  # set with kt
-        li, idx = min(
-            (
-                (li, int(np.argmin(np.where(m, g, np.inf))))
-                for li, (g, m) in enumerate(zip(G, masks, strict=True))
-                if m.any()
-            ),
-            key=lambda t: G[t[0]].ravel()[t[1]],
-        )
-        i, j = np.unravel_index(idx, masks[li].shape)
-        d = np.asarray(_preactivation_grad(problem, P, jm, js, li, int(i), int(j)), np.float64)
-        if np.linalg.norm(d) > 0:
-            dk = descent_test(problem, params, d)
-            if dk.decrease > descent_tol and (desc is None or dk.decrease > desc.decrease):
-                desc, found = dk, True
+        dk = _open_most_negative_kink(problem, params, G, masks, slopes)
+        if dk is not None and dk.decrease > descent_tol and (desc is None or dk.decrease > desc.decrease):
+            desc, found = dk, True
     if found:
         so = "descent"
     elif kt.negative or lam < -hess_tol:
