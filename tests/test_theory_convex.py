@@ -248,3 +248,13 @@ def test_uncertified_optimum_says_so(monkeypatch):
     assert not pred.known and "not certified" in pred.reason and np.isfinite(pred.loss)
     assert pred.certificate is not None and pred.loss == pred.certificate.primal
     assert float(ufm.objective(p, ufm.construct(p))) == pytest.approx(pred.loss, rel=1e-10)
+
+
+@pytest.mark.parametrize("c", [1e-7, 1e-8])
+def test_small_c_gap_is_not_negative(c):
+    # weak duality: G(Lam) <= optimum <= F(B) for every feasible pair, so the evaluated gap F - G is >= 0 up to the
+    # rounding of its terms. Forming q = 1 + y before its log (the confident target entry) made it -4e-12 (c = 1e-7)
+    # and -2.4e-11 (c = 1e-8) relative on balanced classes; with log1p(y) it is >= 0 at rounding level (1e-13 bar:
+    # the evaluation's rounding relative to F ~ c log(1/c), far below the old error)
+    s = convex.solve_ce([5, 5, 5], c, bias="none")
+    assert s.certificate.rel_gap >= -1e-13 and s.certificate.rel_gap <= 1e-10

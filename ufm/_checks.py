@@ -240,6 +240,37 @@ def _fmt(x: float | None) -> str:
     return f"{x:.4g}"
 
 
+def _second_order_text(cert: Certificate, curv: str) -> str:
+    """The explanation's second-order clause for a stationary point: what ``cert.second_order`` certifies, with the
+    curvature text ``curv`` and the kink counts."""
+    so = cert.second_order
+    if so == "certified":
+        second = f"second order certified ({curv}"
+        if cert.kink is not None:
+            k = cert.kink
+            second += (
+                f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
+                f" ({k.lifted} lifted)"
+            )
+        second += ")"
+    elif so == "first-order only":
+        kt = cert.kink
+        second = (
+            f"first-order only: at the {cert.stationarity.kinks} ReLU kinks the second-order test is inconclusive ("
+            + (f"{kt.negative} negative multipliers, " if kt and kt.negative else "")
+            + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form, no lower point found)"
+        )
+    elif so == "not checked: budget":
+        hs = cert.hessian
+        assert hs is not None  # the budget ran out inside the Hessian computation
+        second = (
+            f"second order not checked: budget ({hs.iterations} Lanczos steps, {_fmt(hs.seconds)} s; {curv} so far)"
+        )
+    else:
+        second = "second order not checked"
+    return second
+
+
 def check(
     problem: UFM,
     solution,
@@ -407,29 +438,7 @@ def check(
             )
         why += "."
     else:
-        if so == "certified":
-            second = f"second order certified ({curv}"
-            if cert.kink is not None:
-                k = cert.kink
-                second += (
-                    f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
-                    f" ({k.lifted} lifted)"
-                )
-            second += ")"
-        elif so == "first-order only":
-            kt = cert.kink
-            second = (
-                f"first-order only: at the {st.kinks} ReLU kinks the second-order test is inconclusive ("
-                + (f"{kt.negative} negative multipliers, " if kt and kt.negative else "")
-                + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form, no lower point found)"
-            )
-        elif so == "not checked: budget":
-            assert hs is not None  # the budget ran out inside the Hessian computation
-            second = (
-                f"second order not checked: budget ({hs.iterations} Lanczos steps, {_fmt(hs.seconds)} s; {curv} so far)"
-            )
-        else:
-            second = "second order not checked"
+        second = _second_order_text(cert, curv)
         if f_star is None:
             verdict = "no-prediction"
             reason = "" if pred is None else f" ({pred.reason.split(';')[0]})"
