@@ -398,6 +398,164 @@ def plot(res, path) -> None:
     C.save_figure(fig, path)
 
 
+# ----------------------------------------------------------------------------------------------------------------
+# Part B, engines: ufm.solve_batch's engines ("map", "slots") against a loop of single solves, to the default
+# tolerance (default L-BFGS), side by side in one process, at 64 runs and at the full 1,000.
+#
+#     python -c "from benchmarks.bench_sweep import main_engines; main_engines()"              # 64 and 1000 runs
+#     python -c "from benchmarks.bench_sweep import main_engines; main_engines(['--sizes', '16'])"
+
+
+def run_engines(sizes=(64, 1000), out_dir=None, log=print, loop_subset: int = 40, engines=("map", "slots")) -> dict:
+    """Times ``solve_batch(engine=e)`` for each engine and a loop of ``ufm.solve`` (a subset of ``loop_subset`` runs,
+    extrapolated) on B runs of part B's grid (spread over the lambdas), one interleaved round per size; compile
+    (first call) times; steps; the fraction of the subset's runs whose batched loss equals the single solve's
+    (1e-6 relative, the issue's criterion)."""
+    C.enable_x64()
+    import jax
+
+    import ufm
+
+    info = C.machine_info()
+    log(f"machine: {C.machine_line(info)}")
+    lam_all, seed_all, _ = _grid("full")
+    p0 = ufm.UFM(**BASE, lam_H=1e-3, lam_W=1e-3)
+    kw = dict(history=False)
+    res: dict = dict(
+        benchmark="sweep_engines", machine=info, problem=p0.to_dict(), sizes=list(sizes), engines=list(engines)
+    )
+
+    def single(i):
+        p = ufm.UFM(**BASE, lam_H=float(lam_all[i]), lam_W=float(lam_all[i]))
+        return jax.block_until_ready(ufm.solve(p, key=int(seed_all[i]), **kw))
+
+    t = time.perf_counter()
+    single(0)
+    res["compile_single_s"] = time.perf_counter() - t
+    for B in sizes:
+        idx = np.linspace(0, len(lam_all) - 1, B).astype(int)
+        lam, seed = lam_all[idx], seed_all[idx]
+        sub = np.linspace(0, B - 1, min(B, loop_subset)).astype(int)
+        r: dict = dict(B=int(B), loop_subset=int(len(sub)))
+        out: dict = {}
+
+        def batch(e, lam=lam, seed=seed):
+            s = ufm.solve_batch(p0, seeds=seed, lam_H=lam, lam_W=lam, engine=e, **kw)
+            return jax.block_until_ready(s)
+
+        for e in engines:
+            t = time.perf_counter()
+            batch(e)
+            r[f"compile_{e}_s"] = time.perf_counter() - t
+            log(f"  B={B}: first call of {e} {r[f'compile_{e}_s']:.1f} s")
+
+        def m_batch(e, out=out):
+            def f():
+                t = time.perf_counter()
+                out[e] = batch(e)
+                return time.perf_counter() - t
+
+            return f
+
+        def m_loop(idx=idx, sub=sub, B=B, out=out):
+            t = time.perf_counter()
+            out["loop"] = [single(int(idx[j])) for j in sub]
+            return (time.perf_counter() - t) * B / len(sub)
+
+        times = C.interleaved({**{e: m_batch(e) for e in engines}, "loop": m_loop}, 1)
+        r["seconds"] = {k: C.median(v) for k, v in times.items()}
+        ref = np.array([float(s.value) for s in out["loop"]])
+        r["loop_steps_median"] = float(np.median([int(s.num_steps) for s in out["loop"]]))
+        for e in engines:
+            s = out[e]
+            v = np.asarray(s.value)[sub]
+            r[f"{e}_same_minimum"] = float(np.mean(np.abs(v - ref) <= 1e-6 * np.abs(ref)))
+            r[f"{e}_converged"] = float(np.mean(np.asarray(s.status) == 0))
+            st = np.asarray(s.num_steps)
+            r[f"{e}_steps"] = dict(median=float(np.median(st)), max=int(st.max()), total=int(st.sum()))
+            r[f"speedup_{e}_over_loop"] = r["seconds"]["loop"] / r["seconds"][e]
+            r[f"compile_ratio_{e}"] = r[f"compile_{e}_s"] / res["compile_single_s"]
+        r["load_after"] = C.load_average()
+        res[f"B{B}"] = r
+        log(f"  B={B}: {r['seconds']}")
+    md = markdown_engines(res)
+    paths = C.write_outputs("sweep_engines", res, out_dir, md)
+    res["paths"] = paths
+    log(md)
+    return res
+
+
+def markdown_engines(res) -> str:
+    p = res["problem"]
+    lines = [
+        "### Batched engine: solve_batch engines vs a loop of single solves, to the default tolerance (L-BFGS)",
+        "",
+        f"Machine: {C.machine_line(res['machine'])}.",
+        f"Problem: K={p['num_classes']}, n={p['n_per_class']}, widths={tuple(p['widths'])}, {p['activation']}, "
+        f"{p['loss']}, float64, lambda on part B's grid, seeds 0..9; one interleaved round per size, compile "
+        f"excluded from the times (first calls listed separately). Single solve first call: "
+        f"{C.fmt_time(res['compile_single_s'])}.",
+        "",
+    ]
+    rows = []
+    for B in res["sizes"]:
+        r = res[f"B{B}"]
+        rows.append([f"B={B}", "loop of ufm.solve", C.fmt_time(r["seconds"]["loop"]), "1", "", "", "", ""])
+        for e in res["engines"]:
+            st = r[f"{e}_steps"]
+            rows.append(
+                [
+                    f"B={B}",
+                    f'solve_batch(engine="{e}")',
+                    C.fmt_time(r["seconds"][e]),
+                    C.fmt_ratio(r[f"speedup_{e}_over_loop"]),
+                    f"{C.fmt_time(r[f'compile_{e}_s'])} ({r[f'compile_ratio_{e}']:.2f}x single)",
+                    f"{st['median']:.0f} / {st['max']} / {st['total']}",
+                    f"{100 * r[f'{e}_converged']:.0f}%",
+                    f"{100 * r[f'{e}_same_minimum']:.0f}% of {r['loop_subset']}",
+                ]
+            )
+    lines.append(
+        C.md_table(
+            [
+                "runs",
+                "implementation",
+                "time",
+                "speed-up over the loop",
+                "first call (compile)",
+                "steps median / max / total",
+                "converged",
+                "same loss as ufm.solve (1e-6)",
+            ],
+            rows,
+        )
+    )
+    lines += ["", "Targets:"]
+    for B in res["sizes"]:
+        r = res[f"B{B}"]
+        best = max(res["engines"], key=lambda e: r[f"speedup_{e}_over_loop"])
+        sp, cr = r[f"speedup_{best}_over_loop"], r[f"compile_ratio_{best}"]
+        lines.append(
+            f"- B={B}: best engine {best} >= 3x the loop: {C.fmt_ratio(sp)} — {'met' if sp >= 3 else 'MISSED'}"
+        )
+        lines.append(f"- B={B}: its compile <= 2x the single solve's: {cr:.2f}x — {'met' if cr <= 2 else 'MISSED'}")
+        same = r[f"{best}_same_minimum"]
+        lines.append(
+            f"- B={B}: same minimum as ufm.solve in >= 90% of runs: {100 * same:.0f}% — "
+            + ("met" if same >= 0.9 else "MISSED")
+        )
+    return "\n".join(lines)
+
+
+def main_engines(argv=None):
+    ap = argparse.ArgumentParser(description="solve_batch engines vs a loop of single solves (part B)")
+    ap.add_argument("--sizes", default="64,1000", help="comma-separated batch sizes")
+    ap.add_argument("--engines", default="map,slots")
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args(argv)
+    run_engines(tuple(int(s) for s in a.sizes.split(",")), out_dir=a.out, engines=tuple(a.engines.split(",")))
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--smoke", action="store_true", help="tiny grid (seconds)")

@@ -11,6 +11,7 @@ import optax
 import pytest
 
 import ufm
+from ufm._linesearch import scale_by_trial_linesearch
 
 SHALLOW = ufm.UFM(num_classes=3, n_per_class=4, widths=(5,), lam_H=1e-3, lam_W=1e-3)
 
@@ -135,8 +136,9 @@ def test_slot_engine_with_refill_matches_single_solves():
         optax.chain(optax.scale_by_lbfgs(), optax.scale(-1.0), optax.scale_by_zoom_linesearch(max_linesearch_steps=20)),
         optax.chain(optax.sgd(1.0), optax.scale_by_backtracking_linesearch(max_backtracking_steps=20, store_grad=True)),
         optax.sgd(0.5),
+        optax.chain(optax.scale_by_lbfgs(), optax.scale(-1.0), scale_by_trial_linesearch(num_trials=4, lazy=False)),
     ],
-    ids=["optax.lbfgs", "chain+zoom", "sgd+backtracking", "sgd"],
+    ids=["optax.lbfgs", "chain+zoom", "sgd+backtracking", "sgd", "chain+trial"],
 )
 def test_every_optax_transformation_works(method):
     # shallow MSE with bias-free UFM has no spurious local minima (Zhou et al. 2022): every method that makes
@@ -170,3 +172,21 @@ def test_auto_init_scale_rule():
     assert auto_init_scale(deep.replace(activation="relu")) == 1.0
     with pytest.raises(ValueError, match="init_scale must be a finite number"):
         ufm.solve(deep, key=0, init_scale="big")
+
+
+def test_a_solve_without_progress_has_no_host_callback():
+    # JAX's persistent compilation cache skips programs with host callbacks: without a progress handler the solve's
+    # program must contain none (lowered only, not compiled); with one it must contain the io_callback
+    from ufm._driver import run_jit
+    from ufm._options import solver_options
+    from ufm._solver import _canonical, _config
+
+    p = _canonical(SHALLOW, jnp.float64)
+    o = solver_options("lbfgs", None, 100, None, None, 1, None, "float64")
+    start = (jax.random.key(0), jnp.asarray(1.0))
+    text = [
+        run_jit.lower(p, start, o.lr, o.tol, o.rtol, 0, cfg=_config(o, False, every), dtype=o.dtype).as_text()
+        for every in (0, 10)
+    ]
+    assert "callback" not in text[0].lower()
+    assert "callback" in text[1].lower()

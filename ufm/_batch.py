@@ -21,8 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._driver import Config, Records, SolverState, finish, init, init_records, make_optimizer, record, step
-from ._model import init_params
+from ._driver import (
+    Config,
+    Records,
+    SolverState,
+    draw_params,
+    finish,
+    init,
+    init_records,
+    make_optimizer,
+    record,
+    step,
+)
 from ._solution import MAX_STEPS, RUNNING, Solution
 
 DEFAULT_SLOTS = 64
@@ -50,7 +60,7 @@ def _fresh(problem, inputs, ids, tol, rtol, cfg: Config, dtype):
 
     def one(x0, h, w, b, lr):
         p = _problem_of(problem, h, w, b)
-        opt = make_optimizer(cfg.method, lr, cfg.momentum, cfg.memory_size)
+        opt = make_optimizer(cfg.method, lr, cfg.momentum, cfg.memory_size, lazy=False)
         s = init(p, x0, opt, tol, rtol)
         return s, init_records(s, cfg)
 
@@ -64,11 +74,11 @@ _fresh_jit = jax.jit(_fresh, static_argnames=("cfg", "dtype"))
 
 
 def start_params(problem, start, scales, dtype):
-    """Initial parameters of a batch: ``start`` itself (``dtype=None``) or `init_params` of each key, drawn with
-    ``lax.map`` (XLA compiles threefry under ``vmap`` about 5x slower than once; the values are the same)."""
+    """Initial parameters of a batch: ``start`` itself (``dtype=None``) or `init_params` of each key (drawn by
+    `draw_params`, in ``lax.map``: XLA compiles threefry under ``vmap`` about 5x slower than once; same values)."""
     if dtype is None:
         return start
-    return jax.lax.map(lambda a: init_params(problem, a[0], a[1], dtype), (start, scales))
+    return jax.lax.map(lambda a: draw_params(problem, a[0], a[1], dtype), (start, scales))
 
 
 def _select(mask, a, b):
@@ -90,7 +100,7 @@ def _cycle(problem, inputs, slots: Slots, load, tol, rtol, *, cfg: Config, dtype
     def advance(state, rec, nums):
         h, w, b, lr = nums
         p = _problem_of(problem, h, w, b)
-        opt = make_optimizer(cfg.method, lr, cfg.momentum, cfg.memory_size)
+        opt = make_optimizer(cfg.method, lr, cfg.momentum, cfg.memory_size, lazy=False)
         k0 = state.step
 
         def cond(c):

@@ -26,6 +26,7 @@ import optax
 from ._problem import is_concrete
 
 METHODS = ("lbfgs", "gd", "momentum", "adam")
+LBFGS_LINESEARCH = "trial"  # line search of method "lbfgs": "trial" (ufm._linesearch) or "zoom" (optax)
 DEFAULT_LR = {"gd": 0.1, "momentum": 0.1, "adam": 1e-3, "lbfgs": 1.0}
 DEFAULT_MAX_STEPS = {"lbfgs": 10_000, "gd": 100_000, "momentum": 100_000, "adam": 100_000}
 DEFAULT_PATIENCE = {"lbfgs": 50, "gd": 1000, "momentum": 1000, "adam": 1000}

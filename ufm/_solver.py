@@ -353,10 +353,12 @@ def solve_batch(
     driver: the arithmetic of `solve`, so run i ends where ``ufm.solve`` of problem i ends, and the compile is
     about that of one solve); ``"slots"`` (`ufm._batch`) advances the runs on ``slots`` device slots in segments
     of ``segment`` steps, retiring finished runs and refilling their slots between segments (states stay on the
-    device; only S statuses and run indices cross to the host); ``"vmap"`` is one vmapped loop (B x the slowest
-    run). ``"auto"`` (default): "map" on a CPU, where a vmapped line search costs every slot the trials of the
-    slowest (measured in benchmarks/README.md), "slots" on an accelerator. Inside a trace (``jit``/``shard_map``
-    of this function) the batch is one ``vmap`` of the driver.
+    device; only S statuses and run indices cross to the host; every slot's step costs the same fixed batch of M line
+    search trials, evaluated in one ``vmap``, so no slot waits for another's search); ``"vmap"`` is one vmapped loop
+    (B x the slowest run). ``"auto"`` (default, `AUTO_ENGINE`): "map" on a CPU, where a vmapped step costs about
+    the sum of its slots' arithmetic, so running the runs in sequence wastes nothing (measured in
+    benchmarks/README.md, "Batched engine"), "slots" on an accelerator, where S slots cost about one. Inside a
+    trace (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
 
     Args:
       problem: the shared `ufm.UFM` (shapes, modes, and default lambdas).
@@ -387,60 +389,15 @@ def solve_batch(
     """
     if not isinstance(problem, UFM):
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
-    if seeds is not None:
-        if keys is not None:
-            raise ValueError("give keys or seeds, not both")
-        seeds = np.asarray(seeds)
-        if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer) or np.any(seeds < 0):
-            raise ValueError(
-                f"seeds must be a 1-D sequence of B integers >= 0; got shape {seeds.shape}, dtype {seeds.dtype}"
-            )
-        keys = jax.vmap(jax.random.key)(jnp.asarray(seeds))
-    if init is not None:
-        init = Params(*init)
-        leaves = jax.tree_util.tree_leaves(init)
-        B0 = np.shape(leaves[0])[0] if np.ndim(leaves[0]) else None
-        if B0 is None:
-            raise ValueError("init must have a leading batch axis B on every leaf")
-        check_params(problem, jax.tree_util.tree_map(lambda x: x[0], init), "init[i]")
-        init = jax.tree_util.tree_map(jnp.asarray, init)
-        dt = check_dtype(init.H.dtype)
-        init_shapes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(init)}
-        if len(init_shapes) != 1:
-            raise ValueError(f"init leaves disagree on the batch size: {sorted(init_shapes)}")
-    else:
-        dt = check_dtype(dtype)
-    L = problem.L
-    lam_W_arr = None if lam_W is None else np.asarray(lam_W) if is_concrete(lam_W) else lam_W
-    lwb = None
-    if lam_W_arr is not None:
-        if np.ndim(lam_W_arr) not in (1, 2) or (np.ndim(lam_W_arr) == 2 and np.shape(lam_W_arr)[1] != L):
-            raise ValueError(f"lam_W must have shape (B,) or (B, L={L}) in solve_batch; got {np.shape(lam_W_arr)}")
-        lwb = lam_W_arr
-    named = dict(
-        keys=keys,
-        init=None if init is None else init.H,
-        lam_H=lam_H,
-        lam_W=lwb,
-        lam_b=lam_b,
-        lr=lr,
-        init_scale=init_scale,
-    )
-    B = _batch_size(named)
-    if keys is None and init is None:
-        keys = jax.random.split(jax.random.key(0), B)
-    if keys is not None and np.shape(keys) != (B,):
-        raise ValueError(f"keys must have shape (B,) = ({B},); got {np.shape(keys)}")
-    # every element of every batched number, before any compute
-    _check_batched("lam_H", lam_H, "(B,)")
-    _check_batched("lam_W", lam_W, "(B,) or (B, L)")
-    if lam_b is not None:
-        if problem.bias != "reg" and is_concrete(lam_b) and np.any(np.asarray(lam_b, dtype=float) != 0):
-            raise ValueError(f"lam_b is only used with bias='reg'; got bias={problem.bias!r}")
-        _check_batched("lam_b", lam_b, "(B,)", positive=problem.bias == "reg")
-    if isinstance(init_scale, str) and init_scale == "auto":
-        init_scale = auto_init_scale(problem)
-    _check_batched("init_scale", init_scale, "(B,) or a scalar")
+    if engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    keys = seed_keys(keys, seeds)
+    init, dt = batch_init(problem, init, dtype)
+    lam_W_b = batch_lam_W(problem, lam_W)
+    named = dict(keys=keys, init=None if init is None else init.H, lam_H=lam_H, lam_W=lam_W_b, lam_b=lam_b, lr=lr)
+    B = _batch_size(dict(named, init_scale=init_scale))
+    keys = batch_keys(keys, init, B)
+    init_scale = check_batch_numbers(problem, lam_H, lam_W, lam_b, init_scale)
     o = solver_options(
         method,
         lr,
@@ -455,31 +412,98 @@ def solve_batch(
         memory_size=memory_size,
     )
     check_memory(num_params(problem), dt.itemsize, o, history=history, batch=B)
+    start = init if init is not None else keys
+    inputs = batch_inputs(problem, dt, B, start, lam_H, lam_W, lam_b, o.lr, init_scale)
+    xdt = None if init is not None else dt  # None: the start is given parameters, not keys
+    return run_engine(engine, _canonical(problem, dt), inputs, o, _config(o, history), xdt, slots, segment)
 
-    def bcast(v, default, shape=()):
-        v = default if v is None else v
-        return jnp.broadcast_to(jnp.asarray(v, dt), (B,) + shape)
 
-    lH = bcast(lam_H, problem.lam_H)
+def seed_keys(keys, seeds):
+    """``keys``, or the (B,) keys ``jax.random.key(s)`` of ``seeds`` (B integers >= 0); both given is an error."""
+    if seeds is None:
+        return keys
+    if keys is not None:
+        raise ValueError("give keys or seeds, not both")
+    seeds = np.asarray(seeds)
+    if seeds.ndim != 1 or not np.issubdtype(seeds.dtype, np.integer) or np.any(seeds < 0):
+        raise ValueError(
+            f"seeds must be a 1-D sequence of B integers >= 0; got shape {seeds.shape}, dtype {seeds.dtype}"
+        )
+    return jax.vmap(jax.random.key)(jnp.asarray(seeds))
+
+
+def batch_keys(keys, init, B: int):
+    """The (B,) keys of a batch: ``keys`` (shape checked), or split from key 0 when neither keys nor init is given."""
+    if keys is None and init is None:
+        keys = jax.random.split(jax.random.key(0), B)
+    if keys is not None and np.shape(keys) != (B,):
+        raise ValueError(f"keys must have shape (B,) = ({B},); got {np.shape(keys)}")
+    return keys
+
+
+def batch_init(problem: UFM, init, dtype):
+    """Validate batched starting `Params` (a leading axis B on every leaf, each element fitting ``problem``);
+    returns them as arrays with their dtype, or (None, the solve dtype)."""
+    if init is None:
+        return None, check_dtype(dtype)
+    init = Params(*init)
+    leaves = jax.tree_util.tree_leaves(init)
+    if not np.ndim(leaves[0]):
+        raise ValueError("init must have a leading batch axis B on every leaf")
+    check_params(problem, jax.tree_util.tree_map(lambda x: x[0], init), "init[i]")
+    init = jax.tree_util.tree_map(jnp.asarray, init)
+    sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(init)}
+    if len(sizes) != 1:
+        raise ValueError(f"init leaves disagree on the batch size: {sorted(sizes)}")
+    return init, check_dtype(init.H.dtype)
+
+
+def batch_lam_W(problem: UFM, lam_W):
+    """``lam_W`` of a batch, of shape (B,) or (B, L) (None: the problem's)."""
     if lam_W is None:
-        lW = jnp.broadcast_to(jnp.asarray(problem.lam_W, dt), (B, L))
+        return None
+    a = np.asarray(lam_W) if is_concrete(lam_W) else lam_W
+    if np.ndim(a) not in (1, 2) or (np.ndim(a) == 2 and np.shape(a)[1] != problem.L):
+        raise ValueError(f"lam_W must have shape (B,) or (B, L={problem.L}) in solve_batch; got {np.shape(a)}")
+    return a
+
+
+def check_batch_numbers(problem: UFM, lam_H, lam_W, lam_b, init_scale):
+    """Every element of every batched number, before any compute; returns ``init_scale`` ("auto" resolved)."""
+    _check_batched("lam_H", lam_H, "(B,)")
+    _check_batched("lam_W", lam_W, "(B,) or (B, L)")
+    if lam_b is not None:
+        if problem.bias != "reg" and is_concrete(lam_b) and np.any(np.asarray(lam_b, dtype=float) != 0):
+            raise ValueError(f"lam_b is only used with bias='reg'; got bias={problem.bias!r}")
+        _check_batched("lam_b", lam_b, "(B,)", positive=problem.bias == "reg")
+    if isinstance(init_scale, str) and init_scale == "auto":
+        init_scale = auto_init_scale(problem)
+    _check_batched("init_scale", init_scale, "(B,) or a scalar")
+    return init_scale
+
+
+def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_scale) -> tuple:
+    """The engines' inputs ``(start, lam_H (B,), lam_W (B, L), lam_b (B,), lr (B,), init_scale (B,))`` in ``dt``
+    (scalars broadcast; None: the problem's value)."""
+
+    def bcast(v, default):
+        return jnp.broadcast_to(jnp.asarray(default if v is None else v, dt), (B,))
+
+    if lam_W is None:
+        lW = jnp.broadcast_to(jnp.asarray(problem.lam_W, dt), (B, problem.L))
     else:
         lW = jnp.asarray(lam_W, dt)
-        lW = jnp.broadcast_to(lW[:, None], (B, L)) if lW.ndim == 1 else lW
-    lb = bcast(lam_b, problem.lam_b)
-    lrs = bcast(o.lr, None)
-    scales = bcast(init_scale, None)
-    cfg = _config(o, history)
-    prob = _canonical(problem, dt)
-    start = init if init is not None else keys
-    inputs = (start, lH, lW, lb, lrs, scales)
-    if engine not in ENGINES:
-        raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
-    xdt = None if init is not None else dt
+        lW = jnp.broadcast_to(lW[:, None], (B, problem.L)) if lW.ndim == 1 else lW
+    lH, lb = bcast(lam_H, problem.lam_H), bcast(lam_b, problem.lam_b)
+    return (start, lH, lW, lb, bcast(lr, None), bcast(init_scale, None))
+
+
+def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment) -> Solution:
+    """Solve the batch ``inputs`` with ``engine`` (see `solve_batch`); inside a trace always one ``vmap``."""
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol))):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
-        engine = "map" if jax.default_backend() == "cpu" else "slots"
+        engine = AUTO_ENGINE.get(jax.default_backend(), "slots")
     if engine == "map":
         return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "vmap":
@@ -494,6 +518,9 @@ def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> So
 
 
 ENGINES = ("auto", "map", "slots", "vmap")
+# engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU a vmapped step costs about the
+# sum of its slots' work, so the runs in sequence ("map") waste nothing; on an accelerator S slots cost about one
+AUTO_ENGINE = {"cpu": "map"}
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
