@@ -139,67 +139,105 @@ def run_mixes(settings, mixes, budget, batch_size, steps, seed, name, max_starts
     return out
 
 
-def run_atlas(Ks, Ls, max_starts, batch_size, steps, seed, name="atlas"):
+def atlas_cells(Ks, Ls, cells: str | None):
+    """The (K, L) cells in run order: ``cells`` ("5x4,15x3,...") first, then the K x L grid."""
+    out = [tuple(int(v) for v in c.split("x")) for c in cells.split(",")] if cells else []
+    return out + [(K, L) for L in Ls for K in Ks if (K, L) not in out]
+
+
+def atlas_row(K, L, max_starts, budget, batch_size, steps, seed):
+    """One atlas cell: explore with a start cap (and a time cap), the best point's structure, the published point."""
+    d = atlas_width(K)
+    p = problem(K, L, d)
+    t0, c0 = time.perf_counter(), time.process_time()
+    ex = ufm.explore(
+        p,
+        max_starts=max_starts,
+        time_budget=budget,
+        key=seed,
+        batch_size=batch_size,
+        steps=steps,
+        check_hessian=False,
+    )
+    srg = ex.explicit.get("srg", math.nan)
+    published = min(ex.explicit.values())
+    best = ex.minima[0] if ex.minima else None
+    return {
+        "K": K,
+        "L": L,
+        "width": d,
+        "ratio": ex.ratio_to_dnc,
+        "value": ex.value,
+        "dnc_loss": ex.dnc_loss,
+        "srg_ratio": srg / ex.dnc_loss,
+        "published_ratio": published / ex.dnc_loss,
+        "beats_published": ex.value < published * (1 - 1e-6),
+        "structure": best.description if best else "",
+        "ranks": best.ranks if best else (),
+        "ranks_Z": best.ranks_Z if best else (),
+        "first_strategy": best.strategy if best else "",
+        "minima": len(ex.minima),
+        "starts": ex.num_starts,
+        "rounds": ex.num_rounds,
+        "max_starts": max_starts,
+        "budget_s": budget,
+        "steps": steps,
+        "batch_size": batch_size,
+        "seed": seed,
+        "wall_s": time.perf_counter() - t0,
+        "cpu_s": time.process_time() - c0,
+        "load": C.load_average(),
+    }
+
+
+def run_atlas(Ks, Ls, max_starts, batch_size, steps, seed, name="atlas", budget=None, cells=None, resume=False):
+    """The atlas, one cell at a time, checkpointed to results/<name>.json after each (``resume`` skips done cells)."""
+    path = C.RESULTS_DIR / f"{name}.json"
     out = {
         "machine": C.machine_info(),
         "max_starts": max_starts,
+        "budget_s": budget,
         "batch_size": batch_size,
         "steps": steps,
         "seed": seed,
         "lam": LAM,
         "rows": [],
     }
-    for L in Ls:
-        for K in Ks:
-            d = atlas_width(K)
-            p = problem(K, L, d)
-            t0, c0 = time.perf_counter(), time.process_time()
-            ex = ufm.explore(
-                p, max_starts=max_starts, key=seed, batch_size=batch_size, steps=steps, check_hessian=False
-            )
-            srg = ex.explicit.get("srg", math.nan)
-            published = min(ex.explicit.values())
-            row = {
-                "K": K,
-                "L": L,
-                "width": d,
-                "ratio": ex.ratio_to_dnc,
-                "srg_ratio": srg / ex.dnc_loss,
-                "published_ratio": published / ex.dnc_loss,
-                "beats_published": ex.value < published * (1 - 1e-6),
-                "structure": ex.minima[0].description if ex.minima else "",
-                "first_strategy": ex.minima[0].strategy if ex.minima else "",
-                "minima": len(ex.minima),
-                "starts": ex.num_starts,
-                "wall_s": time.perf_counter() - t0,
-                "cpu_s": time.process_time() - c0,
-                "load": C.load_average(),
-            }
-            out["rows"].append(row)
-            print(
-                f"atlas K={K} L={L} d={d}: {row['ratio']:.4f} (published {row['published_ratio']:.4f}) "
-                f"{row['structure']}  [{row['wall_s']:.0f}s wall, {row['cpu_s']:.0f}s cpu]",
-                flush=True,
-            )
-            _dump(name, out)
-            write_atlas_md(out, name)
+    if resume and path.exists():
+        out["rows"] = json.loads(path.read_text())["rows"]
+    done = {(r["K"], r["L"]) for r in out["rows"]}
+    for K, L in atlas_cells(Ks, Ls, cells):
+        if (K, L) in done:
+            continue
+        row = atlas_row(K, L, max_starts, budget, batch_size, steps, seed)
+        out["rows"].append(row)
+        print(
+            f"atlas K={K} L={L} d={row['width']}: {row['ratio']:.4f} (published {row['published_ratio']:.4f}) "
+            f"{row['structure']}  [{row['starts']} starts, {row['wall_s']:.0f}s wall, {row['cpu_s']:.0f}s cpu, "
+            f"load {row['load']}]",
+            flush=True,
+        )
+        _dump(name, out)
+        write_atlas_md(out, name)
     return out
 
 
 def write_atlas_md(out, name="atlas"):
     md = [
         f"Best found / DNC loss (numerical upper bounds), deep ReLU UFM, MSE, no bias, n = 1, lambda = {LAM}; "
-        f"{out['max_starts']} starts per setting (B = {out['batch_size']}, {out['steps']} L-BFGS steps per round), "
-        f"seed {out['seed']}.",
+        f"at most {out['max_starts']} starts per setting"
+        + (f" and {out['budget_s']:.0f} s" if out.get("budget_s") else "")
+        + f" (B = {out['batch_size']}, {out['steps']} L-BFGS steps per round), seed {out['seed']}.",
         "",
-        "| K | L | width | best found / DNC | published (SRG or DNC) / DNC | beats published | first found by | "
-        "structure of the best point |",
-        "|---|---|---|---|---|---|---|---|",
+        "| K | L | width | best found / DNC | published (SRG or DNC) / DNC | beats published | starts | "
+        "first found by | structure of the best point |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for r in out["rows"]:
+    for r in sorted(out["rows"], key=lambda r: (r["L"], r["K"])):
         md.append(
             f"| {r['K']} | {r['L']} | {r['width']} | {r['ratio']:.4f} | {r['published_ratio']:.4f} | "
-            f"{'yes' if r['beats_published'] else 'no'} | {r['first_strategy']} | {r['structure']} |"
+            f"{'yes' if r['beats_published'] else 'no'} | {r.get('starts', '')} | {r['first_strategy']} | "
+            f"{r['structure']} |"
         )
     (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
 
@@ -223,6 +261,9 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--name", default=None, help="results file stem (default explore / atlas)")
     ap.add_argument("--smoke", action="store_true", help="K = 3, L = 4 widths 6, tiny budget")
+    ap.add_argument("--cells", default=None, help="atlas: cells to run first, e.g. 5x4,15x3 (K x L)")
+    ap.add_argument("--resume", action="store_true", help="atlas: keep the cells already in the results file")
+    ap.add_argument("--cell-budget", type=float, default=None, help="atlas: seconds per cell (besides --max-starts)")
     a = ap.parse_args(argv)
     if a.what == "mixes":
         settings = [3] if a.smoke else [int(k) for k in a.settings.split(",")]
@@ -245,6 +286,9 @@ def main(argv=None):
             a.steps,
             a.seed,
             a.name or "atlas",
+            budget=a.cell_budget,
+            cells=a.cells,
+            resume=a.resume,
         )
 
 

@@ -9,11 +9,13 @@ feasible points evaluated by that same NumPy code, so no expected value comes fr
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
 import ufm
 from ufm._explore import STRATEGIES, structure
+from ufm._explore.starts import rank_reduce
 
 P = ufm.UFM(
     num_classes=3,
@@ -223,6 +225,50 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
     # bad input: one line, exit code 2
     assert cli.main(["explore", "--max-starts", "0", "--out", str(tmp_path / "bad")]) == 2
     assert math.isfinite(report["best"]["ratio_to_dnc"])
+
+
+def np_pre_activations(params):
+    """Z_2..Z_L of the deep ReLU model in NumPy (n = 1: the columns are the class means)."""
+    A, Zs = np.asarray(params.H, np.float64), []
+    for W in params.Ws[:-1]:
+        Zs.append(np.asarray(W, np.float64) @ A)
+        A = np.maximum(Zs[-1], 0.0)
+    return Zs
+
+
+@pytest.mark.parametrize("layer", [2, 4])
+def test_rank_hop_truncates_the_weakest_direction(layer):
+    # W_{l-1} -> (I - u_r u_r^T) W_{l-1} with u_r the r-th left singular vector of Z_l: Z_l becomes its rank r-1
+    # truncated SVD (Eckart-Young), checked with NumPy's SVD of the layer before and after; the other layers' maps
+    # and H are untouched
+    rng = np.random.default_rng(3)
+    x = ufm.init_params(P, jax.random.key(5))
+    before = np_pre_activations(x)[layer - 2]
+    U, S, Vt = np.linalg.svd(before)
+    r = int(np.sum(S > 1e-3 * S[0]))
+    assert r == 3  # a random point: full class-mean rank K = 3
+    y = rank_reduce(P, x, rng, layer=layer, noise=0.0)
+    after = np_pre_activations(y)[layer - 2]
+    trunc = (U[:, : r - 1] * S[: r - 1]) @ Vt[: r - 1]
+    np.testing.assert_allclose(after, trunc, atol=1e-12 * S[0])
+    s_after = np.linalg.svd(after, compute_uv=False)
+    assert s_after[r - 1] <= 1e-12 * S[0] and s_after[r - 2] == pytest.approx(S[r - 2], rel=1e-12)
+    np.testing.assert_array_equal(y.H, np.asarray(x.H))
+    for l, (a, b) in enumerate(zip(x.Ws, y.Ws)):
+        if l != layer - 2:
+            np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(ValueError, match="layer"):
+        rank_reduce(P, x, rng, layer=1)
+
+
+def test_gd_strategy_runs_its_phase_and_stays_below_the_candidates():
+    # the large-step gradient-descent strategy: its starts pass through a GD phase (lr 0.5) and then the L-BFGS
+    # rounds; counted as starts, never above the explicit candidates, the value is the objective at the point
+    ex = ufm.explore(P, max_starts=6, key=2, strategies=("gd",), gd_steps=200, **OPTS)
+    assert ex.strategies["gd"]["starts"] == 4 and ex.num_starts == 6  # 2 explicit + 4 gd
+    assert ex.value <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
+    assert ex.value == pytest.approx(np_objective(P, ex.params), rel=1e-12)
+    assert sum(m.count for m in ex.minima if m.strategy == "gd") >= 1  # at least one gd run finished finite
 
 
 @pytest.mark.slow

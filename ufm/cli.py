@@ -1111,7 +1111,8 @@ def _add_explore_parser(sub) -> None:
         dest="strategies",
         type=_strategy_list,
         default=None,
-        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop (default all)",
+        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop,rank-hop,gd "
+        "(default all but gd)",
     )
     g = pe.add_argument_group("run")
     g.add_argument(
@@ -1240,7 +1241,7 @@ def cmd_explore(args, argv) -> int:
         max_starts=search["max_starts"],
         key=jax.random.key(search["seed"]),
         progress=True if show else None,
-        strategies=search["strategies"] or _explore.STRATEGIES,
+        strategies=search["strategies"] or _explore.DEFAULT_STRATEGIES,
         batch_size=search["batch_size"],
         steps=search["steps"],
         check_hessian=hessian,

@@ -150,8 +150,10 @@ class Search:
         """The next L-BFGS batch: explicit points (first round), continuations, finished gd phases, new starts."""
         B = self.B
         jobs: list[Job] = []
-        if self.rounds == 0:
+        if self.rounds == 0 and not self.starts:  # the explicit points are the first starts (always run)
             jobs += [Job(as_numpy(prm), "explicit") for prm in self.s.explicit.values()]
+            self.starts += len(jobs)
+            self.ledger.stats["explicit"]["starts"] += len(jobs)
         take = min(len(self.pending), B - len(jobs))
         jobs += self.pending[:take]
         self.pending = self.pending[take:]

@@ -110,30 +110,44 @@ def perturb(params: Params, rng: np.random.Generator, sigma: float) -> Params:
     return Params(one(params.H), tuple(one(W) for W in params.Ws), None if params.b is None else one(params.b))
 
 
-def rank_reduce(problem: UFM, params: Params, rng: np.random.Generator) -> Params:
-    """Lower by one the rank of the class means of a pre-activation Z_l = W_{l-1} H_{l-1} (l = L with
-    probability 1/2, else l drawn in 2..L-1), then add 1 % relative noise.
+def rank_reduce(
+    problem: UFM, params: Params, rng: np.random.Generator, layer: int | None = None, noise: float = 0.01
+) -> Params:
+    """Lower by one the rank of the class means of a pre-activation Z_l = W_{l-1} H_{l-1}, then add relative noise.
 
-    With M_Z = U S Vᵀ the class means of Z_l and r their numerical rank, W_{l-1} -> (I - u_r u_rᵀ) W_{l-1}
-    removes the weakest direction u_r: the class means of Z_l become the rank r-1 truncation of M_Z (n = 1:
-    exactly; otherwise the within-class spread loses that direction too). Below-DNC minima of the deep ReLU UFM
-    are low rank before the last ReLU (Súkeník et al. 2024); this hop moves a found minimum towards lower rank.
-    Where L = 1 or every rank is 1, it is a plain 1 % perturbation.
+    With M_Z = U S Vᵀ the class means of Z_l and r their numerical rank (singular values above 1e-3 x the
+    largest), W_{l-1} -> (I - u_r u_rᵀ) W_{l-1} removes the weakest direction u_r: the class means of Z_l become
+    the rank r-1 truncation U_{r-1} S_{r-1} V_{r-1}ᵀ of M_Z (H_{l-1} is unchanged). Below-DNC minima of the deep
+    ReLU UFM are low rank before the last ReLU (Súkeník et al. 2024); this hop moves a found minimum towards lower
+    rank, and the local solve then finds the best point nearby.
+
+    Args:
+      problem: the `ufm.UFM` (L >= 2; for L = 1 only the noise is added).
+      params: the point.
+      rng: the NumPy generator.
+      layer: l in 2..L (default: L with probability 1/2, else drawn in 2..L-1).
+      noise: relative Gaussian noise added afterwards (`perturb`).
+
+    Returns:
+      The new point (NumPy float64); unchanged but for the noise where the rank is already <= 1.
     """
     L = problem.L
     p = as_numpy(params)
     if L < 2:
-        return perturb(p, rng, 0.01)
+        return perturb(p, rng, noise)
+    if layer is None:
+        layer = L if (L == 2 or rng.random() < 0.5) else int(rng.integers(2, L))
+    if not 2 <= layer <= L:
+        raise ValueError(f"layer must be in 2..L = 2..{L}; got {layer!r}")
     _, MZ = class_means(problem, p)
-    layer = L if (L == 2 or rng.random() < 0.5) else int(rng.integers(2, L))
-    M = MZ[layer - 2]
-    U, S, _ = np.linalg.svd(M, full_matrices=False)
+    U, S, _ = np.linalg.svd(MZ[layer - 2], full_matrices=False)
     r = int(np.sum(S > 1e-3 * S[0])) if S.size and S[0] > 0 else 0
     Ws = list(p.Ws)
     if r >= 2:
         u = U[:, r - 1 : r]
         Ws[layer - 2] = Ws[layer - 2] - u @ (u.T @ Ws[layer - 2])
-    return perturb(Params(p.H, tuple(Ws), p.b), rng, 0.01)
+    out = Params(p.H, tuple(Ws), p.b)
+    return perturb(out, rng, noise) if noise > 0 else out
 
 
 def explicit_candidates(problem: UFM, dtype) -> dict[str, Params]:
