@@ -33,13 +33,16 @@ from . import _common as C
 jax.config.update("jax_enable_x64", True)
 
 import ufm  # noqa: E402
-from ufm._explore import STRATEGIES  # noqa: E402
+from ufm._explore import DEFAULT_STRATEGIES, STRATEGIES  # noqa: E402
 from ufm._json import to_jsonable  # noqa: E402
 
 LAM = 0.004
 TARGETS = {6: (11, 0.911, 0.907), 10: (16, 0.820, 0.816)}  # K: (width, target ratio, best known ratio)
 MIXES = {
+    "default": DEFAULT_STRATEGIES,
     "all": STRATEGIES,
+    "random+rank-hop": ("explicit", "random", "rank-hop"),
+    "gd+hop": ("explicit", "gd", "hop"),
     "random": ("explicit", "random"),
     "random+hop": ("explicit", "random", "hop"),
     "low-rank+hop": ("explicit", "low-rank", "hop"),
@@ -63,77 +66,89 @@ def _dump(name: str, obj: dict) -> None:
     (C.RESULTS_DIR / f"{name}.json").write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 
 
-def run_mixes(settings, mixes, budget, batch_size, steps, seed, name, max_starts=None):
+def mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polish, compile_s):
+    """One explore run of a strategy mix: final ratio, time and starts to the target, CPU share."""
+    _, target, known = TARGETS.get(K, (d, math.nan, math.nan))
+    c0, t0, load0 = time.process_time(), time.perf_counter(), C.load_average()
+    ex = ufm.explore(
+        p,
+        time_budget=None if max_starts else budget,
+        max_starts=max_starts,
+        key=seed,
+        strategies=MIXES[mix],
+        batch_size=batch_size,
+        steps=steps,
+        max_polish=max_polish,
+        check_hessian=False,
+    )
+    wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+    hit = next(((tt, n) for tt, n, v in ex.trace if v / ex.dnc_loss <= target), (None, None))
+    return {
+        "K": K,
+        "L": 4,
+        "width": d,
+        "mix": mix,
+        "seed": seed,
+        "ratio": ex.ratio_to_dnc,
+        "target": target,
+        "best_known": known,
+        "time_to_target_s": hit[0],
+        "starts_to_target": hit[1],
+        "wall_s": wall,
+        "cpu_s": cpu,
+        "compile_s": compile_s,
+        "starts": ex.num_starts,
+        "rounds": ex.num_rounds,
+        "minima": len(ex.minima),
+        "structure": ex.minima[0].description if ex.minima else "",
+        "first_strategy": ex.minima[0].strategy if ex.minima else "",
+        "strategies": ex.strategies,
+        "trace": ex.trace,
+        "load_before": load0,
+        "load_after": C.load_average(),
+    }
+
+
+def run_mixes(settings, mixes, budget, batch_size, steps, seeds, name, max_starts=None, max_polish=4):
     out = {
         "machine": C.machine_info(),
         "budget_s": budget,
         "max_starts": max_starts,
         "batch_size": batch_size,
         "steps": steps,
-        "seed": seed,
+        "max_polish": max_polish,
+        "seeds": seeds,
         "runs": [],
     }
     for K in settings:
-        d, target, known = TARGETS.get(K, (atlas_width(K), math.nan, math.nan))
+        d = TARGETS.get(K, (atlas_width(K),))[0]
         p = problem(K, 4, d)
         t = time.perf_counter()
-        ufm.explore(p, max_starts=1, key=seed, batch_size=batch_size, steps=steps, check_hessian=False)
+        ufm.explore(p, max_starts=1, key=0, batch_size=batch_size, steps=steps, check_hessian=False)
         compile_s = time.perf_counter() - t
         for mix in mixes:
-            c0, t0, load0 = time.process_time(), time.perf_counter(), C.load_average()
-            ex = ufm.explore(
-                p,
-                time_budget=None if max_starts else budget,
-                max_starts=max_starts,
-                key=seed,
-                strategies=MIXES[mix],
-                batch_size=batch_size,
-                steps=steps,
-                check_hessian=False,
-            )
-            wall, cpu = time.perf_counter() - t0, time.process_time() - c0
-            hit = next((tt for tt, _, v in ex.trace if v / ex.dnc_loss <= target), None)
-            hit_starts = next((n for _, n, v in ex.trace if v / ex.dnc_loss <= target), None)
-            row = {
-                "K": K,
-                "L": 4,
-                "width": d,
-                "mix": mix,
-                "ratio": ex.ratio_to_dnc,
-                "target": target,
-                "best_known": known,
-                "time_to_target_s": hit,
-                "starts_to_target": hit_starts,
-                "wall_s": wall,
-                "cpu_s": cpu,
-                "compile_s": compile_s,
-                "starts": ex.num_starts,
-                "rounds": ex.num_rounds,
-                "minima": len(ex.minima),
-                "structure": ex.minima[0].description if ex.minima else "",
-                "strategies": ex.strategies,
-                "trace": ex.trace,
-                "load_before": load0,
-                "load_after": C.load_average(),
-            }
-            out["runs"].append(row)
-            print(
-                f"K={K} {mix:<17s} ratio {ex.ratio_to_dnc:.4f} (target {target}) hit {hit} wall {wall:.0f}s "
-                f"cpu {cpu:.0f}s starts {ex.num_starts} rounds {ex.num_rounds} load {C.load_average()}",
-                flush=True,
-            )
-            _dump(name, out)
+            for seed in seeds:
+                row = mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polish, compile_s)
+                out["runs"].append(row)
+                print(
+                    f"K={K} {mix:<17s} seed {seed} ratio {row['ratio']:.4f} (target {row['target']}) hit "
+                    f"{row['time_to_target_s']} s / {row['starts_to_target']} starts, wall {row['wall_s']:.0f}s "
+                    f"cpu {row['cpu_s']:.0f}s starts {row['starts']} rounds {row['rounds']} compile {compile_s:.0f}s "
+                    f"load {C.load_average()}",
+                    flush=True,
+                )
+                _dump(name, out)
     md = [
-        "| K | L | width | mix | best / DNC | target | time to target (s) | starts to target | starts | rounds | "
-        "wall s | CPU s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K | L | width | mix | seed | best / DNC | target | time to target (s) | starts to target | starts | rounds "
+        "| wall s | CPU s | compile s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["runs"]:
         tt = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}"
         st = "—" if r["starts_to_target"] is None else str(r["starts_to_target"])
         md.append(
-            f"| {r['K']} | 4 | {r['width']} | {r['mix']} | {r['ratio']:.4f} | {r['target']} | {tt} | {st} | "
-            f"{r['starts']} | {r['rounds']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} |"
+            f"| {r['K']} | 4 | {r['width']} | {r['mix']} | {r['seed']} | {r['ratio']:.4f} | {r['target']} | {tt} | "
+            f"{st} | {r['starts']} | {r['rounds']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['compile_s']:.0f} |"
         )
     (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
     return out
@@ -247,7 +262,7 @@ def main(argv=None):
     ap.add_argument("what", choices=("mixes", "atlas"))
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per mix and setting (mixes)")
     ap.add_argument("--settings", default="6,10", help="K values (mixes), comma list")
-    ap.add_argument("--mixes", default=",".join(MIXES), help="comma list of " + ", ".join(MIXES))
+    ap.add_argument("--mixes", default="default", help="comma list of " + ", ".join(MIXES))
     ap.add_argument("--Ks", default="3,4,5,6,10,15")
     ap.add_argument("--Ls", default="3,4,5,6")
     ap.add_argument(
@@ -257,8 +272,10 @@ def main(argv=None):
         help="starts per setting (atlas; default 16) or per mix (mixes: instead of --budget)",
     )
     ap.add_argument("--batch-size", type=int, default=16)
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=400)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seeds", default=None, help="mixes: comma list of seeds (default: --seed)")
+    ap.add_argument("--max-polish", type=int, default=4, help="continuations of a run within 5%% of the best")
     ap.add_argument("--name", default=None, help="results file stem (default explore / atlas)")
     ap.add_argument("--smoke", action="store_true", help="K = 3, L = 4 widths 6, tiny budget")
     ap.add_argument("--cells", default=None, help="atlas: cells to run first, e.g. 5x4,15x3 (K x L)")
@@ -273,9 +290,10 @@ def main(argv=None):
             a.budget,
             a.batch_size,
             a.steps,
-            a.seed,
+            [int(v) for v in a.seeds.split(",")] if a.seeds else [a.seed],
             a.name or ("explore_smoke" if a.smoke else "explore"),
             max_starts=a.max_starts,
+            max_polish=a.max_polish,
         )
     else:
         run_atlas(
