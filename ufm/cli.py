@@ -1064,7 +1064,7 @@ EXPLORE_DEFAULTS: dict[str, Any] = {
     "max_starts": None,
     "seed": 0,
     "batch_size": 16,
-    "steps": 2000,
+    "steps": 400,
     "strategies": None,
 }
 _EXPLORE_FIGURES = ("minima", "gram", "gram_spectra")
@@ -1105,7 +1105,7 @@ def _add_explore_parser(sub) -> None:
     )
     g.add_argument("--seed", dest="seed", type=_int, default=None, help="seed of the search (default 0)")
     g.add_argument("--batch-size", dest="batch_size", type=_int, default=None, help="starts per round (default 16)")
-    g.add_argument("--steps", dest="steps", type=_int, default=None, help="L-BFGS steps per round (default 2000)")
+    g.add_argument("--steps", dest="steps", type=_int, default=None, help="L-BFGS steps per round (default 400)")
     g.add_argument(
         "--strategies",
         dest="strategies",
@@ -1235,6 +1235,13 @@ def cmd_explore(args, argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     hessian, note = _use_hessian(args.hessian, problem)
+    if os.environ.get("UFM_NO_COMPILATION_CACHE") is None:  # the compile dominates short searches: as ufm solve
+        from ._cache import enable_compilation_cache
+
+        try:
+            enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR or ~/.cache/ufm/jax
+        except OSError:
+            pass  # an unwritable cache folder only costs compile time
     ex = _explore.explore(
         problem,
         time_budget=search["time_budget"],
