@@ -233,6 +233,22 @@ def run_search(search: Search, time_budget, steps: int, gd_steps: int, pfn) -> N
             )
 
 
+def seed_of(key) -> int:
+    """The NumPy seed of a search: drawn from a `jax.random.key`, an int seed, or key 0 (None)."""
+    if key is None:
+        key = jax.random.key(0)
+    elif isinstance(key, (int, np.integer)):
+        key = jax.random.key(int(key))
+    return int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
+
+
+def every_run_failed(s: Setting, ledger: Ledger, search: Search, seed: int) -> Exploration:
+    """No finite endpoint and no explicit point: the failure as a status (value nan, a random start as params)."""
+    params = as_dtype(random_start(s.problem, np.random.default_rng(seed), 1.0), s.dtype)
+    msg = "no finite local minimum was reached: every run failed (see the solver statuses); params is a random start"
+    return assemble(s, params, math.nan, ledger, search.trace, search.starts, search.rounds, msg)
+
+
 def summary(search: Search, value: float) -> str:
     """The one-line message of a finished search."""
     r = ratio(value, search.s.dnc_loss)
@@ -311,23 +327,13 @@ def explore(
     s = make_setting(problem, dtype, check_hessian, t0)
     if s.prediction.known and s.explicit:
         return known_optimum(s)
-    if key is None:
-        key = jax.random.key(0)
-    elif isinstance(key, (int, np.integer)):
-        key = jax.random.key(int(key))
-    seed = int(jax.random.randint(key, (), 0, np.iinfo(np.int32).max))
-    rng = np.random.default_rng(seed)
+    seed = seed_of(key)
     ledger = Ledger(problem, strategies, loss_rtol, spec_rtol)
-    search = Search(
-        s, Strategist(problem, strategies, s.explicit, rng), ledger, int(batch_size), max_starts, max_polish
-    )
+    strategist = Strategist(problem, strategies, s.explicit, np.random.default_rng(seed))
+    search = Search(s, strategist, ledger, int(batch_size), max_starts, max_polish)
     run_search(search, time_budget, int(steps), int(gd_steps), pfn)
     search.finish_pending()
-    if ledger.best_params is None:  # every run failed (non-finite): report the failure as a status, not an exception
-        params = as_dtype(random_start(problem, np.random.default_rng(seed), 1.0), s.dtype)
-        msg = (
-            "no finite local minimum was reached: every run failed (see the solver statuses); params is a random start"
-        )
-        return assemble(s, params, math.nan, ledger, search.trace, search.starts, search.rounds, msg)
+    if ledger.best_params is None:
+        return every_run_failed(s, ledger, search, seed)
     params, value = final_point(s, ledger)
     return assemble(s, params, value, ledger, search.trace, search.starts, search.rounds, summary(search, value))
