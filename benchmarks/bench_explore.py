@@ -257,9 +257,40 @@ def write_atlas_md(out, name="atlas"):
     (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
 
 
+def merged_atlas(results_dir=None) -> dict:
+    """(K, L) -> the lowest row over every stored ``atlas*.json`` (each row is a feasible point: an upper bound)."""
+    best: dict = {}
+    for f in sorted((results_dir or C.RESULTS_DIR).glob("atlas*.json")):
+        run = json.loads(f.read_text())
+        for r in run["rows"]:
+            r = dict(r, file=f.name, starts=r.get("starts", run.get("max_starts")))
+            if (r["K"], r["L"]) not in best or r["ratio"] < best[r["K"], r["L"]]["ratio"]:
+                best[r["K"], r["L"]] = r
+    return best
+
+
+def atlas_grid_md(best: dict) -> str:
+    """The README's atlas: L down, K across; bold where the best found is below the published construction."""
+    Ks = sorted({k for k, _ in best})
+    Ls = sorted({l for _, l in best})
+    md = ["| L \\ K | " + " | ".join(map(str, Ks)) + " |", "|---|" + "---|" * len(Ks)]
+    for L in Ls:
+        cells = []
+        for K in Ks:
+            r = best.get((K, L))
+            if r is None:
+                cells.append("—")
+            elif r["beats_published"]:
+                cells.append(f"**{r['ratio']:.4f}** (published {r['published_ratio']:.4f})")
+            else:
+                cells.append(f"{r['ratio']:.4f}")
+        md.append(f"| {L} | " + " | ".join(cells) + " |")
+    return "\n".join(md)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("what", choices=("mixes", "atlas"))
+    ap.add_argument("what", choices=("mixes", "atlas", "table"), help="table: print the merged atlas (README)")
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per mix and setting (mixes)")
     ap.add_argument("--settings", default="6,10", help="K values (mixes), comma list")
     ap.add_argument("--mixes", default="default", help="comma list of " + ", ".join(MIXES))
@@ -282,7 +313,9 @@ def main(argv=None):
     ap.add_argument("--resume", action="store_true", help="atlas: keep the cells already in the results file")
     ap.add_argument("--cell-budget", type=float, default=None, help="atlas: seconds per cell (besides --max-starts)")
     a = ap.parse_args(argv)
-    if a.what == "mixes":
+    if a.what == "table":
+        print(atlas_grid_md(merged_atlas()))
+    elif a.what == "mixes":
         settings = [3] if a.smoke else [int(k) for k in a.settings.split(",")]
         run_mixes(
             settings,
