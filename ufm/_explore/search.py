@@ -167,30 +167,24 @@ class Search:
         return jobs
 
     def absorb(self, jobs: list[Job], ends: list[Endpoint], now: float) -> None:
-        """Record finished runs; queue continuation second stages and promising unfinished runs (`promising`)."""
+        """Record finished runs; queue continuation second stages and promising unfinished runs."""
         ledger = self.ledger
-        fresh = [
-            e.value for j, e in zip(jobs, ends) if j.lam_factor == 1.0 and j.polish == 0 and math.isfinite(e.value)
-        ]
-        median = float(np.median(fresh)) if fresh else -math.inf
         for j, e in zip(jobs, ends):
             if j.lam_factor != 1.0:
                 self.pending.append(Job(e.params, j.strategy, new_start=False))
                 continue
-            if self.promising(j, e, median):
+            v = e.value
+            if (
+                e.status == 1
+                and j.polish < self.max_polish
+                and math.isfinite(v)
+                and v <= ledger.best_value * (1 + POLISH_WITHIN)
+            ):
                 self.pending.append(Job(e.params, j.strategy, polish=j.polish + 1, new_start=False))
-                ledger.offer(e.value, e.params)
+                ledger.offer(v, e.params)
                 continue
-            ledger.record(j.strategy, e.params, e.value, e.status, e.grad_norm, now)
+            ledger.record(j.strategy, e.params, v, e.status, e.grad_norm, now)
         self.pending.sort(key=lambda j: 0 if j.lam_factor == 1.0 else 1)
-
-    def promising(self, j: Job, e: Endpoint, median: float) -> bool:
-        """Continue a run that ended at the step limit (up to ``max_polish`` times) when it is within
-        `POLISH_WITHIN` of the best value, or, after its first round, in the better half of that round's first
-        rounds (a start that is still on a plateau after one short round can end far lower: benchmarks/README.md)."""
-        if e.status != 1 or j.polish >= self.max_polish or not math.isfinite(e.value):
-            return False
-        return e.value <= self.ledger.best_value * (1 + POLISH_WITHIN) or (j.polish == 0 and e.value <= median)
 
     def finish_pending(self) -> None:
         """Budget hit with unfinished runs: record where they stand."""
