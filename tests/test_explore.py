@@ -289,3 +289,31 @@ def test_deep_cross_entropy_without_candidates():
     assert ex.explicit == {} and math.isnan(ex.ratio_to_dnc) and ex.check_dnc is None
     assert math.isfinite(ex.value) and ex.value == pytest.approx(float(ufm.objective(p, ex.params)), rel=1e-12)
     assert ex.num_starts == 8 and ex.minima
+
+
+def test_stored_k6_point_is_below_the_best_known_bound():
+    # The K = 6, L = 4 point stored by `ufm explore --max-starts 250 --seed 2` (benchmarks/results/explore_k6_seed2)
+    # is a feasible point: its loss, recomputed here in NumPy, is an upper bound on the optimum. It must stay below
+    # THEORY.md §4.3's best known 0.907 of the DNC loss (the DNC point's loss, also recomputed in NumPy) and below
+    # the SRG construction (0.944); the stored value must be the loss at the stored parameters.
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "explore_k6_seed2"
+    z = np.load(folder / "best.npz")
+    p6 = ufm.UFM(
+        num_classes=6,
+        n_per_class=1,
+        widths=(11,) * 4,
+        activation="relu",
+        loss="mse",
+        bias="none",
+        lam_H=0.004,
+        lam_W=0.004,
+    )
+    params = ufm.Params(z["H"], tuple(z[f"W{l + 1}"] for l in range(4)), None)
+    f = np_objective(p6, params)
+    assert f == pytest.approx(float(z["value"]), rel=1e-12)
+    f_dnc = np_objective(p6, ufm.construct(p6, "dnc"))
+    f_srg = np_objective(p6, ufm.construct(p6, "srg"))
+    assert f < 0.907 * f_dnc and f < f_srg
+    assert json.loads((folder / "best.json").read_text())["ratio_to_dnc"] == pytest.approx(f / f_dnc, rel=1e-9)
