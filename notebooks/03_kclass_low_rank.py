@@ -280,7 +280,8 @@ for f in sorted(results.glob("atlas*.json")):
             best_rows[r["K"], r["L"]] = r
 rows = [best_rows[k] for k in sorted(best_rows, key=lambda kl: (kl[1], kl[0]))]
 print(f"atlas: {len(rows)} settings (the lowest of the stored runs per setting), lambda = {LAM}")
-print(f"{'K':>3} {'L':>2} {'width':>5}  {'best/DNC':>8}  {'published/DNC':>13}  beats  starts  structure of the best point")
+print(f"{'K':>3} {'L':>2} {'width':>5}  {'best/DNC':>8}  {'published/DNC':>13}  beats  starts  "
+      "structure of the best point")
 for r in rows:
     print(f"{r['K']:>3} {r['L']:>2} {r['width']:>5}  {r['ratio']:>8.4f}  {r['published_ratio']:>13.4f}  "
           f"{'yes' if r['beats_published'] else 'no ':>5}  {r['starts']!s:>6}  {r['structure']}")
