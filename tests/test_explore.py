@@ -9,11 +9,13 @@ feasible points evaluated by that same NumPy code, so no expected value comes fr
 import json
 import math
 
+import jax
 import numpy as np
 import pytest
 
 import ufm
 from ufm._explore import STRATEGIES, structure
+from ufm._explore.starts import rank_reduce
 
 P = ufm.UFM(
     num_classes=3,
@@ -225,6 +227,50 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
     assert math.isfinite(report["best"]["ratio_to_dnc"])
 
 
+def np_pre_activations(params):
+    """Z_2..Z_L of the deep ReLU model in NumPy (n = 1: the columns are the class means)."""
+    A, Zs = np.asarray(params.H, np.float64), []
+    for W in params.Ws[:-1]:
+        Zs.append(np.asarray(W, np.float64) @ A)
+        A = np.maximum(Zs[-1], 0.0)
+    return Zs
+
+
+@pytest.mark.parametrize("layer", [2, 4])
+def test_rank_hop_truncates_the_weakest_direction(layer):
+    # W_{l-1} -> (I - u_r u_r^T) W_{l-1} with u_r the r-th left singular vector of Z_l: Z_l becomes its rank r-1
+    # truncated SVD (Eckart-Young), checked with NumPy's SVD of the layer before and after; the other layers' maps
+    # and H are untouched
+    rng = np.random.default_rng(3)
+    x = ufm.init_params(P, jax.random.key(5))
+    before = np_pre_activations(x)[layer - 2]
+    U, S, Vt = np.linalg.svd(before)
+    r = int(np.sum(S > 1e-3 * S[0]))
+    assert r == 3  # a random point: full class-mean rank K = 3
+    y = rank_reduce(P, x, rng, layer=layer, noise=0.0)
+    after = np_pre_activations(y)[layer - 2]
+    trunc = (U[:, : r - 1] * S[: r - 1]) @ Vt[: r - 1]
+    np.testing.assert_allclose(after, trunc, atol=1e-12 * S[0])
+    s_after = np.linalg.svd(after, compute_uv=False)
+    assert s_after[r - 1] <= 1e-12 * S[0] and s_after[r - 2] == pytest.approx(S[r - 2], rel=1e-12)
+    np.testing.assert_array_equal(y.H, np.asarray(x.H))
+    for l, (a, b) in enumerate(zip(x.Ws, y.Ws)):
+        if l != layer - 2:
+            np.testing.assert_array_equal(np.asarray(a), b)
+    with pytest.raises(ValueError, match="layer"):
+        rank_reduce(P, x, rng, layer=1)
+
+
+def test_gd_strategy_runs_its_phase_and_stays_below_the_candidates():
+    # the large-step gradient-descent strategy: its starts pass through a GD phase (lr 0.5) and then the L-BFGS
+    # rounds; counted as starts, never above the explicit candidates, the value is the objective at the point
+    ex = ufm.explore(P, max_starts=6, key=2, strategies=("gd",), gd_steps=200, **OPTS)
+    assert ex.strategies["gd"]["starts"] == 4 and ex.num_starts == 6  # 2 explicit + 4 gd
+    assert ex.value <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
+    assert ex.value == pytest.approx(np_objective(P, ex.params), rel=1e-12)
+    assert sum(m.count for m in ex.minima if m.strategy == "gd") >= 1  # at least one gd run finished finite
+
+
 @pytest.mark.slow
 def test_deep_cross_entropy_without_candidates():
     # deep ReLU cross-entropy: no explicit candidate and no DNC loss; explore still searches and reports a finite
@@ -243,3 +289,31 @@ def test_deep_cross_entropy_without_candidates():
     assert ex.explicit == {} and math.isnan(ex.ratio_to_dnc) and ex.check_dnc is None
     assert math.isfinite(ex.value) and ex.value == pytest.approx(float(ufm.objective(p, ex.params)), rel=1e-12)
     assert ex.num_starts == 8 and ex.minima
+
+
+def test_stored_k6_point_is_below_the_best_known_bound():
+    # The K = 6, L = 4 point stored by `ufm explore --max-starts 250 --seed 2` (benchmarks/results/explore_k6_seed2)
+    # is a feasible point: its loss, recomputed here in NumPy, is an upper bound on the optimum. It must stay below
+    # THEORY.md §4.3's best known 0.907 of the DNC loss (the DNC point's loss, also recomputed in NumPy) and below
+    # the SRG construction (0.944); the stored value must be the loss at the stored parameters.
+    from pathlib import Path
+
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "explore_k6_seed2"
+    z = np.load(folder / "best.npz")
+    p6 = ufm.UFM(
+        num_classes=6,
+        n_per_class=1,
+        widths=(11,) * 4,
+        activation="relu",
+        loss="mse",
+        bias="none",
+        lam_H=0.004,
+        lam_W=0.004,
+    )
+    params = ufm.Params(z["H"], tuple(z[f"W{l + 1}"] for l in range(4)), None)
+    f = np_objective(p6, params)
+    assert f == pytest.approx(float(z["value"]), rel=1e-12)
+    f_dnc = np_objective(p6, ufm.construct(p6, "dnc"))
+    f_srg = np_objective(p6, ufm.construct(p6, "srg"))
+    assert f < 0.907 * f_dnc and f < f_srg
+    assert json.loads((folder / "best.json").read_text())["ratio_to_dnc"] == pytest.approx(f / f_dnc, rel=1e-9)

@@ -211,3 +211,18 @@ def auto_snapshot_every(problem, solver) -> int:
     itemsize = 8 if solver["dtype"] == "float64" else 4
     count = max(2, min(MAX_SNAPSHOTS, SNAPSHOT_BUDGET_BYTES // (size * itemsize)))
     return max(1, math.ceil(solver["steps"] / count))
+
+
+def use_compilation_cache() -> None:
+    """JAX's persistent compilation cache on for a command (`ufm.enable_compilation_cache`: the folder is
+    ``JAX_COMPILATION_CACHE_DIR`` or ~/.cache/ufm/jax); ``UFM_NO_COMPILATION_CACHE=1`` turns it off. An unwritable
+    cache folder only costs compile time, so it is not an error."""
+    import os
+
+    from .._cache import enable_compilation_cache
+
+    if os.environ.get("UFM_NO_COMPILATION_CACHE") is None:
+        try:
+            enable_compilation_cache()
+        except OSError:
+            pass

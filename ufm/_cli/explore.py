@@ -24,7 +24,7 @@ from .analysis import use_hessian as _use_hessian
 from .args import PROBLEM_OPTIONS as _PROBLEM_OPTIONS
 from .args import parse_float as _float
 from .args import parse_int as _int
-from .config import DEFAULT_PROBLEM, read_config_data
+from .config import DEFAULT_PROBLEM, read_config_data, use_compilation_cache
 from .config import normalise_key as _normalise_key
 
 # The K = 6, L = 4 setting of Súkeník, Mondelli, Lampert (2024) where DNC is not optimal (THEORY.md §4.3).
@@ -45,7 +45,7 @@ EXPLORE_DEFAULTS: dict[str, Any] = {
     "max_starts": None,
     "seed": 0,
     "batch_size": 16,
-    "steps": 2000,
+    "steps": 400,
     "strategies": None,
 }
 _EXPLORE_FIGURES = ("minima", "gram", "gram_spectra")
@@ -86,13 +86,14 @@ def add_explore_parser(sub) -> None:
     )
     g.add_argument("--seed", dest="seed", type=_int, default=None, help="seed of the search (default 0)")
     g.add_argument("--batch-size", dest="batch_size", type=_int, default=None, help="starts per round (default 16)")
-    g.add_argument("--steps", dest="steps", type=_int, default=None, help="L-BFGS steps per round (default 2000)")
+    g.add_argument("--steps", dest="steps", type=_int, default=None, help="L-BFGS steps per round (default 400)")
     g.add_argument(
         "--strategies",
         dest="strategies",
         type=_strategy_list,
         default=None,
-        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop (default all)",
+        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop,rank-hop,gd "
+        "(default all but gd)",
     )
     g = pe.add_argument_group("run")
     g.add_argument(
@@ -215,13 +216,14 @@ def cmd_explore(args, argv) -> int:
         out.mkdir(parents=True, exist_ok=True)
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     hessian, note = _use_hessian(args.hessian, problem)
+    use_compilation_cache()  # the compile dominates short searches: as ufm solve
     ex = _explore.explore(
         problem,
         time_budget=search["time_budget"],
         max_starts=search["max_starts"],
         key=jax.random.key(search["seed"]),
         progress=True if show else None,
-        strategies=search["strategies"] or _explore.STRATEGIES,
+        strategies=search["strategies"] or _explore.DEFAULT_STRATEGIES,
         batch_size=search["batch_size"],
         steps=search["steps"],
         check_hessian=hessian,

@@ -17,6 +17,7 @@ from .. import _io
 from .._report_text import emit, header
 from .._terminal import PROG, UsageError, device, versions
 from .analysis import HESSIAN_AUTO_MAX, analyse, check_memory, finite
+from .config import use_compilation_cache
 from .args import PROBLEM_OPTIONS, SOLVER_OPTIONS
 from .config import resolve_config
 from .figures import draw_figures
@@ -75,14 +76,9 @@ def run_solver(problem, solver: dict, progress=None):
     ``UFM_NO_COMPILATION_CACHE=1`` to turn it off)."""
     import jax
 
-    from .._cache import enable_compilation_cache
     from .._solver import solve
 
-    if os.environ.get("UFM_NO_COMPILATION_CACHE") is None:
-        try:
-            enable_compilation_cache()  # JAX_COMPILATION_CACHE_DIR or ~/.cache/ufm/jax
-        except OSError:
-            pass  # an unwritable cache folder only costs compile time
+    use_compilation_cache()
     kw = dict(
         method=solver["method"],
         lr=solver["lr"],

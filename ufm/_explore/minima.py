@@ -1,0 +1,129 @@
+"""The distinct local minima of a search: `Minimum`, the deduplication rule, and the `Ledger` that keeps them."""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from .._json import to_jsonable
+from .._model import Params
+from .._problem import UFM
+from .structure import structure
+
+
+class Minimum(NamedTuple):
+    """One distinct local minimum (an endpoint of the local solver) found by `explore`.
+
+    Attributes:
+      value: the objective (re-evaluated with `ufm.objective`).
+      count: how many starts ended here (same loss to ``loss_rtol`` and same per-layer class-mean Gram spectra).
+      strategy: the strategy that reached it first.
+      found_at: seconds after the start of `explore` when it was first reached.
+      status: the solver status of the first endpoint (0 converged, 1 step limit, 4 stalled at a ReLU kink).
+      grad_norm: its gradient norm.
+      ranks: numerical ranks (rtol `RANK_RTOL`) of the class-mean matrices M_1..M_L of H_1..H_L.
+      ranks_Z: numerical ranks of the class means of the pre-activations Z_2..Z_L.
+      gram_spectra: eigenvalues (descending, K each) of the class-mean Grams M_lᵀ M_l, l = 1..L.
+      description: the structure in words.
+      params: the point.
+    """
+
+    value: float
+    count: int  # type: ignore[assignment]  # public field name; shadows tuple.count on purpose
+    strategy: str
+    found_at: float
+    status: int
+    grad_norm: float
+    ranks: tuple
+    ranks_Z: tuple
+    gram_spectra: tuple
+    description: str
+    params: Params
+
+    def to_dict(self) -> dict:
+        """JSON-ready, without the parameters."""
+        d = self._asdict()
+        d.pop("params")
+        return to_jsonable(d)
+
+
+def same_minimum(a: Minimum, value: float, spectra, loss_rtol: float, spec_rtol: float) -> bool:
+    """True when an endpoint (``value``, class-mean Gram ``spectra``) is the minimum ``a``: equal losses to
+    ``loss_rtol`` and, in every layer 2..L (every layer when L = 1), Gram spectra equal to ``spec_rtol`` x the
+    largest eigenvalue."""
+    if abs(a.value - value) > loss_rtol * max(abs(value), 1e-300):
+        return False
+    # deep models: H_1 is not unique at a given loss (any factorisation of Z_2 = W_1 H_1 with the same
+    # nuclear norm, THEORY §4.1), so only the layers 2..L identify the minimum
+    skip = 1 if len(spectra) > 1 else 0
+    for s1, s2 in zip(a.gram_spectra[skip:], spectra[skip:]):
+        scale = max(float(s1[0]), float(s2[0]), 1e-300)
+        if np.max(np.abs(s1 - s2)) > spec_rtol * scale:
+            return False
+    return True
+
+
+class Ledger:
+    """What a search has found so far: the distinct minima, per-strategy statistics and the best point.
+
+    ``stats[s]`` holds, per strategy s: ``starts`` (new starts drawn), ``minima`` (distinct minima it reached
+    first), ``best`` (its lowest value), ``best_time`` (when) and ``wins`` (how often it lowered the best value).
+    """
+
+    def __init__(self, problem: UFM, strategies, loss_rtol: float, spec_rtol: float):
+        self.problem = problem
+        self.loss_rtol, self.spec_rtol = loss_rtol, spec_rtol
+        self.minima: list[Minimum] = []
+        self.stats = {
+            s: {"starts": 0, "minima": 0, "best": math.inf, "best_time": math.nan, "wins": 0} for s in strategies
+        }
+        self.best_value: float = math.inf
+        self.best_params: Params | None = None
+
+    def offer(self, value: float, params: Params) -> bool:
+        """Make ``params`` the best point if ``value`` is finite and lower (by more than rounding); True if it was."""
+        if not math.isfinite(value):
+            return False
+        if math.isfinite(self.best_value) and value >= self.best_value - 1e-12 * abs(self.best_value):
+            return False
+        self.best_value, self.best_params = value, params
+        return True
+
+    def record(self, strategy: str, params: Params, value: float, status: int, grad_norm: float, now: float):
+        """Add an endpoint: a new `Minimum`, or one more count of the one it equals (`same_minimum`)."""
+        if not math.isfinite(value):
+            return
+        st = structure(self.problem, params)
+        for i, m in enumerate(self.minima):
+            if same_minimum(m, value, st["gram_spectra"], self.loss_rtol, self.spec_rtol):
+                self.minima[i] = m._replace(count=m.count + 1)
+                break
+        else:
+            self.minima.append(
+                Minimum(
+                    value,
+                    1,
+                    strategy,
+                    now,
+                    status,
+                    grad_norm,
+                    st["ranks"],
+                    st["ranks_Z"],
+                    st["gram_spectra"],
+                    st["description"],
+                    params,
+                )
+            )
+            self.stats[strategy]["minima"] += 1
+        s = self.stats[strategy]
+        if value < s["best"]:
+            s["best"], s["best_time"] = value, now
+        had_best = self.best_params is not None
+        if self.offer(value, params) and had_best:
+            s["wins"] += 1
+
+    def top(self, n: int) -> list[Minimum]:
+        """The n lowest minima."""
+        return sorted(self.minima, key=lambda m: m.value)[:n]
