@@ -17,9 +17,8 @@ from .. import _io
 from .._report_text import emit, header
 from .._terminal import PROG, UsageError, device, versions
 from .analysis import HESSIAN_AUTO_MAX, analyse, check_memory, finite
-from .config import use_compilation_cache
 from .args import PROBLEM_OPTIONS, SOLVER_OPTIONS
-from .config import resolve_config
+from .config import resolve_config, use_compilation_cache
 from .figures import draw_figures
 from .folders import clear_old_results, discard, prepare_out, save_inputs, status_name, write_error
 
