@@ -92,11 +92,12 @@ def test_default_solve_end_to_end(tmp_path):
     text = out.stdout
     for word in ("loss", "predicted", "gap", "per layer", "H_3", str(folder.name)):
         assert word in text, word
-    # ufm.check: at the K = 2 DNC optimum (a theorem) the verdict must be "matches"; 14,720 parameters is above
-    # --hessian auto's limit, so the second order is skipped and the report says so
+    # ufm.check: at the K = 2 DNC optimum (a theorem) the verdict must be "matches"; 14,720 parameters is within
+    # --hessian auto's limit, so the second-order certificate is computed (no "skipped" note)
     assert report["check"]["verdict"] == "matches", report["check"]["explanation"]
     assert "verdict     matches" in text
-    assert any("second-order certificate skipped" in n for n in report["notes"])
+    assert report["check"]["certificate"]["hessian"] is not None
+    assert not any("second-order certificate skipped" in n for n in report["notes"])
     loss_line = next(line for line in text.splitlines() if line.startswith("loss"))
     assert float(loss_line.split()[1]) == pytest.approx(value, rel=1e-14)
     # the NC1 trace over training is stored for `ufm plot`
