@@ -13,6 +13,7 @@ redistributed chunk runs with exactly the inputs of the uninterrupted sweep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -104,7 +105,10 @@ def solve_rows(rows: Sequence[Mapping], device, engine: str):
     fdt = np.float64 if c0["dtype"] == "float64" else np.float32
     L = len(c0["widths"])
     col = lambda k: np.asarray([r[k] for r in rows], fdt)
-    with jax.default_device(device):
+    # JAX's default device is part of jit's cache key: on the default device no context, so a sweep shares its
+    # compiled programs with the caller's own solve_batch calls
+    on_default = device == jax.devices()[0]
+    with contextlib.nullcontext() if on_default else jax.default_device(device):
         return solve_batch(
             problem_of(c0),
             seeds=np.asarray([r["seed"] for r in rows], np.int32),
