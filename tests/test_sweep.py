@@ -340,6 +340,21 @@ def test_second_order_and_engine_reach_check_and_solve_batch(ref, tmp_path, monk
     assert header["fingerprint"]["settings"]["engine"] == "vmap"  # a resume with another engine is refused
 
 
+def test_prepared_sweep_plans_only_what_is_left_and_runs_once(ref):
+    # the complete REF store: nothing left to plan, so nothing needs a device or a cluster
+    with S.prepare_sweep(REF, ref["store"], chunk_size=CHUNK, on_cluster=True) as job:
+        assert job.chunks == [] and job.finished.all()
+        res = job.run(None)  # no client needed
+        assert (res.num_new, res.num_skipped, res.num_chunks) == (0, 48, 0)
+        with pytest.raises(ValueError, match="a PreparedSweep runs once"):
+            job.run(None)
+    # work left, prepared for a cluster: a client is required (checked before anything runs)
+    with S.prepare_sweep(dict(REF, seeds=[99]), None, chunk_size=CHUNK, on_cluster=True) as job:
+        assert [len(idx) for _, idx, _ in job.chunks] == [4, 2] and job.devices is None  # 6 runs, chunks of 4
+        with pytest.raises(ValueError, match="prepared for a Dask cluster"):
+            job.run(None)
+
+
 def test_records_ranks_match_an_independent_numpy_forward_pass(ref):
     # ranks are recomputed here from a fresh single solve with plain NumPy (class means via boolean masks)
     rec = ref["res"].records[0]

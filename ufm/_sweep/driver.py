@@ -163,7 +163,8 @@ def sweep_settings(
 
 class PreparedSweep:
     """A sweep ready to run (made by `prepare_sweep`): the grid expanded, the store opened, locked and read, the
-    chunks still to solve planned. `run` solves them; `close` releases the store (also on leaving a ``with``).
+    chunks still to solve planned. `run` solves them (once); `close` releases the store (also on leaving a
+    ``with``).
 
     Attributes:
       configs, ids: the runs of the grid and their ids, in grid order.
@@ -185,6 +186,7 @@ class PreparedSweep:
         if progress is None:
             progress = bool(getattr(sys.stderr, "isatty", lambda: False)()) and tqdm_class(False) is not None
         self.progress = bool(progress)
+        self.ran = False
 
     def __enter__(self) -> PreparedSweep:
         return self
@@ -201,10 +203,13 @@ class PreparedSweep:
         """Solve the chunks still to do, in process or on ``client``, appending each chunk's records to the store
         as it returns; the `SweepResult` of the whole grid. ``client`` is required when the sweep was prepared
         for a cluster and some run is not in the store yet; it is not used otherwise."""
+        if self.ran:
+            raise ValueError("a PreparedSweep runs once; call prepare_sweep again to resume or repeat it")
         if client is not None and self.devices is not None:
             raise ValueError("this sweep was prepared to run in process (on_cluster=False); pass no client")
         if self.chunks and self.devices is None and client is None:
             raise ValueError("this sweep was prepared for a Dask cluster (on_cluster=True); pass its client")
+        self.ran = True
         skipped = int(self.finished.sum())
         bar = Progress(len(self.configs), skipped, self.progress)
         new = 0
