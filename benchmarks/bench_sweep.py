@@ -538,6 +538,36 @@ def _sweep_c_loop(ufm, recs, idx, post: bool):
     return out
 
 
+def _sweep_c_solve_batch(ufm, recs):
+    """A function that solves the runs of ``recs`` as the sweep does, with `ufm.solve_batch` alone: the same
+    padded chunks (chunk_size 64; the next power of two for smaller grids), default engine, no records."""
+    import jax
+
+    R = len(recs)
+    p0 = ufm.UFM(**BASE)
+    c0 = recs[0]["config"]
+    cols = {k: np.asarray([r["config"][k] for r in recs]) for k in ("lam_H", "lam_W", "seed")}
+    B = min(64, 1 << int(np.ceil(np.log2(R))))  # the sweep's batch size (chunk_size 64; pow2 for small grids)
+
+    def solve_batch_only():  # the sweep's solve alone: solve_batch of the same padded chunks (default engine)
+        for s in range(0, R, B):
+            ix = np.arange(s, min(s + B, R))
+            ix = np.r_[ix, np.full(B - len(ix), ix[-1])]
+            sol = ufm.solve_batch(
+                p0,
+                seeds=cols["seed"][ix],
+                lam_H=cols["lam_H"][ix],
+                lam_W=cols["lam_W"][ix],
+                max_steps=c0["max_steps"],
+                tol=c0["tol"],
+                patience=c0["patience"],
+                history=False,
+            )
+            jax.block_until_ready(sol.value)
+
+    return solve_batch_only
+
+
 def run_sweep_c(runs: int = 64, rounds: int = 2, loop_subset: int = 100, with_vmap: bool = False, log=print) -> dict:
     """Part C (see the comment above): cold and warm seconds, medians of interleaved rounds, and the ratios."""
     C.enable_x64()
@@ -566,27 +596,7 @@ def run_sweep_c(runs: int = 64, rounds: int = 2, loop_subset: int = 100, with_vm
 
         return f
 
-    p0 = ufm.UFM(**BASE)
-    c0 = recs[0]["config"]
-    cols = {k: np.asarray([r["config"][k] for r in recs]) for k in ("lam_H", "lam_W", "seed")}
-    B = min(64, 1 << int(np.ceil(np.log2(R))))  # the sweep's batch size (chunk_size 64; pow2 for small grids)
-
-    def solve_batch_only():  # the sweep's solve alone: solve_batch of the same padded chunks (default engine)
-        for s in range(0, R, B):
-            ix = np.arange(s, min(s + B, R))
-            ix = np.r_[ix, np.full(B - len(ix), ix[-1])]
-            sol = ufm.solve_batch(
-                p0,
-                seeds=cols["seed"][ix],
-                lam_H=cols["lam_H"][ix],
-                lam_W=cols["lam_W"][ix],
-                max_steps=c0["max_steps"],
-                tol=c0["tol"],
-                patience=c0["patience"],
-                history=False,
-            )
-            jax.block_until_ready(sol.value)
-
+    solve_batch_only = _sweep_c_solve_batch(ufm, recs)
     t0 = time.perf_counter()
     solve_batch_only()
     cold["ufm.solve_batch alone (the sweep's chunks)"] = time.perf_counter() - t0

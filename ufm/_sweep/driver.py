@@ -323,8 +323,8 @@ def sweep(
       as tasks finish; a dead worker's task is recomputed elsewhere; an interrupted client loses at most the
       chunks in flight. When the store already holds every run, the client is not used.
 
-    A resumed sweep recomputes each unfinished chunk with the same inputs, so it equals the uninterrupted one
-    bit for bit on the same devices. The fields of a record are listed under `SweepResult`.
+    A resumed sweep recomputes each unfinished chunk with the same inputs: bit for bit the uninterrupted one.
+    The fields of a record are listed under `SweepResult`.
 
     Args:
       grid: a dict of field -> value(s), or a list of such dicts (see `expand_grid` for the fields).
@@ -335,8 +335,7 @@ def sweep(
       devices: a list of devices or a number of them (default: all of `jax.devices()`); not with ``client``.
       client: a `dask.distributed.Client` to run the chunks on (needs ``pip install ufm[distributed]``).
       engine: `ufm.solve_batch`'s engine: "auto" (default), "map", "slots" or "vmap".
-      progress: draw a progress bar on stderr (tqdm; default: only when stderr is a terminal and tqdm is
-        installed).
+      progress: a progress bar on stderr (tqdm; default: when stderr is a terminal and tqdm is installed).
       second_order: ask `ufm.check` for its second-order certificate (``hessian=True``; about 10x the cost).
       check_options: more keyword options of `ufm.check` (``gap_tol``, ``grad_tol``, ``hess_rtol``, ...),
         validated before anything runs.
