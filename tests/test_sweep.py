@@ -273,7 +273,7 @@ def test_two_shape_groups_and_no_recompile_when_numbers_change(ref):
 LBFGS = {"K": 3, "n": 2, "widths": [4, 4], "activation": "relu", "lam": [1e-3, 1e-2], "seeds": 8}
 
 
-@pytest.mark.slow  # two L-BFGS compiles (the batch and the single solve): ~90 s at load 12 on 2 cores, ~20 s quiet
+@pytest.mark.slow  # two L-BFGS compiles (batch, single solve): 33 s cold at load 5 on 2 cores, 90 s at load 12
 def test_lbfgs_sweep_records_are_solve_batch_and_nearly_always_single_solves():
     res = ufm.sweep(LBFGS, chunk_size=8, metrics=False)
     recs = res.records
