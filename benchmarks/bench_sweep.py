@@ -647,3 +647,187 @@ def main_dask(argv=None):
     ap.add_argument("--workers", type=int, default=2)
     a = ap.parse_args(argv)
     return run_dask("tiny" if a.smoke else "full", workers=a.workers)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Part C: sweep throughput, to an answer. ufm.sweep vs a loop of single ufm.solve calls, side by side in one process.
+#
+#     python -c "from benchmarks.bench_sweep import main_sweep; main_sweep()"                  # 64 runs
+#     python -c "from benchmarks.bench_sweep import main_sweep; main_sweep(['--runs', '1000'])"  # 1,000 runs
+#     python -c "from benchmarks.bench_sweep import main_sweep; main_sweep(['--smoke'])"         # 8 runs
+#
+# The part-B problem (K=3, n=5, widths (12, 12), ReLU, MSE, no bias, float64) on a lam x seed grid (lam_H = lam_W
+# on 10^linspace(-4, -1.5)), ufm's default L-BFGS to its default tolerance. Timed, in this order:
+#   cold: the first ufm.sweep call (compiles solve_batch's program, predict, check), then the first loop (compiles
+#         the single solve; check is compiled already, so the loop's cold figure is the lower bound);
+#   warm: interleaved rounds of ufm.sweep (metrics off: the record is predict + check + ranks per run), of
+#         ufm.solve_batch alone on the sweep's chunks (the sweep's solve without its records), of a loop of
+#         ufm.solve, and of a loop of ufm.solve + ufm.predict + ufm.check (the sweep's record work, without ranks);
+#         loops over more than `loop_subset` runs are timed on an evenly spread subset and extrapolated.
+# Optionally (`--with-vmap`) ufm.sweep(engine="vmap"), the old path (one vmapped loop per chunk), warm.
+# Checked: the fraction of the timed single solves whose loss the sweep's record matches to 1e-6 relative.
+
+
+def _sweep_c_grid(runs: int) -> dict:
+    n_seed = 8 if runs <= 64 else 10
+    n_lam = max(1, runs // n_seed)
+    return dict(
+        K=BASE["num_classes"],
+        n=BASE["n_per_class"],
+        widths=list(BASE["widths"]),
+        activation=BASE["activation"],
+        loss=BASE["loss"],
+        lam=np.logspace(-4, -1.5, n_lam).tolist(),
+        seeds=n_seed,
+    )
+
+
+def _sweep_c_loop(ufm, recs, idx, post: bool):
+    """Single solves (`ufm.rerun`: `ufm.solve` with the run's config) of the runs ``idx`` (with predict + check when
+    ``post``); their losses."""
+    import jax
+
+    out = []
+    for i in idx:
+        p, sol = ufm.rerun(recs[i])  # ufm.solve with every solver option of the run's config
+        if post:
+            ufm.check(p, sol, ufm.predict(p), hessian=False, metrics=False)
+        out.append(float(jax.block_until_ready(sol.value)))
+    return out
+
+
+def _sweep_c_solve_batch(ufm, recs):
+    """A function that solves the runs of ``recs`` as the sweep does, with `ufm.solve_batch` alone: the same
+    padded chunks (chunk_size 64; the next power of two for smaller grids), default engine, no records."""
+    import jax
+
+    R = len(recs)
+    p0 = ufm.UFM(**BASE)
+    c0 = recs[0]["config"]
+    cols = {k: np.asarray([r["config"][k] for r in recs]) for k in ("lam_H", "lam_W", "seed")}
+    B = min(64, 1 << int(np.ceil(np.log2(R))))  # the sweep's batch size (chunk_size 64; pow2 for small grids)
+
+    def solve_batch_only():  # the sweep's solve alone: solve_batch of the same padded chunks (default engine)
+        for s in range(0, R, B):
+            ix = np.arange(s, min(s + B, R))
+            ix = np.r_[ix, np.full(B - len(ix), ix[-1])]
+            sol = ufm.solve_batch(
+                p0,
+                seeds=cols["seed"][ix],
+                lam_H=cols["lam_H"][ix],
+                lam_W=cols["lam_W"][ix],
+                max_steps=c0["max_steps"],
+                tol=c0["tol"],
+                patience=c0["patience"],
+                history=False,
+            )
+            jax.block_until_ready(sol.value)
+
+    return solve_batch_only
+
+
+def run_sweep_c(runs: int = 64, rounds: int = 2, loop_subset: int = 100, with_vmap: bool = False, log=print) -> dict:
+    """Part C (see the comment above): cold and warm seconds, medians of interleaved rounds, and the ratios."""
+    C.enable_x64()
+    import jax
+
+    import ufm
+
+    grid = _sweep_c_grid(runs)
+    info = C.machine_info()
+    kw = dict(chunk_size=64, metrics=False, progress=False)
+    t0 = time.perf_counter()
+    first = ufm.sweep(grid, **kw)
+    cold = {"ufm.sweep": time.perf_counter() - t0}
+    recs, R = first.records, first.num_runs
+    idx = np.unique(np.linspace(0, R - 1, min(R, loop_subset)).astype(int))
+    scale = R / len(idx)
+    t0 = time.perf_counter()
+    single = _sweep_c_loop(ufm, recs, idx, post=False)
+    cold_subset = time.perf_counter() - t0  # the single solve's compile + the subset's runs
+
+    def timed(fn, factor=1.0):
+        def f():
+            t = time.perf_counter()
+            fn()
+            return (time.perf_counter() - t) * factor
+
+        return f
+
+    solve_batch_only = _sweep_c_solve_batch(ufm, recs)
+    t0 = time.perf_counter()
+    solve_batch_only()
+    cold["ufm.solve_batch alone (the sweep's chunks)"] = time.perf_counter() - t0
+
+    measures = {
+        "ufm.sweep": timed(lambda: ufm.sweep(grid, **kw)),
+        "ufm.solve_batch alone (the sweep's chunks)": timed(solve_batch_only),
+        "loop of ufm.solve": timed(lambda: _sweep_c_loop(ufm, recs, idx, False), scale),
+        "loop of ufm.solve + predict + check": timed(lambda: _sweep_c_loop(ufm, recs, idx, True), scale),
+    }
+    if with_vmap:
+        t0 = time.perf_counter()
+        ufm.sweep(grid, engine="vmap", **kw)
+        cold['ufm.sweep(engine="vmap")'] = time.perf_counter() - t0
+        measures['ufm.sweep(engine="vmap")'] = timed(lambda: ufm.sweep(grid, engine="vmap", **kw))
+    times = C.interleaved(measures, rounds)
+    warm = {k: C.median(v) for k, v in times.items()}
+    # cold loop over every run: its compile once + the warm time of the runs the subset does not cover
+    cold["loop of ufm.solve"] = cold_subset + warm["loop of ufm.solve"] * (1 - 1 / scale)
+    ratio = lambda k: C.median(C.per_round_ratios(times[k], times["ufm.sweep"]))  # time_k / time_sweep per round
+    steps = np.asarray([r["num_steps"] for r in recs])
+    match = [abs(recs[i]["loss"] - v) <= 1e-6 * abs(v) for i, v in zip(idx, single, strict=True)]
+    res = dict(
+        part="C",
+        runs=R,
+        grid=grid,
+        machine=info,
+        backend=jax.default_backend(),
+        loop_timed_runs=int(len(idx)),
+        cold_s=cold,
+        warm_s=warm,
+        warm_seconds_per_round=times,
+        warm_speedup_of_sweep_over={k: ratio(k) for k in times if k != "ufm.sweep"},
+        cold_speedup_of_sweep_over_loop=cold["loop of ufm.solve"] / cold["ufm.sweep"],
+        converged_fraction=float(np.mean([r["status"] == "converged" for r in recs])),
+        steps=dict(median=float(np.median(steps)), max=int(steps.max())),
+        match_single_1e6_fraction=float(np.mean(match)),
+        load_average_end=C.load_average(),
+    )
+    log(markdown_sweep_c(res))
+    return res
+
+
+def markdown_sweep_c(res) -> str:
+    R = res["runs"]
+    rows = [[k, C.fmt_time(res["cold_s"].get(k, float("nan"))), C.fmt_time(v)] for k, v in res["warm_s"].items()]
+    sp = ", ".join(f"{k} {C.fmt_ratio(v)}" for k, v in res["warm_speedup_of_sweep_over"].items())
+    loop = f"loops timed on {res['loop_timed_runs']} runs, extrapolated" if res["loop_timed_runs"] < R else "loops: all"
+    return "\n".join(
+        [
+            f"### Part C: ufm.sweep vs a loop of ufm.solve, {R} deep ReLU settings, L-BFGS to the default tolerance",
+            "",
+            f"Machine: {C.machine_line(res['machine'])} ({res['backend']}). {loop}. Converged "
+            f"{100 * res['converged_fraction']:.0f}%, steps median {res['steps']['median']:.0f} / max "
+            f"{res['steps']['max']}; sweep = single solve (loss to 1e-6) in "
+            f"{100 * res['match_single_1e6_fraction']:.0f}% of the timed runs.",
+            "",
+            C.md_table(["", f"cold (first call, {R} runs)", f"warm (median, {R} runs)"], rows),
+            "",
+            f"Warm speed-up of ufm.sweep over: {sp}. Cold: {C.fmt_ratio(res['cold_speedup_of_sweep_over_loop'])} "
+            "over the loop of ufm.solve.",
+        ]
+    )
+
+
+def main_sweep(argv=None):
+    ap = argparse.ArgumentParser(description="ufm.sweep vs a loop of ufm.solve (part C)")
+    ap.add_argument("--runs", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--loop-subset", type=int, default=100, help="loops over more runs are timed on this many")
+    ap.add_argument("--with-vmap", action="store_true", help='also time ufm.sweep(engine="vmap") (the old path)')
+    ap.add_argument("--smoke", action="store_true", help="8 runs, 1 round")
+    a = ap.parse_args(argv)
+    if a.smoke:
+        return run_sweep_c(8, rounds=1, loop_subset=8, with_vmap=a.with_vmap)
+    return run_sweep_c(a.runs, rounds=a.rounds, loop_subset=a.loop_subset, with_vmap=a.with_vmap)

@@ -2,7 +2,7 @@
 
 Budget: one compiled sweep group shared by most tests (REF: 48 runs of a tiny deep ReLU UFM, plain gradient
 descent with tol=0 so every run takes exactly max_steps steps), one extra group for the two-shape test, one
-single-solve compile for the loop comparison, and three subprocesses (SIGINT, SIGKILL, 4 forced host devices)
+single-solve compile for the loop comparison, and three subprocesses (SIGINT, SIGKILL, 2 forced host devices)
 that share a persistent compilation cache.
 
 Resume claims are exact (bit-for-bit): every run uses the key jax.random.key(seed) and the chunk layout is fixed
@@ -28,7 +28,6 @@ import ufm
 from ufm import _sweep as S
 from ufm import sweep_plots as SP
 from ufm._json import to_jsonable
-from ufm._sweep import runner as R
 
 # 3 lambdas x 2 learning rates x 8 seeds = 48 runs; chunk_size 4 -> 12 chunks of one compiled group.
 REF = {
@@ -157,6 +156,8 @@ def test_bad_sweep_options_raise_before_running(tmp_path):
         ufm.sweep(g, store, client="tcp://localhost:8786")
     with pytest.raises(ValueError, match="devices must be between 1 and"):
         ufm.sweep(g, store, devices=10_000)
+    with pytest.raises(ValueError, match=r"engine must be one of \('auto', 'map', 'slots', 'vmap'\)"):
+        ufm.sweep(g, store, engine="fast")
     assert not store.exists()
 
 
@@ -182,6 +183,24 @@ def test_plan_groups_shapes_and_pads_to_fixed_chunks():
 def test_sweep_equals_loop_of_single_solves(ref):
     recs = ref["res"].records
     assert len(recs) == 48 and ref["res"].num_new == 48 and ref["res"].num_chunks == 12
+    # the first chunk through the public ufm.solve_batch (default engine, as the sweep's): the same compiled
+    # program on the same inputs, so the same numbers, and every run keeps its own status and step count
+    cs = [r["config"] for r in recs[:CHUNK]]
+    p0 = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="relu")
+    sols = ufm.solve_batch(
+        p0,
+        seeds=[c["seed"] for c in cs],
+        lam_H=np.asarray([c["lam_H"] for c in cs]),
+        lam_W=np.asarray([c["lam_W"] for c in cs]),
+        lr=np.asarray([c["lr"] for c in cs]),
+        method="gd",
+        max_steps=20000,
+        tol=0.0,
+        history=False,
+    )
+    for j, rec in enumerate(recs[:CHUNK]):
+        assert rec["loss"] == pytest.approx(float(sols.value[j]), rel=1e-12, abs=0)
+        assert (rec["num_steps"], rec["status"]) == (int(sols.num_steps[j]), sols.status_name[j])
     # rerun() re-solves a stored run from its record alone
     _, again = ufm.rerun(recs[1])
     assert recs[1]["loss"] == pytest.approx(float(again.value), rel=1e-12, abs=0)
@@ -213,15 +232,28 @@ def test_sweep_equals_loop_of_single_solves(ref):
         assert not {"prediction", "metrics", "problem"} & set(rec["check"])
 
 
+def _backend_compiles(fn):
+    """(fn(), number of XLA backend compiles during the call), counted by jax.monitoring's compile events."""
+    import jax.monitoring
+
+    events: list[str] = []
+    listener = lambda name, duration, **kw: events.append(name)
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        out = fn()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    return out, sum(name == "/jax/core/compile/backend_compile_duration" for name in events)
+
+
 def test_two_shape_groups_and_no_recompile_when_numbers_change(ref):
-    fn = R.compiled_runner(S.expand_grid(REF)[0], R.make_mesh(None))
-    before = fn._cache_size()
     # same shapes and static options, other numbers (lambdas, lr, init_scale, seeds, tol) and another count of
-    # runs (a partial last chunk): the REF executable is reused
+    # runs (6 = a chunk of 4 and a partial chunk padded to 4): nothing compiles (solve_batch's program for
+    # batches of 4, predict, check and the metrics are all reused from the REF sweep)
     other = dict(REF, lam=[2e-3], lr=[0.07], init_scale=[0.5, 1.5], seeds=[11, 12, 13], tol=1e-30)
-    res = ufm.sweep(other, chunk_size=CHUNK, metrics=False)
+    res, compiles = _backend_compiles(lambda: ufm.sweep(other, chunk_size=CHUNK, metrics=False))
     assert res.num_new == 6 and res.num_chunks == 2
-    assert fn._cache_size() == before
+    assert compiles == 0
     # a second shape group (shallow linear, K=2) runs in the same sweep; each run matches its single solve
     two = [
         dict(REF, lam=[2e-3], lr=[0.07], seeds=[5, 6, 7]),
@@ -229,13 +261,98 @@ def test_two_shape_groups_and_no_recompile_when_numbers_change(ref):
     ]
     res2 = ufm.sweep(two, chunk_size=CHUNK, metrics=False)
     assert res2.num_chunks == 2 and [r["config"]["num_classes"] for r in res2.records] == [3, 3, 3, 2, 2]
-    assert fn._cache_size() == before
     p2 = ufm.UFM(num_classes=2, n_per_class=3, widths=(3,))
     for rec in res2.records[3:]:
         sol = ufm.solve(p2, key=rec["config"]["seed"], method="gd", max_steps=300, history=False)
         assert rec["loss"] == pytest.approx(float(sol.value), rel=1e-12, abs=0)
         assert rec["num_steps"] == int(sol.num_steps)
         assert rec["status"] == sol.status_name
+
+
+# The default solver (L-BFGS, default tolerance) on a small deep ReLU UFM: 2 lambdas x 8 seeds in chunks of 8.
+LBFGS = {"K": 3, "n": 2, "widths": [4, 4], "activation": "relu", "lam": [1e-3, 1e-2], "seeds": 8}
+
+
+@pytest.mark.slow  # two L-BFGS compiles (batch, single solve): 33 s cold at load 5 on 2 cores, 90 s at load 12
+def test_lbfgs_sweep_records_are_solve_batch_and_nearly_always_single_solves():
+    res = ufm.sweep(LBFGS, chunk_size=8, metrics=False)
+    recs = res.records
+    assert res.num_chunks == 2 and len(recs) == 16
+    p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="relu")
+    close = 0
+    for chunk in (recs[:8], recs[8:]):
+        cs = [r["config"] for r in chunk]
+        # the same chunk through the public ufm.solve_batch (its default engine, as the sweep's default): the
+        # same program on the same inputs, so the same numbers; every run keeps its own status and step count
+        sols = ufm.solve_batch(
+            p,
+            seeds=[c["seed"] for c in cs],
+            lam_H=np.asarray([c["lam_H"] for c in cs]),
+            lam_W=np.asarray([c["lam_W"] for c in cs]),
+            history=False,
+        )
+        for j, rec in enumerate(chunk):
+            assert rec["loss"] == pytest.approx(float(sols.value[j]), rel=1e-12, abs=0)
+            assert rec["grad_norm"] == pytest.approx(float(sols.grad_norm[j]), rel=1e-9, abs=1e-15)
+            assert rec["num_steps"] == int(sols.num_steps[j])
+            assert rec["status"] == sols.status_name[j]
+            # the single solve from the same key: a batched engine may round differently, which on this
+            # non-convex landscape can, rarely, end a run at another point; the issue's bar is 90% to 1e-6
+            c = rec["config"]
+            one = ufm.UFM(
+                num_classes=3, n_per_class=2, widths=(4, 4), activation="relu", lam_H=c["lam_H"], lam_W=c["lam_W"]
+            )
+            sol = ufm.solve(one, key=c["seed"], history=False)
+            close += abs(rec["loss"] - float(sol.value)) <= 1e-6 * abs(float(sol.value))
+    assert close >= 0.9 * 16, close
+    assert len({r["num_steps"] for r in recs}) > 1  # runs stop at their own step counts
+
+
+def test_second_order_and_engine_reach_check_and_solve_batch(ref, tmp_path, monkeypatch):
+    # spies on the names the sweep modules call: they record the keywords and call the real function (the
+    # Hessian certificate is then skipped and the default engine used, to keep this test free of compiles)
+    seen_check, seen_engine = [], []
+    real_check, real_solve_batch = S.records.check, S.runner.solve_batch
+
+    def check_spy(*a, **kw):
+        seen_check.append(dict(kw))
+        return real_check(*a, **{**kw, "hessian": False})
+
+    def solve_batch_spy(*a, **kw):
+        seen_engine.append(kw["engine"])
+        return real_solve_batch(*a, **{**kw, "engine": "auto"})
+
+    monkeypatch.setattr(S.records, "check", check_spy)
+    monkeypatch.setattr(S.runner, "solve_batch", solve_batch_spy)
+    g = dict(REF, lam=[1e-3], lr=[0.1], seeds=4)  # one chunk of the REF program
+    ufm.sweep(g, chunk_size=CHUNK, metrics=False, second_order=True, check_options={"gap_tol": 1e-3})
+    assert [(kw["hessian"], kw["gap_tol"]) for kw in seen_check] == [(True, 1e-3)] * 4
+    assert seen_engine == ["auto"]
+    ufm.sweep(g, chunk_size=CHUNK, metrics=False, engine="slots")
+    assert [kw["hessian"] for kw in seen_check[4:]] == [False] * 4  # the default: first order only
+    assert seen_engine == ["auto", "slots"]
+    # the command line: --second-order and the config's engine
+    cfg = tmp_path / "c.json"
+    cfg.write_text(json.dumps({"grid": g, "chunk_size": CHUNK, "engine": "vmap", "metrics": False}))
+    assert S.sweep_main([str(cfg), "--second-order", "--no-progress"]) == 0
+    assert [kw["hessian"] for kw in seen_check[8:]] == [True] * 4 and seen_engine[-1] == "vmap"
+    header, _ = ufm.load_sweep(tmp_path / "c.jsonl", header=True)
+    assert header["fingerprint"]["settings"]["engine"] == "vmap"  # a resume with another engine is refused
+
+
+def test_prepared_sweep_plans_only_what_is_left_and_runs_once(ref):
+    # the complete REF store: nothing left to plan, so nothing needs a device or a cluster
+    with S.prepare_sweep(REF, ref["store"], chunk_size=CHUNK, on_cluster=True) as job:
+        assert job.chunks == [] and job.finished.all()
+        res = job.run(None)  # no client needed
+        assert (res.num_new, res.num_skipped, res.num_chunks) == (0, 48, 0)
+        with pytest.raises(ValueError, match="a PreparedSweep runs once"):
+            job.run(None)
+    # work left, prepared for a cluster: a client is required (checked before anything runs)
+    with S.prepare_sweep(dict(REF, seeds=[99]), None, chunk_size=CHUNK, on_cluster=True) as job:
+        assert [len(idx) for _, idx, _ in job.chunks] == [4, 2] and job.devices is None  # 6 runs, chunks of 4
+        with pytest.raises(ValueError, match="prepared for a Dask cluster"):
+            job.run(None)
 
 
 def test_records_ranks_match_an_independent_numpy_forward_pass(ref):
@@ -398,27 +515,49 @@ def test_sigkill_then_resume(ref, tmp_path):
     _check_resumed(store, ref, n)
 
 
-def test_sharded_over_4_host_devices_equals_one_device(ref, tmp_path):
-    store = tmp_path / "four.jsonl"
-    env = _env(ref, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+def test_split_over_2_host_devices_equals_one_device(ref, tmp_path):
+    # 12 of the REF runs (seeds 0, 1) in chunks of 8 on 2 forced host devices: each device solves 4 runs per
+    # chunk with its own solve_batch call (compiled for that device), in its own thread
+    store = tmp_path / "two.jsonl"
+    cfg = tmp_path / "two.json"
+    cfg.write_text(json.dumps({"grid": dict(REF, seeds=2), "chunk_size": 8}))
+    env = _env(ref, XLA_FLAGS="--xla_force_host_platform_device_count=2", JAX_PLATFORMS="cpu")
     out = subprocess.run(
-        RUNNER + [ref["config"], "--store", str(store), "--compile-cache", ref["cache"]],
+        RUNNER + [str(cfg), "--store", str(store), "--compile-cache", ref["cache"]],
         capture_output=True,
         env=env,
         timeout=600,
     )
     assert out.returncode == 0, out.stderr.decode()[-2000:]
-    assert "on 4 device(s)" in out.stdout.decode()
-    assert os.listdir(ref["cache"])  # --compile-cache wrote the 4-device executable there
+    assert "12 runs (12 new, 0 already saved) on 2 device(s)" in out.stdout.decode()
+    assert os.listdir(ref["cache"])  # --compile-cache wrote the executables there
     if jax.default_backend() != "cpu":
         pytest.skip("the one-device reference ran on an accelerator; compared only on CPU")
-    # Each device runs the REF chunks of 4 as batches of 1, which XLA compiles as unbatched products: like the
-    # single solves, a few runs (3 of 48 measured) differ from the batch-of-4 reference by round-off.
-    four, one = _strip(ufm.load_sweep(store)), _strip(ref["res"].records)
-    assert four.keys() == one.keys()
-    for rid in one:
-        assert four[rid]["loss"] == pytest.approx(one[rid]["loss"], rel=1e-12, abs=0)
-        _assert_close(four[rid], one[rid], rid)
+    # solve_batch's default engine on a CPU ("map") runs each run alone, so a run's numbers do not depend on
+    # its chunk-mates or on the device; 1e-12 allows XLA another summation order in another program
+    two, one = _strip(ufm.load_sweep(store)), _strip(ref["res"].records)
+    assert len(two) == 12 and two.keys() <= one.keys()
+    index = {S.run_id(c): i for i, c in enumerate(S.expand_grid(dict(REF, seeds=2)))}
+    for rid in two:
+        assert two[rid]["loss"] == pytest.approx(one[rid]["loss"], rel=1e-12, abs=0)
+        assert two[rid].pop("index") == index[rid]  # the position in its own grid
+        _assert_close(two[rid], {k: v for k, v in one[rid].items() if k != "index"}, rid)
+
+
+def test_dispatch_splits_a_chunk_into_one_thread_per_device(ref):
+    # the per-device split in process: a chunk of 8 REF runs cut into 2 parts of 4 (the REF program), each
+    # solved in its own thread (here both on this process's first device), then put back in run order
+    rows = S.expand_grid(REF)[:7]  # 7 runs padded to 8 by repeating the last
+    dev = jax.devices()[0]
+    parts = S.runner.dispatch(rows, 8, [dev, dev])
+    assert len(parts) == 2 and all(hasattr(p, "result") for p in parts)  # futures of the two threads
+    params, value, grad_norm, num_steps, status = S.runner.to_host(parts, 7)
+    assert value.shape == (7,) and params.H.shape == (7, 4, 6)
+    by_id = {r["run"]: r for r in ref["res"].records}
+    for j, c in enumerate(rows):
+        rec = by_id[S.run_id(c)]
+        assert float(value[j]) == pytest.approx(rec["loss"], rel=1e-12, abs=0)
+        assert (int(num_steps[j]), int(status[j])) == (rec["num_steps"], 1)  # max_steps (tol 0)
 
 
 # ---------------------------------------------------------------------------------------------------------------

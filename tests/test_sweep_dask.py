@@ -89,7 +89,7 @@ def _lines(path):
         return 0
 
 
-def test_local_cluster_gives_the_in_process_records(cluster, ref, tmp_path):
+def test_local_cluster_gives_the_in_process_records(cluster, ref, tmp_path, monkeypatch):
     _, client = cluster
     store = tmp_path / "d.jsonl"
     with distributed.get_task_stream(client) as ts:
@@ -106,6 +106,20 @@ def test_local_cluster_gives_the_in_process_records(cluster, ref, tmp_path):
     # a store written through Dask resumes in process (and vice versa): same fingerprint, nothing to do
     again = ufm.sweep(GRID, store, chunk_size=CHUNK)
     assert (again.num_new, again.num_skipped) == (0, 12)
+    # every run is in the store: the client is given no task
+    with distributed.get_task_stream(client) as ts2:
+        done = ufm.sweep(GRID, store, chunk_size=CHUNK, client=client)
+    assert (done.num_new, done.num_skipped, done.num_chunks) == (0, 12, 0) and ts2.data == []
+    # and `ufm sweep --workers 2` starts no cluster (one that tried would fail here)
+    from ufm._sweep import sweep_main
+
+    def no_cluster(*a, **kw):
+        raise AssertionError("a LocalCluster was started although every run is in the store")
+
+    monkeypatch.setattr(distributed, "LocalCluster", no_cluster)
+    cfg = tmp_path / "d.json"
+    cfg.write_text(json.dumps({"grid": GRID, "chunk_size": CHUNK}))
+    assert sweep_main([str(cfg), "--workers", "2", "--no-progress"]) == 0
 
 
 def test_a_killed_worker_chunk_is_recomputed(cluster, ref, tmp_path):

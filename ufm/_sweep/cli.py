@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import jax
 
-from .driver import sweep
+from .driver import prepare_sweep
 from .store import read_store
 
 
@@ -53,6 +53,7 @@ def _load_config(path: str) -> dict:
         "rank_atol",
         "x64",
         "devices",
+        "engine",
     }
     unknown = sorted(set(cfg) - allowed)
     if unknown:
@@ -62,7 +63,8 @@ def _load_config(path: str) -> dict:
 
 _EPILOG = """config file (TOML or JSON):
   store = "phase.jsonl"          # default: CONFIG with .jsonl, next to CONFIG
-  chunk_size = 64                # runs per compiled call (per Dask task)
+  chunk_size = 64                # runs per ufm.solve_batch call (per Dask task)
+  engine = "auto"                # ufm.solve_batch's engine: auto, map, slots or vmap
   [grid]                         # a list = a swept field; the runs are the product
   K = 2
   n = 5
@@ -89,7 +91,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("config", help="JSON or TOML file with a 'grid' table")
     parser.add_argument("--store", help="store path (overrides the config's 'store')")
-    parser.add_argument("--chunk-size", type=int, help="runs per compiled call")
+    parser.add_argument("--chunk-size", type=int, help="runs per ufm.solve_batch call")
+    parser.add_argument(
+        "--engine",
+        choices=("auto", "map", "slots", "vmap"),
+        help="ufm.solve_batch's engine (default auto: map on a CPU, slots on an accelerator)",
+    )
     parser.add_argument("--devices", type=int, help="use the first N of jax.devices()")
     where = parser.add_mutually_exclusive_group()
     where.add_argument(
@@ -132,6 +139,7 @@ def _options(args, cfg: dict) -> dict:
     kw = dict(
         chunk_size=args.chunk_size if args.chunk_size is not None else cfg.get("chunk_size", 64),
         devices=devices,
+        engine=args.engine if args.engine is not None else cfg.get("engine", "auto"),
         progress=args.progress,
         second_order=bool(args.second_order) if args.second_order is not None else cfg.get("second_order", False),
         rank_rtol=cfg.get("rank_rtol", 1e-4),
@@ -174,13 +182,14 @@ def dask_client(workers: int | None, scheduler: str | None):
 
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
-    """``ufm sweep CONFIG [--store PATH] [--chunk-size N] [--devices N | --workers N | --scheduler ADDRESS]
+    """``ufm sweep CONFIG [--store PATH] [--chunk-size N] [--engine E] [--devices N | --workers N | --scheduler A]
     [--progress/--no-progress] [--second-order] [--compile-cache DIR]``.
 
     CONFIG is a JSON or TOML file with ``grid`` (a table of field -> value(s), or a list of tables) and optional
     ``store`` (default: CONFIG with the extension ``.jsonl``; relative paths are relative to CONFIG's folder),
-    ``chunk_size``, ``second_order``, ``check_options``, ``metrics``, ``rank_rtol``, ``rank_atol``, ``devices``,
-    ``x64`` (default true: float64). Run the same command again to resume an interrupted sweep.
+    ``chunk_size``, ``engine``, ``second_order``, ``check_options``, ``metrics``, ``rank_rtol``, ``rank_atol``,
+    ``devices``, ``x64`` (default true: float64). Run the same command again to resume an interrupted sweep; when
+    the store holds every run, ``--workers``/``--scheduler`` start or reach no cluster.
 
     Returns 0 on success, 2 for bad input or an unusable store (one line on stderr, no traceback), 130 when
     interrupted (finished runs are saved).
@@ -198,8 +207,11 @@ def sweep_main(argv: Sequence[str] | None = None) -> int:
         if args.compile_cache:
             jax.config.update("jax_compilation_cache_dir", args.compile_cache)
             jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        with dask_client(args.workers, args.scheduler) as client:
-            res = sweep(cfg["grid"], store, client=client, **kw)
+        on_cluster = args.workers is not None or bool(args.scheduler)
+        with prepare_sweep(cfg["grid"], store, on_cluster=on_cluster, **kw) as job:
+            # a cluster is started (or reached) only when some run is not in the store yet
+            with dask_client(args.workers, args.scheduler) if job.chunks else contextlib.nullcontext() as client:
+                res = job.run(client)
     except SystemExit as e:  # --help
         return int(e.code or 0) if not isinstance(e.code, str) else 2
     except KeyboardInterrupt:

@@ -27,7 +27,7 @@ from .columns import frame_records, to_columns, to_frame
 from .grid import expand_grid, is_int, is_num, problem_of, run_id
 from .progress import Progress, tqdm_class
 from .records import solve_chunk, summarise
-from .runner import dispatch, make_mesh, plan, to_host
+from .runner import check_engine, device_list, dispatch, plan, to_host
 from .store import SCHEMA, Store, new_header, read_store, report_bad
 
 _CHECK_RESERVED = ("problem", "solution", "prediction", "hessian", "metrics")
@@ -35,6 +35,24 @@ _CHECK_RESERVED = ("problem", "solution", "prediction", "hessian", "metrics")
 
 class SweepResult(NamedTuple):
     """Result of `sweep`.
+
+    Each run becomes one record (a JSON-friendly dict):
+
+    * ``run`` (sha256-based id of the config), ``index`` (position in the grid), ``config`` (every field);
+    * ``loss`` (the final objective f), ``grad_norm``, ``num_steps``, ``status`` (as `Solution.status_name`),
+      ``success``: the run's own outcome in `ufm.solve_batch` (each run keeps its status and step count);
+    * ``prediction`` (``ufm.predict(problem).to_dict()``; its ``loss`` is f*, an upper bound where ``known`` is
+      False), ``gap`` = (f - f*)/|f*| (the definition of `ufm.check`'s ``Report.gap``) and ``gap_abs`` = f - f*;
+    * ``verdict`` ("matches", "local-min", "saddle", "below-prediction", "not-converged", "no-prediction") and
+      ``check``: ``ufm.check(problem, solution, prediction).to_dict()`` without the fields the record already
+      holds (prediction, metrics, problem). The Hessian certificate is off unless ``second_order=True``, so
+      "matches"/"local-min" then mean first-order stationary;
+    * ``metrics``: ``ufm.metrics.layer_metrics(problem, params)`` (NC1-NC4 and DNC per layer, spectra);
+    * ``ranks``: numerical ranks of the class means of H_1..H_L (``H``), of Z_2..Z_L (``Z``), of W_1..W_L
+      (``W``) and of the output (``out``): rank(A) = #{i : sigma_i(A) > max(rank_rtol sigma_1(A), rank_atol)};
+    * ``errors`` (a dict of tool -> message when predict/check/metrics raised for this run, else null),
+      ``wall_s`` (approximate wall time per run of its chunk; the only field that is not deterministic);
+    * ``sha256``: the record's checksum in the store (see `load_sweep`).
 
     Attributes:
       records: one dict per run of the grid, in grid order (those already in the store included).
@@ -110,6 +128,166 @@ def _is_client(client) -> bool:
     return isinstance(client, Client)
 
 
+def sweep_settings(
+    *,
+    chunk_size: int,
+    engine: str,
+    second_order: bool,
+    metrics: bool,
+    rank_rtol: float,
+    rank_atol: float,
+    check_options: Mapping[str, Any] | None,
+) -> dict:
+    """The settings a store records (its fingerprint: a resume with other settings is refused), validated:
+    ValueError/TypeError naming the option."""
+    if not is_int(chunk_size) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
+    check_engine(engine)
+    for name, v in (("second_order", second_order), ("metrics", metrics)):
+        if not isinstance(v, bool):
+            raise TypeError(f"{name} must be True or False; got {v!r}")
+    for name, tol in (("rank_rtol", rank_rtol), ("rank_atol", rank_atol)):
+        if not is_num(tol) or not math.isfinite(tol) or tol < 0:
+            raise ValueError(f"{name} must be a finite number >= 0; got {tol!r}")
+    return {
+        "chunk_size": int(chunk_size),
+        "engine": engine,
+        "second_order": bool(second_order),
+        "rank_rtol": float(rank_rtol),
+        "rank_atol": float(rank_atol),
+        "x64": bool(jax.config.read("jax_enable_x64")),
+        "metrics": bool(metrics),
+        "check_options": to_jsonable(validate_check_options(check_options)),
+    }
+
+
+class PreparedSweep:
+    """A sweep ready to run (made by `prepare_sweep`): the grid expanded, the store opened, locked and read, the
+    chunks still to solve planned. `run` solves them (once); `close` releases the store (also on leaving a
+    ``with``).
+
+    Attributes:
+      configs, ids: the runs of the grid and their ids, in grid order.
+      chunks: the chunks (group key, run indices, batch size) with at least one run not in the store; empty when
+        the store holds every run (then `run` needs no devices and no cluster).
+      devices: the devices a chunk is split over in process (None on a cluster).
+    """
+
+    def __init__(self, configs, settings, header, store, path, devices, progress):
+        self.configs, self.settings, self.store, self.path = configs, settings, store, path
+        self.ids = [run_id(c) for c in configs]
+        self.header = store.header if store is not None else header
+        self.devices = devices
+        self.done = dict(store.done) if store is not None else {}
+        self.finished = np.asarray([i in self.done for i in self.ids], bool)
+        ndev = 1 if devices is None else len(devices)
+        layout = plan(configs, settings["chunk_size"], ndev)
+        self.chunks = [ch for ch in layout if not self.finished[ch[1]].all()]
+        if progress is None:
+            progress = bool(getattr(sys.stderr, "isatty", lambda: False)()) and tqdm_class(False) is not None
+        self.progress = bool(progress)
+        self.ran = False
+
+    def __enter__(self) -> PreparedSweep:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Release the store (its lock)."""
+        if self.store is not None:
+            self.store.close()
+
+    def run(self, client=None) -> SweepResult:
+        """Solve the chunks still to do, in process or on ``client``, appending each chunk's records to the store
+        as it returns; the `SweepResult` of the whole grid. ``client`` is required when the sweep was prepared
+        for a cluster and some run is not in the store yet; it is not used otherwise."""
+        if self.ran:
+            raise ValueError("a PreparedSweep runs once; call prepare_sweep again to resume or repeat it")
+        if client is not None and self.devices is not None:
+            raise ValueError("this sweep was prepared to run in process (on_cluster=False); pass no client")
+        if self.chunks and self.devices is None and client is None:
+            raise ValueError("this sweep was prepared for a Dask cluster (on_cluster=True); pass its client")
+        self.ran = True
+        skipped = int(self.finished.sum())
+        bar = Progress(len(self.configs), skipped, self.progress)
+        new = 0
+
+        def commit(recs: list[dict]) -> None:
+            nonlocal new
+            if self.store is not None:
+                recs = self.store.append(recs)
+            for r in recs:
+                self.done[r["run"]] = r
+            new += len(recs)
+            bar.update(len(recs))
+
+        try:
+            if not self.chunks:
+                pass  # every run is in the store: no device, no cluster
+            elif client is not None:
+                _run_on_client(client, self.configs, self.ids, self.chunks, self.finished, self.settings, commit)
+            else:
+                _run_here(self, commit, bar)
+        finally:
+            bar.close()
+        records = [self.done[i] for i in self.ids if i in self.done]
+        ndev = 1 if self.devices is None else len(self.devices)
+        return SweepResult(records, self.path, len(self.configs), new, skipped, len(self.chunks), self.header, ndev)
+
+
+def prepare_sweep(
+    grid: Mapping | Sequence[Mapping],
+    store: str | os.PathLike | None = None,
+    *,
+    on_cluster: bool = False,
+    chunk_size: int = 64,
+    devices=None,
+    engine: str = "auto",
+    progress: bool | None = None,
+    second_order: bool = False,
+    check_options: Mapping[str, Any] | None = None,
+    metrics: bool = True,
+    rank_rtol: float = 1e-4,
+    rank_atol: float = 1e-8,
+) -> PreparedSweep:
+    """Validate a sweep, open (or create) its store and plan the chunks still to solve, without solving anything
+    and without touching a device or a cluster: `PreparedSweep.chunks` says whether any work is left (``ufm
+    sweep --workers N`` starts its cluster only then). Arguments as in `sweep`; ``on_cluster=True`` plans for a
+    Dask client (one device per task). Raises as `sweep` does, before the store is created."""
+    configs = expand_grid(grid)
+    settings = sweep_settings(
+        chunk_size=chunk_size,
+        engine=engine,
+        second_order=second_order,
+        metrics=metrics,
+        rank_rtol=rank_rtol,
+        rank_atol=rank_atol,
+        check_options=check_options,
+    )
+    if progress is not None and not isinstance(progress, bool):
+        raise TypeError(f"progress must be None, True or False; got {progress!r}")
+    if on_cluster and devices is not None:
+        raise ValueError(
+            "devices and client are exclusive: with a Dask client each task uses its worker's first device"
+        )
+    devs = None if on_cluster else device_list(devices)
+    if progress:
+        tqdm_class(required=True)
+    ids = [run_id(c) for c in configs]
+    created = datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+    header = new_header(_fingerprint(ids, settings), to_jsonable(grid), created)
+    path = None if store is None else os.fspath(store)
+    st = Store(path, header) if path is not None else None
+    try:
+        return PreparedSweep(configs, settings, header, st, path, devs, progress)
+    except BaseException:
+        if st is not None:
+            st.close()
+        raise
+
+
 def sweep(
     grid: Mapping | Sequence[Mapping],
     store: str | os.PathLike | None = None,
@@ -117,6 +295,7 @@ def sweep(
     chunk_size: int = 64,
     devices=None,
     client=None,
+    engine: str = "auto",
     progress: bool | None = None,
     second_order: bool = False,
     check_options: Mapping[str, Any] | None = None,
@@ -124,64 +303,44 @@ def sweep(
     rank_rtol: float = 1e-4,
     rank_atol: float = 1e-8,
 ) -> SweepResult:
-    """Solve every run of a grid in batched, compiled calls; save each run as it finishes.
+    """Solve every run of a grid with `ufm.solve_batch`, chunk by chunk; save each chunk's runs as it finishes.
 
-    Runs that share shapes and static solver options are solved together by `ufm.solve_batch` (one ``vmap``ped
-    compiled call per chunk), with per-run lam_H, lam_W, lam_b, lr, init_scale and PRNG key
-    ``jax.random.key(seed)`` (the key `ufm.solve(problem, key=seed)` uses). Chunks have a fixed size (groups
-    smaller than ``chunk_size`` use the next power of two), the last one padded, so only shapes and static
-    options compile.
+    Runs that share shapes and static solver options are solved together, a chunk at a time, by
+    ``ufm.solve_batch(..., engine=engine)`` with per-run lam_H, lam_W, lam_b, lr, init_scale and PRNG key
+    ``jax.random.key(seed)`` (the key `ufm.solve(problem, key=seed)` uses). `solve_batch` is called outside
+    any trace, so its engines apply: "auto" is "map" on a CPU (the runs one after another in one compiled
+    program: a chunk costs the sum of its runs' steps, and run i does the arithmetic of ``ufm.solve``) and
+    "slots" on an accelerator. Chunks have a fixed size (groups smaller than ``chunk_size`` use the next power
+    of two), the last one padded by repeating its last run, so only shapes and static options compile; a
+    padded slot costs one more solve of that run.
 
     Where the chunks run:
 
-    * default: in this process, each chunk split over ``devices`` (default: all of `jax.devices()`) with
-      `jax.shard_map` on a one-axis mesh. Results do not depend on the device count beyond round-off (XLA may
-      order the sums of a batch-of-1 product differently; measured: equal to 1e-12 relative on 1 vs 4 CPU
-      devices);
-    * ``client=``: a `dask.distributed.Client`. Every chunk is one task on the cluster's workers (each on its
-      worker's first JAX device; run one worker per device), with the same inputs as in process, so the
-      records are the same. This process stays the store's single writer: records are appended chunk by chunk
-      as tasks finish, in completion order. A task whose worker dies is recomputed by Dask on another worker;
-      an interrupted client (Ctrl-C, SIGKILL) loses at most the chunks in flight, which a resume recomputes.
-      A `LocalCluster` uses every core of one machine; a scheduler address or dask-jobqueue reaches many.
+    * default: in this process, each chunk cut into one equal part per device of ``devices`` (default: all of
+      `jax.devices()`), each part one `solve_batch` call on its device, the devices at the same time;
+    * ``client=``: a `dask.distributed.Client`. Every chunk is one task on a worker's first JAX device, with the
+      inputs it has in process (same records). This process stays the store's single writer, appending records
+      as tasks finish; a dead worker's task is recomputed elsewhere; an interrupted client loses at most the
+      chunks in flight. When the store already holds every run, the client is not used.
 
-    A resumed sweep recomputes each unfinished chunk with the same inputs, so it equals the uninterrupted one
-    bit for bit on the same devices.
-
-    Each run becomes one record (a JSON-friendly dict):
-
-    * ``run`` (sha256-based id of the config), ``index`` (position in the grid), ``config`` (every field);
-    * ``loss`` (the final objective f), ``grad_norm``, ``num_steps``, ``status`` (as `Solution.status_name`),
-      ``success``;
-    * ``prediction`` (``ufm.predict(problem).to_dict()``; its ``loss`` is f*, an upper bound where ``known`` is
-      False), ``gap`` = (f - f*)/|f*| (the definition of `ufm.check`'s ``Report.gap``) and ``gap_abs`` = f - f*;
-    * ``verdict`` ("matches", "local-min", "saddle", "below-prediction", "not-converged", "no-prediction") and
-      ``check``: ``ufm.check(problem, solution, prediction).to_dict()`` without the fields the record already
-      holds (prediction, metrics, problem). The Hessian certificate is off unless ``second_order=True``, so
-      "matches"/"local-min" then mean first-order stationary;
-    * ``metrics``: ``ufm.metrics.layer_metrics(problem, params)`` (NC1-NC4 and DNC per layer, spectra);
-    * ``ranks``: numerical ranks of the class means of H_1..H_L (``H``), of Z_2..Z_L (``Z``), of W_1..W_L
-      (``W``) and of the output (``out``): rank(A) = #{i : sigma_i(A) > max(rank_rtol sigma_1(A), rank_atol)};
-    * ``errors`` (a dict of tool -> message when predict/check/metrics raised for this run, else null),
-      ``wall_s`` (approximate wall time per run of its chunk; the only field that is not deterministic);
-    * ``sha256``: the record's checksum in the store (see `load_sweep`).
+    A resumed sweep recomputes each unfinished chunk with the same inputs: bit for bit the uninterrupted one.
+    The fields of a record are listed under `SweepResult`.
 
     Args:
       grid: a dict of field -> value(s), or a list of such dicts (see `expand_grid` for the fields).
       store: path of a JSON-lines store. Finished runs are appended after every chunk; an existing store of the
         same sweep is resumed (finished runs are skipped); a store of a different sweep (grid, settings or
         library versions) raises `IncompatibleStoreError`. None keeps the records in memory only.
-      chunk_size: runs per compiled call (rounded up to a multiple of the device count).
+      chunk_size: runs per `solve_batch` call (rounded up to a multiple of the device count).
       devices: a list of devices or a number of them (default: all of `jax.devices()`); not with ``client``.
       client: a `dask.distributed.Client` to run the chunks on (needs ``pip install ufm[distributed]``).
-      progress: draw a progress bar on stderr (tqdm; default: only when stderr is a terminal and tqdm is
-        installed).
-      second_order: ask `ufm.check` for its second-order (Hessian) certificate (about 10x the cost of the
-        first-order check per run, plus a compile per shape).
+      engine: `ufm.solve_batch`'s engine: "auto" (default), "map", "slots" or "vmap".
+      progress: a progress bar on stderr (tqdm; default: when stderr is a terminal and tqdm is installed).
+      second_order: ask `ufm.check` for its second-order certificate (``hessian=True``; about 10x the cost).
       check_options: more keyword options of `ufm.check` (``gap_tol``, ``grad_tol``, ``hess_rtol``, ...),
         validated before anything runs.
       metrics: store ``ufm.metrics.layer_metrics`` per run (a few kB of JSON per run; off: ``metrics`` is null).
-      rank_rtol, rank_atol: rank thresholds (above).
+      rank_rtol, rank_atol: the thresholds of the numerical ranks of a record (see `SweepResult`).
 
     Returns:
       `SweepResult` with ``records`` for every run of the grid.
@@ -190,112 +349,50 @@ def sweep(
       ValueError, TypeError: a bad grid or option, naming it, before anything runs or is written.
       IncompatibleStoreError: the store belongs to another sweep or is in use by a running one.
     """
-    configs = expand_grid(grid)
-    if not is_int(chunk_size) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be an integer >= 1; got {chunk_size!r}")
-    for name, v in (("second_order", second_order), ("metrics", metrics)):
-        if not isinstance(v, bool):
-            raise TypeError(f"{name} must be True or False; got {v!r}")
-    if progress is not None and not isinstance(progress, bool):
-        raise TypeError(f"progress must be None, True or False; got {progress!r}")
-    for name, tol in (("rank_rtol", rank_rtol), ("rank_atol", rank_atol)):
-        if not is_num(tol) or not math.isfinite(tol) or tol < 0:
-            raise ValueError(f"{name} must be a finite number >= 0; got {tol!r}")
-    check_options = validate_check_options(check_options)
-    if client is not None:
-        if not _is_client(client):
-            raise TypeError(
-                f"client must be a dask.distributed.Client; got {type(client).__name__} "
-                "(pip install 'ufm[distributed]')"
-            )
-        if devices is not None:
-            raise ValueError(
-                "devices and client are exclusive: with a Dask client each task uses its worker's first device"
-            )
-        mesh, ndev = None, 1
-    else:
-        mesh = make_mesh(devices)
-        ndev = mesh.devices.size
-    if progress:
-        tqdm_class(required=True)
-    settings = {
-        "chunk_size": int(chunk_size),
-        "second_order": bool(second_order),
-        "rank_rtol": float(rank_rtol),
-        "rank_atol": float(rank_atol),
-        "x64": bool(jax.config.read("jax_enable_x64")),
-        "metrics": bool(metrics),
-        "check_options": to_jsonable(check_options),
-    }
-    ids = [run_id(c) for c in configs]
-    header = new_header(
-        _fingerprint(ids, settings),
-        to_jsonable(grid),
-        datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
-    )
-    st = Store(os.fspath(store), header) if store is not None else None
-    try:
-        done = dict(st.done) if st is not None else {}
-        finished = np.asarray([i in done for i in ids], bool)
-        chunks = [ch for ch in plan(configs, chunk_size, ndev) if not finished[ch[1]].all()]
-        skipped = int(finished.sum())
-        if progress is None:
-            progress = bool(getattr(sys.stderr, "isatty", lambda: False)()) and tqdm_class(False) is not None
-        bar = Progress(len(configs), skipped, bool(progress))
-        new = 0
-
-        def commit(recs: list[dict]) -> None:
-            nonlocal new
-            if st is not None:
-                recs = st.append(recs)
-            for r in recs:
-                done[r["run"]] = r
-            new += len(recs)
-            bar.update(len(recs))
-
-        try:
-            if client is not None:
-                _run_on_client(client, configs, ids, chunks, finished, settings, commit)
-            else:
-                _run_here(configs, ids, chunks, finished, settings, mesh, commit, bar)
-        finally:
-            bar.close()
-        records = [done[i] for i in ids if i in done]
-        return SweepResult(
-            records,
-            None if store is None else os.fspath(store),
-            len(configs),
-            new,
-            skipped,
-            len(chunks),
-            st.header if st is not None else header,
-            ndev,
+    if client is not None and not _is_client(client):
+        raise TypeError(
+            f"client must be a dask.distributed.Client; got {type(client).__name__} (pip install 'ufm[distributed]')"
         )
-    finally:
-        if st is not None:
-            st.close()
+    with prepare_sweep(
+        grid,
+        store,
+        on_cluster=client is not None,
+        chunk_size=chunk_size,
+        devices=devices,
+        engine=engine,
+        progress=progress,
+        second_order=second_order,
+        check_options=check_options,
+        metrics=metrics,
+        rank_rtol=rank_rtol,
+        rank_atol=rank_atol,
+    ) as job:
+        return job.run(client)
 
 
-def _run_here(configs, ids, chunks, finished, settings, mesh, commit, bar) -> None:
-    """In process: the next chunk is dispatched (asynchronously) before the current one is summarised/written."""
+def _run_here(job: PreparedSweep, commit, bar) -> None:
+    """In process: the next chunk is dispatched (asynchronously where the engine is) before the current one is
+    summarised and written."""
+    configs, ids, finished, settings = job.configs, job.ids, job.finished, job.settings
     pred_cache: dict = {}
     compiled: set = set()
-    pending = None  # (indices, device solution, t0)
-    for k in range(len(chunks) + 1):
+    pending = None  # (indices, dispatched parts, t0)
+    for k in range(len(job.chunks) + 1):
         nxt = None
-        if k < len(chunks):
-            key, idx, size = chunks[k]
+        if k < len(job.chunks):
+            key, idx, size = job.chunks[k]
             first = (key, size) not in compiled
-            if first:  # jit traces and compiles inside this first call
+            if first:  # the first call of a shape compiles
                 c = configs[idx[0]]
                 bar.note(f"compiling K={c['num_classes']} widths={tuple(c['widths'])} {c['method']} batch {size}")
-            nxt = (idx, dispatch([configs[i] for i in idx], size, mesh), time.perf_counter())
+            parts = dispatch([configs[i] for i in idx], size, job.devices, settings["engine"])
+            nxt = (idx, parts, time.perf_counter())
             if first:
                 compiled.add((key, size))
                 bar.note("")
         if pending is not None:
-            idx, fut, t0 = pending
-            host = to_host(fut, len(idx))
+            idx, parts, t0 = pending
+            host = to_host(parts, len(idx))
             wall = (time.perf_counter() - t0) / len(idx)
             todo = np.asarray([j for j, i in enumerate(idx) if not finished[i]], int)  # finished runs: not again
             host = jax.tree_util.tree_map(lambda a, todo=todo: a[todo], host)

@@ -18,7 +18,7 @@ from .._solution import STATUS_NAMES, Solution
 from .._theory import predict
 from ..metrics import layer_metrics
 from .grid import PROBLEM_FIELDS, problem_of
-from .runner import dispatch, make_mesh, to_host
+from .runner import dispatch, to_host
 
 CHECK_DUPLICATES = ("prediction", "metrics", "problem")
 """Fields of ``ufm.check``'s report left out of a record's ``check`` (the record holds them already)."""
@@ -158,12 +158,13 @@ def solve_chunk(
     settings: Mapping,
 ) -> list[dict]:
     """Solve one whole chunk (padded to ``size``) on this process's devices and return the records of the runs
-    marked in ``keep``. This is the task a Dask worker runs; it sets ``jax_enable_x64`` from the settings
-    first (a worker process starts with JAX's default, float32)."""
+    marked in ``keep``, with `ufm.solve_batch`'s engine ``settings["engine"]`` on this process's first device.
+    This is the task a Dask worker runs; it sets ``jax_enable_x64`` from the settings first (a worker process
+    starts with JAX's default, float32)."""
     if bool(jax.config.read("jax_enable_x64")) != settings["x64"]:
         jax.config.update("jax_enable_x64", settings["x64"])
     t0 = time.perf_counter()
-    host = to_host(dispatch(rows, size, make_mesh(None)), len(rows))
+    host = to_host(dispatch(rows, size, jax.devices()[:1], settings["engine"]), len(rows))
     wall = (time.perf_counter() - t0) / len(rows)
     sel = [j for j, k in enumerate(keep) if k]
     host = jax.tree_util.tree_map(lambda a: a[np.asarray(sel, int)], host)

@@ -1,25 +1,28 @@
-"""The runner: runs grouped by static shape and options, cut into fixed-size chunks, each chunk one compiled,
-device-sharded `ufm.solve_batch` call.
+"""The runner: runs grouped by static shape and options, cut into fixed-size chunks, each chunk solved by
+`ufm.solve_batch` (its batched engines: ``engine="auto"|"map"|"slots"|"vmap"``), split over the given devices.
 
 Runs that share every *static* field (shapes, modes, method, step budget, dtype) and the two shared scalars (tol,
 label_smoothing) form a group; a group runs in chunks of a fixed size with batched lam_H / lam_W / lam_b / lr /
-init_scale / PRNG keys, so new numbers never recompile. A chunk is split across the devices of a one-axis `Mesh`
-with `jax.shard_map` (NamedSharding inputs): one CPU, eight GPUs or a TPU slice run the same code. The chunk
-layout (`plan`) depends only on the grid, ``chunk_size`` and the device count, never on which runs are finished,
-so a resumed or redistributed chunk runs with exactly the inputs of the uninterrupted sweep.
+init_scale / seeds, so new numbers never recompile. `ufm.solve_batch` is called outside any trace, so its engine
+choice applies: on a CPU ("auto" = "map") each run costs its own steps, not the slowest run's. With several devices
+a chunk is cut into one equal, contiguous part per device, each part one `solve_batch` call on its device
+(``jax.default_device``) in its own thread, so the devices run at the same time. The chunk layout (`plan`) depends
+only on the grid, ``chunk_size`` and the device count, never on which runs are finished, so a resumed or
+redistributed chunk runs with exactly the inputs of the uninterrupted sweep.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from typing import Any
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import jax
 import numpy as np
 
-from .._solver import solve_batch
+from .._solver import ENGINES, solve_batch
 from .grid import is_int, problem_of
 
 STATIC_FIELDS = (
@@ -67,90 +70,84 @@ def plan(configs: Sequence[Mapping], chunk_size: int, ndev: int = 1) -> list[tup
     return chunks
 
 
-def make_mesh(devices=None) -> jax.sharding.Mesh:
-    """A one-axis ("runs") mesh over ``devices``: a list of devices, a count N (the first N of `jax.devices()`)
-    or None (all of them)."""
+def device_list(devices=None) -> list:
+    """The devices a chunk is split over: a list of devices, a count N (the first N of `jax.devices()`) or None
+    (all of them). Raises TypeError/ValueError naming ``devices``."""
     if devices is None:
-        devices = jax.devices()
-    elif is_int(devices):
+        return list(jax.devices())
+    if is_int(devices):
         all_d = jax.devices()
         if not 1 <= devices <= len(all_d):
             raise ValueError(f"devices must be between 1 and {len(all_d)} (jax.devices()); got {devices}")
-        devices = all_d[:devices]
-    elif isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
+        return list(all_d[:devices])
+    if isinstance(devices, (str, bytes)) or not isinstance(devices, Sequence):
         raise TypeError(f"devices must be None, a number of devices or a list of jax devices; got {devices!r}")
     devices = list(devices)
     if not devices:
         raise ValueError("devices must name at least one device")
     if not all(isinstance(d, jax.Device) for d in devices):
         raise TypeError(f"devices must be None, a number of devices or a list of jax devices; got {devices!r}")
-    return jax.sharding.Mesh(np.asarray(devices, dtype=object), ("runs",))
+    return devices
 
 
-_RUNNERS: dict[tuple, Any] = {}
+def check_engine(engine) -> str:
+    """``engine`` if it is one of `ufm.solve_batch`'s engines, else ValueError naming them."""
+    if not isinstance(engine, str) or engine not in ENGINES:
+        raise ValueError(f"engine must be one of {ENGINES} (ufm.solve_batch's engines); got {engine!r}")
+    return engine
 
 
-def compiled_runner(c0: Mapping, mesh: jax.sharding.Mesh):
-    """One jitted, shard_mapped `solve_batch` per static configuration (cached; jax caches per batch size)."""
-    key = (group_key(c0)[: len(STATIC_FIELDS)], tuple(d.id for d in mesh.devices.flat), mesh.axis_names)
-    fn = _RUNNERS.get(key)
-    if fn is not None:
-        return fn
-    P = jax.sharding.PartitionSpec
-    method, max_steps, patience, dtype = c0["method"], c0["max_steps"], c0["patience"], c0["dtype"]
-
-    def local(problem, seeds, lam_H, lam_W, lam_b, lr, init_scale, tol):
-        keys = jax.vmap(jax.random.key)(seeds)
-        sol = solve_batch(
-            problem,
-            keys=keys,
-            lam_H=lam_H,
-            lam_W=lam_W,
-            lam_b=lam_b,
-            lr=lr,
-            init_scale=init_scale,
-            method=method,
-            max_steps=max_steps,
-            tol=tol,
-            dtype=dtype,
-            patience=patience,
-            history=False,
-            history_every=max_steps,
-        )
-        return sol._replace(history=None, snapshots=None)
-
-    b = P("runs")
-    fn = jax.jit(jax.shard_map(local, mesh=mesh, in_specs=(P(), b, b, b, b, b, b, P()), out_specs=b, check_vma=False))
-    _RUNNERS[key] = fn
-    return fn
-
-
-def dispatch(rows: Sequence[Mapping], size: int, mesh: jax.sharding.Mesh):
-    """Launch one chunk asynchronously (returns the device `Solution`); padded slots repeat the chunk's last run
-    (same step count, so padding never lengthens the chunk)."""
-    P = jax.sharding.PartitionSpec
-    rows = list(rows) + [rows[-1]] * (size - len(rows))
+def solve_rows(rows: Sequence[Mapping], device, engine: str):
+    """`ufm.solve_batch` of one part of a chunk on ``device``: per-run lam_H, lam_W (B, L), lam_b, lr, init_scale
+    and seed (key ``jax.random.key(seed)``), the static options of ``rows[0]``; no history. Returns the device
+    `Solution` (asynchronous where the engine is)."""
     c0 = rows[0]
     fdt = np.float64 if c0["dtype"] == "float64" else np.float32
     L = len(c0["widths"])
-    put = lambda x, spec: jax.device_put(x, jax.sharding.NamedSharding(mesh, spec))
-    problem = jax.tree_util.tree_map(lambda x: put(np.asarray(x, fdt), P()), problem_of(c0))
-    col = lambda k: put(np.asarray([r[k] for r in rows], fdt), P("runs"))
-    lam_W = np.asarray([np.broadcast_to(np.asarray(r["lam_W"], fdt), (L,)) for r in rows], fdt)
-    args = (
-        problem,
-        put(np.asarray([r["seed"] for r in rows], np.int32), P("runs")),
-        col("lam_H"),
-        put(lam_W, P("runs")),
-        col("lam_b"),
-        col("lr"),
-        col("init_scale"),
-        put(np.asarray(c0["tol"], fdt), P()),
-    )
-    return compiled_runner(c0, mesh)(*args)
+    col = lambda k: np.asarray([r[k] for r in rows], fdt)
+    # JAX's default device is part of jit's cache key: on the default device no context, so a sweep shares its
+    # compiled programs with the caller's own solve_batch calls
+    on_default = device == jax.devices()[0]
+    with contextlib.nullcontext() if on_default else jax.default_device(device):
+        return solve_batch(
+            problem_of(c0),
+            seeds=np.asarray([r["seed"] for r in rows], np.int32),
+            lam_H=col("lam_H"),
+            lam_W=np.asarray([np.broadcast_to(np.asarray(r["lam_W"], fdt), (L,)) for r in rows], fdt),
+            lam_b=col("lam_b"),
+            lr=col("lr"),
+            init_scale=col("init_scale"),
+            method=c0["method"],
+            max_steps=c0["max_steps"],
+            tol=c0["tol"],
+            dtype=c0["dtype"],
+            patience=c0["patience"],
+            history=False,
+            engine=engine,
+        )
 
 
-def to_host(sol, n: int):
-    """(params, value, grad_norm, num_steps, status) of a dispatched chunk as NumPy arrays, padding dropped."""
-    tree = (sol.params, sol.value, sol.grad_norm, sol.num_steps, sol.status)
-    return jax.tree_util.tree_map(lambda a: np.asarray(a)[:n], jax.device_get(tree))
+def dispatch(rows: Sequence[Mapping], size: int, devices: Sequence, engine: str = "auto") -> list:
+    """Launch one chunk: padded to ``size`` (padded slots repeat the chunk's last run), cut into one equal part
+    per device. One device: the part is solved here (asynchronously where the engine is); several: each part in
+    its own thread on its device. Returns the parts (a `Solution` or a `Future` of one), for `to_host`."""
+    rows = list(rows) + [rows[-1]] * (size - len(rows))
+    m = size // len(devices)
+    parts = [rows[d * m : (d + 1) * m] for d in range(len(devices))]
+    if len(devices) == 1:
+        return [solve_rows(parts[0], devices[0], engine)]
+    pool = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="ufm-sweep")
+    try:
+        return [pool.submit(solve_rows, part, dev, engine) for part, dev in zip(parts, devices, strict=True)]
+    finally:
+        pool.shutdown(wait=False)  # the threads end with their part
+
+
+def to_host(parts: Sequence, n: int):
+    """(params, value, grad_norm, num_steps, status) of a dispatched chunk as NumPy arrays in run order, padding
+    dropped (waits for the parts)."""
+    trees = []
+    for part in parts:
+        sol = part.result() if isinstance(part, Future) else part
+        trees.append(jax.device_get((sol.params, sol.value, sol.grad_norm, sol.num_steps, sol.status)))
+    return jax.tree_util.tree_map(lambda *a: np.concatenate([np.atleast_1d(x) for x in a])[:n], *trees)
