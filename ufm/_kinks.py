@@ -18,7 +18,7 @@ the smooth problem on it:
 
        Phi(theta; mu, rho) = f_A(theta) + sum_a mu_a z_a + rho/2 sum_a z_a^2
 
-   by L-BFGS (`optax.lbfgs`, zoom line search), then mu <- mu + rho z, and rho <- 10 rho when ||z|| fell by less
+   by L-BFGS (`_lbfgs`, a lean Armijo line search), then mu <- mu + rho z, and rho <- 10 rho when ||z|| fell by less
    than 4x. The active set enters as 0/1 masks of the shapes of Z_2..Z_L, so the program compiles once per
    problem shape and dtype (`polish_piece`); new numbers and new active sets do not recompile.
 3. **Kink-aware stationarity.** The Clarke (chain-rule) gradients at a point with z_A = 0 are
@@ -42,9 +42,9 @@ import functools
 from typing import NamedTuple
 
 import jax
+import jax.flatten_util
 import jax.numpy as jnp
 import numpy as np
-import optax
 
 from ._certificates import kink_masks, stationarity
 from ._model import Params, fit_loss, objective, regulariser, tree_norm
@@ -53,6 +53,7 @@ from ._problem import UFM
 __all__ = ["KINK_RTOLS", "Polish", "kink_slopes", "polish", "polish_piece", "slope_gradient"]
 
 KINK_RTOLS = (1e-3, 1e-5)  # active-set thresholds |z_a| <= kink_rtol max|Z_l|, tried in turn (measured below)
+MEMORY = 10  # L-BFGS pairs
 ROUNDS = 3  # re-identifications of the active set per threshold (new kinks appear while polishing)
 OUTER = 20  # augmented-Lagrangian updates of (mu, rho) per round
 INNER = 500  # L-BFGS steps per augmented-Lagrangian subproblem
@@ -137,22 +138,87 @@ def slope_gradient(problem: UFM, params: Params, masks, slopes) -> tuple[jax.Arr
     return tree_norm(g), tree_norm(gF) + tree_norm(gR)
 
 
+class _LBFGSState(NamedTuple):
+    x: jax.Array  # flat point
+    f: jax.Array
+    g: jax.Array
+    S: jax.Array  # (MEMORY, n) steps s_i, a ring buffer
+    Y: jax.Array  # (MEMORY, n) gradient changes y_i
+    k: jax.Array  # steps taken
+    stuck: jax.Array  # the line search found no decrease: stop
+
+
+def _two_loop(st: _LBFGSState) -> jax.Array:
+    """-H_k g by the L-BFGS two-loop recursion over the stored pairs (Nocedal & Wright 2006, Alg. 7.4); pairs with
+    s.y <= 0 (unfilled slots included) are skipped; H_0 = (s.y / y.y) I of the newest pair, or I."""
+    m = st.S.shape[0]
+    sy = jnp.sum(st.S * st.Y, axis=1)
+    ok = sy > 0
+    rho = jnp.where(ok, 1 / jnp.where(ok, sy, 1), 0)
+    order = (st.k - 1 - jnp.arange(m)) % m  # newest first
+
+    def first(q_a, i):
+        q, a = q_a
+        j = order[i]
+        ai = rho[j] * (st.S[j] @ q)
+        return (q - ai * st.Y[j], a.at[j].set(ai)), None
+
+    (q, a), _ = jax.lax.scan(first, (st.g, jnp.zeros(m, st.g.dtype)), jnp.arange(m))
+    newest = order[0]
+    yy = st.Y[newest] @ st.Y[newest]
+    gamma = jnp.where(ok[newest] & (yy > 0), sy[newest] / jnp.where(yy > 0, yy, 1), 1)
+    r = gamma * q
+
+    def second(r, i):
+        j = order[m - 1 - i]
+        b = rho[j] * (st.Y[j] @ r)
+        return r + st.S[j] * (a[j] - b), None
+
+    r, _ = jax.lax.scan(second, r, jnp.arange(m))
+    return -r
+
+
 def _lbfgs(fn, x, gtol, steps: int):
-    """Minimise ``fn`` from ``x`` by `optax.lbfgs` until ||grad|| <= gtol or ``steps`` steps; (x, steps taken)."""
-    opt = optax.lbfgs()
-    vg = optax.value_and_grad_from_state(fn)
+    """Minimise ``fn`` (a function of `Params`) from ``x`` by L-BFGS until ||grad|| <= gtol, ``steps`` steps, or a
+    failed line search; returns (x, steps taken).
 
-    def cond(c):
-        return (c[2] < steps) & (c[3] > gtol)
+    The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang (2005)
+    f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings): the eps term lets the search pass
+    where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right. A small
+    search compiles in a fraction of optax's zoom (measured: the polish compiled in ~25 s with zoom under load).
+    """
+    flat, unravel = jax.flatten_util.ravel_pytree(x)
+    vg = jax.value_and_grad(lambda v: fn(unravel(v)))
+    f_only = lambda v: fn(unravel(v))  # noqa: E731
+    eps = jnp.finfo(flat.dtype).eps
+    f0, g0 = vg(flat)
+    zeros = jnp.zeros((MEMORY, flat.size), flat.dtype)
+    st0 = _LBFGSState(flat, f0, g0, zeros, zeros, jnp.int32(0), jnp.bool_(False))
 
-    def body(c):
-        x, s, k, _ = c
-        v, g = vg(x, state=s)
-        u, s = opt.update(g, s, x, value=v, grad=g, value_fn=fn)
-        return optax.apply_updates(x, u), s, k + 1, tree_norm(g)
+    def cond(st):
+        return (st.k < steps) & (jnp.linalg.norm(st.g) > gtol) & ~st.stuck
 
-    x, _, k, _ = jax.lax.while_loop(cond, body, (x, opt.init(x), jnp.int32(0), jnp.asarray(jnp.inf, gtol.dtype)))
-    return x, k
+    def body(st):
+        d = _two_loop(st)
+        slope = st.g @ d
+        d = jnp.where(slope < 0, d, -st.g)  # not a descent direction: steepest descent
+        slope = st.g @ d
+        slack = 4 * eps * jnp.abs(st.f)
+
+        def bad(c):
+            t, j = c
+            return (f_only(st.x + t * d) > st.f + 1e-4 * t * slope + slack) & (j < 40)
+
+        t, j = jax.lax.while_loop(bad, lambda c: (c[0] / 2, c[1] + 1), (jnp.asarray(1.0, flat.dtype), 0))
+        x = st.x + t * d
+        f, g = vg(x)
+        stuck = (j >= 40) | ~jnp.isfinite(f)
+        i = st.k % MEMORY
+        new = _LBFGSState(x, f, g, st.S.at[i].set(x - st.x), st.Y.at[i].set(g - st.g), st.k + 1, stuck)
+        return jax.tree_util.tree_map(lambda a, b: jnp.where(stuck, a, b), st._replace(stuck=stuck), new)
+
+    st = jax.lax.while_loop(cond, body, st0)
+    return unravel(st.x), st.k
 
 
 @functools.partial(jax.jit, static_argnames=("outer", "inner"))
