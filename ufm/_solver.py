@@ -151,9 +151,9 @@ def solve(
     on lambda or on the loss scale, so "converged" means the same at every lambda and dtype.
 
     **"converged" means 0 is in the (Clarke) subdifferential to rtol.** At smooth points g = grad f. A deep ReLU
-    run that stalls (status stalled, precision_floor or max_steps) with pre-activations at 0 is finished by the
-    kink polish (`ufm._kinks`): the pre-activations within 1e-3 (then 1e-5) of 0, relative to max|Z_l|, are held
-    at 0 and the smooth problem on that piece is solved by an augmented Lagrangian with L-BFGS; the result is
+    run that stalls (status stalled or precision_floor; not max_steps: the budget is the user's) with
+    pre-activations at 0 is finished by the kink polish (`ufm._kinks`): the pre-activations within 1e-3 (then
+    1e-5) of 0, relative to max|Z_l|, are held at 0 and the smooth problem on that piece is solved by an augmented Lagrangian with L-BFGS; the result is
     accepted (status converged) when some g = grad fit_s + grad reg, fit_s the fit with ReLU slopes s_a in [0, 1]
     at the kinks (an element of the Clarke subdifferential), has rel_grad <= rtol, and its loss is not above the
     stalled run's. ``grad_norm`` and ``rel_grad`` then carry that kink-aware measure; otherwise the run keeps its
@@ -230,7 +230,7 @@ def solve(
         raise TypeError(f"polish must be None, True or False; got {polish!r}")
     sol = _run(_canonical(problem, dt), start, o, _config(o, history, every), progress, dt)
     status = int(sol.status)
-    if polish and status in (STALLED, PRECISION_FLOOR, MAX_STEPS) and problem.activation == "relu":
+    if polish and status in (STALLED, PRECISION_FLOOR) and problem.activation == "relu":
         sol = _polish(problem, sol, o)
         status = int(sol.status)
     if status in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
