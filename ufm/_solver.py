@@ -153,10 +153,11 @@ def solve(
     **"converged" means 0 is in the (Clarke) subdifferential to rtol.** At smooth points g = grad f. A deep ReLU
     run that stalls (status stalled or precision_floor; not max_steps: the budget is the user's) with
     pre-activations at 0 is finished by the kink polish (`ufm._kinks`): the pre-activations within 1e-3 (then
-    1e-5) of 0, relative to max|Z_l|, are held at 0 and the smooth problem on that piece is solved by an augmented Lagrangian with L-BFGS; the result is
-    accepted (status converged) when some g = grad fit_s + grad reg, fit_s the fit with ReLU slopes s_a in [0, 1]
-    at the kinks (an element of the Clarke subdifferential), has rel_grad <= rtol, and its loss is not above the
-    stalled run's. ``grad_norm`` and ``rel_grad`` then carry that kink-aware measure; otherwise the run keeps its
+    1e-5) of 0, relative to max|Z_l|, are held at 0 and the smooth problem on that piece is solved by an
+    augmented Lagrangian with L-BFGS; the result is accepted (status converged) when some
+    g = grad fit_s + grad reg, fit_s the fit with ReLU slopes s_a in [0, 1] at the kinks (an element of the
+    Clarke subdifferential), has rel_grad <= rtol, and its loss is not above the stalled run's. ``grad_norm`` and
+    ``rel_grad`` then carry that kink-aware measure; otherwise the run keeps its
     status (with the polished point when that lowered rel_grad and the loss).
 
     Args:
