@@ -151,14 +151,10 @@ def solve(
     on lambda or on the loss scale, so "converged" means the same at every lambda and dtype.
 
     **"converged" means 0 is in the (Clarke) subdifferential to rtol.** At smooth points g = grad f. A deep ReLU
-    run that stalls (status stalled or precision_floor; not max_steps: the budget is the user's) with
-    pre-activations at 0 is finished by the kink polish (`ufm._kinks`): the pre-activations within 1e-3 (then
-    1e-5) of 0, relative to max|Z_l|, are held at 0 and the smooth problem on that piece is solved by an
-    augmented Lagrangian with L-BFGS; the result is accepted (status converged) when some
-    g = grad fit_s + grad reg, fit_s the fit with ReLU slopes s_a in [0, 1] at the kinks (an element of the
-    Clarke subdifferential), has rel_grad <= rtol, and its loss is not above the stalled run's. ``grad_norm`` and
-    ``rel_grad`` then carry that kink-aware measure; otherwise the run keeps its
-    status (with the polished point when that lowered rel_grad and the loss).
+    run that stalls (stalled or precision_floor) at ReLU kinks is finished by the kink polish (`ufm._kinks`: the
+    pre-activations near 0 held at 0, the smooth piece solved by an augmented Lagrangian) and accepted when some
+    g = grad fit_s + grad reg, with ReLU slopes s in [0, 1] at the kinks, has rel_grad <= rtol and the loss did
+    not rise; ``grad_norm`` and ``rel_grad`` then carry that kink-aware measure.
 
     Args:
       problem: a `ufm.UFM`.
