@@ -100,9 +100,6 @@ class Config(NamedTuple):
     progress_every: int = 0
 
 
-LINESEARCH = "zoom"
-
-
 def make_optimizer(
     method, lr, momentum: float, memory_size: int, *, lazy: bool = True
 ) -> optax.GradientTransformationExtraArgs:
@@ -124,11 +121,8 @@ def make_optimizer(
     elif method == "adam":
         opt = optax.adam(lr)
     elif method == "lbfgs":
-        # L-BFGS with a line search (LINESEARCH); lr scales the accepted step (1.0 = plain L-BFGS).
-        if LINESEARCH == "zoom":
-            ls = optax.scale_by_zoom_linesearch(max_linesearch_steps=30, initial_guess_strategy="one")
-        else:
-            ls = optax.scale_by_backtracking_linesearch(max_backtracking_steps=30, store_grad=True)
+        # L-BFGS with a zoom (strong-Wolfe) line search; lr scales the accepted step (1.0 = plain L-BFGS).
+        ls = optax.scale_by_zoom_linesearch(max_linesearch_steps=30, initial_guess_strategy="one")
         opt = optax.chain(optax.scale_by_lbfgs(memory_size=memory_size), optax.scale(-lr), ls)
     else:
         raise ValueError(f"unknown method {method!r}")

@@ -39,6 +39,7 @@ DEFAULT_RTOL = {"float64": 1e-7, "float32": 1e-4}
 RESOLVE_FLOOR = {"float64": 1e-6, "float32": 1e-2}
 MEMORY_LIMIT_BYTES = 2 * 1024**3  # history + snapshots preallocated by one solve (refused above, with the estimate)
 DIVERGENCE_FACTOR = 1e4
+DEFAULT_INIT_SCALE = "auto"  # `auto_init_scale`: the measured rule per model family and depth
 
 
 class SolverOptions(NamedTuple):
@@ -216,3 +217,31 @@ def check_memory(
             f"{batch} run(s) of {num_params} parameters), above the {limit / 2**30:.1f} GiB limit: raise "
             f"history_every/snapshot_every, pass history=False, or lower max_steps"
         )
+
+
+def auto_init_scale(problem) -> float:
+    """The default initialisation scale s of `ufm.init_params` (``init_scale="auto"``), a rule per model family and
+    depth, measured with L-BFGS (benchmarks/README.md, "Time to optimum"):
+
+    - deep linear (L >= 2): s with s^(L+1) = 0.008, i.e. the product of the L + 1 layer scales at about 1/125.
+      Dang et al.'s setting (K=4, n=100, widths 64 x L, lambda=5e-4, MSE, 2 seeds): L=3 converges in 1,773-2,577
+      steps from s=1, 1,008-1,054 from 0.5, 325-379 from 0.3 (= 0.008^(1/4)); L=6 from s=1 or 0.7 is still
+      120-290x above the optimum after 3,000 steps, from 0.5 (= 0.008^(1/7)) converges in 401-446 steps, from 0.3
+      stops at a saddle 18x above the optimum and from 0.2 at the zero saddle.
+    - deep ReLU (L >= 2): 1.0. A ReLU halves the signal at every layer, so smaller scales reach the zero saddle
+      early: at K=6, L=4, widths 11, lambda=0.004, init 0.1 puts every start there; from 1.0 none is.
+    - shallow (L = 1): 1.0 (the shallow UFM converges from any scale in the tested range).
+    """
+    if problem.activation == "linear" and problem.L >= 2:
+        return 0.008 ** (1 / (problem.L + 1))
+    return 1.0
+
+
+def resolve_init_scale(problem, init_scale=DEFAULT_INIT_SCALE):
+    """The number an ``init_scale`` option stands for: `auto_init_scale` for ``"auto"``, else ``init_scale`` (checked
+    by the caller). For the command line and sweeps, which store the number that was used."""
+    if isinstance(init_scale, str):
+        if init_scale != "auto":
+            raise ValueError(f'init_scale must be a finite number >= 0 or "auto"; got {init_scale!r}')
+        return auto_init_scale(problem)
+    return init_scale

@@ -43,8 +43,9 @@ MESSAGES = {
     "The learning rate is too large for this problem: lower lr (or init_scale).",
     STALLED: "Stalled: neither the loss nor the gradient norm improved for `patience` steps while the gradient "
     "norm was above tolerance. Either this is the precision floor of the dtype (use float64 via jax_enable_x64, or a "
-    "looser tol), or the point is non-smooth: ReLU pre-activations sitting exactly at 0, as at the deep ReLU "
-    "(DNC) optimum, where the gradient need not vanish; judge such runs by the loss gap (ufm.check).",
+    "looser tol), or the point is non-smooth: ReLU pre-activations sitting exactly at 0, where the gradient need not "
+    "vanish and the kink polish (polish=True, the default for deep ReLU) did not reach a kink-aware stationary point "
+    "either; judge such runs with ufm.check, or restart from another key.",
     ZERO_SADDLE: "At the zero saddle: the run ended at (numerically) zero parameters, a stationary point that is "
     "not the minimum of this problem; increase init_scale.",
     INTERRUPTED: "Interrupted (SIGINT): the solution is the point reached when the run was stopped.",
@@ -76,7 +77,8 @@ class Solution(NamedTuple):
     Attributes:
       params: the final `Params` (H, Ws, b).
       value: the objective f at ``params``.
-      grad_norm: ||grad f(params)||_2, the Euclidean norm over all parameters.
+      grad_norm: ||grad f(params)||_2, the Euclidean norm over all parameters (after an accepted kink polish, the
+        norm of the kink-aware gradient: ReLU slopes in [0, 1] at the pre-activations at 0, see `ufm.solve`).
       num_steps: optimiser steps taken.
       status: int code (0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled, 5 at the zero
         saddle, 6 interrupted, 7 precision floor of the dtype); see ``message`` for what to do next.

@@ -26,16 +26,20 @@ from ._driver import (
     run_jit,
     unregister_progress,
 )
+from ._kinks import polish as polish_kinks
 from ._model import Params, check_params
 from ._options import (
+    DEFAULT_INIT_SCALE,
     DEFAULT_LR,
     DEFAULT_MAX_STEPS,
     METHODS,
     SolverOptions,
+    auto_init_scale,
     check_dtype,
     check_memory,
     default_rtol,
     default_tol,
+    resolve_init_scale,
     solver_options,
 )
 from ._problem import UFM, is_concrete
@@ -86,19 +90,6 @@ def _key(key, name="key"):
     raise TypeError(f"{name} must be a jax.random.key or an integer seed; got {key!r}")
 
 
-def auto_init_scale(problem: UFM) -> float:
-    """``init_scale="auto"``: for deep linear models (L >= 2) the scale s with s^(L+1) = 0.008, i.e. the product of
-    the layer scales at about 1/125; 1.0 otherwise.
-
-    Measured (Dang et al.'s setting K=4, n=100, widths 64 x L, lambda=5e-4, MSE, L-BFGS, 2 seeds): L=3 converges in
-    1,773-2,577 steps from s=1, 1,008-1,054 from 0.5, 325-379 from 0.3 (= 0.008^(1/4)); L=6 from s=1 or 0.7 is
-    still 120-290x above the optimum after 3,000 steps, from 0.5 (= 0.008^(1/7)) converges in 401-446 steps, from
-    0.3 stops at a saddle 18x above the optimum and from 0.2 at the zero saddle."""
-    if problem.activation == "linear" and problem.L >= 2:
-        return 0.008 ** (1 / (problem.L + 1))
-    return 1.0
-
-
 def zero_point_loss(problem: UFM) -> float:
     """f(0): the fit of the zero output, 1/2 for MSE (||Y||^2 / (2N) with one-hot Y) and log K for CE."""
     return 0.5 if problem.loss == "mse" else math.log(problem.num_classes)
@@ -135,7 +126,7 @@ def solve(
     lr: float | None = None,
     max_steps: int | None = None,
     tol: float | None = None,
-    init_scale: float = 1.0,
+    init_scale: float | str = DEFAULT_INIT_SCALE,
     dtype=None,
     patience: int | None = None,
     history: bool = True,
@@ -147,16 +138,23 @@ def solve(
     rtol: float | None = None,
     progress=None,
     progress_every: int | None = None,
+    polish: bool | None = None,
 ) -> Solution:
     """Minimise the UFM objective from one starting point; initialisation and the whole loop are one compiled
-    program.
+    program, followed for ReLU models by a kink polish when the run stalls at a ReLU kink.
 
     Stopping rule (`ufm._driver`): converged when the scale-aware stationarity
 
-        rel_grad = ||grad f|| / (||grad fit|| + ||grad reg||)  <=  rtol
+        rel_grad = ||g|| / (||grad fit|| + ||grad reg||)  <=  rtol
 
-    (0 when both vanish), or when ``||grad f||_2 <= tol`` if an absolute ``tol`` is given. rel_grad does not depend
+    (0 when both vanish), or when ``||g||_2 <= tol`` if an absolute ``tol`` is given. rel_grad does not depend
     on lambda or on the loss scale, so "converged" means the same at every lambda and dtype.
+
+    **"converged" means 0 is in the (Clarke) subdifferential to rtol.** At smooth points g = grad f. A deep ReLU
+    run that stalls (stalled or precision_floor) at ReLU kinks is finished by the kink polish (`ufm._kinks`: the
+    pre-activations near 0 held at 0, the smooth piece solved by an augmented Lagrangian) and accepted when some
+    g = grad fit_s + grad reg, with ReLU slopes s in [0, 1] at the kinks, has rel_grad <= rtol and the loss did
+    not rise; ``grad_norm`` and ``rel_grad`` then carry that kink-aware measure.
 
     Args:
       problem: a `ufm.UFM`.
@@ -170,9 +168,9 @@ def solve(
       lr: learning rate (defaults: gd/momentum 0.1, adam 1e-3; for lbfgs a step scale, 1.0). May be a JAX
         scalar: new values do not recompile.
       max_steps: step budget (default 10,000 for lbfgs, 100,000 for first-order methods).
-      tol: absolute tolerance on ||grad f||_2 (default: none, only the relative test).
-      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (`auto_init_scale`: for deep
-        linear models the scale s with s^(L+1) = 0.008, measured to converge 3-5x faster than 1.0 at L = 3, 6).
+      tol: absolute tolerance on ||g||_2 (default: none, only the relative test).
+      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (default; `auto_init_scale`: a
+        rule per model family and depth, measured).
       dtype: float32 or float64 (default: JAX's default float; ignored with ``init``).
       patience: steps without improvement of the best loss or best gradient norm before status "stalled"
         (default 50 for lbfgs, 1000 otherwise).
@@ -189,6 +187,8 @@ def solve(
         the solve at the next report with status "interrupted" and the point reached; a second Ctrl-C raises.
         Without either, the program has no host callback, so JAX's persistent compilation cache can keep it.
       progress_every: steps between reports (default with a handler: 100 for lbfgs, 1000 otherwise).
+      polish: run the kink polish on stalled ReLU runs (default: True for ReLU models with L >= 2; ignored
+        otherwise). Its program compiles once per problem shape and dtype; its steps are not in ``num_steps``.
 
     Returns:
       A `Solution` (status 0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled, 5 at the zero
@@ -205,19 +205,7 @@ def solve(
     """
     if not isinstance(problem, UFM):
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
-    if init is not None:
-        check_params(problem, init, "init")
-        init = jax.tree_util.tree_map(jnp.asarray, Params(*init))
-        dt = check_dtype(init.H.dtype)
-    else:
-        dt = check_dtype(dtype)
-        key = _key(key)
-        if isinstance(init_scale, str) and init_scale == "auto":
-            init_scale = auto_init_scale(problem)
-        if is_concrete(init_scale):
-            a = np.asarray(init_scale)
-            if a.ndim or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a) or a < 0:
-                raise ValueError(f"init_scale must be a finite number >= 0; got {init_scale!r}")
+    start, dt = _start(problem, key, init, init_scale, dtype)
     o = solver_options(
         method,
         lr,
@@ -232,6 +220,40 @@ def solve(
         memory_size=memory_size,
     )
     check_memory(num_params(problem), dt.itemsize, o, history=history)
+    progress, every = _progress_options(progress, progress_every, method)
+    if polish is None:
+        polish = problem.activation == "relu" and problem.L >= 2
+    elif not isinstance(polish, (bool, np.bool_)):
+        raise TypeError(f"polish must be None, True or False; got {polish!r}")
+    sol = _run(_canonical(problem, dt), start, o, _config(o, history, every), progress, dt)
+    status = int(sol.status)
+    if polish and status in (STALLED, PRECISION_FLOOR) and problem.activation == "relu":
+        sol = _polish(problem, sol, o)
+        status = int(sol.status)
+    if status in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
+        sol = sol._replace(status=jnp.asarray(ZERO_SADDLE, jnp.int32))
+    if throw and int(sol.status) != CONVERGED:
+        raise RuntimeError(f"ufm.solve did not converge (status {int(sol.status)}): {MESSAGES[int(sol.status)]}")
+    return sol
+
+
+def _start(problem: UFM, key, init, init_scale, dtype):
+    """Validate the starting point: (explicit `Params`, their dtype) or ((key, init_scale), the solve dtype)."""
+    if init is not None:
+        check_params(problem, init, "init")
+        init = jax.tree_util.tree_map(jnp.asarray, Params(*init))
+        return init, check_dtype(init.H.dtype)
+    dt = check_dtype(dtype)
+    init_scale = resolve_init_scale(problem, init_scale)
+    if is_concrete(init_scale):
+        a = np.asarray(init_scale)
+        if a.ndim or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a) or a < 0:
+            raise ValueError(f"init_scale must be a finite number >= 0; got {init_scale!r}")
+    return (_key(key), jnp.asarray(init_scale, dt)), dt
+
+
+def _progress_options(progress, progress_every, method):
+    """(the progress callable or None, the report interval; 0 = no host callback in the program)."""
     if progress_every is None:
         # no callback without a progress handler: a program with a host callback is not kept by JAX's persistent
         # compilation cache (measured: the solve program was recompiled in a new process, 5 other programs hit)
@@ -243,31 +265,41 @@ def solve(
     if progress is not None and not callable(progress):
         raise TypeError(f"progress must be None, True or a callable progress(step, value, grad_norm); got {progress!r}")
     assert progress_every is not None  # PROGRESS_EVERY has every method name solver_options accepts
-    cfg = _config(o, history, int(progress_every))
+    return progress, int(progress_every)
+
+
+def _run(problem: UFM, start, o: SolverOptions, cfg: Config, progress, dt) -> Solution:
+    """The compiled solve, with the progress handler registered and Ctrl-C caught around it."""
     handle = register_progress(None if progress is None else Throttle(progress))
     try:
         with catch_sigint():
-            if init is not None:
-                sol = run_jit(_canonical(problem, dt), init, o.lr, o.tol, o.rtol, handle, cfg)
+            if isinstance(start, Params):
+                sol = run_jit(problem, start, o.lr, o.tol, o.rtol, handle, cfg)
             else:
-                sol = run_jit(
-                    _canonical(problem, dt),
-                    (key, jnp.asarray(init_scale, dt)),
-                    o.lr,
-                    o.tol,
-                    o.rtol,
-                    handle,
-                    cfg,
-                    dtype=dt,
-                )
+                sol = run_jit(problem, start, o.lr, o.tol, o.rtol, handle, cfg, dtype=dt)
             jax.block_until_ready(sol)
     finally:
         unregister_progress(handle)
-    if int(sol.status) in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
-        sol = sol._replace(status=jnp.asarray(ZERO_SADDLE, jnp.int32))
-    if throw and int(sol.status) != CONVERGED:
-        raise RuntimeError(f"ufm.solve did not converge (status {int(sol.status)}): {MESSAGES[int(sol.status)]}")
     return sol
+
+
+def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
+    """A stalled ReLU run finished by the kink polish (`ufm._kinks.polish`): converged with the kink-aware measure
+    when accepted; else the polished point when it lowered both the loss and rel_grad; else ``sol``."""
+    dt = sol.value.dtype
+    res, accepted = polish_kinks(_canonical(problem, dt), sol.params, float(sol.value), float(o.rtol), float(o.tol))
+    if res is None:
+        return sol
+    better = float(res.value) <= float(sol.value) and float(res.rel_grad) < float(np.asarray(sol.rel_grad))
+    if not (accepted or better):
+        return sol
+    return sol._replace(
+        params=res.params,
+        value=res.value,
+        grad_norm=res.grad_norm,
+        rel_grad=res.rel_grad,
+        status=jnp.asarray(CONVERGED, jnp.int32) if accepted else sol.status,
+    )
 
 
 def _config(o: SolverOptions, history: bool, progress_every: int = 0) -> Config:

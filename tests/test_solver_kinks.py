@@ -1,0 +1,178 @@
+"""The kink polish (`ufm._kinks`): convergence of deep ReLU runs at ReLU kinks.
+
+Independent references: a NumPy forward pass with explicit ReLU slopes and central finite differences (the Clarke
+gradient of given slopes, and the slopes the multipliers imply), the binary DNC optimum of `ufm.construct` (a
+closed form, Súkeník et al. 2023, with its kinks known), and `ufm.check`/`ufm.certify` (a separate kink-aware
+stationarity search) on the issue's case K=3, L=4, widths 6, lambda=0.004.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import ufm
+from ufm._certificates import kink_masks, stationarity
+from ufm._kinks import kink_slopes, polish_piece, slope_gradient
+
+# ---------------------------------------------------------------------------------------------------------------
+# NumPy reference: the fit with activation relu(z) off the masks and s * z on them, plus shifts e (dF/dh = dF/de)
+
+
+def np_fit(problem, H, Ws, masks, slopes, shifts):
+    h = H
+    for W, m, s, e in zip(Ws[:-1], masks, slopes, shifts, strict=True):
+        z = W @ h
+        h = np.maximum(z, 0) * (1 - m) + m * s * z + e
+    out = Ws[-1] @ h
+    Y = np.zeros_like(out)
+    Y[np.asarray(problem.labels()), np.arange(problem.N)] = 1.0
+    return np.sum((out - Y) ** 2) / (2 * problem.N)
+
+
+def fd_grad(f, x, h=1e-6):
+    """Central differences of a scalar function of a flat vector (error ~ h^2 f''' + eps/h ~ 1e-10 here)."""
+    g = np.zeros_like(x)
+    for i in range(x.size):
+        e = np.zeros_like(x)
+        e[i] = h
+        g[i] = (f(x + e) - f(x - e)) / (2 * h)
+    return g
+
+
+SMALL = ufm.UFM(
+    num_classes=2, n_per_class=2, widths=(5, 5, 5, 5), activation="relu", loss="mse", lam_H=0.01, lam_W=0.02
+)
+
+
+def random_case(seed):
+    """A random point of SMALL with random masks whose pre-activations are exactly 0 (a point at those kinks: row i
+    of W_l is projected off the features h_{l-1}[:, j] of its masked columns j, layer by layer), and random slopes
+    in (0.1, 0.9) on the masks; drawn again until every other pre-activation is >= 1e-3 from 0 (deterministic)."""
+    rng = np.random.default_rng(seed)
+    for attempt in range(100):
+        p0 = ufm.init_params(SMALL, jax.random.key(100 * seed + attempt), 1.0)
+        H, Ws = np.asarray(p0.H), [np.array(W) for W in p0.Ws]
+        masks, h, ok = [], H, True
+        for W in Ws[:-1]:
+            m = (rng.random((W.shape[0], h.shape[1])) < 0.3).astype(float)
+            for i in range(W.shape[0]):
+                cols = np.flatnonzero(m[i])
+                if cols.size:
+                    Q = np.linalg.qr(h[:, cols])[0]
+                    W[i] -= Q @ (Q.T @ W[i])
+            z = W @ h
+            ok &= bool(np.all(np.abs(z[m > 0]) < 1e-12) and np.all(np.abs(z[m == 0]) > 1e-3))
+            masks.append(m)
+            h = np.maximum(z, 0) * (1 - m)
+        if ok and all(m.any() for m in masks):
+            slopes = [m * rng.uniform(0.1, 0.9, m.shape) for m in masks]
+            return ufm.Params(jnp.asarray(H), tuple(jnp.asarray(W) for W in Ws), None), masks, slopes
+    raise AssertionError("no valid random kink point")
+
+
+def test_slope_gradient_is_the_gradient_of_the_slope_piece():
+    # ||grad f_s|| and ||grad F_s|| + ||grad R|| against finite differences of the NumPy piece (grad R = lambda theta)
+    params, masks, slopes = random_case(0)
+    H, Ws = np.asarray(params.H), [np.asarray(W) for W in params.Ws]
+    shapes = [H.shape] + [W.shape for W in Ws]
+    sizes = [int(np.prod(s)) for s in shapes]
+
+    def unflat(v):
+        parts = np.split(v, np.cumsum(sizes)[:-1])
+        return [a.reshape(s) for a, s in zip(parts, shapes, strict=True)]
+
+    def F(v):
+        H_, *Ws_ = unflat(v)
+        return np_fit(SMALL, H_, Ws_, masks, slopes, [0.0] * 3)
+
+    x = np.concatenate([H.ravel()] + [W.ravel() for W in Ws])
+    gF = fd_grad(F, x)
+    lam = np.concatenate([np.full(sizes[0], 0.01)] + [np.full(s, 0.02) for s in sizes[1:]])
+    gR = lam * x
+    gn, scale = slope_gradient(SMALL, params, tuple(map(jnp.asarray, masks)), tuple(map(jnp.asarray, slopes)))
+    np.testing.assert_allclose(float(gn), np.linalg.norm(gF + gR), rtol=1e-7)
+    np.testing.assert_allclose(float(scale), np.linalg.norm(gF) + np.linalg.norm(gR), rtol=1e-7)
+
+
+def test_kink_slopes_recover_planted_slopes():
+    # plant slopes s* on three kink layers, set lambda_a = s*_a g_a(s*) with g = dF/dh by finite differences in
+    # NumPy: the layer-by-layer solve (last layer first) must return s* (to the FD error, ~1e-8 relative)
+    params, masks, slopes = random_case(1)
+    H, Ws = np.asarray(params.H), [np.asarray(W) for W in params.Ws]
+    zero = [np.zeros(m.shape) for m in masks]
+    lam = []
+    for i, m in enumerate(masks):
+
+        def F(e, i=i, m=m):
+            shifts = [e.reshape(m.shape) if j == i else zero[j] for j in range(3)]
+            return np_fit(SMALL, H, Ws, masks, slopes, shifts)
+
+        g = fd_grad(F, zero[i].ravel()).reshape(m.shape)
+        assert np.all(np.abs(g[m > 0]) > 1e-6)  # non-degenerate kinks: the slopes are determined
+        lam.append(slopes[i] * g)
+    got = kink_slopes(SMALL, params, tuple(map(jnp.asarray, masks)), tuple(map(jnp.asarray, lam)))
+    for s, s_star in zip(got, slopes, strict=True):
+        np.testing.assert_allclose(np.asarray(s), s_star, atol=1e-7)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# planted: the binary DNC optimum (closed form, `ufm.construct`; its zero pre-activations are the kinks)
+
+DNC2 = ufm.UFM(num_classes=2, n_per_class=2, widths=(4, 4, 4), activation="relu", loss="mse", lam_H=5e-3, lam_W=5e-3)
+
+
+def test_polish_returns_to_the_planted_dnc_optimum():
+    star = ufm.construct(DNC2)
+    masks = kink_masks(DNC2, star)
+    # the pattern: each class mean lives on its own coordinate after every ReLU, the other entries are 0
+    assert sum(int(m.sum()) for m in masks) == 2 * (4 * 4 - 4)
+    noise = jax.tree_util.tree_map(lambda x: 1e-3 * jax.random.normal(jax.random.key(3), x.shape), star)
+    start = jax.tree_util.tree_map(jnp.add, star, noise)
+    res = polish_piece(DNC2, start, tuple(jnp.asarray(m, jnp.float64) for m in masks), 1e-7)
+    f_star = ufm.predict(DNC2).loss
+    # the piece's minimum near the start is the DNC optimum: loss to 1e-10 (the polish stops at rel_grad ~1e-8,
+    # and the loss gap is ~ rel_grad^2 near a minimum)
+    assert abs(float(res.value) - f_star) <= 1e-10 * f_star
+    assert float(res.rel_grad) <= 1e-7 and float(res.violation) <= 1e-9
+    # the certificates' own kink search agrees that the point is Clarke-stationary (ufm.check's tolerance 1e-6)
+    assert stationarity(DNC2, res.params).grad_norm_rel <= 1e-6
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the issue's case: before the polish, 6/6 default runs ended "stalled"
+
+KINK = ufm.UFM(num_classes=3, n_per_class=1, widths=(6,) * 4, activation="relu", loss="mse", lam_H=0.004, lam_W=0.004)
+
+
+def _kink_case(seeds):
+    for seed in seeds:
+        bare = ufm.solve(KINK, key=seed, polish=False)
+        assert bare.status_name in ("stalled", "precision_floor")  # what the polish has to finish
+        sol = ufm.solve(KINK, key=seed)
+        assert sol.status_name == "converged", (seed, sol.status_name, float(sol.rel_grad))
+        assert float(sol.rel_grad) <= 1e-7
+        assert float(sol.value) <= float(bare.value) * (1 + 1e-8)  # the polish never raises the loss
+        # the independent check: ufm.check recomputes a kink-aware stationarity and must not call the point
+        # unfinished (matches / local-min / below-prediction are all stationary-or-better verdicts)
+        rep = ufm.check(KINK, sol, hessian=False)
+        assert rep.verdict not in ("not-converged", "unresolved"), (seed, rep.explanation)
+
+
+def test_kink_case_converges_and_check_agrees():
+    before = polish_piece._cache_size()
+    _kink_case([2, 4])
+    # new numbers do not recompile the polish: a second lambda and seed reuse the program
+    sol = ufm.solve(KINK.replace(lam_H=0.0041), key=5)
+    assert sol.status_name == "converged"
+    assert polish_piece._cache_size() - before <= 1
+
+
+@pytest.mark.slow
+def test_kink_case_all_six_seeds():
+    _kink_case(range(6))
+
+
+def test_polish_option():
+    with pytest.raises(TypeError, match="polish"):
+        ufm.solve(DNC2, key=0, polish="yes")
