@@ -232,8 +232,14 @@ def auto_init_scale(problem) -> float:
       early: at K=6, L=4, widths 11, lambda=0.004, init 0.1 puts every start there; from 1.0 none is.
     - shallow (L = 1): 1.0 (the shallow UFM converges from any scale in the tested range).
     """
-    if problem.activation == "linear" and problem.L >= 2:
-        return 0.008 ** (1 / (problem.L + 1))
+    return auto_init_scale_for(problem.activation, problem.L)
+
+
+def auto_init_scale_for(activation: str, L: int) -> float:
+    """`auto_init_scale` from the two things the rule reads: the activation and the depth L (for sweeps, which
+    resolve it per setting before any `UFM` is built)."""
+    if activation == "linear" and L >= 2:
+        return 0.008 ** (1 / (L + 1))
     return 1.0
 
 

@@ -107,7 +107,12 @@ SOLVER_OPTIONS: list[Option] = [
     (("--steps",), "steps", parse_int_or_default, "step budget max_steps (default: 10000 lbfgs, 100000 others)"),
     (("--tol",), "tol", parse_float_or_default, "stop when ||grad f||_2 <= tol (default 1e-9 float64, 1e-5 float32)"),
     (("--seed",), "seed", parse_int, "seed of the random init, jax.random.key(seed) (default 0)"),
-    (("--init-scale",), "init_scale", parse_float, "scale of the random init (default 1)"),
+    (
+        ("--init-scale",),
+        "init_scale",
+        parse_float_or_default,
+        "scale of the random init (default auto: 0.008^(1/(L+1)) for deep linear models, else 1)",
+    ),
     (("--dtype",), "dtype", str, "float64 | float32 (default float64)"),
     (
         ("--patience",),

@@ -39,7 +39,7 @@ DEFAULT_SOLVER: dict[str, Any] = {
     "steps": None,
     "tol": None,
     "seed": 0,
-    "init_scale": 1.0,
+    "init_scale": None,  # "auto": `ufm._options.auto_init_scale`, the measured rule per family and depth
     "dtype": "float64",
     "patience": None,
     "history_every": 1,
@@ -149,8 +149,10 @@ def check_solver(s: dict) -> dict:
         v = out[name]
         if v is not None and (not is_num(v) or v < 0 or (name == "lr" and v == 0)):
             raise UsageError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}; got {v!r}")
-    if not is_num(out["init_scale"]) or out["init_scale"] <= 0:
-        raise UsageError(f"init_scale must be a finite number > 0; got {out['init_scale']!r}")
+    if out["init_scale"] == "auto":
+        out["init_scale"] = None
+    if out["init_scale"] is not None and (not is_num(out["init_scale"]) or out["init_scale"] <= 0):
+        raise UsageError(f"init_scale must be a finite number > 0 or auto; got {out['init_scale']!r}")
     if not is_num(out["momentum"]) or not 0 <= out["momentum"] < 1:
         raise UsageError(f"momentum must be in [0, 1); got {out['momentum']!r}")
     if not is_int(out["seed"]) or not 0 <= out["seed"] < 2**63:
@@ -168,7 +170,7 @@ def check_solver(s: dict) -> dict:
 def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
     """Merge defaults, the --config file and the options into ``(UFM, solver dict)`` with every solver default
     resolved (lr, steps, tol, patience, snapshot_every), all validated before any compute."""
-    from .._options import solver_options
+    from .._options import resolve_init_scale, solver_options
 
     problem = dict(DEFAULT_PROBLEM)
     solver = dict(DEFAULT_SOLVER)
@@ -200,6 +202,8 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
         solver["dtype"],
     )
     solver.update(lr=float(o.lr), steps=o.max_steps, tol=float(o.tol), patience=o.patience)
+    if solver["init_scale"] is None:  # the number the rule gives is what config.json records
+        solver["init_scale"] = float(resolve_init_scale(ufm_problem, "auto"))
     if solver["snapshot_every"] is None:
         solver["snapshot_every"] = auto_snapshot_every(ufm_problem, solver)
     return ufm_problem, solver

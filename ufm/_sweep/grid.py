@@ -19,6 +19,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from .._options import auto_init_scale_for
 from .._problem import ACTIVATIONS, BIASES, LOSSES, UFM
 from .._solver import DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, default_tol
 
@@ -233,7 +234,7 @@ def _expand_one(grid: Mapping, x64: bool) -> list[dict]:
         c.setdefault("lr", float(DEFAULT_LR[c["method"]]))
         c.setdefault("max_steps", int(DEFAULT_MAX_STEPS[c["method"]]))
         c.setdefault("tol", float(default_tol(c["dtype"])))
-        c.setdefault("init_scale", 1.0)
+        c.setdefault("init_scale", auto_init_scale_for(c["activation"], len(c["widths"])))  # ufm.solve's "auto"
         c.setdefault("patience", 50 if c["method"] == "lbfgs" else 1000)
         c.setdefault("seed", 0)
         if isinstance(c["lam_W"], list) and len(c["lam_W"]) != len(c["widths"]):
