@@ -429,6 +429,72 @@ def step_breakdown(sizes=None, dtypes=("float32", "float64"), rounds: int = 7, t
     return rows
 
 
+def _plain_objective(p, x):
+    """The benchmark's objective (deep ReLU MSE, bias-free, THEORY.md §4) with plain ``W @ H`` products: what
+    autodiff gives without `ufm._model.layer_matmul`."""
+    import jax
+    import jax.numpy as jnp
+
+    h = x.H
+    for W in x.Ws[:-1]:
+        h = jax.nn.relu(W @ h)
+    out = x.Ws[-1] @ h
+    Y = jax.nn.one_hot(jnp.asarray(p.labels()), p.num_classes, dtype=out.dtype, axis=0)
+    reg = LAM / 2 * (sum(jnp.sum(W**2) for W in x.Ws) + jnp.sum(x.H**2))
+    return jnp.sum((out - Y) ** 2) / (2 * p.N) + reg
+
+
+def product_variants(sizes=None, dtypes=("float32", "float64"), rounds: int = 9, cpu_time: bool = True, log=print):
+    """GD-step loops of ``ufm.objective`` (layer products of `ufm._model.layer_product`) against the same objective
+    with plain ``W @ H`` autodiff (`_plain_objective`), interleaved in one process.
+
+    ``cpu_time=True`` times with ``time.process_time`` (the CPU seconds of this process, all its threads): on a
+    machine shared with other jobs it measures the work of each variant rather than the scheduler; run with
+    ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` so that no thread spins at a barrier. Returns per size and
+    dtype the median ms per step and the median of the per-round ratios plain / ufm (> 1: ufm's products win)."""
+    import jax
+
+    import ufm
+
+    C.enable_x64()
+    clock = time.process_time if cpu_time else time.perf_counter
+    rows = []
+    for name, (K, n, d, L) in (sizes or SIZES).items():
+        for dtype in dtypes:
+            p = _problem(K, n, d, L)
+            x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
+            flops = C.gd_step_flops(K, p.N, p.widths)
+            S = max(2, min(2000, int(0.1 * 20e9 / flops)))
+            progs = {}
+            for key, f in (
+                ("ufm", functools.partial(ufm.objective, p)),
+                ("plain", functools.partial(_plain_objective, p)),
+            ):
+                vg = jax.value_and_grad(f)
+
+                def gd(i, x, vg=vg):
+                    return jax.tree.map(lambda a, b: a - LR * b, x, vg(x)[1])
+
+                progs[key] = jax.jit(lambda x, k, gd=gd: jax.lax.fori_loop(0, k, gd, x))
+                jax.block_until_ready(progs[key](x0, 1))
+
+            def per_step(prog, x0=x0, S=S):
+                t0 = clock()
+                jax.block_until_ready(prog(x0, S))
+                t1 = clock()
+                jax.block_until_ready(prog(x0, 2 * S))
+                return ((clock() - t1) - (t1 - t0)) / S
+
+            t = C.interleaved({k: functools.partial(per_step, v) for k, v in progs.items()}, rounds)
+            row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, clock="process_time" if cpu_time else "wall")
+            row.update({f"{k}_ms": 1e3 * C.median(v) for k, v in t.items()})
+            row["plain_over_ufm"] = C.median(C.per_round_ratios(t["plain"], t["ufm"]))
+            row["load"] = C.load_average()
+            log(row)
+            rows.append(row)
+    return rows
+
+
 def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
     head = ["size (K, n, d, L)", "dtype", "forward", "backward", "update", "bare GD step", "bookkeeping", "solve step"]
     head += ["matmuls at the W H rate", "solve GFLOP/s"] + (["% of peak"] if peak else [])
@@ -460,12 +526,20 @@ def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument(
+        "--variants",
+        action="store_true",
+        help="only ufm's layer products against plain W @ H autodiff (GD-step loops, CPU time)",
+    )
     ap.add_argument("--breakdown", action="store_true", help="only the per-step breakdown (forward, backward, ...)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
     a = ap.parse_args(argv)
+    if a.variants:
+        product_variants(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9))
+        return
     if a.breakdown:
         C.enable_x64()
         info = C.machine_info()
