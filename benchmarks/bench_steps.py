@@ -24,6 +24,7 @@ best large-matmul GFLOP/s of NumPy / JAX / torch measured in the same run (at st
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 
@@ -324,62 +325,230 @@ def plot(result, path) -> None:
     C.save_figure(fig, path)
 
 
-def matmul_breakdown(sizes=((10, 100, 128, 3), (10, 500, 256, 5)), rounds: int = 21, log=print) -> list[dict]:
-    """One float64 objective-and-gradient evaluation with the layer products of `ufm._model.layer_matmul` (the
-    backward's W^T G on a materialised W^T) against plain ``W @ H`` autodiff, interleaved in one process.
+def _steady_per_step(run_steps, S: int) -> float:
+    """Seconds per step of ``run_steps(k)`` (which must block): (t(2S) - t(S)) / S, free of dispatch and setup."""
+    t0 = time.perf_counter()
+    run_steps(S)
+    t1 = time.perf_counter()
+    run_steps(2 * S)
+    t2 = time.perf_counter()
+    return ((t2 - t1) - (t1 - t0)) / S
 
-    The plain variant is traced with ``ufm._model._mm`` swapped for ``W @ H`` (a benchmark-only patch, restored
-    at once). Returns per size the medians and the median of the per-round ratios plain / custom."""
+
+def _loop_programs(p, lr):
+    """The pieces of a GD step as compiled loops ``(params, S, c) -> params`` (S traced, so one program each).
+
+    * ``forward``: f(x) only; the value feeds back into H as ``H + c f`` (c = 0 at run time, traced so XLA
+      cannot fold it), which keeps the loop from being hoisted at the cost of one pass over H;
+    * ``bare GD``: ``value_and_grad`` and the update x - lr g: the step without the solver's bookkeeping;
+    * ``update``: the update alone, x - lr g with g fixed (one fused pass over the parameters);
+    * ``matmuls``: the L forward layer products W_l H_l alone (no activation), one third of the step's FLOPs.
+    """
     import jax
 
-    C.enable_x64()
     import ufm
-    import ufm._model as M
 
+    f = functools.partial(ufm.objective, p)
+    vg = jax.value_and_grad(f)
+
+    def loop(body):
+        return jax.jit(lambda x, S, c: jax.lax.fori_loop(0, S, lambda i, x: body(x, c), x))
+
+    def fwd(x, c):
+        return x._replace(H=x.H + c * f(x))
+
+    def gd(x, c):
+        _, g = vg(x)
+        return jax.tree.map(lambda a, b: a - lr * b, x, g)
+
+    def upd(x, c):  # g := x * c + 1 stands in for a gradient that XLA cannot fold into the loop
+        return jax.tree.map(lambda a: a - lr * (c * a + 1), x)
+
+    def mm(x, c):
+        h = x.H
+        for W in x.Ws:
+            h = W @ h
+        return x._replace(H=x.H + c * h[:1, :].sum())
+
+    return {"forward": loop(fwd), "bare GD": loop(gd), "update": loop(upd), "matmuls": loop(mm)}
+
+
+def step_breakdown(sizes=None, dtypes=("float32", "float64"), rounds: int = 7, target_s: float = 0.1, log=print):
+    """Where a GD step's time goes, per size and dtype, timed interleaved in one process.
+
+    Each piece is a compiled loop timed as (t(2S) - t(S)) / S (see `_loop_programs`), and ``solve`` is
+    ``ufm.solve(method="gd", tol=0, history=False)`` timed the same way. Derived per step:
+    backward = bare GD - forward - update; bookkeeping = solve - bare GD (stopping rule, gradient norms,
+    best-so-far, the while loop's own state); "matmuls at the W H rate" = 3 x the forward products' time
+    (the step has 3 L products of the same shapes). Returns one dict per (size, dtype) of medians over rounds.
+    """
+    import jax
+
+    import ufm
+
+    C.enable_x64()
+    sizes = sizes or SIZES
     rows = []
-    for K, n, d, L in sizes:
-        p = ufm.UFM(K, n, (d,) * L, activation="relu", loss="mse", bias="none", lam_H=5e-4, lam_W=5e-4)
-        params = ufm.init_params(p, jax.random.key(0), dtype="float64")
-        custom = jax.jit(jax.value_and_grad(lambda q, p=p: ufm.objective(p, q)))
-        jax.block_until_ready(custom(params))
-        saved = M._mm
-        M._mm = lambda W, H: W @ H
-        try:
-            plain = jax.jit(jax.value_and_grad(lambda q, p=p: ufm.objective(p, q)))
-            jax.block_until_ready(plain(params))
-        finally:
-            M._mm = saved
-        fns = {
-            "plain": lambda f=plain, x=params: C.timeit(lambda: jax.block_until_ready(f(x))),
-            "layer_matmul": lambda f=custom, x=params: C.timeit(lambda: jax.block_until_ready(f(x))),
-        }
-        t = C.interleaved(fns, rounds)
-        row = dict(
-            size=(K, n, d, L),
-            plain_s=C.median(t["plain"]),
-            layer_matmul_s=C.median(t["layer_matmul"]),
-            ratio=C.median(C.per_round_ratios(t["plain"], t["layer_matmul"])),
-            load=C.load_average(),
-        )
-        log(row)
-        rows.append(row)
+    for name, (K, n, d, L) in sizes.items():
+        for dtype in dtypes:
+            p = _problem(K, n, d, L)
+            x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
+            flops = C.gd_step_flops(K, p.N, p.widths)
+            progs = _loop_programs(p, LR)
+            zero = np.zeros((), dtype)
+            S = max(2, min(5000, int(target_s * 20e9 / flops)))  # ~target_s at 20 GFLOP/s
+
+            def run_prog(k, prog, x0=x0, zero=zero):
+                jax.block_until_ready(prog(x0, k, zero))
+
+            def run_solve(k, p=p, x0=x0):
+                r = ufm.solve(p, init=x0, method="gd", lr=LR, max_steps=k, tol=0.0, history=False, patience=10 * k)
+                jax.block_until_ready(r.value)
+
+            for prog in progs.values():  # compile (S is traced: one program per piece)
+                run_prog(1, prog)
+            run_solve(S)
+            run_solve(2 * S)
+            measures = {
+                k: functools.partial(_steady_per_step, functools.partial(run_prog, prog=v), S) for k, v in progs.items()
+            }
+            measures["solve"] = functools.partial(_steady_per_step, run_solve, S)
+            t = C.interleaved(measures, rounds)
+            med = {k: C.median(v) for k, v in t.items()}
+            row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, steps=S, flops_per_step=flops, seconds=med)
+            row["backward"] = med["bare GD"] - med["forward"] - med["update"]
+            row["bookkeeping"] = med["solve"] - med["bare GD"]
+            row["bookkeeping_share"] = C.median(
+                C.per_round_ratios([a - b for a, b in zip(t["solve"], t["bare GD"])], t["solve"])
+            )
+            row["matmuls_at_WH_rate"] = 3 * med["matmuls"]
+            row["solve_gflops"] = flops / med["solve"] / 1e9
+            row["load"] = C.load_average()
+            log(f"  {name} {dtype}: " + ", ".join(f"{k} {1e3 * v:.3f} ms" for k, v in med.items()))
+            rows.append(row)
     return rows
+
+
+def _plain_objective(p, x):
+    """The benchmark's objective (deep ReLU MSE, bias-free, THEORY.md §4) with plain ``W @ H`` products: what
+    autodiff gives without `ufm._model.layer_matmul`."""
+    import jax
+    import jax.numpy as jnp
+
+    h = x.H
+    for W in x.Ws[:-1]:
+        h = jax.nn.relu(W @ h)
+    out = x.Ws[-1] @ h
+    Y = jax.nn.one_hot(jnp.asarray(p.labels()), p.num_classes, dtype=out.dtype, axis=0)
+    reg = LAM / 2 * (sum(jnp.sum(W**2) for W in x.Ws) + jnp.sum(x.H**2))
+    return jnp.sum((out - Y) ** 2) / (2 * p.N) + reg
+
+
+def product_variants(sizes=None, dtypes=("float32", "float64"), rounds: int = 9, cpu_time: bool = True, log=print):
+    """GD-step loops of ``ufm.objective`` (layer products of `ufm._model.layer_product`) against the same objective
+    with plain ``W @ H`` autodiff (`_plain_objective`), interleaved in one process.
+
+    ``cpu_time=True`` times with ``time.process_time`` (the CPU seconds of this process, all its threads): on a
+    machine shared with other jobs it measures the work of each variant rather than the scheduler; run with
+    ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` so that no thread spins at a barrier. Returns per size and
+    dtype the median ms per step and the median of the per-round ratios plain / ufm (> 1: ufm's products win)."""
+    import jax
+
+    import ufm
+
+    C.enable_x64()
+    clock = time.process_time if cpu_time else time.perf_counter
+    rows = []
+    for name, (K, n, d, L) in (sizes or SIZES).items():
+        for dtype in dtypes:
+            p = _problem(K, n, d, L)
+            x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
+            flops = C.gd_step_flops(K, p.N, p.widths)
+            S = max(2, min(2000, int(0.1 * 20e9 / flops)))
+            progs = {}
+            for key, f in (
+                ("ufm", functools.partial(ufm.objective, p)),
+                ("plain", functools.partial(_plain_objective, p)),
+            ):
+                vg = jax.value_and_grad(f)
+
+                def gd(i, x, vg=vg):
+                    return jax.tree.map(lambda a, b: a - LR * b, x, vg(x)[1])
+
+                progs[key] = jax.jit(lambda x, k, gd=gd: jax.lax.fori_loop(0, k, gd, x))
+                jax.block_until_ready(progs[key](x0, 1))
+
+            def per_step(prog, x0=x0, S=S):
+                t0 = clock()
+                jax.block_until_ready(prog(x0, S))
+                t1 = clock()
+                jax.block_until_ready(prog(x0, 2 * S))
+                return ((clock() - t1) - (t1 - t0)) / S
+
+            t = C.interleaved({k: functools.partial(per_step, v) for k, v in progs.items()}, rounds)
+            row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, clock="process_time" if cpu_time else "wall")
+            row.update({f"{k}_ms": 1e3 * C.median(v) for k, v in t.items()})
+            row["plain_over_ufm"] = C.median(C.per_round_ratios(t["plain"], t["ufm"]))
+            row["load"] = C.load_average()
+            log(row)
+            rows.append(row)
+    return rows
+
+
+def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
+    head = ["size (K, n, d, L)", "dtype", "forward", "backward", "update", "bare GD step", "bookkeeping", "solve step"]
+    head += ["matmuls at the W H rate", "solve GFLOP/s"] + (["% of peak"] if peak else [])
+    out = []
+    for r in rows:
+        s = r["seconds"]
+        ms = lambda x: f"{1e3 * x:.3f}"  # noqa: E731
+        line = [
+            f"{r['size']} ({r['K']}, {r['n']}, {r['d']}, {r['L']})",
+            r["dtype"],
+            ms(s["forward"]),
+            ms(r["backward"]),
+        ]
+        line += [ms(s["update"]), ms(s["bare GD"]), f"{ms(r['bookkeeping'])} ({100 * r['bookkeeping_share']:.0f}%)"]
+        line += [ms(s["solve"]), ms(r["matmuls_at_WH_rate"]), f"{r['solve_gflops']:.1f}"]
+        if peak:
+            line.append(f"{100 * r['solve_gflops'] / peak[r['dtype']]['peak']:.0f}%")
+        out.append(line)
+    return "\n".join(
+        [
+            "### Where a GD step's time goes (ms per step, medians over interleaved rounds)",
+            "",
+            f"Machine: {C.machine_line(machine)}.",
+            "",
+            C.md_table(head, out),
+        ]
+    )
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
-        "--matmul",
+        "--variants",
         action="store_true",
-        help="only the float64 value+grad timing: layer_matmul against plain W @ H autodiff",
+        help="only ufm's layer products against plain W @ H autodiff (GD-step loops, CPU time)",
     )
+    ap.add_argument("--breakdown", action="store_true", help="only the per-step breakdown (forward, backward, ...)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
     a = ap.parse_args(argv)
-    if a.matmul:
-        matmul_breakdown(rounds=a.rounds or 21)
+    if a.variants:
+        product_variants(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9))
+        return
+    if a.breakdown:
+        C.enable_x64()
+        info = C.machine_info()
+        rows = step_breakdown(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 7))
+        md = breakdown_markdown(rows, info)
+        C.write_outputs(
+            "steps_breakdown" if not a.smoke else "steps_breakdown_tiny", dict(machine=info, rows=rows), a.out, md
+        )
+        print(md)
         return
     tc = False if a.no_torch_compile else None
     run("tiny" if a.smoke else "full", rounds=a.rounds, out_dir=a.out, torch_compile=tc)
