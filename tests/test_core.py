@@ -2,6 +2,7 @@
 regularisers, jit/vmap/dtype invariants, solver statuses, and bad input."""
 
 import itertools
+import zlib
 
 import jax
 import jax.numpy as jnp
@@ -93,7 +94,9 @@ CASES = list(itertools.product(("mse", "ce"), ("linear", "relu"), ("none", "free
 
 @pytest.mark.parametrize("loss,act,bias,ns,L", CASES)
 def test_objective_and_gradient_against_numpy(loss, act, bias, ns, L):
-    cfg, p, H, Ws, b = make_case(loss, act, bias, ns, L, seed=hash((loss, act, bias, L)) % 1000)
+    # a stable seed: hash() of strings changes per process (PYTHONHASHSEED), which made this test flaky (seed 495
+    # draws exact zeros in Z_3, a ReLU kink, where finite differences are not the gradient)
+    cfg, p, H, Ws, b = make_case(loss, act, bias, ns, L, seed=zlib.crc32(repr((loss, act, bias, L)).encode()) % 1000)
     params = ufm.Params(jnp.asarray(H), tuple(map(jnp.asarray, Ws)), None if b is None else jnp.asarray(b))
     f_np = np_objective(cfg, H, Ws, b)
     # eager (no jit: one compile per static case would dominate the suite's time)
