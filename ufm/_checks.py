@@ -271,115 +271,23 @@ def _second_order_text(cert: Certificate, curv: str) -> str:
     return second
 
 
-def check(
-    problem: UFM,
-    solution,
-    prediction=None,
-    *,
-    configuration: str | None = None,
-    gap_tol: float | None = None,
-    grad_tol: float | None = None,
-    hess_rtol: float | None = None,
-    hessian: bool = True,
-    metrics: bool = True,
-    kink_rtol: float | None = None,
-    hessian_options: dict | None = None,
-    rel_grad_tol: float | None = None,
-    max_time: float = 60.0,
-) -> Report:
-    """Check one solution of a UFM against the theory: gap, distances, metrics, certificates and a verdict.
-
-    The verdict, decided in this order (f = the objective at the point, f* = the predicted loss):
-
-    1. "not-converged" if f or a parameter is not finite;
-    2. "below-prediction" if (f - f*)/|f*| < -gap_tol: a point with a lower loss proves that the predicted
-       configuration is not the global optimum (for a ``known=True`` prediction this would contradict a
-       theorem: suspect the problem setup);
-    3. not stationary: the scale-aware stationarity rel_grad = ||grad f|| / (||grad F|| + ||grad R||) (F the
-       fit, R the penalty; for ReLU models the numerator is the smallest norm over the slopes in [0, 1] at the
-       kinks, see `ufm.certify`; 0/0 = 0) exceeds ``rel_grad_tol`` (or, if an absolute ``grad_tol`` is given,
-       the kink-aware ||grad f|| exceeds it): "unresolved" when the dtype of the point cannot get below the
-       tolerance even at the exact optimum (`rounding_floor` >= the tolerance), else "not-converged";
-    4. "saddle" if the second-order test (`ufm.certify`) found negative curvature at a smooth point or an explicit
-       lower point;
-    5. "no-prediction" if there is no predicted loss (metrics and certificates alone);
-    6. "matches" if |f - f*|/|f*| <= gap_tol, else "local-min" (above the prediction); ``second_order`` says
-       whether second order is certified, first-order only (ReLU kinks), or not checked (budget / off).
-
-    The second-order certificate (compiled Lanczos on Hessian-vector products with the rotation symmetries
-    projected out; dense below 1500 parameters) is computed only at stationary points, within ``max_time``
-    seconds and ``hessian_options["maxiter"]`` Lanczos steps; past that budget ``second_order`` is
-    "not checked: budget" and "matches"/"local-min" are first-order statements. With ``hessian=False`` it is
-    skipped.
-
-    Args:
-      problem: the `ufm.UFM`.
-      solution: a `ufm.Solution` (one run; ``sols.take(i)`` from a batch) or bare `ufm.Params`.
-      prediction: a `ufm.Prediction`, a number (a reference loss), or None for ``ufm.predict(problem,
-        configuration)``.
-      configuration: deep ReLU: "dnc" or "srg" to check against that configuration (with ``prediction=None``).
-      gap_tol, rel_grad_tol, hess_rtol: tolerances; None for the defaults of the solution's dtype
-        (``DEFAULT_TOLERANCES``: float64 1e-6, 1e-6, 1e-6; float32 1e-4, 1e-3, 1e-4).
-      grad_tol: an absolute tolerance on the (kink-aware) gradient norm instead of the relative one (the old
-        default; not scale-aware: at small lambda the gradient is small everywhere).
-      hessian: compute the second-order certificate at stationary points.
-      max_time: seconds for the certificates (the kink search and Lanczos); past it, an explicit
-        "not checked: budget".
-      metrics: compute ``ufm.metrics.layer_metrics``.
-      kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
-      hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, maxiter, krylov_dim,
-        ...).
-
-    Returns:
-      A `Report`.
-
-    Example:
-      >>> import ufm
-      >>> p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), bias="free", lam_H=1e-2, lam_W=1e-2)
-      >>> ufm.check(p, ufm.construct(p)).verdict
-      'matches'
-    """
-    if not isinstance(problem, UFM):
-        raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
-    params, solver = _unpack(problem, solution)
-    dtype = str(np.asarray(params.H).dtype)
-    # the float tolerances, and (below) hess_tol, None where no Hessian was computed
+def _tolerances(dtype: str, **given) -> dict[str, Any]:
+    """`DEFAULT_TOLERANCES` of the dtype, with the tolerances the caller gave (each a finite number >= 0)."""
     tol_key = "float32" if dtype in ("float32", "float16", "bfloat16") else "float64"
     tol: dict[str, Any] = dict(DEFAULT_TOLERANCES[tol_key])
-    for name, v in (
-        ("gap_tol", gap_tol),
-        ("grad_tol", grad_tol),
-        ("hess_rtol", hess_rtol),
-        ("rel_grad_tol", rel_grad_tol),
-        ("max_time", max_time),
-    ):
+    for name, v in given.items():
         if v is not None:
             if isinstance(v, bool) or not (isinstance(v, (int, float, np.floating)) and math.isfinite(v) and v >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0; got {v!r}")
             tol[name] = float(v)
-    pred, f_star, pred_dict = _prediction(problem, prediction, configuration)
+    return tol
 
-    finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(params))
-    cert = certify(
-        problem,
-        params,
-        hessian="if-stationary" if (hessian and finite) else False,
-        kink_rtol=kink_rtol,
-        grad_tol=grad_tol,
-        rel_grad_tol=tol["rel_grad_tol"],
-        hess_rtol=tol["hess_rtol"],
-        max_time=max_time,
-        **(hessian_options or {}),
-    )
+
+def _verdict(problem, params, pred, f_star, gap, finite, cert, tol, grad_tol, dtype) -> tuple[str, str]:
+    """`check`'s verdict and its explanation from the certificate and the gap (the rules of `check`'s docstring);
+    records ``hess_tol`` (and ``rounding_floor`` where it was needed) in ``tol``."""
     st = cert.stationarity
     f = st.value
-    finite = finite and math.isfinite(f)
-    gap = None
-    if f_star is not None and finite:
-        gap = (f - f_star) / max(abs(f_star), np.finfo(np.float64).tiny)
-    dist = distances(problem, params, pred) if (pred is not None and f_star is not None and finite) else None
-    mets = _metrics.layer_metrics(problem, params) if (metrics and finite) else None
-
     hs = cert.hessian
     lam_min = hs.smallest[0] if (hs is not None and hs.smallest) else None
     tol["hess_tol"] = cert.hess_tol
@@ -454,4 +362,106 @@ def check(
                     f"Local minimum {_fmt(100 * gap)}% above {label} {_fmt(f_star)}{caveat}: stationary "
                     f"({stat_txt}), {second}."
                 )
+    return verdict, why
+
+
+def check(
+    problem: UFM,
+    solution,
+    prediction=None,
+    *,
+    configuration: str | None = None,
+    gap_tol: float | None = None,
+    grad_tol: float | None = None,
+    hess_rtol: float | None = None,
+    hessian: bool = True,
+    metrics: bool = True,
+    kink_rtol: float | None = None,
+    hessian_options: dict | None = None,
+    rel_grad_tol: float | None = None,
+    max_time: float = 60.0,
+) -> Report:
+    """Check one solution of a UFM against the theory: gap, distances, metrics, certificates and a verdict.
+
+    The verdict, decided in this order (f = the objective at the point, f* = the predicted loss):
+
+    1. "not-converged" if f or a parameter is not finite;
+    2. "below-prediction" if (f - f*)/|f*| < -gap_tol: a point with a lower loss proves that the predicted
+       configuration is not the global optimum (for a ``known=True`` prediction this would contradict a
+       theorem: suspect the problem setup);
+    3. not stationary: the scale-aware stationarity rel_grad = ||grad f|| / (||grad F|| + ||grad R||) (F the
+       fit, R the penalty; for ReLU models the numerator is the smallest norm over the slopes in [0, 1] at the
+       kinks, see `ufm.certify`; 0/0 = 0) exceeds ``rel_grad_tol`` (or, if an absolute ``grad_tol`` is given,
+       the kink-aware ||grad f|| exceeds it): "unresolved" when the dtype of the point cannot get below the
+       tolerance even at the exact optimum (`rounding_floor` >= the tolerance), else "not-converged";
+    4. "saddle" if the second-order test (`ufm.certify`) found negative curvature at a smooth point or an explicit
+       lower point;
+    5. "no-prediction" if there is no predicted loss (metrics and certificates alone);
+    6. "matches" if |f - f*|/|f*| <= gap_tol, else "local-min" (above the prediction); ``second_order`` says
+       whether second order is certified, first-order only (ReLU kinks), or not checked (budget / off).
+
+    The second-order certificate (compiled Lanczos on Hessian-vector products with the rotation symmetries
+    projected out; dense below 1500 parameters) is computed only at stationary points, within ``max_time``
+    seconds and ``hessian_options["maxiter"]`` Lanczos steps; past that budget ``second_order`` is
+    "not checked: budget" and "matches"/"local-min" are first-order statements. With ``hessian=False`` it is
+    skipped.
+
+    Args:
+      problem: the `ufm.UFM`.
+      solution: a `ufm.Solution` (one run; ``sols.take(i)`` from a batch) or bare `ufm.Params`.
+      prediction: a `ufm.Prediction`, a number (a reference loss), or None for ``ufm.predict(problem,
+        configuration)``.
+      configuration: deep ReLU: "dnc" or "srg" to check against that configuration (with ``prediction=None``).
+      gap_tol, rel_grad_tol, hess_rtol: tolerances; None for the defaults of the solution's dtype
+        (``DEFAULT_TOLERANCES``: float64 1e-6, 1e-6, 1e-6; float32 1e-4, 1e-3, 1e-4).
+      grad_tol: an absolute tolerance on the (kink-aware) gradient norm instead of the relative one (the old
+        default; not scale-aware: at small lambda the gradient is small everywhere).
+      hessian: compute the second-order certificate at stationary points.
+      max_time: seconds for the certificates (the kink search and Lanczos); past it, an explicit
+        "not checked: budget".
+      metrics: compute ``ufm.metrics.layer_metrics``.
+      kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
+      hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, maxiter, krylov_dim,
+        ...).
+
+    Returns:
+      A `Report`.
+
+    Example:
+      >>> import ufm
+      >>> p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4,), bias="free", lam_H=1e-2, lam_W=1e-2)
+      >>> ufm.check(p, ufm.construct(p)).verdict
+      'matches'
+    """
+    if not isinstance(problem, UFM):
+        raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
+    params, solver = _unpack(problem, solution)
+    dtype = str(np.asarray(params.H).dtype)
+    # the float tolerances, and (below) hess_tol, None where no Hessian was computed
+    tol = _tolerances(
+        dtype, gap_tol=gap_tol, grad_tol=grad_tol, hess_rtol=hess_rtol, rel_grad_tol=rel_grad_tol, max_time=max_time
+    )
+    pred, f_star, pred_dict = _prediction(problem, prediction, configuration)
+
+    finite = all(bool(np.all(np.isfinite(np.asarray(x)))) for x in jax.tree_util.tree_leaves(params))
+    cert = certify(
+        problem,
+        params,
+        hessian="if-stationary" if (hessian and finite) else False,
+        kink_rtol=kink_rtol,
+        grad_tol=grad_tol,
+        rel_grad_tol=tol["rel_grad_tol"],
+        hess_rtol=tol["hess_rtol"],
+        max_time=max_time,
+        **(hessian_options or {}),
+    )
+    f = cert.stationarity.value
+    finite = finite and math.isfinite(f)
+    gap = None
+    if f_star is not None and finite:
+        gap = (f - f_star) / max(abs(f_star), np.finfo(np.float64).tiny)
+    dist = distances(problem, params, pred) if (pred is not None and f_star is not None and finite) else None
+    mets = _metrics.layer_metrics(problem, params) if (metrics and finite) else None
+    verdict, why = _verdict(problem, params, pred, f_star, gap, finite, cert, tol, grad_tol, dtype)
+    so = cert.second_order
     return Report(verdict, why, f, f_star, gap, pred_dict, cert, dist, mets, tol, solver, problem.to_dict(), dtype, so)
