@@ -44,11 +44,12 @@ def test_auto_is_the_default_and_refuses_other_strings():
 
 
 def test_default_init_converges_where_the_old_default_crawls():
-    # deep linear, 6 layers of width 16, K=4, n=100, lambda=5e-4 (Dang et al.'s setting at a quarter width): from
-    # the default ("auto", s = 0.008^(1/7) = 0.50) L-BFGS reaches the closed-form optimum (ufm.predict, Dang et al.
-    # 2023) within 600 steps; from the old default 1.0 it is still > 10x above it after the same 600 steps
-    # (measured: 76x above after 3,000 steps; "auto" converged in 319 steps, load ~15)
-    p = ufm.UFM(num_classes=4, n_per_class=100, widths=(16,) * 6, lam_H=5e-4, lam_W=5e-4)
+    # deep linear, Dang et al.'s setting (K=4, n=100, 6 layers of width 64, lambda=5e-4): from the default ("auto",
+    # s = 0.008^(1/7) = 0.50) L-BFGS reaches the closed-form optimum (ufm.predict, Dang et al. 2023) within 600
+    # steps; from the old default 1.0 it is still > 10x above it after the same 600 steps. Measured with the trial
+    # line search (round 3, quiet machine): seeds 0-2 converge in 379-540 steps to the optimum (1e-14); at width 16
+    # every seed converges to a stationary point 10.004x above it, so "auto" is a measured default, not a guarantee.
+    p = ufm.UFM(num_classes=4, n_per_class=100, widths=(64,) * 6, lam_H=5e-4, lam_W=5e-4)
     f_star = ufm.predict(p).loss
     key = jax.random.key(1)
     new = ufm.solve(p, key=key, max_steps=600, history=False)
