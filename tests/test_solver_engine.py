@@ -164,8 +164,8 @@ def test_run_ending_at_the_zero_point_reports_the_zero_saddle():
 
 
 def test_auto_init_scale_rule():
-    # s^(L+1) = 0.008 for deep linear models (measured rule, see ufm._solver.auto_init_scale); 1 otherwise
-    from ufm._solver import auto_init_scale
+    # s^(L+1) = 0.008 for deep linear models (measured rule, see ufm._options.auto_init_scale); 1 otherwise
+    from ufm._options import auto_init_scale
 
     deep = ufm.UFM(num_classes=4, n_per_class=2, widths=(6,) * 3)
     assert auto_init_scale(deep) == pytest.approx(0.008**0.25) and auto_init_scale(SHALLOW) == 1.0

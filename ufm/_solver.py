@@ -34,7 +34,6 @@ from ._options import (
     DEFAULT_MAX_STEPS,
     METHODS,
     SolverOptions,
-    auto_init_scale,
     check_dtype,
     check_memory,
     default_rtol,
@@ -359,7 +358,7 @@ def solve_batch(
     lam_W=None,
     lam_b=None,
     lr=None,
-    init_scale=1.0,
+    init_scale=DEFAULT_INIT_SCALE,
     method: str | optax.GradientTransformation = "lbfgs",
     max_steps: int | None = None,
     tol: float | None = None,
@@ -400,7 +399,7 @@ def solve_batch(
       lam_W: (B,) one scalar per run, or (B, L) one per layer (default: the problem's).
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
-      init_scale: (B,) or scalar, or "auto" (as in `solve`).
+      init_scale: (B,) or scalar, or "auto" (the default, as in `solve`).
       slots: runs on the device at a time (engine "slots"; default min(B, 64)).
       segment: steps between retire/refill points (engine "slots"; default 25 for lbfgs, 500 otherwise).
       engine: "auto", "map", "slots" or "vmap" (above).
@@ -508,8 +507,7 @@ def check_batch_numbers(problem: UFM, lam_H, lam_W, lam_b, init_scale):
         if problem.bias != "reg" and is_concrete(lam_b) and np.any(np.asarray(lam_b, dtype=float) != 0):
             raise ValueError(f"lam_b is only used with bias='reg'; got bias={problem.bias!r}")
         _check_batched("lam_b", lam_b, "(B,)", positive=problem.bias == "reg")
-    if isinstance(init_scale, str) and init_scale == "auto":
-        init_scale = auto_init_scale(problem)
+    init_scale = resolve_init_scale(problem, init_scale)
     _check_batched("init_scale", init_scale, "(B,) or a scalar")
     return init_scale
 
