@@ -358,7 +358,7 @@ def solve_batch(
     lam_W=None,
     lam_b=None,
     lr=None,
-    init_scale=DEFAULT_INIT_SCALE,
+    init_scale=1.0,
     method: str | optax.GradientTransformation = "lbfgs",
     max_steps: int | None = None,
     tol: float | None = None,
@@ -399,7 +399,7 @@ def solve_batch(
       lam_W: (B,) one scalar per run, or (B, L) one per layer (default: the problem's).
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
-      init_scale: (B,) or scalar, or "auto" (the default, as in `solve`).
+      init_scale: (B,) or scalar, or "auto" (as in `solve`; the default here is 1.0).
       slots: runs on the device at a time (engine "slots"; default min(B, 64)).
       segment: steps between retire/refill points (engine "slots"; default 25 for lbfgs, 500 otherwise).
       engine: "auto", "map", "slots" or "vmap" (above).
