@@ -23,18 +23,7 @@ from .._options import auto_init_scale_for
 from .._problem import ACTIVATIONS, BIASES, LOSSES, UFM
 from .._solver import DEFAULT_LR, DEFAULT_MAX_STEPS, METHODS, default_tol
 
-PROBLEM_FIELDS = (
-    "num_classes",
-    "n_per_class",
-    "widths",
-    "activation",
-    "loss",
-    "bias",
-    "lam_H",
-    "lam_W",
-    "lam_b",
-    "label_smoothing",
-)
+PROBLEM_FIELDS: tuple[str, ...] = tuple(UFM.__slots__)  # the problem columns of a record: the fields of UFM
 SOLVER_FIELDS = ("method", "lr", "max_steps", "tol", "init_scale", "patience", "dtype", "seed")
 CONFIG_FIELDS = PROBLEM_FIELDS + SOLVER_FIELDS
 ALIASES = {"K": "num_classes", "n": "n_per_class"}
