@@ -171,6 +171,10 @@ class KinkTest(NamedTuple):
     lifted: int
     min_multiplier: float
     g_scale: float
+    strict: int = 0
+    critical_dim: int | None = None
+    critical_min: float | None = None
+    degenerate_at: tuple = ()
 
 
 SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget", "not checked")
@@ -1049,7 +1053,8 @@ def _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol):
     |g_a| <= mult_rtol * max|dF/dh| whose pre-activation moves at first order (||W_l[i, :]||^2 + ||H_l[:, j]||^2 > 0).
 
     Returns:
-      (`KinkTest`, G the list of dF/dH_{l+2} arrays (d_l, N), smask the lifted-entry masks or ())."""
+      (`KinkTest`, G the list of dF/dH_{l+2} arrays (d_l, N), smask the lifted-entry masks or (), the masks of the
+      strictly complementary kinks: g_a > g_tol and min(c_a, 1 - c_a) >= `SLOPE_RTOL`)."""
     dt = jnp.asarray(P.H).dtype
     jm = tuple(jnp.asarray(m) for m in masks)
     js = tuple(jnp.asarray(s, dt) for s in slopes)
@@ -1069,6 +1074,15 @@ def _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol):
         moving.append(m & (np.abs(g) <= g_tol) & (s2 > (kink_rtol_of(params, kink_rtol)) ** 2 * ref))
     lifted = int(sum(x.sum() for x in moving))
     smask = tuple(moving) if lifted else ()
+    strict = [
+        m & (g > g_tol) & (np.minimum(sl, 1 - sl) >= SLOPE_RTOL)
+        for g, m, sl in zip(G, masks, [np.asarray(x, np.float64) for x in slopes], strict=True)
+    ]
+    at = tuple(
+        (li + 2, int(i), int(j))
+        for li, (g, m) in enumerate(zip(G, masks, strict=True))
+        for i, j in zip(*np.nonzero(m & (np.abs(g) <= g_tol)), strict=True)
+    )
     kt = KinkTest(
         st.kinks,
         int(gk.size - neg - deg),
@@ -1077,8 +1091,86 @@ def _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol):
         lifted,
         float(gk.min() / g_scale) if g_scale > 0 else 0.0,
         g_scale,
+        int(sum(x.sum() for x in strict)),
+        degenerate_at=at[:20],
     )
-    return kt, G, smask
+    return kt, G, smask, tuple(strict)
+
+
+CRITICAL_DENSE_MAX = 3000  # the critical-subspace test (dense Hessian and kink Jacobian) up to this many variables
+SLOPE_RTOL = 1e-3  # a kink slope mu_a is interior (strict complementarity) when min(mu_a, 1 - mu_a) >= this
+
+
+@partial(jax.jit, static_argnames=("n",))
+def _lifted_preact_jacobian(problem, P, masks, slopes, smask, *, n: int):
+    """d (Z_2, ..., Z_L) / d x, flattened rows (layer-major, then ravel order), at x = (flat theta, activation shifts
+    at the ``smask`` entries, as in `_lifted_grad_fn`), through the piece with slopes ``slopes`` at the kinks."""
+    flat, unravel = ravel_pytree(P)
+    shapes = [m.shape for m in smask]
+    sizes = np.cumsum([0] + [int(np.prod(sh)) for sh in shapes])
+
+    def zs_of(x):
+        p = unravel(x[:n])
+        e = [None] * len(masks)
+        if smask:
+            e = [
+                jnp.where(m, x[n + a : n + b].reshape(sh), 0.0)
+                for m, sh, a, b in zip(smask, shapes, sizes[:-1], sizes[1:], strict=True)
+            ]
+        h, out = p.H, []
+        for W, m, c, ee in zip(p.Ws[:-1], masks, slopes, e, strict=True):
+            z = W @ h
+            out.append(z.ravel())
+            zst = jax.lax.stop_gradient(z)
+            h = jax.nn.relu(zst) + (z - zst) * jnp.where(m, c, (zst > 0).astype(z.dtype))
+            if ee is not None:
+                h = h + ee
+        return jnp.concatenate(out)
+
+    x = jnp.concatenate([flat, jnp.zeros(int(sizes[-1]), flat.dtype)])
+    return jax.jacrev(zs_of)(x)
+
+
+def critical_subspace_spectrum(problem, params, masks, slopes, strict, smask=(), k: int = 3, sym_rtol: float = 1e-6):
+    """The smallest eigenvalues of the Hessian of the piece f_mu (slopes ``slopes`` at the kinks, degenerate kinks
+    lifted by activation shifts at ``smask``) restricted to the critical subspace
+
+        T = {(delta, u) : dz_a = grad z_a . (delta, u) = 0 for every strictly complementary kink a (``strict``)}
+
+    minus the symmetry-orbit tangent (dense: for small problems; see `KinkTest` for the derivation).
+
+    Args:
+      problem: a ReLU `UFM`, L >= 2; params: the point.
+      masks, slopes: the kink entries of Z_2..Z_L and the Clarke slopes mu at them (`stationarity`).
+      strict: boolean masks (same shapes) of the strictly complementary kinks (multiplier c_a > 0 and
+        min(mu_a, 1 - mu_a) >= `SLOPE_RTOL`); smask: the lifted degenerate kinks (or ()).
+      k: how many eigenvalues; sym_rtol: as in `hessian_spectrum`.
+
+    Returns:
+      (eigenvalues ascending (up to k), the unit eigenvector of the smallest in (theta, shifts) coordinates of
+      `_lifted_grad_fn` (full shift arrays, zeros off ``smask``), dim T minus the symmetry directions)."""
+    P = _work_params(params)
+    dt = jnp.asarray(P.H).dtype
+    jm = tuple(jnp.asarray(m) for m in masks)
+    js = tuple(jnp.asarray(x, dt) for x in slopes)
+    jsm = tuple(jnp.asarray(m) for m in smask) if smask and any(np.any(m) for m in smask) else ()
+    n = int(_flat(P).size)
+    n_e = int(sum(m.size for m in jsm))
+    lifted = np.concatenate([np.ones(n, bool)] + [np.asarray(m).ravel() for m in jsm])
+    Hd = _dense_hessian(problem, P, n + n_e, jm, js, jsm)[np.ix_(lifted, lifted)]
+    J = np.asarray(_lifted_preact_jacobian(problem, P, jm, js, jsm, n=n), np.float64)
+    rows = np.concatenate([np.asarray(m).ravel() for m in strict])
+    J = J[rows][:, lifted]
+    Q = symmetry_tangents(problem, P)
+    Q = np.concatenate([Q, np.zeros((Q.shape[0], J.shape[1] - n))], axis=1) if Q.size else np.zeros((0, J.shape[1]))
+    A = np.concatenate([J, _orthonormal_rows(Q, sym_rtol) if Q.shape[0] else Q])
+    C = scipy.linalg.null_space(A, rcond=1e-10) if A.shape[0] else np.eye(J.shape[1])
+    if C.shape[1] == 0:
+        return (), None, 0
+    ev, U = np.linalg.eigh(C.T @ Hd @ C)
+    vec = np.zeros(n + n_e)
+    vec[lifted] = C @ U[:, 0]
+    return tuple(float(x) for x in ev[:k]), vec, int(C.shape[1])
 
 
 def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
@@ -1169,7 +1261,7 @@ def certify(
     kt: KinkTest | None = None
     G: list | None = None
     if st.kinks:  # ReLU kinks: multipliers g_a = dF/dh_a at the kink entries
-        kt, G, smask = _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol)
+        kt, G, smask, strict = _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol)
     hs, vec = _hessian(problem, params, masks=masks, slopes=slopes, smask=smask, **opts)
     hess_tol = hess_rtol * abs(hs.largest) if math.isfinite(hs.largest) else 0.0
     lam = hs.smallest[0] if hs.smallest else math.inf
@@ -1190,6 +1282,15 @@ def certify(
             d1 = descent_test(problem, params, v1[:n])
             if d1.decrease > descent_tol:
                 desc, found = d1, True
+    if kt.strict and not kt.negative and not found and lam < -hess_tol and n + kt.lifted <= CRITICAL_DENSE_MAX:
+        # the sign-relaxed test failed: restrict to the critical subspace of the strictly complementary kinks
+        ev, cvec, dim = critical_subspace_spectrum(problem, params, masks, slopes, strict, smask)
+        kt = kt._replace(critical_dim=dim, critical_min=ev[0] if ev else math.inf)
+        lam = kt.critical_min if kt.critical_min is not None else lam
+        if cvec is not None and lam < -hess_tol and np.any(cvec[:n]):
+            dc = descent_test(problem, params, cvec[:n])
+            if dc.decrease > descent_tol:
+                desc, found = dc, True
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
         assert G is not None  # set with kt
         dk = _open_most_negative_kink(problem, params, G, masks, slopes)
@@ -1199,8 +1300,8 @@ def certify(
         so = "descent"
     elif kt.negative or lam < -hess_tol:
         so = "first-order only"
-    else:
-        so = "certified" if hs.converged else "not checked: budget"
+    else:  # the critical-subspace spectrum is dense (exact)
+        so = "certified" if hs.converged or kt.critical_dim is not None else "not checked: budget"
     return Certificate(st, hs, desc, dtype, so, hess_tol, kt)
 
 
