@@ -148,20 +148,50 @@ class KinkTest(NamedTuple):
     row of W and the column of the features entering z_a are zero) move only at second order and are not lifted:
     at second order their activation does not move.
 
-    Not certified (issue 16, part 3, open): a point whose degenerate kinks make the lifted form indefinite, such as
-    the binary DNC optimum (THEORY.md §4.2, a global optimum by Sukenik et al. 2023). There the second-order change
-    is q(delta) = Q(delta, u) with u_a = max(J_a delta + sum_b K_ab u_b, 0): the activation shifts u_b of layer l
-    open the kinks of layer l + 1 (K != 0), so q is piecewise quadratic on up to 2^m pieces. The sign relaxations
-    (u_a = max(J_a delta, 0), or u >= 0 free) are not copositive there: on the 64-parameter binary case of the tests
-    a direction has Q = -1.4e-3 |delta|^2 in the relaxation but a true second difference of +0.37 |delta|^2. A
-    sound test must keep the nesting; the exact one is copositivity on a polyhedral fan (co-NP-hard in general),
-    and no affordable sufficient condition that holds at DNC was found. The verdict there stays "first-order only".
+    **The critical subspace** (when that relaxed test fails and no multiplier is negative). Lift every kink
+    activation by e_a = relu(z_a) - mu_a z_a (mu the Clarke slopes of `stationarity`): f(theta) = Phi(theta, e(theta))
+    with Phi(theta, e) the smooth piece with activation mu_a z_a + e_a at the kinks, grad_theta Phi = grad f_mu = 0
+    and dPhi/de_a = c_a (= g_a above). Along theta + eps delta, with z_a = eps t_a + O(eps^2) (t_a the first-order
+    motion, through the kinks before a: nesting is inside e),
+
+        f(theta + eps delta) - f(theta) = sum_a c_a e_a + eps^2/2 delta' H_mu delta + O(eps |e| + |e|^2 + eps^3),
+
+    and relu(z) - mu z >= min(mu, 1 - mu) |z| >= 0 for mu in [0, 1]. So (i) the first-order change is
+    eps sum_a c_a (relu(t_a) - mu_a t_a), > 0 whenever t_a != 0 at a strictly complementary kink (c_a > 0 and
+    0 < mu_a < 1); (ii) on T = {t_a = 0 at those kinks} their e_a are O(eps^2) and add a non-negative amount, so the
+    change is >= eps^2/2 delta' H_mu delta + o(eps^2). The first-order motions are those of the piece with slopes mu
+    (the critical cone of the other kinks, one-sided, has relu(t) = mu t), and on T they do not depend on the later
+    kinks' pieces. This is the classical second-order sufficient condition (Nocedal & Wright 2006, Thm 12.6) of the
+    smooth reformulation above, whose Lagrangian Hessian on its critical cone is H_mu. Test: with every c_a >= 0
+    (none below -g_tol), the smallest eigenvalue of H_mu (degenerate kinks lifted by free shifts u, as above: a
+    superset of their cone) on T minus the symmetry-orbit tangent (`critical_subspace_spectrum`, dense, up to
+    `CRITICAL_DENSE_MAX` variables); kinks with mu_a within `SLOPE_RTOL` of 0 or 1 are not constrained (a superset
+    again, so the test stays sufficient). No eigenvalue below -hess_tol: "certified" (a positive minimum: a strict
+    local minimum modulo the symmetries; a zero one: second order to tolerance). A negative one is tried for a lower
+    point along its eigenvector ("descent"), else "first-order only". Checked numerically (tests/
+    test_certificates_kink_critical.py): f rises at first order off T by exactly the multipliers' model, and only
+    at second order on T.
+
+    Not certified (the honest limit): points with degenerate kinks (c_a = 0) whose lifted form is indefinite. At the
+    binary DNC optimum (THEORY.md §4.2, a global optimum by Sukenik et al. 2023) every kink is degenerate (the
+    outgoing weights of a class's neurons reach only its own path), so T is the whole space and the test is the
+    lifted one. There the second-order change is q(delta) = Q(delta, u) with u_a = max(J_a delta + sum_b K_ab u_b, 0):
+    the activation shifts u_b of layer l open the kinks of layer l + 1 (K != 0), so q is piecewise quadratic on up
+    to 2^m pieces. The sign relaxations (u_a = max(J_a delta, 0), or u >= 0 free) are not copositive there: on the
+    64-parameter binary case of the tests a direction has Q = -1.4e-3 |delta|^2 in the relaxation but a true second
+    difference of +0.37 |delta|^2. The exact test is copositivity on a polyhedral fan (co-NP-hard in general). A
+    dead neuron (incoming row and outgoing column 0, its kinks degenerate) also makes the lifted form indefinite
+    (u_b times its outgoing weight); ``degenerate_at`` names the degenerate kinks.
 
     Attributes:
       kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
         |g_a| <= g_tol, g_a < -g_tol, with g_tol = ``mult_rtol`` times the largest |dF/dh| over all ReLU
         activations (``g_scale``); ``lifted``: the degenerate kinks lifted by a shift variable.
       min_multiplier: min_a g_a / g_scale (0 when g_scale = 0).
+      strict: the strictly complementary kinks (g_a > g_tol, min(mu_a, 1 - mu_a) >= `SLOPE_RTOL`).
+      critical_dim, critical_min: the dimension of the critical subspace T (symmetries removed) and the smallest
+        eigenvalue of H_mu on it, when that test ran (None otherwise).
+      degenerate_at: (l, i, j) of the degenerate kinks (Z_l[i, j], l = 2..L), at most 20.
     """
 
     kinks: int
@@ -185,7 +215,9 @@ class Certificate(NamedTuple):
     of the objective at one point. ``dtype`` is the dtype of the point as given.
 
     ``second_order`` is one of ``SECOND_ORDER``: "certified" (no Hessian eigenvalue below -hess_tol after removing
-    the symmetry directions, Lanczos converged, and at ReLU kinks every multiplier positive: `KinkTest`),
+    the symmetry directions, Lanczos converged, and at ReLU kinks no negative multiplier and no such eigenvalue of
+    the piece's (lifted) Hessian on the whole space or on the critical subspace of the strictly complementary
+    kinks: `KinkTest`),
     "first-order only" (at kinks the test is inconclusive: a negative multiplier, or negative curvature of the
     relaxed or lifted form, with no decrease found), "negative curvature" (a smooth point with an eigenvalue below
     -hess_tol: not a local minimum, a theorem), "descent" (an explicit lower point was found: `descent`),
