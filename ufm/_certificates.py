@@ -37,6 +37,7 @@ representable; the certificate then describes *that* point, not a float32 comput
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from functools import partial
@@ -181,7 +182,8 @@ class KinkTest(NamedTuple):
     64-parameter binary case of the tests a direction has Q = -1.4e-3 |delta|^2 in the relaxation but a true second
     difference of +0.37 |delta|^2. The exact test is copositivity on a polyhedral fan (co-NP-hard in general). A
     dead neuron (incoming row and outgoing column 0, its kinks degenerate) also makes the lifted form indefinite
-    (u_b times its outgoing weight); ``degenerate_at`` names the degenerate kinks.
+    (u_b times its outgoing weight); it is tested apart by `dead_neurons` (a separate second-order block, certified
+    when a bound of its bilinear term is below sqrt(lam lam')). ``degenerate_at`` names the degenerate kinks.
 
     Attributes:
       kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
@@ -192,6 +194,8 @@ class KinkTest(NamedTuple):
       critical_dim, critical_min: the dimension of the critical subspace T (symmetries removed) and the smallest
         eigenvalue of H_mu on it, when that test ran (None otherwise).
       degenerate_at: (l, i, j) of the degenerate kinks (Z_l[i, j], l = 2..L), at most 20.
+      dead: (l, j, bound, sqrt(lam lam')) per dead neuron (row j of Z_l: `dead_neurons`), when the critical test
+        ran; a bound >= the limit leaves the point uncertified (critical_min is then -inf).
     """
 
     kinks: int
@@ -205,6 +209,7 @@ class KinkTest(NamedTuple):
     critical_dim: int | None = None
     critical_min: float | None = None
     degenerate_at: tuple = ()
+    dead: tuple = ()
 
 
 SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget", "not checked")
@@ -1129,6 +1134,7 @@ def _kink_test(problem, params, P, st, masks, slopes, kink_rtol, mult_rtol):
     return kt, G, smask, tuple(strict)
 
 
+DEAD_SUBSETS_MAX_N = 10  # dead-neuron test: activation patterns enumerated up to this many samples
 CRITICAL_DENSE_MAX = 3000  # the critical-subspace test (dense Hessian and kink Jacobian) up to this many variables
 SLOPE_RTOL = 1e-3  # a kink slope mu_a is interior (strict complementarity) when min(mu_a, 1 - mu_a) >= this
 
@@ -1163,7 +1169,9 @@ def _lifted_preact_jacobian(problem, P, masks, slopes, smask, *, n: int):
     return jax.jacrev(zs_of)(x)
 
 
-def critical_subspace_spectrum(problem, params, masks, slopes, strict, smask=(), k: int = 3, sym_rtol: float = 1e-6):
+def critical_subspace_spectrum(
+    problem, params, masks, slopes, strict, smask=(), k: int = 3, sym_rtol: float = 1e-6, fixed=None
+):
     """The smallest eigenvalues of the Hessian of the piece f_mu (slopes ``slopes`` at the kinks, degenerate kinks
     lifted by activation shifts at ``smask``) restricted to the critical subspace
 
@@ -1177,6 +1185,8 @@ def critical_subspace_spectrum(problem, params, masks, slopes, strict, smask=(),
       strict: boolean masks (same shapes) of the strictly complementary kinks (multiplier c_a > 0 and
         min(mu_a, 1 - mu_a) >= `SLOPE_RTOL`); smask: the lifted degenerate kinks (or ()).
       k: how many eigenvalues; sym_rtol: as in `hessian_spectrum`.
+      fixed: a boolean mask over the flat parameters held at 0 (the dead neurons' weights, tested apart by
+        `dead_neurons`), or None.
 
     Returns:
       (eigenvalues ascending (up to k), the unit eigenvector of the smallest in (theta, shifts) coordinates of
@@ -1196,6 +1206,10 @@ def critical_subspace_spectrum(problem, params, masks, slopes, strict, smask=(),
     Q = symmetry_tangents(problem, P)
     Q = np.concatenate([Q, np.zeros((Q.shape[0], J.shape[1] - n))], axis=1) if Q.size else np.zeros((0, J.shape[1]))
     A = np.concatenate([J, _orthonormal_rows(Q, sym_rtol) if Q.shape[0] else Q])
+    if fixed is not None and np.any(fixed):
+        E = np.zeros((int(fixed.sum()), J.shape[1]))
+        E[np.arange(E.shape[0]), np.flatnonzero(fixed)] = 1.0
+        A = np.concatenate([A, E])
     C = scipy.linalg.null_space(A, rcond=1e-10) if A.shape[0] else np.eye(J.shape[1])
     if C.shape[1] == 0:
         return (), None, 0
@@ -1203,6 +1217,59 @@ def critical_subspace_spectrum(problem, params, masks, slopes, strict, smask=(),
     vec = np.zeros(n + n_e)
     vec[lifted] = C @ U[:, 0]
     return tuple(float(x) for x in ev[:k]), vec, int(C.shape[1])
+
+
+def dead_neurons(problem, params, masks, slopes, G, g_tol: float, rtol: float = 1e-6):
+    """Dead ReLU neurons and their exact second-order test.
+
+    Neuron j of H_{l+1} (l = li + 1, pre-activation row Z_{l+1}[j] = v^T H_l with v = W_l[j, :]) is dead when its
+    N pre-activations are kinks with degenerate multipliers (|dF/dh| <= g_tol) and both v and its outgoing column
+    w = W_{l+1}[:, j] are 0 (norms <= ``rtol`` times their matrices'). Moving (v, w) by (eps v', eps w') changes the
+    fit by eps^2 sum_s (g_s . w') relu(v' . h_s) + o(eps^2), g_s = dF/d(W_{l+1} H_{l+1})[:, s] (the next
+    pre-activation's adjoint, Clarke slopes downstream) and h_s = H_l[:, s]; every other parameter meets (v, w) at
+    third order (the activation is 0 and both weights are 0), so with the penalty the second-order change is the
+    separate block q(v', w') = sum_s (g_s . w') relu(v' . h_s) + lam_l/2 |v'|^2 + lam_{l+1}/2 |w'|^2. Minimising over
+    the direction of w' and then the two norms gives q >= 0 for all (v', w') iff |G(u)| <= sqrt(lam_l lam_{l+1}) for
+    all unit u, G(u) = sum_s g_s relu(u . h_s); by Cauchy-Schwarz |G(u)| <= sigma_max([g_s]) sigma_max(H_l), and
+    on the cone of an activation pattern S, G(u) = (sum_{s in S} g_s h_s^T) u, so |G(u)| <= max_S ||.||_2 too (the
+    2^N patterns enumerated for N <= `DEAD_SUBSETS_MAX_N`). The smaller of the two, ``bound``, below
+    sqrt(lam_l lam_{l+1}) makes the block positive definite (a sufficient test; the lifted shift
+    variable, free in sign, cannot see this: u w' with u free is indefinite).
+
+    Returns:
+      (list of (li, j, bound, sqrt(lam_l lam_{l+1})), boolean mask over the flat parameters of their v and w)."""
+    P = _work_params(params)
+    L = len(P.Ws)
+    fw = forward(problem, P)
+    lam = np.broadcast_to(np.asarray(problem.lam_W, np.float64), (L,))
+    gout = np.asarray(jax.grad(lambda o: fit_loss(problem, o))(fw.out), np.float64)
+    sizes = [int(np.size(x)) for x in jax.tree_util.tree_leaves(P)]
+    offs = np.cumsum([0] + sizes)  # H, W_1..W_L, (b)
+    fixed = np.zeros(int(offs[-1]), bool)
+    out = []
+    for li, (m, g) in enumerate(zip(masks, G, strict=True)):
+        W, Wn = np.asarray(P.Ws[li], np.float64), np.asarray(P.Ws[li + 1], np.float64)
+        if li + 1 < L - 1:  # the next pre-activation's adjoint: dF/dH_{l+2} times its slopes
+            z = np.asarray(fw.Z[li + 1], np.float64)
+            d = np.where(masks[li + 1], np.asarray(slopes[li + 1], np.float64), (z > 0).astype(float))
+            gn = np.asarray(G[li + 1], np.float64) * d
+        else:
+            gn = gout
+        Hin = np.asarray(fw.H[li], np.float64)
+        for j in range(m.shape[0]):
+            v, w = W[j], Wn[:, j]
+            if not (m[j].all() and np.all(np.abs(np.asarray(g)[j]) <= g_tol)):
+                continue
+            if np.linalg.norm(v) > rtol * np.linalg.norm(W) or np.linalg.norm(w) > rtol * np.linalg.norm(Wn):
+                continue
+            bound = float(np.linalg.norm(gn, 2) * np.linalg.norm(Hin, 2))
+            if Hin.shape[1] <= DEAD_SUBSETS_MAX_N:  # G(u) = M_S u on the cone of pattern S: |G(u)| <= max_S ||M_S||
+                pats = np.array(list(itertools.product((False, True), repeat=Hin.shape[1])))
+                bound = min(bound, max(float(np.linalg.norm(gn[:, S] @ Hin[:, S].T, 2)) for S in pats))
+            out.append((li, j, bound, float(np.sqrt(lam[li] * lam[li + 1]))))
+            fixed[offs[li + 1] + j * W.shape[1] + np.arange(W.shape[1])] = True
+            fixed[offs[li + 2] + np.arange(Wn.shape[0]) * Wn.shape[1] + j] = True
+    return out, fixed
 
 
 def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
@@ -1314,11 +1381,25 @@ def certify(
             d1 = descent_test(problem, params, v1[:n])
             if d1.decrease > descent_tol:
                 desc, found = d1, True
-    if kt.strict and not kt.negative and not found and lam < -hess_tol and n + kt.lifted <= CRITICAL_DENSE_MAX:
-        # the sign-relaxed test failed: restrict to the critical subspace of the strictly complementary kinks
-        ev, cvec, dim = critical_subspace_spectrum(problem, params, masks, slopes, strict, smask)
-        kt = kt._replace(critical_dim=dim, critical_min=ev[0] if ev else math.inf)
-        lam = kt.critical_min if kt.critical_min is not None else lam
+    if not kt.negative and not found and lam < -hess_tol and n + kt.lifted <= CRITICAL_DENSE_MAX:
+        # the sign-relaxed test failed: restrict to the critical subspace of the strictly complementary kinks, with
+        # the dead neurons tested apart (their kinks not lifted, their weights held at 0 here)
+        assert G is not None  # set with kt
+        dead, fixed = dead_neurons(problem, params, masks, slopes, G, mult_rtol * kt.g_scale)
+        sm = smask
+        if dead and smask:
+            sm = tuple(np.asarray(x).copy() for x in smask)
+            for li, j, _, _ in dead:
+                sm[li][j, :] = False
+        if kt.strict or dead:
+            ev, cvec, dim = critical_subspace_spectrum(problem, params, masks, slopes, strict, sm, fixed=fixed)
+            dead_ok = all(b < r for _, _, b, r in dead)
+            kt = kt._replace(
+                critical_dim=dim,
+                critical_min=(ev[0] if ev else math.inf) if dead_ok else -math.inf,
+                dead=tuple((li + 2, j, b, r) for li, j, b, r in dead),
+            )
+            lam = kt.critical_min if kt.critical_min is not None else lam
         if cvec is not None and lam < -hess_tol and np.any(cvec[:n]):
             dc = descent_test(problem, params, cvec[:n])
             if dc.decrease > descent_tol:
