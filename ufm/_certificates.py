@@ -1272,6 +1272,39 @@ def dead_neurons(problem, params, masks, slopes, G, g_tol: float, rtol: float = 
     return out, fixed
 
 
+def _other_side_descent(problem, params, masks, slopes, smask, n, hess_tol, opts) -> Descent | None:
+    """The lifted form is not positive: one more spectrum on the piece with slope 1 at the degenerate kinks, and the
+    `descent_test` along its bottom eigenvector when it is below -hess_tol (else None)."""
+    s1 = tuple(np.where(sm, 1.0, s) for sm, s in zip(smask, slopes, strict=True))
+    h1, v1 = _hessian(problem, params, masks=masks, slopes=s1, **opts)
+    if v1 is not None and h1.smallest and h1.smallest[0] < -hess_tol:
+        return descent_test(problem, params, v1[:n])
+    return None
+
+
+def _critical_test(problem, params, kt: KinkTest, G, masks, slopes, strict, smask, mult_rtol):
+    """The sign-relaxed test failed: restrict to the critical subspace of the strictly complementary kinks
+    (`critical_subspace_spectrum`), with the dead neurons tested apart (`dead_neurons`: their kinks not lifted,
+    their weights held at 0 in the subspace test). Returns (``kt`` with critical_dim/critical_min/dead set when the
+    test ran; critical_min is -inf when a dead neuron's bound fails), the bottom eigenvector or None)."""
+    dead, fixed = dead_neurons(problem, params, masks, slopes, G, mult_rtol * kt.g_scale)
+    if not (kt.strict or dead):
+        return kt, None
+    sm = smask
+    if dead and smask:
+        sm = tuple(np.asarray(x).copy() for x in smask)
+        for li, j, _, _ in dead:
+            sm[li][j, :] = False
+    ev, cvec, dim = critical_subspace_spectrum(problem, params, masks, slopes, strict, sm, fixed=fixed)
+    dead_ok = all(b < r for _, _, b, r in dead)
+    kt = kt._replace(
+        critical_dim=dim,
+        critical_min=(ev[0] if ev else math.inf) if dead_ok else -math.inf,
+        dead=tuple((li + 2, j, b, r) for li, j, b, r in dead),
+    )
+    return kt, cvec
+
+
 def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
     """`descent_test` along grad z_a of the kink with the most negative multiplier g_a (opening it lowers the fit at
     first order by |g_a| dz_a); None when that pre-activation does not move at first order."""
@@ -1373,33 +1406,14 @@ def certify(
             so = "certified" if hs.converged else "not checked: budget"
         return Certificate(st, hs, desc, dtype, so, hess_tol, None)
     if other_side and kt.lifted and lam < -hess_tol and not found and time.perf_counter() - t0 < max_time:
-        # the lifted form is not positive: try the other side of the degenerate kinks (slope 1) for a decrease
-        s1 = tuple(np.where(sm, 1.0, s) for sm, s in zip(smask, slopes, strict=True))
         opts["max_time"] = max(max_time - (time.perf_counter() - t0), 1e-3)
-        h1, v1 = _hessian(problem, params, masks=masks, slopes=s1, **opts)
-        if v1 is not None and h1.smallest and h1.smallest[0] < -hess_tol:
-            d1 = descent_test(problem, params, v1[:n])
-            if d1.decrease > descent_tol:
-                desc, found = d1, True
+        d1 = _other_side_descent(problem, params, masks, slopes, smask, n, hess_tol, opts)
+        if d1 is not None and d1.decrease > descent_tol:
+            desc, found = d1, True
     if not kt.negative and not found and lam < -hess_tol and n + kt.lifted <= CRITICAL_DENSE_MAX:
-        # the sign-relaxed test failed: restrict to the critical subspace of the strictly complementary kinks, with
-        # the dead neurons tested apart (their kinks not lifted, their weights held at 0 here)
         assert G is not None  # set with kt
-        dead, fixed = dead_neurons(problem, params, masks, slopes, G, mult_rtol * kt.g_scale)
-        sm = smask
-        if dead and smask:
-            sm = tuple(np.asarray(x).copy() for x in smask)
-            for li, j, _, _ in dead:
-                sm[li][j, :] = False
-        if kt.strict or dead:
-            ev, cvec, dim = critical_subspace_spectrum(problem, params, masks, slopes, strict, sm, fixed=fixed)
-            dead_ok = all(b < r for _, _, b, r in dead)
-            kt = kt._replace(
-                critical_dim=dim,
-                critical_min=(ev[0] if ev else math.inf) if dead_ok else -math.inf,
-                dead=tuple((li + 2, j, b, r) for li, j, b, r in dead),
-            )
-            lam = kt.critical_min if kt.critical_min is not None else lam
+        kt, cvec = _critical_test(problem, params, kt, G, masks, slopes, strict, smask, mult_rtol)
+        lam = kt.critical_min if kt.critical_min is not None else lam
         if cvec is not None and lam < -hess_tol and np.any(cvec[:n]):
             dc = descent_test(problem, params, cvec[:n])
             if dc.decrease > descent_tol:
