@@ -3,6 +3,7 @@ checks, in the same process, warm.
 
     python -m benchmarks.bench_check            # README quickstart and a K=10, L=4 deep ReLU problem
     python -m benchmarks.bench_check --smoke    # a tiny problem, one round
+    python -m benchmarks.bench_check --sweep    # what second_order=True adds to a sweep record, per run
 
 For each problem: one cold ``solve`` and ``check`` (compiles, reported separately), then ``rounds`` interleaved
 rounds of a warm ``solve`` (same key: the same run), a warm default ``check`` (scale-aware stationarity, compiled
@@ -130,6 +131,98 @@ def _measure(name: str, rounds: int, log) -> dict:
     return out
 
 
+SWEEP_GRIDS = {
+    # the README quickstart's problem, two seeds (14,720 parameters)
+    "quickstart": {
+        "K": 2,
+        "n": 50,
+        "width": 64,
+        "L": 3,
+        "activation": "relu",
+        "lam": 5e-3,
+        "seeds": 2,
+        "max_steps": 10000,
+    },
+    # issue 13's deep ReLU case: K=3, L=4, widths 6, n=1, two lambdas x four seeds (183 parameters)
+    "K3-L4": {"K": 3, "n": 1, "width": 6, "L": 4, "activation": "relu", "lam": [0.004, 0.0041], "seeds": 4},
+    "tiny": {"K": 2, "n": 3, "width": 4, "L": 3, "activation": "relu", "lam": 5e-3, "seeds": 2},
+}
+
+
+def _sweep_cost(name: str, rounds: int, log) -> dict:
+    """What ``second_order=True`` adds to a sweep record: ``ufm.sweep`` of the grid (in memory, no metrics) with
+    ``second_order`` False and True, once cold (compiles) then ``rounds`` interleaved warm rounds; per run: the
+    solve's share of its chunk (the record's ``wall_s``) and the extra seconds of the second-order check."""
+    import ufm
+
+    grid = SWEEP_GRIDS[name]
+    box: dict = {}
+
+    def sweep(so: bool):
+        def go():
+            t = time.perf_counter()
+            box[so] = ufm.sweep(grid, None, second_order=so, metrics=False, progress=False).records
+            return time.perf_counter() - t
+
+        return go
+
+    cold = {"first_order": sweep(False)(), "second_order": sweep(True)()}
+    runs = C.interleaved({"first_order": sweep(False), "second_order": sweep(True)}, rounds)
+    recs = box[True]
+    nrun = len(recs)
+    solve = C.median([r["wall_s"] for r in recs])
+    extra = (C.median(runs["second_order"]) - C.median(runs["first_order"])) / nrun
+    so = [((r.get("check") or {}).get("certificate") or {}).get("second_order") for r in recs]
+    out = {
+        "grid": grid,
+        "runs": nrun,
+        "cold_s": cold,
+        "rounds": runs,
+        "sweep_first_order_s": C.median(runs["first_order"]),
+        "sweep_second_order_s": C.median(runs["second_order"]),
+        "solve_per_run_s": solve,
+        "second_order_extra_per_run_s": extra,
+        "ratio_extra_over_solve": extra / solve if solve > 0 else None,
+        "verdicts": [r["verdict"] for r in recs],
+        "second_order": so,
+        "statuses": [r["status"] for r in recs],
+        "load": C.load_average(),
+    }
+    log(
+        f"sweep {name}: {nrun} runs, solve {solve:.3f}s/run, second order +{extra:.3f}s/run "
+        f"(ratio {out['ratio_extra_over_solve']:.2f}); second_order {so}; load {out['load']}"
+    )
+    return out
+
+
+def run_sweep(which: str = "full", rounds: int = 2, out_dir=None, log=print) -> dict:
+    """`_sweep_cost` on the quickstart and K3-L4 grids (``which="smoke"``: the tiny grid, one round)."""
+    jax.config.update("jax_enable_x64", True)
+    names = ["tiny"] if which == "smoke" else ["K3-L4", "quickstart"]
+    info = C.machine_info()
+    res = {"machine": info, "grids": {n: _sweep_cost(n, 1 if which == "smoke" else rounds, log) for n in names}}
+    rows = [
+        [
+            n,
+            m["runs"],
+            C.fmt_time(m["solve_per_run_s"]),
+            C.fmt_time(m["second_order_extra_per_run_s"]),
+            f"{m['ratio_extra_over_solve']:.2f}",
+            ", ".join(sorted(set(map(str, m["second_order"])))),
+            m["load"] and f"{m['load'][0]:.2f}",
+        ]
+        for n, m in res["grids"].items()
+    ]
+    md = (
+        "# second_order=True in a sweep record vs the solve (warm, same process)\n\n"
+        + C.machine_line(info)
+        + "\n\n"
+        + C.md_table(["grid", "runs", "solve / run", "second order / run", "ratio", "second_order", "load"], rows)
+    )
+    res["paths"] = C.write_outputs("check_sweep" if which != "smoke" else "check_sweep_smoke", res, out_dir, md)
+    return res
+
+
 def run(which: str = "full", rounds: int = 3, out_dir=None, log=print) -> dict:
     jax.config.update("jax_enable_x64", True)
     names = ["tiny"] if which == "smoke" else ["quickstart", "K10-L4"]
@@ -183,8 +276,9 @@ def main(argv=None):
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--sweep", action="store_true", help="the cost of second_order=True in a sweep record")
     a = ap.parse_args(argv)
-    run("smoke" if a.smoke else "full", a.rounds, a.out)
+    (run_sweep if a.sweep else run)("smoke" if a.smoke else "full", a.rounds, a.out)
 
 
 if __name__ == "__main__":

@@ -252,13 +252,21 @@ def _second_order_text(cert: Certificate, curv: str) -> str:
                 f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
                 f" ({k.lifted} lifted)"
             )
+            if k.critical_dim is not None:
+                second += (
+                    f"; on the critical subspace of the {k.strict} strictly complementary kinks (dim"
+                    f" {k.critical_dim}) the smallest eigenvalue is {_fmt(k.critical_min)}"
+                )
         second += ")"
     elif so == "first-order only":
         kt = cert.kink
         second = (
             f"first-order only: at the {cert.stationarity.kinks} ReLU kinks the second-order test is inconclusive ("
             + (f"{kt.negative} negative multipliers, " if kt and kt.negative else "")
-            + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form, no lower point found)"
+            + (f"{kt.degenerate} degenerate kinks, " if kt and kt.degenerate else "")
+            + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form"
+            + (f", {_fmt(kt.critical_min)} on the critical subspace" if kt and kt.critical_min is not None else "")
+            + ", no lower point found)"
         )
     elif so == "not checked: budget":
         hs = cert.hessian

@@ -141,7 +141,7 @@ def _options(args, cfg: dict) -> dict:
         devices=devices,
         engine=args.engine if args.engine is not None else cfg.get("engine", "auto"),
         progress=args.progress,
-        second_order=bool(args.second_order) if args.second_order is not None else cfg.get("second_order", False),
+        second_order=bool(args.second_order) if args.second_order is not None else cfg.get("second_order", True),
         rank_rtol=cfg.get("rank_rtol", 1e-4),
         metrics=cfg.get("metrics", True),
         check_options=cfg.get("check_options"),
