@@ -5,8 +5,8 @@ minima often sit there (dead neurons, the DNC optimum's zero entries). L-BFGS th
 stalls with a gradient (JAX's, slope 0 at 0) that never vanishes. The *kink polish* fixes the pattern and solves
 the smooth problem on it:
 
-1. **Active set.** A = {a : |z_a| <= kink_rtol * max|Z_l|} (`ufm._certificates.kink_masks`, the same rule as
-   `ufm.certify`), tried for each threshold of `KINK_RTOLS` in turn.
+1. **Active set.** A = {a : |z_a| <= kink_rtol * max|Z_l|} (`traced_kink_masks`, the rule of
+   `ufm._certificates.kink_masks` and `ufm.certify`), tried for each threshold of `KINK_RTOLS` in turn.
 2. **Smooth piece.** Hold the active pre-activations at 0: minimise
 
        f_A(theta) = F(out_A(theta)) + R(theta)   subject to   z_a(theta) = 0 for a in A,
@@ -30,10 +30,33 @@ the smooth problem on it:
    solved layer by layer from the output (`kink_slopes`), clipped to [0, 1], give an element of the Clarke
    subdifferential whose norm is the polish's own measure. The point is accepted when
 
-       rel_grad = min(||grad f_s||, stationarity) / (||grad F_s|| + ||grad R||)  <=  rtol
+       rel_grad = ||grad f_s|| / (||grad F_s|| + ||grad R||)  <=  rtol
 
-   (or ||.|| <= tol), with ``stationarity`` the minimal-norm search of `ufm._certificates.stationarity` (the
-   measure `ufm.check` uses) and f(theta) not above the stalled point's value (`ACCEPT_RISE`).
+   (or ||grad f_s|| <= tol) and f(theta) is not above the stalled point's value (`ACCEPT_RISE`).
+4. **Rounds** (`polish_run`). A round that is not accepted starts the next from its point with the active set
+   re-identified (new kinks appear while polishing). When a round does not halve rel_grad, the entries whose
+   multiplier slopes lambda_a / g_a lie outside [-`SLOPE_SLACK`, 1 + `SLOPE_SLACK`] are *released* (dropped from
+   the active set for the rest of this threshold): such a constraint pushes the point to one side of the kink, the
+   classical active-set rule for a multiplier of the wrong sign. Measured on issue 13's seed 5 at lambda_H = 0.0041
+   (K=3, L=4, widths 6): the 1e-3 active set held entries with slopes -7199, -1958, 99, 278, ...; re-identifying
+   alone ended at rel_grad 3.6e-7 (round 3), releasing them gives 7e-9 one round later. Releasing *before*
+   re-identification stalls (seed 3 at 0.004: the multipliers of a degenerate active set are not unique, and
+   re-identification alone reaches 5.8e-9), hence the order. A threshold is left when the loss rose, its active
+   set is empty, or a round neither halved rel_grad nor released an entry; at most `ROUNDS` rounds each.
+5. **Host fallback** (`certify_close`, after the compiled program): a point that was not accepted but is within
+   `CERTIFY_WITHIN` x rtol is measured again by the minimal-norm slope search of `ufm._certificates.stationarity`
+   (the measure `ufm.check` uses), and accepted when that meets the tolerance.
+
+Steps 1-4 are one traced program (`polish_run`; every loop a ``lax.while_loop``, every decision a ``where``), so
+the single solve compiles it once per problem shape and dtype (`polish_jit`) and a batch maps it over its runs
+(`ufm._solver.polish_batch`); a run whose polish fails (non-finite, loss rose) keeps its own point and status.
+
+**Why the inner L-BFGS is not the project's optimiser.** `ufm._driver.make_optimizer("lbfgs")` (optax's L-BFGS
+with the trial line search of `ufm._linesearch`) was tried as the subproblem solver (round 4): on issue 13's 16
+runs both end 16/16 converged (final rel_grad at most 5.7e-8 with `_lbfgs`, 7.9e-8 with it; 42k vs 27k inner
+steps), but the polish program compiles 1.2-1.4x slower with it (XLA compile, one process, interleaved: 23.7 and
+27.2 s with `_lbfgs` against 28.4 and 35.8 s at load 9-10; trace + lower 2.5 s vs 3.6 s). Compile time is what a
+user waits for (a polish runs in well under a second once compiled), so `_lbfgs` stays.
 """
 
 from __future__ import annotations
