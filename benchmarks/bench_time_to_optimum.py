@@ -125,7 +125,14 @@ def run_ufm_recipe(p, fstar, iters):
 
     x0 = peer_init(p, "float32")
     kw = dict(
-        init=x0, method="momentum", lr=PEER_LR, momentum=PEER_MOMENTUM, max_steps=iters, tol=0.0, patience=iters + 1
+        init=x0,
+        method="momentum",
+        lr=PEER_LR,
+        momentum=PEER_MOMENTUM,
+        max_steps=iters,
+        tol=0.0,
+        patience=iters + 1,
+        polish=False,  # the recipe's own end point: no kink polish after its fixed budget
     )
     t = time.perf_counter()
     sol = jax.block_until_ready(ufm.solve(p, **kw))

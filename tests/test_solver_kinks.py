@@ -234,6 +234,8 @@ def test_polish_batch_equals_single_polish():
         np.testing.assert_array_equal(np.asarray(got.params.H[i]), np.asarray(stack.params.H[i]))
         assert float(got.value[i]) == float(stack.value[i]) and float(got.rel_grad[i]) == float(stack.rel_grad[i])
     assert int(got.status[7]) == int(bare2.status) and np.isnan(np.asarray(got.params.H[7])).all()
+    with pytest.raises(ValueError, match="batched ufm.Solution"):
+        polish_batch(KINK, bare2, o)  # one run is not a batch
     # one compiled program for the batch: new numbers do not recompile
     n = polish_map._cache_size()
     polish_batch(KINK, stack, o, lam_H=lam_H * 1.01)

@@ -323,6 +323,8 @@ def polish_batch(
     Returns:
       The batched `Solution` with the polished runs replaced and ``polish_steps`` (B,) set (0 where not polished).
     """
+    if not isinstance(sols, Solution) or np.ndim(sols.value) != 1 or sols.rel_grad is None:
+        raise ValueError("sols must be a batched ufm.Solution (value, rel_grad of shape (B,)) as solve_batch returns")
     if problem.activation != "relu" or problem.L < 2:
         return sols
     dt = sols.value.dtype
