@@ -187,8 +187,10 @@ def solve(
         the solve at the next report with status "interrupted" and the point reached; a second Ctrl-C raises.
         Without either, the program has no host callback, so JAX's persistent compilation cache can keep it.
       progress_every: steps between reports (default with a handler: 100 for lbfgs, 1000 otherwise).
-      polish: run the kink polish on stalled ReLU runs (default: True for ReLU models with L >= 2; ignored
-        otherwise). Its program compiles once per problem shape and dtype; its steps are in ``polish_steps``.
+      polish: run the kink polish on stalled ReLU runs, and on max_steps runs with rel_grad <= 1e-3
+        (`ufm._kinks.needs_polish`; default: True for ReLU models with L >= 2; ignored otherwise; False keeps
+        the optimiser's own end point). Its program compiles once per problem shape and dtype; its steps are in
+        ``polish_steps``.
 
     Returns:
       A `Solution` (status 0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled, 5 at the zero
