@@ -86,6 +86,9 @@ class Solution(NamedTuple):
       snapshots: `Snapshots`, or None.
       rel_grad: the scale-aware stationarity ||grad f|| / (||grad fit|| + ||grad reg||) at ``params`` (kink-aware
         after a kink polish), or None for a solution built elsewhere.
+      polish_steps: L-BFGS steps spent by the kink polish (`ufm._kinks`, all its subproblems, whether or not the
+        polished point was kept), or None when no polish ran. ``num_steps`` counts the optimiser's steps only (the
+        ones the history records); the total work is ``num_steps + polish_steps``.
     """
 
     params: Params
@@ -96,6 +99,7 @@ class Solution(NamedTuple):
     history: History | None = None
     snapshots: Snapshots | None = None
     rel_grad: jax.Array | None = None
+    polish_steps: jax.Array | None = None
 
     @property
     def success(self):

@@ -26,6 +26,7 @@ from ._driver import (
     run_jit,
     unregister_progress,
 )
+from ._kinks import apply_polish, certify_close, needs_polish, polish_run
 from ._kinks import polish as polish_kinks
 from ._model import Params, check_params
 from ._options import (
@@ -186,8 +187,10 @@ def solve(
         the solve at the next report with status "interrupted" and the point reached; a second Ctrl-C raises.
         Without either, the program has no host callback, so JAX's persistent compilation cache can keep it.
       progress_every: steps between reports (default with a handler: 100 for lbfgs, 1000 otherwise).
-      polish: run the kink polish on stalled ReLU runs (default: True for ReLU models with L >= 2; ignored
-        otherwise). Its program compiles once per problem shape and dtype; its steps are not in ``num_steps``.
+      polish: run the kink polish on stalled ReLU runs, and on max_steps runs with rel_grad <= 1e-3
+        (`ufm._kinks.needs_polish`; default: True for ReLU models with L >= 2; ignored otherwise; False keeps
+        the optimiser's own end point). Its program compiles once per problem shape and dtype; its steps are in
+        ``polish_steps``.
 
     Returns:
       A `Solution` (status 0 converged, 1 max_steps, 2 non-finite init, 3 diverged, 4 stalled, 5 at the zero
@@ -226,7 +229,7 @@ def solve(
         raise TypeError(f"polish must be None, True or False; got {polish!r}")
     sol = _run(_canonical(problem, dt), start, o, _config(o, history, every), progress, dt)
     status = int(sol.status)
-    if polish and status in (STALLED, PRECISION_FLOOR) and problem.activation == "relu":
+    if polish and problem.activation == "relu" and problem.L >= 2 and bool(needs_polish(status, sol.rel_grad)):
         sol = _polish(problem, sol, o)
         status = int(sol.status)
     if status in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
@@ -283,22 +286,97 @@ def _run(problem: UFM, start, o: SolverOptions, cfg: Config, progress, dt) -> So
 
 
 def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
-    """A stalled ReLU run finished by the kink polish (`ufm._kinks.polish`): converged with the kink-aware measure
-    when accepted; else the polished point when it lowered both the loss and rel_grad; else ``sol``."""
+    """A ReLU run that stalled (or spent max_steps near a kink, `ufm._kinks.needs_polish`) finished by the kink polish
+    (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
+    else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
     dt = sol.value.dtype
-    res, accepted = polish_kinks(_canonical(problem, dt), sol.params, float(sol.value), float(o.rtol), float(o.tol))
-    if res is None:
-        return sol
-    better = float(res.value) <= float(sol.value) and float(res.rel_grad) < float(np.asarray(sol.rel_grad))
-    if not (accepted or better):
-        return sol
-    return sol._replace(
-        params=res.params,
-        value=res.value,
-        grad_norm=res.grad_norm,
-        rel_grad=res.rel_grad,
-        status=jnp.asarray(CONVERGED, jnp.int32) if accepted else sol.status,
-    )
+    res = polish_kinks(_canonical(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
+    return apply_polish(sol, res)
+
+
+def polish_batch(
+    problem: UFM,
+    sols: Solution,
+    o: SolverOptions,
+    lam_H=None,
+    lam_W=None,
+    lam_b=None,
+    *,
+    batch_size: int | None = None,
+) -> Solution:
+    """The kink polish of a batch (`ufm.solve_batch`'s ``polish=``): run i is polished exactly as `ufm.solve`
+    polishes it (`ufm._kinks.polish_run`, then `ufm._kinks.certify_close` on the host), one compiled program per
+    problem shape, dtype and ``batch_size``.
+
+    Runs that do not need it (`ufm._kinks.needs_polish`: not stalled/precision_floor, nor max_steps near a kink)
+    cost no iteration and are returned unchanged; a run whose polish fails keeps its result and status (the
+    polish never raises inside the map). Non-ReLU or L = 1 problems are returned as given.
+
+    Args:
+      problem: the shared `ufm.UFM` (shapes and modes; its lambdas are the default of each run).
+      sols: the batch's `Solution`, a leading axis B on every field (``ufm.solve_batch``'s result).
+      o: the batch's resolved `ufm._options.SolverOptions` (``rtol``, ``tol``).
+      lam_H: (B,) lambda_H of each run (None: the problem's).
+      lam_W: (B,) or (B, L) lambda_W of each run (None: the problem's).
+      lam_b: (B,) lambda_b of each run (None: the problem's).
+      batch_size: runs polished together in one ``vmap`` (``jax.lax.map``'s ``batch_size``); None (default)
+        polishes them one after the other, so a batch costs the sum of its polished runs' work (best on a CPU).
+
+    Returns:
+      The batched `Solution` with the polished runs replaced and ``polish_steps`` (B,) set (0 where not polished).
+    """
+    if not isinstance(sols, Solution) or np.ndim(sols.value) != 1 or sols.rel_grad is None:
+        raise ValueError("sols must be a batched ufm.Solution (value, rel_grad of shape (B,)) as solve_batch returns")
+    if problem.activation != "relu" or problem.L < 2:
+        return sols
+    dt = sols.value.dtype
+    B = int(np.shape(sols.value)[0])
+    lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
+    need = needs_polish(sols.status, sols.rel_grad)
+    res = polish_map(_canonical(problem, dt), sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
+    for i in np.flatnonzero(np.asarray(need) & ~np.asarray(res.accepted)):
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
+        fixed = certify_close(_member(problem, dt, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
+        if fixed is not one:
+            res = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b), res, fixed)
+    return apply_polish(sols, res)
+
+
+def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
+    """(lam_H (B,), lam_W (B, L), lam_b (B,)) in ``dt``: the given ones (lam_W (B,) broadcast over the layers) or the
+    problem's, checked against the batch size B."""
+    lW = jnp.asarray(problem.lam_W if lam_W is None else batch_lam_W(problem, lam_W), dt)
+    lW = lW[:, None] if lam_W is not None and lW.ndim == 1 else lW
+    out = []
+    for name, v, default, shape in (
+        ("lam_H", lam_H, problem.lam_H, (B,)),
+        ("lam_W", lW, None, (B, problem.L)),
+        ("lam_b", lam_b, problem.lam_b, (B,)),
+    ):
+        a = jnp.asarray(default if v is None else v, dt)
+        try:
+            out.append(jnp.broadcast_to(a, shape))
+        except ValueError:
+            raise ValueError(f"{name} must broadcast to {shape} (B = {B} runs); got shape {a.shape}") from None
+    return tuple(out)
+
+
+def _member(problem: UFM, dt, lH, lW, lb) -> UFM:
+    """Run i's problem: the shared shapes with its own lambdas (as in `one_run`), leaves in ``dt``."""
+    leaves = [lH, lW, lb, jnp.asarray(problem.label_smoothing, dt)]
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(problem), leaves)
+
+
+@functools.partial(jax.jit, static_argnames=("batch_size",))
+def polish_map(problem, params, value, need, lH, lW, lb, rtol, tol, batch_size):
+    """`ufm._kinks.polish_run` over a batch (leading axis B on ``params``, ``value``, ``need`` and the lambdas), in one
+    compiled program per problem shape, dtype and ``batch_size`` (``jax.lax.map``); returns a batched `Polish`."""
+
+    def one(a):
+        x, v, nd, h, w, b = a
+        return polish_run(_member(problem, v.dtype, h, w, b), x, v, rtol, tol, nd)
+
+    return jax.lax.map(one, (params, value, need, lH, lW, lb), batch_size=batch_size)
 
 
 def _config(o: SolverOptions, history: bool, progress_every: int = 0) -> Config:
