@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._batch import solve_slots, start_params
+from ._batch import solve_lockstep, solve_slots, start_params
 from ._driver import (
     Config,
     Throttle,
@@ -32,6 +32,7 @@ from ._options import (
     DEFAULT_INIT_SCALE,
     DEFAULT_LR,
     DEFAULT_MAX_STEPS,
+    LBFGS_LINESEARCH,
     METHODS,
     SolverOptions,
     check_dtype,
@@ -538,6 +539,10 @@ def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xd
         return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "vmap":
         return batch_vmap_jit(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+    if engine == "lockstep":
+        if lockstep_applies(cfg):
+            return solve_lockstep(prob, inputs, o.tol, o.rtol, cfg, xdt, lanes=slots, ticks=segment)
+        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment)
 
 
@@ -547,7 +552,12 @@ def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> So
     return run(p, params0, lr, tol, rtol, cfg)
 
 
-ENGINES = ("auto", "map", "slots", "vmap")
+def lockstep_applies(cfg: Config) -> bool:
+    """The lockstep engine emulates L-BFGS with the trial line search (method "lbfgs"); other methods use "map"."""
+    return cfg.method == "lbfgs" and LBFGS_LINESEARCH == "trial"
+
+
+ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
 # engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU a vmapped step costs about the
 # sum of its slots' work, so the runs in sequence ("map") waste nothing; on an accelerator S slots cost about one
 AUTO_ENGINE = {"cpu": "map"}
