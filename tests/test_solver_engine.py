@@ -224,7 +224,9 @@ def test_lockstep_runs_end_where_single_solves_end(lockstep_and_singles):
         assert int(sols.num_steps[i]) >= 1 and int(sols.status[i]) >= 0
         np.testing.assert_allclose(ufm.objective(q, sols.take(i).params), sols.value[i], rtol=1e-12)
         np.testing.assert_allclose(sols.history.loss[i, int(sols.num_steps[i])], sols.value[i], rtol=1e-14)
-        np.testing.assert_allclose(sols.history.loss[i, 0], ufm.objective(q, ufm.init_params(q, jax.random.key(i))), rtol=1e-14)
+        np.testing.assert_allclose(
+            sols.history.loss[i, 0], ufm.objective(q, ufm.init_params(q, jax.random.key(i))), rtol=1e-14
+        )
     assert same >= 0.9 * 8, same
 
 
@@ -266,3 +268,25 @@ def test_lockstep_falls_back_to_map_for_other_methods():
     a = ufm.solve_batch(SHALLOW, seeds=[0, 1], method="gd", lr=0.1, max_steps=50, engine="lockstep")
     b = ufm.solve_batch(SHALLOW, seeds=[0, 1], method="gd", lr=0.1, max_steps=50, engine="map")
     np.testing.assert_array_equal(a.value, b.value)
+
+
+def test_sweep_padding_slots_end_at_once():
+    # a chunk of 3 runs padded to 8: the 5 padding slots start at x = 0 (init_scale 0), a stationary point of the
+    # bias-free UFM (every gradient block is a product with a zero factor), so they end at step 0 with status
+    # converged; the real runs are the runs of an unpadded solve (same numbers: same values to rounding)
+    from ufm._sweep.grid import expand_grid
+    from ufm._sweep.runner import dispatch
+
+    grid = dict(num_classes=2, n_per_class=2, widths=[3], lam_H=[1e-3, 1e-2, 1e-1], lam_W=1e-2, max_steps=200)
+    rows = expand_grid(grid)
+    (sol,) = dispatch(rows, 8, jax.devices()[:1], engine="map")
+    assert np.all(np.asarray(sol.num_steps)[3:] == 0) and np.all(np.asarray(sol.status)[3:] == 0)
+    ref = ufm.solve_batch(
+        ufm.UFM(num_classes=2, n_per_class=2, widths=(3,), lam_W=1e-2),
+        seeds=[r["seed"] for r in rows],
+        lam_H=[r["lam_H"] for r in rows],
+        max_steps=200,
+        history=False,
+        engine="map",
+    )
+    np.testing.assert_allclose(np.asarray(sol.value)[:3], ref.value, rtol=1e-12)

@@ -273,7 +273,9 @@ def _dot(a, b):
 
 def _unravel(problem, dtype):
     hs, ws, bs = problem.param_shapes()
-    z = Params(jnp.zeros(hs, dtype), tuple(jnp.zeros(s, dtype) for s in ws), None if bs is None else jnp.zeros(bs, dtype))
+    z = Params(
+        jnp.zeros(hs, dtype), tuple(jnp.zeros(s, dtype) for s in ws), None if bs is None else jnp.zeros(bs, dtype)
+    )
     return ravel_pytree(z)[1]
 
 
