@@ -528,7 +528,10 @@ def _lockstep_cycle(problem, x0, nums, lanes: Lanes, out: Solution, where, load,
         return jax.tree_util.tree_map(lambda a, y: a.at[where].set(y, mode="drop"), o, sol)
 
     out = jax.lax.cond((where < B).any(), retire, lambda o: o, out)
-    lanes = _load(problem, x0, nums, lanes, load, cfg, lbfgs, unravel)
+    # loading builds S fresh lanes (L-BFGS memories included) and selects: only in cycles that load
+    lanes = jax.lax.cond(
+        (load >= 0).any(), lambda ln: _load(problem, x0, nums, ln, load, cfg, lbfgs, unravel), lambda ln: ln, lanes
+    )
 
     def live(ln):
         return (ln.run >= 0) & (ln.fresh | (ln.status == RUNNING))
