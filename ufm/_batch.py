@@ -1,15 +1,19 @@
-"""The batched engine of `ufm.solve_batch`: slots, segments, retirement and refill.
+"""The batched engines of `ufm.solve_batch` that retire finished runs: "slots" and "lockstep".
 
 A ``vmap``ped ``while_loop`` runs until its slowest member stops, so a batch whose step counts spread (median 198,
-max 3,307 on the deep ReLU benchmark) costs B times the slowest run. Here the runs advance on S device slots in
-segments of at most ``segment`` steps (one compiled program, `_cycle`); between segments the host reads the S
-statuses, retires finished runs into the (B,)-batched result on the device (`_retire`) and refills their slots
-with pending runs (initialised inside `_cycle`). Only S statuses and S run indices cross between host and device;
-states, histories and results stay on the device. A batch thus costs about (sum of its runs' steps) / S segments
-of S-wide steps, plus the tail where fewer than S runs remain.
+max 3,307 on the deep ReLU benchmark) costs B times the slowest run. Both engines here advance the runs on S device
+slots (lanes) in segments (one compiled program each); between segments the host reads the S statuses, retires
+finished runs into the (B,)-batched result on the device and refills their slots with pending runs. Only S statuses
+and S run indices cross between host and device; states, histories and results stay on the device.
 
-Each slot runs exactly the driver of `ufm.solve` (`ufm._driver.init`/`step`, the same stopping rule) on its own
-problem numbers, so run i ends where ``ufm.solve`` of problem i ends up to the rounding of batched arithmetic.
+* "slots" (`solve_slots`): each slot runs exactly the driver of `ufm.solve` (`ufm._driver.init`/`step`) with the
+  trial line search evaluating all its M trials in one ``vmap`` every step.
+* "lockstep" (`solve_lockstep`, L-BFGS): every iteration evaluates f and its gradient ONCE per lane, all lanes in
+  one ``vmap``; each lane's line search is a state machine that evaluates one trial per iteration with the
+  acceptance rule of `ufm._linesearch`, and the L-BFGS memory is a shift register (`Lbfgs`), so nothing inside
+  the loop is a per-lane gather, scatter or nested loop.
+
+Run i ends where ``ufm.solve`` of problem i ends up to the rounding of batched arithmetic.
 """
 
 from __future__ import annotations
@@ -210,7 +214,7 @@ def solve_slots(
 
 # --- the lockstep engine: L-BFGS with one trial evaluation per slot per iteration ---------------------------------
 
-DEFAULT_LANES = 128
+DEFAULT_LANES = 16  # measured on the 2-core CPU: 16 lanes 2.3x faster than 64 at 1,000 runs (memory traffic)
 DEFAULT_TICKS = 32
 
 
@@ -301,53 +305,32 @@ def _where(c, a, b):
     return jax.tree_util.tree_map(lambda x, y: jnp.where(c, x, y), a, b)
 
 
-def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
-    """One iteration of one lane: ONE value-and-gradient evaluation, then the state machine (`solve_lockstep`)."""
+def _search(lane: Lanes, a, ft, gt, dft, M: int):
+    """The trial line search's rule (`ufm._linesearch`) on the trial a just evaluated (f, grad f, slope along d):
+    acceptable = decrease & curvature; the first acceptable trial in the order a0, a0 r, ... is the largest; after M
+    trials without one, the largest with a decrease (remembered in the lane), else no step. Returns (acceptable,
+    decrease, the search ends, a step is taken, and the step's a, f and grad f)."""
     ls = trial_linesearch_defaults()
-    M, r = ls["num_trials"], ls["decrease_factor"]
-    c1, c2, eps, amax = ls["slope_rtol"], ls["curv_rtol"], ls["approx_dec_rtol"], ls["max_stepsize"]
+    c1, c2, eps = ls["slope_rtol"], ls["curv_rtol"], ls["approx_dec_rtol"]
     dt = lane.value.dtype
-    h, w, b, lr = lane.numbers
-    p = _problem_of(problem, h, w, b)
-
-    def f(z):
-        return objective(p, unravel(z))
-
-    # records and the L-BFGS memory are written once, below (no select over the largest arrays)
-    rec, mem, lane = lane.records, lane.lbfgs, lane._replace(records=None, lbfgs=None)
-    active = lane.fresh | (lane.status == RUNNING)
-    a = jnp.where(lane.fresh, jnp.zeros((), dt), lane.a0 * r ** lane.j.astype(dt)).astype(dt)
-    xt = lane.x + (a * lane.d).astype(dt)
-    ft, gt = jax.value_and_grad(f)(xt)
-    ft = ft.astype(dt)
-    dft = _dot(gt, lane.d).astype(dt)
-
-    # the trial line search's rule (ufm._linesearch): acceptable = decrease & curvature; the first acceptable trial
-    # in the order a0, a0 r, ... is the largest; after M trials without one, the largest with a decrease, else none
     v, s = lane.value, lane.slope
     armijo = ft <= v + c1 * a * s
     approx = (ft <= v + eps * jnp.abs(v)) & (dft <= (2 * c1 - 1) * s)
     dec = jnp.isfinite(ft) & jnp.isfinite(dft) & (armijo | approx)
     ok = dec & (dft >= c2 * s)
-    last = lane.j >= M - 1
-    commit = ~lane.fresh & (ok | last)
+    commit = ~lane.fresh & (ok | (lane.j >= M - 1))
     use_dec = ~ok & lane.has_dec
     took = ok | lane.has_dec | dec
     a_c = jnp.where(ok, a, jnp.where(use_dec, lane.dec_a, jnp.where(dec, a, 0.0))).astype(dt)
     f_c = jnp.where(ok, ft, jnp.where(use_dec, lane.dec_f, jnp.where(dec, ft, v)))
     g_c = jnp.where(ok, gt, jnp.where(use_dec, lane.dec_g, jnp.where(dec, gt, lane.g)))
-    x_c = lane.x + (a_c * lane.d).astype(dt)
-    smallest = lane.a0 * r ** (M - 1)
-    next_a0 = jnp.where(took, jnp.minimum(amax, a_c / r), smallest * r).astype(dt)
+    return ok, dec, commit, took, a_c, f_c, g_c
 
-    # the new accepted point: x_0 for a fresh lane (the driver's init), x_{k+1} after a committed search (its step)
-    fresh = lane.fresh
-    xn = jnp.where(fresh, xt, x_c)
-    vn = jnp.where(fresh, ft, f_c)
-    gn_vec = jnp.where(fresh, gt, g_c)
-    gnorm = jnp.linalg.norm(gn_vec)
-    rel = rel_grad(p, unravel(xn), unravel(gn_vec))
-    k = jnp.where(fresh, 0, lane.step + 1).astype(jnp.int32)
+
+def _stopping(lane: Lanes, k, vn, gnorm, rel, tol, rtol, cfg: Config):
+    """The driver's status at the new point (`ufm._driver.init` for a fresh lane, `ufm._driver.step` otherwise),
+    with the last improving step and the divergence limit."""
+    fresh, dt = lane.fresh, lane.value.dtype
     conv = (gnorm <= tol) | (rel <= rtol)
     finite0 = jnp.isfinite(vn) & jnp.isfinite(gnorm)
     status0 = jnp.where(~finite0, NONFINITE_INIT, jnp.where(conv, CONVERGED, RUNNING))
@@ -362,6 +345,43 @@ def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
     status = jnp.where(fresh, status0, status1)
     status = jnp.where((status == RUNNING) & (k >= cfg.max_steps), MAX_STEPS, status).astype(jnp.int32)
     limit = jnp.where(fresh, DIVERGENCE_FACTOR * jnp.maximum(1.0, jnp.abs(vn)), lane.limit).astype(dt)
+    return status, last_imp, limit
+
+
+def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
+    """One iteration of one lane: ONE value-and-gradient evaluation, then the state machine (`solve_lockstep`)."""
+    ls = trial_linesearch_defaults()
+    M, r, amax = ls["num_trials"], ls["decrease_factor"], ls["max_stepsize"]
+    dt = lane.value.dtype
+    h, w, b, lr = lane.numbers
+    p = _problem_of(problem, h, w, b)
+
+    def f(z):
+        return objective(p, unravel(z))
+
+    # records and the L-BFGS memory are written once, below (no select over the largest arrays)
+    rec, mem = lane.records, lane.lbfgs
+    lane = lane._replace(records=None, lbfgs=None)  # type: ignore[arg-type]  # restored before the return
+    active = lane.fresh | (lane.status == RUNNING)
+    a = jnp.where(lane.fresh, jnp.zeros((), dt), lane.a0 * r ** lane.j.astype(dt)).astype(dt)
+    xt = lane.x + (a * lane.d).astype(dt)
+    ft, gt = jax.value_and_grad(f)(xt)
+    ft = ft.astype(dt)
+    dft = _dot(gt, lane.d).astype(dt)
+
+    ok, dec, commit, took, a_c, f_c, g_c = _search(lane, a, ft, gt, dft, M)
+    x_c = lane.x + (a_c * lane.d).astype(dt)
+    next_a0 = jnp.where(took, jnp.minimum(amax, a_c / r), lane.a0 * r ** (M - 1) * r).astype(dt)
+
+    # the new accepted point: x_0 for a fresh lane (the driver's init), x_{k+1} after a committed search (its step)
+    fresh = lane.fresh
+    xn = jnp.where(fresh, xt, x_c)
+    vn = jnp.where(fresh, ft, f_c)
+    gn_vec = jnp.where(fresh, gt, g_c)
+    gnorm = jnp.linalg.norm(gn_vec)
+    rel = rel_grad(p, unravel(xn), unravel(gn_vec))
+    k = jnp.where(fresh, 0, lane.step + 1).astype(jnp.int32)
+    status, last_imp, limit = _stopping(lane, k, vn, gnorm, rel, tol, rtol, cfg)
 
     # the next direction (L-BFGS two-loop recursion, then the line search's descent check)
     new = active & (fresh | commit)
@@ -405,7 +425,7 @@ def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
     return lane._replace(records=record(rec, _state_of(problem, lane, unravel), cfg), lbfgs=lb_state)
 
 
-def _load(problem, x0, nums, lanes: Lanes, load, cfg: Config, lbfgs, unravel) -> Lanes:
+def _load(problem, x0, nums, lanes: Lanes | None, load, cfg: Config, lbfgs, unravel) -> Lanes:
     """Lanes ``load[s] >= 0`` take run ``load[s]``: start point x0[run], its numbers, fresh optimiser and records."""
     ids = jnp.clip(load, 0, x0.shape[0] - 1)
     dt = x0.dtype
@@ -455,13 +475,13 @@ class LbfgsMemory(NamedTuple):
     scatter per pair and step (measured 2x slower per lane at 16 lanes).
 
     Attributes:
-      count: pairs pushed so far (the first push is the zero pair, as in optax).
+      pushes: pairs pushed so far (the first push is the zero pair, as in optax).
       x, g: the point and gradient of the last push.
       dx, dg: (m, P) differences x_{i+1} - x_i and g_{i+1} - g_i, oldest first.
       w: (m,) weights 1 / <dg_i, dx_i> (0 when the product is 0).
     """
 
-    count: jax.Array
+    pushes: jax.Array
     x: jax.Array
     g: jax.Array
     dx: jax.Array
@@ -484,7 +504,7 @@ class Lbfgs(NamedTuple):
     def update(self, g, mem: LbfgsMemory, x, push=True):
         """(H g, the memory with the pair of (x, g) pushed when ``push``, else unchanged)."""
         dt = x.dtype
-        first = mem.count == 0
+        first = mem.pushes == 0
         dx = jnp.where(first, 0.0, x - mem.x).astype(dt)
         dg = jnp.where(first, 0.0, g - mem.g).astype(dt)
         vd = _dot(dg, dx)
@@ -504,7 +524,7 @@ class Lbfgs(NamedTuple):
         for i in range(self.m):
             beta = W[i] * _dot(DG[i], q)
             q = (q + (alphas[i] - beta) * DX[i]).astype(dt)
-        return q, _where(push, LbfgsMemory(mem.count + 1, x, g, DX, DG, W), mem)
+        return q, _where(push, LbfgsMemory(mem.pushes + 1, x, g, DX, DG, W), mem)
 
 
 def _lbfgs(cfg: Config) -> Lbfgs:
