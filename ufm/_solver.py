@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._batch import solve_slots, start_params
+from ._batch import solve_lockstep, solve_slots, start_params
 from ._driver import (
     Config,
     Throttle,
@@ -33,6 +33,7 @@ from ._options import (
     DEFAULT_INIT_SCALE,
     DEFAULT_LR,
     DEFAULT_MAX_STEPS,
+    LBFGS_LINESEARCH,
     METHODS,
     SolverOptions,
     check_dtype,
@@ -460,14 +461,15 @@ def solve_batch(
     Engines (``engine``), each costing about the sum of the runs' steps rather than B times the slowest run:
     ``"map"`` runs the B runs one after the other inside ONE compiled program (``lax.map`` of the single-run
     driver: the arithmetic of `solve`, so run i ends where ``ufm.solve`` of problem i ends, and the compile is
-    about that of one solve); ``"slots"`` (`ufm._batch`) advances the runs on ``slots`` device slots in segments
-    of ``segment`` steps, retiring finished runs and refilling their slots between segments (states stay on the
-    device; only S statuses and run indices cross to the host; every slot's step costs the same fixed batch of M line
-    search trials, evaluated in one ``vmap``, so no slot waits for another's search); ``"vmap"`` is one vmapped loop
-    (B x the slowest run). ``"auto"`` (default, `AUTO_ENGINE`): "map" on a CPU, where a vmapped step costs about
-    the sum of its slots' arithmetic, so running the runs in sequence wastes nothing (measured in
-    benchmarks/README.md, "Batched engine"), "slots" on an accelerator, where S slots cost about one. Inside a
-    trace (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
+    about that of one solve); ``"lockstep"`` (`ufm._batch.solve_lockstep`, L-BFGS only; other methods run
+    "map") advances ``slots`` lanes with ONE vmapped evaluation of f and its gradient per iteration: each lane's
+    trial line search evaluates one trial per iteration with the rule of `ufm._linesearch` (a run takes the
+    steps of `solve`); finished runs are retired and lanes refilled every ``segment`` iterations; ``"slots"``
+    (`ufm._batch.solve_slots`): slots that run the driver's step with
+    all 6 line-search trials every step; ``"vmap"``: one vmapped loop (B x the slowest run). ``"auto"``
+    (default, `auto_engine`): "map" on a CPU, the fastest measured there (benchmarks/README.md,
+    "Batched engine"), "lockstep" for L-BFGS on an accelerator (not measured), else "slots". Inside a trace
+    (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
 
     Args:
       problem: the shared `ufm.UFM` (shapes, modes, and default lambdas).
@@ -478,9 +480,9 @@ def solve_batch(
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
       init_scale: (B,) or scalar, or "auto" (as in `solve`; the default here is 1.0).
-      slots: runs on the device at a time (engine "slots"; default min(B, 64)).
-      segment: steps between retire/refill points (engine "slots"; default 25 for lbfgs, 500 otherwise).
-      engine: "auto", "map", "slots" or "vmap" (above).
+      slots: runs on the device at a time (engine "lockstep": default min(B, 16); engine "slots": min(B, 64)).
+      segment: iterations between retire/refill points ("lockstep": 32; "slots": 25 for lbfgs, 500 otherwise).
+      engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
       **options: the other options, as in `solve`.
 
     Returns:
@@ -611,11 +613,15 @@ def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xd
     if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol))):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
-        engine = AUTO_ENGINE.get(jax.default_backend(), "slots")
+        engine = auto_engine(cfg)
     if engine == "map":
         return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "vmap":
         return batch_vmap_jit(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+    if engine == "lockstep":
+        if lockstep_applies(cfg):
+            return solve_lockstep(prob, inputs, o.tol, o.rtol, cfg, xdt, lanes=slots, ticks=segment)
+        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment)
 
 
@@ -625,10 +631,25 @@ def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> So
     return run(p, params0, lr, tol, rtol, cfg)
 
 
-ENGINES = ("auto", "map", "slots", "vmap")
+def lockstep_applies(cfg: Config) -> bool:
+    """The lockstep engine emulates L-BFGS with the trial line search (method "lbfgs"); other methods use "map"."""
+    return cfg.method == "lbfgs" and LBFGS_LINESEARCH == "trial"
+
+
+ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
 # engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU a vmapped step costs about the
-# sum of its slots' work, so the runs in sequence ("map") waste nothing; on an accelerator S slots cost about one
+# sum of its lanes' work (and more: the L-BFGS memories of the lanes move every step), so the runs in sequence ("map")
+# are the fastest measured; on an accelerator S lanes cost about one
 AUTO_ENGINE = {"cpu": "map"}
+
+
+def auto_engine(cfg: Config) -> str:
+    """The engine of ``engine="auto"``: `AUTO_ENGINE` of the default backend; on an accelerator "lockstep" for
+    L-BFGS with the trial line search, else "slots"."""
+    e = AUTO_ENGINE.get(jax.default_backend())
+    if e is not None:
+        return e
+    return "lockstep" if lockstep_applies(cfg) else "slots"
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))

@@ -128,10 +128,15 @@ def solve_rows(rows: Sequence[Mapping], device, engine: str):
 
 
 def dispatch(rows: Sequence[Mapping], size: int, devices: Sequence, engine: str = "auto") -> list:
-    """Launch one chunk: padded to ``size`` (padded slots repeat the chunk's last run), cut into one equal part
-    per device. One device: the part is solved here (asynchronously where the engine is); several: each part in
-    its own thread on its device. Returns the parts (a `Solution` or a `Future` of one), for `to_host`."""
-    rows = list(rows) + [rows[-1]] * (size - len(rows))
+    """Launch one chunk: padded to ``size``, cut into one equal part per device. One device: the part is solved
+    here (asynchronously where the engine is); several: each part in its own thread on its device. Returns the
+    parts (a `Solution` or a `Future` of one), for `to_host`.
+
+    A padded slot repeats the chunk's last run with ``init_scale=0``: it starts at x = 0 (b = 0), where the gradient
+    of every weight and feature vanishes (each is a product with a zero factor), so it ends at once (step 0, or a
+    few steps of b alone with a free MSE bias) instead of costing a full solve; its result is dropped."""
+    pad = dict(rows[-1], init_scale=0.0)
+    rows = list(rows) + [pad] * (size - len(rows))
     m = size // len(devices)
     parts = [rows[d * m : (d + 1) * m] for d in range(len(devices))]
     if len(devices) == 1:
