@@ -16,7 +16,7 @@ import pytest
 from cli_cases import TINY
 
 import ufm
-from ufm import cli
+from ufm import _io, cli
 
 PROBLEM = ufm.UFM(
     num_classes=3, n_per_class=2, widths=(4,), activation="linear", loss="ce", bias="free", lam_H=1e-3, lam_W=2e-3
@@ -202,3 +202,14 @@ def test_api_errors_name_the_argument(call, exc, message, tmp_path, monkeypatch)
     with pytest.raises(exc, match=message):
         call()
     assert not any(tmp_path.iterdir())
+
+
+def test_polish_steps_round_trip(solved, tmp_path):
+    # `Solution.polish_steps` (the kink polish's L-BFGS steps, None when no polish ran) is saved when set and read
+    # back as the same integer; a file without it loads as None (files written before the field existed)
+    sol, _ = solved
+    polished = sol._replace(polish_steps=jnp.asarray(37, jnp.int32))
+    a = _io.load_solution(_io.save_solution(tmp_path / "a.npz", polished), PROBLEM)[0]
+    b = _io.load_solution(_io.save_solution(tmp_path / "b.npz", sol), PROBLEM)[0]
+    assert int(a.polish_steps) == 37 and b.polish_steps is None
+    _same_solution(polished, a)

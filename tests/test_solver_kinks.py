@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 import ufm
+import ufm._solver as solver_module
 from ufm._certificates import kink_masks, stationarity
 from ufm._kinks import MAX_STEPS_BELOW, kink_slopes, polish_jit, polish_piece, slope_gradient
 from ufm._options import solver_options
@@ -240,6 +241,17 @@ def test_polish_batch_equals_single_polish():
     n = polish_map._cache_size()
     polish_batch(KINK, stack, o, lam_H=lam_H * 1.01)
     assert polish_map._cache_size() == n
+    # solve_batch's wiring (polish=None: on for this ReLU model): the engine's result (here the stack, through a
+    # patched engine) is polished with each run's own lam_H, exactly as polish_batch does; polish=False keeps it
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(solver_module, "run_engine", lambda *a, **k: stack)
+        wired = ufm.solve_batch(KINK, seeds=np.arange(8), lam_H=lam_H)
+        kept = ufm.solve_batch(KINK, seeds=np.arange(8), lam_H=lam_H, polish=False)
+    np.testing.assert_array_equal(np.asarray(wired.status), np.asarray(got.status))
+    np.testing.assert_array_equal(np.asarray(wired.value), np.asarray(got.value))
+    assert kept is stack
+    with pytest.raises(TypeError, match="polish"):
+        ufm.solve_batch(KINK, seeds=np.arange(2), polish="yes")
 
 
 def test_polish_option():

@@ -329,13 +329,15 @@ def test_second_order_and_engine_reach_check_and_solve_batch(ref, tmp_path, monk
     assert [(kw["hessian"], kw["gap_tol"]) for kw in seen_check] == [(True, 1e-3)] * 4
     assert seen_engine == ["auto"]
     ufm.sweep(g, chunk_size=CHUNK, metrics=False, engine="slots")
-    assert [kw["hessian"] for kw in seen_check[4:]] == [False] * 4  # the default: first order only
-    assert seen_engine == ["auto", "slots"]
+    assert [kw["hessian"] for kw in seen_check[4:]] == [True] * 4  # the default: the Hessian certificate too
+    ufm.sweep(g, chunk_size=CHUNK, metrics=False, second_order=False, engine="slots")
+    assert [kw["hessian"] for kw in seen_check[8:]] == [False] * 4
+    assert seen_engine == ["auto", "slots", "slots"]
     # the command line: --second-order and the config's engine
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps({"grid": g, "chunk_size": CHUNK, "engine": "vmap", "metrics": False}))
-    assert S.sweep_main([str(cfg), "--second-order", "--no-progress"]) == 0
-    assert [kw["hessian"] for kw in seen_check[8:]] == [True] * 4 and seen_engine[-1] == "vmap"
+    assert S.sweep_main([str(cfg), "--no-second-order", "--no-progress"]) == 0
+    assert [kw["hessian"] for kw in seen_check[12:]] == [False] * 4 and seen_engine[-1] == "vmap"
     header, _ = ufm.load_sweep(tmp_path / "c.jsonl", header=True)
     assert header["fingerprint"]["settings"]["engine"] == "vmap"  # a resume with another engine is refused
 
@@ -547,7 +549,7 @@ def test_split_over_2_host_devices_equals_one_device(ref, tmp_path):
 def test_dispatch_splits_a_chunk_into_one_thread_per_device(ref):
     # the per-device split in process: a chunk of 8 REF runs cut into 2 parts of 4 (the REF program), each
     # solved in its own thread (here both on this process's first device), then put back in run order
-    rows = S.expand_grid(REF)[:7]  # 7 runs padded to 8 by repeating the last
+    rows = S.expand_grid(REF)[:7]  # 7 runs padded to 8 (a padding row starts at x = 0 and ends at step 0)
     dev = jax.devices()[0]
     parts = S.runner.dispatch(rows, 8, [dev, dev])
     assert len(parts) == 2 and all(hasattr(p, "result") for p in parts)  # futures of the two threads

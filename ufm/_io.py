@@ -176,6 +176,8 @@ def solution_arrays(solution, history_every: int = 1) -> dict[str, np.ndarray]:
         out["b"] = np.asarray(p.b)
     for name in _SCALARS:
         out[name] = np.asarray(getattr(solution, name))
+    if getattr(solution, "polish_steps", None) is not None:  # the kink polish ran (`ufm.Solution.polish_steps`)
+        out["polish_steps"] = np.asarray(solution.polish_steps)
     if solution.history is not None:
         last = int(solution.num_steps) // history_every + 1
         out["history_loss"] = np.asarray(solution.history.loss)[:last]
@@ -350,9 +352,10 @@ def load_solution(path: str | os.PathLike, problem, *, extras: bool | Sequence[s
             ("status", "iu", "the status code"),
         ):
             needed[name] = _expect(members, name, (), kinds, f"{what}, a scalar ()", path)
-        if "history_every" in members:
-            needed["history_every"] = _expect(members, "history_every", (), "iu", "a scalar ()", path)
-        scal = {k: _read(zf, k, path) for k in (*_SCALARS, "history_every") if k in needed}
+        for name in ("history_every", "polish_steps"):  # optional scalars
+            if name in members:
+                needed[name] = _expect(members, name, (), "iu", "a scalar ()", path)
+        scal = {k: _read(zf, k, path) for k in (*_SCALARS, "history_every", "polish_steps") if k in needed}
         num_steps, history_every = _check_scalars(scal, path)
         history = _history_members(members, num_steps, path)
         needed.update(history)
@@ -473,6 +476,7 @@ def _solution_of(problem, arrays: dict, scal: dict, has_history: bool):
         jnp.asarray(scal["status"]),
         hist,
         None,
+        polish_steps=jnp.asarray(scal["polish_steps"]) if "polish_steps" in scal else None,
     )
 
 

@@ -224,13 +224,10 @@ def solve(
     )
     check_memory(num_params(problem), dt.itemsize, o, history=history)
     progress, every = _progress_options(progress, progress_every, method)
-    if polish is None:
-        polish = problem.activation == "relu" and problem.L >= 2
-    elif not isinstance(polish, (bool, np.bool_)):
-        raise TypeError(f"polish must be None, True or False; got {polish!r}")
+    polish = resolve_polish(problem, polish)
     sol = _run(_canonical(problem, dt), start, o, _config(o, history, every), progress, dt)
     status = int(sol.status)
-    if polish and problem.activation == "relu" and problem.L >= 2 and bool(needs_polish(status, sol.rel_grad)):
+    if polish and bool(needs_polish(status, sol.rel_grad)):
         sol = _polish(problem, sol, o)
         status = int(sol.status)
     if status in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
@@ -284,6 +281,14 @@ def _run(problem: UFM, start, o: SolverOptions, cfg: Config, progress, dt) -> So
     finally:
         unregister_progress(handle)
     return sol
+
+
+def resolve_polish(problem: UFM, polish) -> bool:
+    """The ``polish`` option of `solve` and `solve_batch`: None means True for ReLU models with L >= 2; the polish
+    applies to those models only (False for the others whatever is asked)."""
+    if polish is not None and not isinstance(polish, (bool, np.bool_)):
+        raise TypeError(f"polish must be None, True or False; got {polish!r}")
+    return problem.activation == "relu" and problem.L >= 2 and polish is not False
 
 
 def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
@@ -452,6 +457,7 @@ def solve_batch(
     slots: int | None = None,
     segment: int | None = None,
     engine: str = "auto",
+    polish: bool | None = None,
 ) -> Solution:
     """Solve a batch of B problems that share shapes: each run as `solve` would, in compiled batched programs.
 
@@ -483,6 +489,8 @@ def solve_batch(
       slots: runs on the device at a time (engine "lockstep": default min(B, 16); engine "slots": min(B, 64)).
       segment: iterations between retire/refill points ("lockstep": 32; "slots": 25 for lbfgs, 500 otherwise).
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
+      polish: the kink polish of `solve` on the runs that need it (`polish_batch`; default: True for ReLU models
+        with L >= 2). Its program compiles only when some run of the batch needs it; not applied inside a trace.
       **options: the other options, as in `solve`.
 
     Returns:
@@ -526,7 +534,11 @@ def solve_batch(
     start = init if init is not None else keys
     inputs = batch_inputs(problem, dt, B, start, lam_H, lam_W, lam_b, o.lr, init_scale)
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
-    return run_engine(engine, _canonical(problem, dt), inputs, o, _config(o, history), xdt, slots, segment)
+    polish = resolve_polish(problem, polish)
+    sols = run_engine(engine, _canonical(problem, dt), inputs, o, _config(o, history), xdt, slots, segment)
+    if polish and not traced(inputs, o) and bool(np.any(needs_polish(sols.status, sols.rel_grad))):
+        sols = polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3])
+    return sols
 
 
 def seed_keys(keys, seeds):
@@ -608,9 +620,14 @@ def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_
     return (start, lH, lW, lb, bcast(lr, None), bcast(init_scale, None))
 
 
+def traced(inputs, o: SolverOptions) -> bool:
+    """Whether `solve_batch` runs inside a trace (``jit``/``vmap`` of it): then the batch is one ``vmap``."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol)))
+
+
 def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment) -> Solution:
     """Solve the batch ``inputs`` with ``engine`` (see `solve_batch`); inside a trace always one ``vmap``."""
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol))):
+    if traced(inputs, o):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
         engine = auto_engine(cfg)

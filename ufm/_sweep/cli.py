@@ -12,6 +12,7 @@ from collections.abc import Sequence
 
 import jax
 
+from .._solver import ENGINES
 from .driver import prepare_sweep
 from .store import read_store
 
@@ -94,8 +95,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--chunk-size", type=int, help="runs per ufm.solve_batch call")
     parser.add_argument(
         "--engine",
-        choices=("auto", "map", "slots", "vmap"),
-        help="ufm.solve_batch's engine (default auto: map on a CPU, slots on an accelerator)",
+        choices=ENGINES,
+        help="ufm.solve_batch's engine (default auto: map on a CPU, lockstep for L-BFGS on an accelerator)",
     )
     parser.add_argument("--devices", type=int, help="use the first N of jax.devices()")
     where = parser.add_mutually_exclusive_group()
@@ -113,9 +114,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--second-order",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
         default=None,
-        help="ask ufm.check for its second-order (Hessian) certificate",
+        help="ufm.check's second-order (Hessian) certificate in every record (default: on; --no-second-order: off)",
     )
     parser.add_argument("--compile-cache", help="persistent JAX compilation cache folder (faster restarts)")
     return parser
@@ -183,7 +184,7 @@ def dask_client(workers: int | None, scheduler: str | None):
 
 def sweep_main(argv: Sequence[str] | None = None) -> int:
     """``ufm sweep CONFIG [--store PATH] [--chunk-size N] [--engine E] [--devices N | --workers N | --scheduler A]
-    [--progress/--no-progress] [--second-order] [--compile-cache DIR]``.
+    [--progress/--no-progress] [--second-order/--no-second-order] [--compile-cache DIR]``.
 
     CONFIG is a JSON or TOML file with ``grid`` (a table of field -> value(s), or a list of tables) and optional
     ``store`` (default: CONFIG with the extension ``.jsonl``; relative paths are relative to CONFIG's folder),
