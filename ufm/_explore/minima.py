@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 from typing import NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from .._json import to_jsonable
-from .._model import Params
+from .._kinks import polish
+from .._model import Params, objective
 from .._problem import UFM
 from .structure import structure
 
@@ -124,6 +126,74 @@ class Ledger:
         if self.offer(value, params) and had_best:
             s["wins"] += 1
 
-    def top(self, n: int) -> list[Minimum]:
-        """The n lowest minima."""
-        return sorted(self.minima, key=lambda m: m.value)[:n]
+    def top(self, n: int, spread: float = 0.0) -> list[Minimum]:
+        """The n lowest minima; with ``spread`` > 0, skipping any whose loss is within ``spread`` (relative) of a
+        lower one with the same ranks before the ReLUs (unpolished copies of one minimum at a kink: a pool of
+        starting points stays diverse)."""
+        out: list[Minimum] = []
+        for m in sorted(self.minima, key=lambda m: m.value):
+            if len(out) == n:
+                break
+            if spread > 0 and any(o.ranks_Z == m.ranks_Z and m.value - o.value <= spread * abs(o.value) for o in out):
+                continue
+            out.append(m)
+        return out
+
+    def consolidate(self, n: int, rtol: float) -> int:
+        """Polish the n lowest minima at their ReLU kinks and merge the ones that then agree; returns how many
+        were polished.
+
+        Solver endpoints at a ReLU kink stall short of the minimum (L-BFGS chatters across the kink), so copies of
+        one minimum end with losses ~1e-4 apart and pass for distinct. `ufm._kinks.polish` finishes each on the
+        smooth piece of its activation pattern (to kink-aware rel_grad <= ``rtol``); a polished point replaces the
+        endpoint when its loss is not higher (status 0 when accepted), and minima that then have the same loss
+        (``loss_rtol``) and Gram spectra (``spec_rtol``) are merged: counts add up, the first finder and time are
+        kept. Deep ReLU models only (elsewhere there are no kinks: nothing is polished).
+        """
+        p = self.problem
+        if n <= 0 or not (p.activation == "relu" and p.L >= 2) or not self.minima:
+            return 0
+        ordered = sorted(self.minima, key=lambda m: m.value)
+        head = [polish_minimum(p, m, rtol) for m in ordered[:n]]
+        merged: list[Minimum] = []
+        for m in sorted(head, key=lambda m: m.value) + ordered[n:]:
+            for i, o in enumerate(merged):
+                if same_minimum(o, m.value, m.gram_spectra, self.loss_rtol, self.spec_rtol):
+                    first = o if o.found_at <= m.found_at else m
+                    merged[i] = o._replace(count=o.count + m.count, strategy=first.strategy, found_at=first.found_at)
+                    break
+            else:
+                merged.append(m)
+        self.minima = merged
+        best = merged[0]
+        self.offer(best.value, best.params)
+        return len(head)
+
+
+def polish_minimum(problem: UFM, m: Minimum, rtol: float) -> Minimum:
+    """``m`` finished at its ReLU kinks by `ufm._kinks.polish` (unchanged where the polish does not lower it)."""
+    prm = Params(
+        jnp.asarray(m.params.H),
+        tuple(jnp.asarray(W) for W in m.params.Ws),
+        None if m.params.b is None else jnp.asarray(m.params.b),
+    )
+    res, accepted = polish(problem, prm, m.value, rtol)
+    if res is None:
+        return m
+    value = float(objective(problem, res.params))
+    if not (math.isfinite(value) and value <= m.value):
+        return m
+    f = lambda x: np.asarray(x)  # noqa: E731
+    q = res.params
+    params = Params(f(q.H), tuple(f(W) for W in q.Ws), None if q.b is None else f(q.b))
+    st = structure(problem, params)
+    return m._replace(
+        value=value,
+        status=0 if accepted else m.status,
+        grad_norm=float(res.grad_norm),
+        ranks=st["ranks"],
+        ranks_Z=st["ranks_Z"],
+        gram_spectra=st["gram_spectra"],
+        description=st["description"],
+        params=params,
+    )

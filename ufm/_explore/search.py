@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._model import objective
+from .._options import default_rtol
 from .._problem import UFM
 from .._theory import predict
 from .minima import Ledger, Minimum
@@ -51,7 +52,9 @@ def _positive_int(name: str, v, what: str) -> None:
         raise ValueError(f"{name} must be a positive integer ({what}); got {v!r}")
 
 
-def validate(problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, strategies) -> tuple:
+def validate(
+    problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, polish_top, strategies
+) -> tuple:
     """Check the arguments before any compute; return the strategies with "explicit" first."""
     if not isinstance(problem, UFM):
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
@@ -64,8 +67,9 @@ def validate(problem, time_budget, max_starts, batch_size, steps, gd_steps, max_
     _positive_int("batch_size", batch_size, "starts per round B")
     _positive_int("steps", steps, "L-BFGS steps per round")
     _positive_int("gd_steps", gd_steps, "gradient-descent steps of a gd phase")
-    if not (isinstance(max_polish, (int, np.integer)) and max_polish >= 0):
-        raise ValueError(f"max_polish must be an integer >= 0; got {max_polish!r}")
+    for name, v in (("max_polish", max_polish), ("polish_top", polish_top)):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name} must be an integer >= 0; got {v!r}")
     if isinstance(strategies, str):
         raise TypeError(f"strategies must be a sequence of names from {STRATEGIES}, not a string; got {strategies!r}")
     strategies = tuple(strategies)
@@ -249,13 +253,15 @@ def every_run_failed(s: Setting, ledger: Ledger, search: Search, seed: int) -> E
     return assemble(s, params, math.nan, ledger, search.trace, search.starts, search.rounds, msg)
 
 
-def summary(search: Search, value: float) -> str:
+def summary(search: Search, value: float, polished: int) -> str:
     """The one-line message of a finished search."""
     r = ratio(value, search.s.dnc_loss)
     return (
         f"best {value:.10g}"
         + (f" = {r:.4f} x DNC" if math.isfinite(r) else "")
-        + f" after {search.starts} starts in {search.rounds} rounds; {len(search.ledger.minima)} distinct minima; an "
+        + f" after {search.starts} starts in {search.rounds} rounds; {len(search.ledger.minima)} distinct minima"
+        + (f" (the {polished} lowest polished at their ReLU kinks, then merged)" if polished else "")
+        + "; an "
         "upper bound on the global optimum (numerical search, no certificate of global optimality)"
     )
 
@@ -271,6 +277,7 @@ def explore(
     batch_size: int = 16,
     steps: int = 400,
     max_polish: int = 4,
+    polish_top: int = 8,
     gd_steps: int = 2000,
     loss_rtol: float = 1e-6,
     spec_rtol: float = 1e-3,
@@ -303,6 +310,10 @@ def explore(
       batch_size: starts per compiled round B (the solver compiles once per B, steps and shapes).
       steps: L-BFGS steps per round.
       max_polish: how many extra rounds an unfinished run within 5 % of the best value may get.
+      polish_top: after the rounds, the ``polish_top`` lowest minima are finished at their ReLU kinks
+        (`ufm._kinks.polish`, deep ReLU models) and merged where they then agree (`Ledger.consolidate`): copies of
+        one minimum stalled at a kink otherwise pass for distinct. This runs after the ``time_budget`` (a compile
+        of the polish, ~10-30 s on a 2-core CPU, then ~1-4 s per minimum at K = 6, L = 4); 0 turns it off.
       gd_steps: gradient-descent steps (lr 0.5) of a ``gd`` start before its L-BFGS rounds.
       loss_rtol, spec_rtol: two endpoints are the same minimum when their losses agree to ``loss_rtol`` and every
         layer's class-mean Gram spectrum to ``spec_rtol`` (relative to its largest eigenvalue).
@@ -320,7 +331,9 @@ def explore(
       optimal?" (DNC is not optimal for K >= 3, L >= 3; the SRG construction); THEORY.md §4.3.
     """
     t0 = time.perf_counter()
-    strategies = validate(problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, strategies)
+    strategies = validate(
+        problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, polish_top, strategies
+    )
     pfn = progress_printer(progress)
     if max_starts is None and time_budget is None:
         max_starts = 4 * int(batch_size)
@@ -335,5 +348,7 @@ def explore(
     search.finish_pending()
     if ledger.best_params is None:
         return every_run_failed(s, ledger, search, seed)
+    polished = ledger.consolidate(int(polish_top), default_rtol(s.dtype))
     params, value = final_point(s, ledger)
-    return assemble(s, params, value, ledger, search.trace, search.starts, search.rounds, summary(search, value))
+    msg = summary(search, value, polished)
+    return assemble(s, params, value, ledger, search.trace, search.starts, search.rounds, msg)

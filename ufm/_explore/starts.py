@@ -42,7 +42,8 @@ HOPS = ("truncate", "hop", "rank-hop")
 """The strategies that start from a minimum already found."""
 
 TRUNCATE_POOL = 16
-"""``truncate`` starts from one of this many lowest distinct minima (diversity: any basin can hold a low-rank one)."""
+"""``truncate`` starts from one of this many lowest minima, near-copies skipped (`Ledger.top` with spread 1e-3):
+any basin can lead to a low-rank one, so the pool is kept diverse."""
 
 RANDOM_SCALES = (0.5, 1.0, 2.0)
 """Scales of the random starts (`ufm.init_params` convention): none near the zero saddle."""
@@ -258,7 +259,7 @@ class Strategist:
         if s == "continuation":
             return Job(random_start(problem, rng, 1.0), s, lam_factor=float(rng.choice([2.0, 4.0])))
         if s == "truncate" and ledger.minima:
-            pool = ledger.top(TRUNCATE_POOL)
+            pool = ledger.top(TRUNCATE_POOL, spread=1e-3)
             base = pool[int(rng.integers(len(pool)))].params
             return Job(truncate(problem, base, truncate_rank(problem, ledger, rng), rng), s)
         if s in ("hop", "rank-hop") and ledger.minima:
