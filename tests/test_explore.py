@@ -153,6 +153,7 @@ def test_time_budget_runs_one_round_and_reports_progress():
     # the first round always runs (it holds the explicit candidates); after it the budget is spent
     assert ex.num_rounds == 1 and len(seen) == 1
     assert ex.num_starts == OPTS["batch_size"]
+    assert "the 1 lowest polished" in ex.message  # past the budget only the first kink polish runs
     assert set(seen[0]) >= {"round", "elapsed", "starts", "best", "ratio_to_dnc", "minima"}
     assert ex.value <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
 

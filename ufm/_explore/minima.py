@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 from typing import NamedTuple
 
 import jax.numpy as jnp
@@ -139,9 +140,9 @@ class Ledger:
             out.append(m)
         return out
 
-    def consolidate(self, n: int, rtol: float) -> int:
+    def consolidate(self, n: int, rtol: float, deadline: float | None = None) -> int:
         """Polish the n lowest minima at their ReLU kinks and merge the ones that then agree; returns how many
-        were polished.
+        were polished (fewer than n when ``deadline``, a `time.perf_counter` time, passes: the first always runs).
 
         Solver endpoints at a ReLU kink stall short of the minimum (L-BFGS chatters across the kink), so copies of
         one minimum end with losses ~1e-4 apart and pass for distinct. `ufm._kinks.polish` finishes each on the
@@ -154,7 +155,12 @@ class Ledger:
         if n <= 0 or not (p.activation == "relu" and p.L >= 2) or not self.minima:
             return 0
         ordered = sorted(self.minima, key=lambda m: m.value)
-        head = [polish_minimum(p, m, rtol) for m in ordered[:n]]
+        head: list[Minimum] = []
+        for m in ordered[:n]:
+            if head and deadline is not None and time.perf_counter() > deadline:
+                break
+            head.append(polish_minimum(p, m, rtol))
+        n = len(head)
         merged: list[Minimum] = []
         for m in sorted(head, key=lambda m: m.value) + ordered[n:]:
             for i, o in enumerate(merged):

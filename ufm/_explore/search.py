@@ -21,6 +21,10 @@ from .rounds import Endpoint, gd_round, lbfgs_round
 from .starts import DEFAULT_STRATEGIES, STRATEGIES, Job, Strategist, as_numpy, explicit_candidates, random_start
 from .structure import structure
 
+POLISH_SHARE = 0.2
+"""With a ``time_budget``, the rounds stop at (1 - this) x the budget when the lowest minima are to be polished at
+their kinks afterwards (``polish_top`` > 0, deep ReLU): the polish (its compile included) gets the rest."""
+
 POLISH_WITHIN = 0.05
 """A run that ends at the step limit within this fraction of the best value is continued in a later round."""
 
@@ -300,7 +304,9 @@ def explore(
     Args:
       problem: a concrete `ufm.UFM` (any model).
       time_budget: seconds (loosely: the first round, which includes the compile, always runs; the second starts
-        if the budget is not spent; later ones only if the elapsed time plus the last round's length fits).
+        if the budget is not spent; later ones only if the elapsed time plus the last round's length fits; with
+        the kink polish on, the rounds get 80 % of it and the polish the rest, see ``polish_top``; the final
+        `ufm.check` calls come on top).
       max_starts: the number of starts (deterministic: with a fixed ``key`` the result is reproducible).
         Continuations are not counted as starts. Default 4 x batch_size when neither budget is given.
       key: a `jax.random.key` or an int seed (default 0).
@@ -312,8 +318,9 @@ def explore(
       max_polish: how many extra rounds an unfinished run within 5 % of the best value may get.
       polish_top: after the rounds, the ``polish_top`` lowest minima are finished at their ReLU kinks
         (`ufm._kinks.polish`, deep ReLU models) and merged where they then agree (`Ledger.consolidate`): copies of
-        one minimum stalled at a kink otherwise pass for distinct. This runs after the ``time_budget`` (a compile
-        of the polish, ~10-30 s on a 2-core CPU, then ~1-4 s per minimum at K = 6, L = 4); 0 turns it off.
+        one minimum stalled at a kink otherwise pass for distinct. With a ``time_budget`` the rounds stop at 80 %
+        of it (`POLISH_SHARE`) and no polish starts after it (the first always runs: a compile of ~10-40 s on a
+        2-core CPU, then ~1-5 s per minimum at K = 6, L = 4); 0 turns it off.
       gd_steps: gradient-descent steps (lr 0.5) of a ``gd`` start before its L-BFGS rounds.
       loss_rtol, spec_rtol: two endpoints are the same minimum when their losses agree to ``loss_rtol`` and every
         layer's class-mean Gram spectrum to ``spec_rtol`` (relative to its largest eigenvalue).
@@ -344,11 +351,14 @@ def explore(
     ledger = Ledger(problem, strategies, loss_rtol, spec_rtol)
     strategist = Strategist(problem, strategies, s.explicit, np.random.default_rng(seed))
     search = Search(s, strategist, ledger, int(batch_size), max_starts, max_polish)
-    run_search(search, time_budget, int(steps), int(gd_steps), pfn)
+    polishing = polish_top > 0 and problem.activation == "relu" and problem.L >= 2
+    round_budget = None if time_budget is None else time_budget * (1 - POLISH_SHARE if polishing else 1.0)
+    run_search(search, round_budget, int(steps), int(gd_steps), pfn)
     search.finish_pending()
     if ledger.best_params is None:
         return every_run_failed(s, ledger, search, seed)
-    polished = ledger.consolidate(int(polish_top), default_rtol(s.dtype))
+    deadline = None if time_budget is None else t0 + time_budget
+    polished = ledger.consolidate(int(polish_top), default_rtol(s.dtype), deadline)
     params, value = final_point(s, ledger)
     msg = summary(search, value, polished)
     return assemble(s, params, value, ledger, search.trace, search.starts, search.rounds, msg)
