@@ -24,8 +24,9 @@ class Minimum(NamedTuple):
       count: how many starts ended here (same loss to ``loss_rtol`` and same per-layer class-mean Gram spectra).
       strategy: the strategy that reached it first.
       found_at: seconds after the start of `explore` when it was first reached.
-      status: the solver status of the first endpoint (0 converged, 1 step limit, 4 stalled at a ReLU kink).
-      grad_norm: its gradient norm.
+      status: the solver status of the first endpoint (0 converged, 1 step limit, 4 stalled at a ReLU kink); 0
+        also for a minimum finished by the kink polish (`Ledger.consolidate`).
+      grad_norm: its gradient norm (for a polished minimum the polish's kink-aware measure, a Clarke gradient's).
       ranks: numerical ranks (rtol `RANK_RTOL`) of the class-mean matrices M_1..M_L of H_1..H_L.
       ranks_Z: numerical ranks of the class means of the pre-activations Z_2..Z_L.
       gram_spectra: eigenvalues (descending, K each) of the class-mean Grams M_lᵀ M_l, l = 1..L.
