@@ -136,6 +136,44 @@ def one_row(K, mix, seed, budget, max_starts, batch_size, steps, max_polish, pol
     )
 
 
+def run_moves(K: int, seed: int, steps: int, B: int = 32, name: str = "explore_moves") -> dict:
+    """Moves from found minima, side by side: B random starts are solved (``steps`` L-BFGS steps, one batch), then
+    each move (truncation of every Z_l to rank r, a hop with noise 0.1, a rank-hop) is applied once to each of the
+    B endpoints and re-solved the same way. Reports per move the best ratio, how many of the B improved their
+    endpoint, and how many reached <= 0.92 / <= the target; the same compiled program serves every batch."""
+    import numpy as np
+
+    from ufm._explore.rounds import lbfgs_round
+    from ufm._explore.starts import Job, perturb, random_start, rank_reduce, truncate
+
+    d, target, _ = TARGETS.get(K, (atlas_width(K), math.nan, math.nan))
+    p = problem(K, 4, d)
+    dnc = float(ufm.predict(p, "dnc").loss)
+    rng = np.random.default_rng(seed)
+    ends = lbfgs_round(p, [Job(random_start(p, rng, 1.0), "random") for _ in range(B)], B, steps, np.float64)
+    v0 = np.array([e.value for e in ends]) / dnc
+    moves = {f"truncate r={r}": (lambda e, r=r: truncate(p, e.params, r, rng)) for r in range(2, min(K, 5))}
+    moves["hop 0.1"] = lambda e: perturb(e.params, rng, 0.1)
+    moves["rank-hop"] = lambda e: rank_reduce(p, e.params, rng)
+    out = {"machine": C.machine_info(), "K": K, "width": d, "seed": seed, "steps": steps, "B": B, "rows": []}
+    out["rows"].append({"move": "random start", "best": float(v0.min()), "le_092": int((v0 <= 0.92).sum())})
+    for mv, f in moves.items():
+        res = lbfgs_round(p, [Job(f(e), mv) for e in ends], B, steps, np.float64)
+        v = np.array([e.value for e in res]) / dnc
+        row = {
+            "move": mv,
+            "best": float(v.min()),
+            "improved": int((v < v0 - 1e-4).sum()),
+            "le_092": int((v <= 0.92).sum()),
+            "le_target": int((v <= target).sum()),
+            "median": float(np.median(v)),
+        }
+        out["rows"].append(row)
+        print(f"K={K} seed {seed} {mv:<14s} {row} load {C.load_average()}", flush=True)
+    _dump(f"{name}_K{K}_s{seed}", out)
+    return out
+
+
 def run_mixes(
     settings, mixes, budget, batch_size, steps, seeds, name, max_starts=None, max_polish=4, cold=False, polish_top=8
 ):
@@ -369,7 +407,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "what",
-        choices=("mixes", "atlas", "table", "explicit", "row"),
+        choices=("mixes", "atlas", "table", "explicit", "row", "moves"),
         help="table: print the merged atlas (README); explicit: the SRG/DNC points of --cells, no search; row: one "
         "mix and seed in this process, as JSON (what --cold runs)",
     )
@@ -399,6 +437,9 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "explicit":
         run_explicit(atlas_cells([], [], a.cells))
+    elif a.what == "moves":
+        for K in [int(k) for k in a.settings.split(",")]:
+            run_moves(K, a.seed, a.steps)
     elif a.what == "row":
         K = int(a.settings.split(",")[0])
         row = one_row(K, a.mixes, a.seed, a.budget, a.max_starts, a.batch_size, a.steps, a.max_polish, a.polish_top)
