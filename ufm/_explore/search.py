@@ -296,7 +296,8 @@ def explore(
     unfinished runs within 5 % of the best value (up to ``max_polish`` times: short rounds screen many starts and
     spend steps only on the promising ones), finish continuation runs at the true λ's, hop around the best minima
     and draw new starts from the strategies in proportion to `PRIOR_WEIGHTS` + 3 x (how often each one improved the
-    best value), hops at least a quarter.
+    best value), moves from found minima (truncate, hop, rank-hop) at least half. After the rounds the
+    ``polish_top`` lowest minima are finished at their ReLU kinks and merged where they then agree.
 
     Where ``ufm.predict(problem).known`` is True the optimum is a theorem: it is returned at once (``known=True``,
     no search).
