@@ -223,6 +223,8 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
             "8",
             "--steps",
             "500",
+            "--polish-top",
+            "1",
             "--hessian",
             "off",
             "--out",
@@ -245,6 +247,7 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
     params = ufm.Params(z["H"], tuple(z[f"W{l + 1}"] for l in range(4)), None)
     assert report["best"]["value"] == pytest.approx(np_objective(P, params), rel=1e-12)
     assert report["exploration"]["num_starts"] == 8
+    assert "the 1 lowest polished" in report["exploration"]["message"]
     assert report["best"]["value"] <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
     assert "x DNC" in capsys.readouterr().out
     # bad input: one line, exit code 2
