@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax.numpy as jnp
 import numpy as np
@@ -190,7 +190,7 @@ def polish_minimum(problem: UFM, m: Minimum, rtol: float) -> Minimum:
     value = float(objective(problem, res.params))
     if not (math.isfinite(value) and value <= m.value):
         return m
-    f = lambda x: np.asarray(x)  # noqa: E731
+    f: Any = np.asarray  # NumPy arrays in Params, as the search keeps them (starts.as_numpy)
     q = res.params
     params = Params(f(q.H), tuple(f(W) for W in q.Ws), None if q.b is None else f(q.b))
     st = structure(problem, params)
