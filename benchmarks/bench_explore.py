@@ -66,7 +66,7 @@ def _dump(name: str, obj: dict) -> None:
     (C.RESULTS_DIR / f"{name}.json").write_text(json.dumps(to_jsonable(obj), indent=2, allow_nan=False))
 
 
-def mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polish, compile_s):
+def mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polish, compile_s, polish_top=8):
     """One explore run of a strategy mix: final ratio, time and starts to the target, CPU share."""
     _, target, known = TARGETS.get(K, (d, math.nan, math.nan))
     c0, t0, load0 = time.process_time(), time.perf_counter(), C.load_average()
@@ -79,6 +79,7 @@ def mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polis
         batch_size=batch_size,
         steps=steps,
         max_polish=max_polish,
+        polish_top=polish_top,
         check_hessian=False,
     )
     wall, cpu = time.perf_counter() - t0, time.process_time() - c0
@@ -100,6 +101,8 @@ def mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polis
         "starts": ex.num_starts,
         "rounds": ex.num_rounds,
         "minima": len(ex.minima),
+        "polish_top": polish_top,
+        "rounds_end_s": ex.trace[-1][0] if ex.trace else None,
         "structure": ex.minima[0].description if ex.minima else "",
         "first_strategy": ex.minima[0].strategy if ex.minima else "",
         "strategies": ex.strategies,
@@ -109,7 +112,71 @@ def mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polis
     }
 
 
-def run_mixes(settings, mixes, budget, batch_size, steps, seeds, name, max_starts=None, max_polish=4):
+def cold_row(K, mix, seed, budget, max_starts, batch_size, steps, max_polish, polish_top) -> dict:
+    """`mix_row` in a fresh Python process without the persistent compile cache: the times then include every
+    compile, as a user's first call sees them (``compile_s`` is 0: nothing was compiled beforehand)."""
+    import os
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "benchmarks.bench_explore", "row", "--settings", str(K), "--mixes", mix]
+    cmd += ["--seed", str(seed), "--budget", str(budget), "--batch-size", str(batch_size), "--steps", str(steps)]
+    cmd += ["--max-polish", str(max_polish), "--polish-top", str(polish_top)]
+    cmd += [] if max_starts is None else ["--max-starts", str(max_starts)]
+    env = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def one_row(K, mix, seed, budget, max_starts, batch_size, steps, max_polish, polish_top) -> dict:
+    """One `mix_row` in this process, nothing compiled beforehand (the ``row`` command of `cold_row`)."""
+    d = TARGETS.get(K, (atlas_width(K),))[0]
+    return mix_row(
+        problem(K, 4, d), K, d, mix, seed, budget, max_starts, batch_size, steps, max_polish, 0.0, polish_top
+    )
+
+
+def run_moves(K: int, seed: int, steps: int, B: int = 32, name: str = "explore_moves") -> dict:
+    """Moves from found minima, side by side: B random starts are solved (``steps`` L-BFGS steps, one batch), then
+    each move (truncation of every Z_l to rank r, a hop with noise 0.1, a rank-hop) is applied once to each of the
+    B endpoints and re-solved the same way. Reports per move the best ratio, how many of the B improved their
+    endpoint, and how many reached <= 0.92 / <= the target; the same compiled program serves every batch."""
+    import numpy as np
+
+    from ufm._explore.rounds import lbfgs_round
+    from ufm._explore.starts import Job, perturb, random_start, rank_reduce, truncate
+
+    d, target, _ = TARGETS.get(K, (atlas_width(K), math.nan, math.nan))
+    p = problem(K, 4, d)
+    dnc = float(ufm.predict(p, "dnc").loss)
+    rng = np.random.default_rng(seed)
+    ends = lbfgs_round(p, [Job(random_start(p, rng, 1.0), "random") for _ in range(B)], B, steps, np.float64)
+    v0 = np.array([e.value for e in ends]) / dnc
+    moves = {f"truncate r={r}": (lambda e, r=r: truncate(p, e.params, r, rng)) for r in range(2, min(K, 5))}
+    moves["hop 0.1"] = lambda e: perturb(e.params, rng, 0.1)
+    moves["rank-hop"] = lambda e: rank_reduce(p, e.params, rng)
+    out = {"machine": C.machine_info(), "K": K, "width": d, "seed": seed, "steps": steps, "B": B, "rows": []}
+    out["rows"].append({"move": "random start", "best": float(v0.min()), "le_092": int((v0 <= 0.92).sum())})
+    for mv, f in moves.items():
+        res = lbfgs_round(p, [Job(f(e), mv) for e in ends], B, steps, np.float64)
+        v = np.array([e.value for e in res]) / dnc
+        row = {
+            "move": mv,
+            "best": float(v.min()),
+            "improved": int((v < v0 - 1e-4).sum()),
+            "le_092": int((v <= 0.92).sum()),
+            "le_target": int((v <= target).sum()),
+            "median": float(np.median(v)),
+        }
+        out["rows"].append(row)
+        print(f"K={K} seed {seed} {mv:<14s} {row} load {C.load_average()}", flush=True)
+    _dump(f"{name}_K{K}_s{seed}", out)
+    return out
+
+
+def run_mixes(
+    settings, mixes, budget, batch_size, steps, seeds, name, max_starts=None, max_polish=4, cold=False, polish_top=8
+):
     out = {
         "machine": C.machine_info(),
         "budget_s": budget,
@@ -118,17 +185,25 @@ def run_mixes(settings, mixes, budget, batch_size, steps, seeds, name, max_start
         "steps": steps,
         "max_polish": max_polish,
         "seeds": seeds,
+        "cold": cold,
+        "polish_top": polish_top,
         "runs": [],
     }
     for K in settings:
         d = TARGETS.get(K, (atlas_width(K),))[0]
         p = problem(K, 4, d)
-        t = time.perf_counter()
-        ufm.explore(p, max_starts=1, key=0, batch_size=batch_size, steps=steps, check_hessian=False)
-        compile_s = time.perf_counter() - t
+        compile_s = 0.0
+        if not cold:
+            t = time.perf_counter()
+            ufm.explore(p, max_starts=1, key=0, batch_size=batch_size, steps=steps, check_hessian=False)
+            compile_s = time.perf_counter() - t
         for mix in mixes:
             for seed in seeds:
-                row = mix_row(p, K, d, mix, seed, budget, max_starts, batch_size, steps, max_polish, compile_s)
+                args = (mix, seed, budget, max_starts, batch_size, steps, max_polish)
+                if cold:
+                    row = cold_row(K, *args, polish_top)
+                else:
+                    row = mix_row(p, K, d, *args, compile_s, polish_top)
                 out["runs"].append(row)
                 print(
                     f"K={K} {mix:<17s} seed {seed} ratio {row['ratio']:.4f} (target {row['target']}) hit "
@@ -139,16 +214,23 @@ def run_mixes(settings, mixes, budget, batch_size, steps, seeds, name, max_start
                 )
                 _dump(name, out)
     md = [
+        f"{'cold: each run in a fresh process, every compile inside its times' if cold else 'warm: compiled first'}; "
+        f"budget {budget} s, B = {batch_size}, {steps} L-BFGS steps per round, polish_top {polish_top}; "
+        f"{out['machine'].get('cores', '?')} cores; load = 1-min load average before / after the run",
+        "",
         "| K | L | width | mix | seed | best / DNC | target | time to target (s) | starts to target | starts | rounds "
-        "| wall s | CPU s | compile s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| rounds end s | wall s | CPU s | compile s | distinct minima | load |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in out["runs"]:
         tt = "—" if r["time_to_target_s"] is None else f"{r['time_to_target_s']:.0f}"
         st = "—" if r["starts_to_target"] is None else str(r["starts_to_target"])
+        re_ = "—" if r.get("rounds_end_s") is None else f"{r['rounds_end_s']:.0f}"
+        ld = f"{r['load_before'][0]:.1f} / {r['load_after'][0]:.1f}"
         md.append(
             f"| {r['K']} | 4 | {r['width']} | {r['mix']} | {r['seed']} | {r['ratio']:.4f} | {r['target']} | {tt} | "
-            f"{st} | {r['starts']} | {r['rounds']} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | {r['compile_s']:.0f} |"
+            f"{st} | {r['starts']} | {r['rounds']} | {re_} | {r['wall_s']:.0f} | {r['cpu_s']:.0f} | "
+            f"{r['compile_s']:.0f} | {r['minima']} | {ld} |"
         )
     (C.RESULTS_DIR / f"{name}.md").write_text("\n".join(md) + "\n")
     return out
@@ -325,8 +407,9 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument(
         "what",
-        choices=("mixes", "atlas", "table", "explicit"),
-        help="table: print the merged atlas (README); explicit: the SRG/DNC points of --cells, no search",
+        choices=("mixes", "atlas", "table", "explicit", "row", "moves"),
+        help="table: print the merged atlas (README); explicit: the SRG/DNC points of --cells, no search; row: one "
+        "mix and seed in this process, as JSON (what --cold runs)",
     )
     ap.add_argument("--budget", type=float, default=150.0, help="seconds per mix and setting (mixes)")
     ap.add_argument("--settings", default="6,10", help="K values (mixes), comma list")
@@ -344,6 +427,8 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--seeds", default=None, help="mixes: comma list of seeds (default: --seed)")
     ap.add_argument("--max-polish", type=int, default=4, help="continuations of a run within 5%% of the best")
+    ap.add_argument("--polish-top", type=int, default=8, help="minima polished at their kinks after the rounds")
+    ap.add_argument("--cold", action="store_true", help="mixes: each run in a fresh process, compiles included")
     ap.add_argument("--name", default=None, help="results file stem (default explore / atlas)")
     ap.add_argument("--smoke", action="store_true", help="K = 3, L = 4 widths 6, tiny budget")
     ap.add_argument("--cells", default=None, help="atlas: cells to run first, e.g. 5x4,15x3 (K x L)")
@@ -352,6 +437,13 @@ def main(argv=None):
     a = ap.parse_args(argv)
     if a.what == "explicit":
         run_explicit(atlas_cells([], [], a.cells))
+    elif a.what == "moves":
+        for K in [int(k) for k in a.settings.split(",")]:
+            run_moves(K, a.seed, a.steps)
+    elif a.what == "row":
+        K = int(a.settings.split(",")[0])
+        row = one_row(K, a.mixes, a.seed, a.budget, a.max_starts, a.batch_size, a.steps, a.max_polish, a.polish_top)
+        print(json.dumps(to_jsonable(row), allow_nan=False))
     elif a.what == "table":
         print(atlas_grid_md(merged_atlas()))
     elif a.what == "mixes":
@@ -366,6 +458,8 @@ def main(argv=None):
             a.name or ("explore_smoke" if a.smoke else "explore"),
             max_starts=a.max_starts,
             max_polish=a.max_polish,
+            cold=a.cold,
+            polish_top=a.polish_top,
         )
     else:
         run_atlas(

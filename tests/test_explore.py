@@ -27,7 +27,7 @@ P = ufm.UFM(
     lam_H=0.004,
     lam_W=0.004,
 )
-OPTS = dict(batch_size=8, steps=500, check_hessian=False)
+OPTS = dict(batch_size=8, steps=500, polish_top=2, check_hessian=False)
 MAX_STARTS = 16
 
 
@@ -114,6 +114,30 @@ def test_minima_are_sorted_distinct_and_described(run):
     assert json.dumps(run.to_dict(), allow_nan=False)
 
 
+def test_consolidate_merges_copies_of_one_minimum_stalled_near_a_kink(run):
+    # two copies of the best minimum, each moved by relative noise 1e-4 (inside the polish's 1e-3 kink band), differ
+    # in loss by more than loss_rtol, so the ledger counts two minima; the kink polish brings both back to the
+    # minimum (NumPy objective within 1e-9 of it) and consolidate merges them into one with count 2
+    from ufm._explore.minima import Ledger
+    from ufm._explore.starts import perturb
+
+    best = run.minima[0]
+    rng = np.random.default_rng(0)
+    ledger = Ledger(P, ("hop",), 1e-6, 1e-3)
+    copies = [perturb(best.params, rng, 1e-4) for _ in range(2)]
+    losses = [np_objective(P, c) for c in copies]
+    assert abs(losses[0] - losses[1]) > 1e-6 * losses[0] and min(losses) > best.value
+    for c, v in zip(copies, losses):
+        ledger.record("hop", c, v, 1, math.nan, 0.0)
+    assert len(ledger.minima) == 2
+    assert ledger.consolidate(2, 1e-7) == 2
+    assert len(ledger.minima) == 1 and ledger.minima[0].count == 2
+    merged = ledger.minima[0]
+    assert merged.value == pytest.approx(np_objective(P, merged.params), rel=1e-12)
+    assert merged.value <= min(losses) and merged.value == pytest.approx(best.value, rel=1e-9)
+    assert ledger.best_value == merged.value
+
+
 def test_structure_of_the_dnc_point():
     # DNC: class means of every layer >= 2 form an orthogonal frame, so every Gram is a multiple of I_K (THEORY §4.1)
     st = structure(P, ufm.construct(P, "dnc"))
@@ -129,6 +153,7 @@ def test_time_budget_runs_one_round_and_reports_progress():
     # the first round always runs (it holds the explicit candidates); after it the budget is spent
     assert ex.num_rounds == 1 and len(seen) == 1
     assert ex.num_starts == OPTS["batch_size"]
+    assert "the 1 lowest polished" in ex.message  # past the budget only the first kink polish runs
     assert set(seen[0]) >= {"round", "elapsed", "starts", "best", "ratio_to_dnc", "minima"}
     assert ex.value <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
 
@@ -198,6 +223,8 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
             "8",
             "--steps",
             "500",
+            "--polish-top",
+            "1",
             "--hessian",
             "off",
             "--out",
@@ -220,6 +247,7 @@ def test_cli_explore_writes_a_results_folder(tmp_path, capsys):
     params = ufm.Params(z["H"], tuple(z[f"W{l + 1}"] for l in range(4)), None)
     assert report["best"]["value"] == pytest.approx(np_objective(P, params), rel=1e-12)
     assert report["exploration"]["num_starts"] == 8
+    assert "the 1 lowest polished" in report["exploration"]["message"]
     assert report["best"]["value"] <= np_objective(P, ufm.construct(P, "dnc")) * (1 + 1e-12)
     assert "x DNC" in capsys.readouterr().out
     # bad input: one line, exit code 2
@@ -259,6 +287,25 @@ def test_rank_hop_truncates_the_weakest_direction(layer):
             np.testing.assert_array_equal(np.asarray(a), b)
     with pytest.raises(ValueError, match="layer"):
         rank_reduce(P, x, rng, layer=1)
+
+
+@pytest.mark.parametrize("rank", [1, 2])
+def test_truncate_projects_every_pre_activation_to_rank_r(rank):
+    # layer by layer W_{l-1} -> U_r U_r^T W_{l-1} (U_r: top-r left singular vectors of Z_l after the earlier
+    # projections): every Z_l of the result has rank <= r (NumPy SVD), Z_2 is the rank-r truncated SVD of the
+    # original Z_2 (Eckart-Young; H and W_1's row space are unchanged), and H and W_L are untouched
+    from ufm._explore.starts import truncate
+
+    x = ufm.init_params(P, jax.random.key(6))
+    y = truncate(P, x, rank, np.random.default_rng(0), noise=0.0)
+    Z2 = np_pre_activations(x)[0]
+    U, S, Vt = np.linalg.svd(Z2)
+    for Z in np_pre_activations(y):
+        s = np.linalg.svd(Z, compute_uv=False)
+        assert s[rank] <= 1e-12 * s[0] and s[rank - 1] > 1e-6 * s[0]
+    np.testing.assert_allclose(np_pre_activations(y)[0], (U[:, :rank] * S[:rank]) @ Vt[:rank], atol=1e-12 * S[0])
+    np.testing.assert_array_equal(y.H, np.asarray(x.H))
+    np.testing.assert_array_equal(y.Ws[-1], np.asarray(x.Ws[-1]))
 
 
 def test_gd_strategy_runs_its_phase_and_stays_below_the_candidates():

@@ -46,6 +46,7 @@ EXPLORE_DEFAULTS: dict[str, Any] = {
     "seed": 0,
     "batch_size": 16,
     "steps": 400,
+    "polish_top": 8,
     "strategies": None,
 }
 _EXPLORE_FIGURES = ("minima", "gram", "gram_spectra")
@@ -60,7 +61,8 @@ def add_explore_parser(sub) -> None:
         "explore",
         help="search for the global optimum where theory is open (ufm.explore)",
         description="Run ufm.explore: a budgeted portfolio of batched L-BFGS starts (explicit DNC/SRG "
-        "candidates, random, low-rank, perturbed, continuation in lambda, basin hopping). Default "
+        "candidates, random, low-rank, perturbed, continuation in lambda, low-rank truncation of found minima, basin "
+        "hopping), then polishes the lowest minima at their ReLU kinks. Default "
         "problem: K=6, n=1, widths 11,11,11,11, deep ReLU, MSE, no bias, lambda=0.004. Writes "
         "config.json, report.json, best.npz, best.json and figures.",
     )
@@ -88,11 +90,18 @@ def add_explore_parser(sub) -> None:
     g.add_argument("--batch-size", dest="batch_size", type=_int, default=None, help="starts per round (default 16)")
     g.add_argument("--steps", dest="steps", type=_int, default=None, help="L-BFGS steps per round (default 400)")
     g.add_argument(
+        "--polish-top",
+        dest="polish_top",
+        type=_int,
+        default=None,
+        help="after the budget, finish the N lowest minima at their ReLU kinks and merge copies (default 8; 0: off)",
+    )
+    g.add_argument(
         "--strategies",
         dest="strategies",
         type=_strategy_list,
         default=None,
-        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,hop,rank-hop,gd "
+        help="comma list, a subset of explicit,random,low-rank,perturbed,continuation,truncate,hop,rank-hop,gd "
         "(default all but gd)",
     )
     g = pe.add_argument_group("run")
@@ -156,12 +165,13 @@ def resolve_explore_config(args) -> tuple[Any, dict]:
     tb = search["time_budget"]
     if tb is not None and (isinstance(tb, bool) or not isinstance(tb, (int, float)) or not tb > 0):
         raise UsageError(f"time_budget must be a number of seconds > 0; got {tb!r}")
-    for name in ("max_starts", "batch_size", "steps", "seed"):
+    for name in ("max_starts", "batch_size", "steps", "seed", "polish_top"):
         v = search[name]
         if v is None and name == "max_starts":
             continue
-        if isinstance(v, bool) or not isinstance(v, int) or v < (0 if name == "seed" else 1):
-            raise UsageError(f"{name} must be a {'non-negative' if name == 'seed' else 'positive'} integer; got {v!r}")
+        low = 0 if name in ("seed", "polish_top") else 1
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            raise UsageError(f"{name} must be a {'non-negative' if low == 0 else 'positive'} integer; got {v!r}")
     st = search["strategies"]
     if st is not None:
         if not isinstance(st, list) or any(s not in STRATEGIES for s in st):
@@ -226,6 +236,7 @@ def cmd_explore(args, argv) -> int:
         strategies=search["strategies"] or _explore.DEFAULT_STRATEGIES,
         batch_size=search["batch_size"],
         steps=search["steps"],
+        polish_top=search["polish_top"],
         check_hessian=hessian,
     )
     best = _explore.structure(problem, ex.params)

@@ -4,7 +4,8 @@ Where `ufm.predict` is not a theorem (deep ReLU with K >= 3, deep cross-entropy,
 global optimum is unknown and gradient methods are strongly biased towards deep neural collapse (THEORY.md §4.3).
 `explore` spends a start or time budget on a portfolio of strategies, all run through ONE compiled
 `ufm.solve_batch` program (fixed batch size, L-BFGS, explicit initial parameters), deduplicates the local minima it
-reaches by loss and rotation-invariant structure, and reports the best point with `ufm.check` verdicts.
+reaches by loss and rotation-invariant structure (the lowest ones polished at their ReLU kinks first), and
+reports the best point with `ufm.check` verdicts.
 
 Modules: `starts` (the strategies: where each local solve starts), `rounds` (one batched round), `minima` (the
 distinct minima and their deduplication), `structure` (the rotation-invariant fingerprint of a point), `result`
@@ -18,6 +19,8 @@ Strategies (each start remembers which one produced it):
 * ``low-rank``: class means of H and the map before the last ReLU of rank r < K (r drawn in 1..K-1).
 * ``perturbed``: DNC / SRG plus relative Gaussian noise of size 0.1-0.5.
 * ``continuation``: solve at 2-4 x the weight decays (where low rank is favoured), then move the λ's back.
+* ``truncate``: project the class means of every pre-activation Z_2..Z_L of one of the lowest minima onto its top
+  r directions (r: the best minimum's rank before the last ReLU, or drawn in 2..K-1), and re-solve.
 * ``hop``: basin hopping: perturb one of the best minima found so far (relative noise 0.03-0.5) and re-solve.
 * ``rank-hop``: lower by one the rank of a pre-activation's class means at one of the best minima, and re-solve.
 * ``gd`` (not in the default portfolio): a large-step gradient-descent phase (lr 0.5) before L-BFGS.

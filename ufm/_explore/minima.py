@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+import time
+from typing import Any, NamedTuple
 
+import jax.numpy as jnp
 import numpy as np
 
 from .._json import to_jsonable
-from .._model import Params
+from .._kinks import polish
+from .._model import Params, objective
 from .._problem import UFM
 from .structure import structure
 
@@ -21,8 +24,9 @@ class Minimum(NamedTuple):
       count: how many starts ended here (same loss to ``loss_rtol`` and same per-layer class-mean Gram spectra).
       strategy: the strategy that reached it first.
       found_at: seconds after the start of `explore` when it was first reached.
-      status: the solver status of the first endpoint (0 converged, 1 step limit, 4 stalled at a ReLU kink).
-      grad_norm: its gradient norm.
+      status: the solver status of the first endpoint (0 converged, 1 step limit, 4 stalled at a ReLU kink); 0
+        also for a minimum finished by the kink polish (`Ledger.consolidate`).
+      grad_norm: its gradient norm (for a polished minimum the polish's kink-aware measure, a Clarke gradient's).
       ranks: numerical ranks (rtol `RANK_RTOL`) of the class-mean matrices M_1..M_L of H_1..H_L.
       ranks_Z: numerical ranks of the class means of the pre-activations Z_2..Z_L.
       gram_spectra: eigenvalues (descending, K each) of the class-mean Grams M_lᵀ M_l, l = 1..L.
@@ -124,6 +128,79 @@ class Ledger:
         if self.offer(value, params) and had_best:
             s["wins"] += 1
 
-    def top(self, n: int) -> list[Minimum]:
-        """The n lowest minima."""
-        return sorted(self.minima, key=lambda m: m.value)[:n]
+    def top(self, n: int, spread: float = 0.0) -> list[Minimum]:
+        """The n lowest minima; with ``spread`` > 0, skipping any whose loss is within ``spread`` (relative) of a
+        lower one with the same ranks before the ReLUs (unpolished copies of one minimum at a kink: a pool of
+        starting points stays diverse)."""
+        out: list[Minimum] = []
+        for m in sorted(self.minima, key=lambda m: m.value):
+            if len(out) == n:
+                break
+            if spread > 0 and any(o.ranks_Z == m.ranks_Z and m.value - o.value <= spread * abs(o.value) for o in out):
+                continue
+            out.append(m)
+        return out
+
+    def consolidate(self, n: int, rtol: float, deadline: float | None = None) -> int:
+        """Polish the n lowest minima at their ReLU kinks and merge the ones that then agree; returns how many
+        were polished (fewer than n when ``deadline``, a `time.perf_counter` time, passes: the first always runs).
+
+        Solver endpoints at a ReLU kink stall short of the minimum (L-BFGS chatters across the kink), so copies of
+        one minimum end with losses ~1e-4 apart and pass for distinct. `ufm._kinks.polish` finishes each on the
+        smooth piece of its activation pattern (to kink-aware rel_grad <= ``rtol``); a polished point replaces the
+        endpoint when its loss is not higher (status 0 when accepted), and minima that then have the same loss
+        (``loss_rtol``) and Gram spectra (``spec_rtol``) are merged: counts add up, the first finder and time are
+        kept. Deep ReLU models only (elsewhere there are no kinks: nothing is polished).
+        """
+        p = self.problem
+        if n <= 0 or not (p.activation == "relu" and p.L >= 2) or not self.minima:
+            return 0
+        ordered = sorted(self.minima, key=lambda m: m.value)
+        head: list[Minimum] = []
+        for m in ordered[:n]:
+            if head and deadline is not None and time.perf_counter() > deadline:
+                break
+            head.append(polish_minimum(p, m, rtol))
+        n = len(head)
+        merged: list[Minimum] = []
+        for m in sorted(head, key=lambda m: m.value) + ordered[n:]:
+            for i, o in enumerate(merged):
+                if same_minimum(o, m.value, m.gram_spectra, self.loss_rtol, self.spec_rtol):
+                    first = o if o.found_at <= m.found_at else m
+                    merged[i] = o._replace(count=o.count + m.count, strategy=first.strategy, found_at=first.found_at)
+                    break
+            else:
+                merged.append(m)
+        self.minima = merged
+        best = merged[0]
+        self.offer(best.value, best.params)
+        return len(head)
+
+
+def polish_minimum(problem: UFM, m: Minimum, rtol: float) -> Minimum:
+    """``m`` finished at its ReLU kinks by `ufm._kinks.polish` (unchanged where the polish does not lower it)."""
+    prm = Params(
+        jnp.asarray(m.params.H),
+        tuple(jnp.asarray(W) for W in m.params.Ws),
+        None if m.params.b is None else jnp.asarray(m.params.b),
+    )
+    res, accepted = polish(problem, prm, m.value, rtol)
+    if res is None:
+        return m
+    value = float(objective(problem, res.params))
+    if not (math.isfinite(value) and value <= m.value):
+        return m
+    f: Any = np.asarray  # NumPy arrays in Params, as the search keeps them (starts.as_numpy)
+    q = res.params
+    params = Params(f(q.H), tuple(f(W) for W in q.Ws), None if q.b is None else f(q.b))
+    st = structure(problem, params)
+    return m._replace(
+        value=value,
+        status=0 if accepted else m.status,
+        grad_norm=float(res.grad_norm),
+        ranks=st["ranks"],
+        ranks_Z=st["ranks_Z"],
+        gram_spectra=st["gram_spectra"],
+        description=st["description"],
+        params=params,
+    )

@@ -44,13 +44,16 @@ def stack(jobs: list[Job], B: int, dtype) -> Params:
 def unstack(sols, n: int) -> list[Endpoint]:
     """The first n runs of a batched `Solution` as `Endpoint`s."""
     prm = sols.params
+    H = np.asarray(prm.H)  # one transfer per leaf, then NumPy slices (in the solve dtype)
+    Ws = [np.asarray(W) for W in prm.Ws]
+    b = None if prm.b is None else np.asarray(prm.b)
     values = np.asarray(sols.value, np.float64)
     status = np.asarray(sols.status)
     gnorm = np.asarray(sols.grad_norm, np.float64)
     out = []
-    f: Any = np.asarray  # NumPy arrays in Params (see starts.as_numpy)
+    f: Any = np.array  # NumPy arrays in Params (see starts.as_numpy)
     for i in range(n):
-        p = Params(f(prm.H[i]), tuple(f(W[i]) for W in prm.Ws), None if prm.b is None else f(prm.b[i]))
+        p = Params(f(H[i]), tuple(f(W[i]) for W in Ws), None if b is None else f(b[i]))
         out.append(Endpoint(p, float(values[i]), int(status[i]), float(gnorm[i])))
     return out
 

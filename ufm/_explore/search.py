@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .._model import objective
+from .._options import default_rtol
 from .._problem import UFM
 from .._theory import predict
 from .minima import Ledger, Minimum
@@ -19,6 +20,10 @@ from .result import Exploration, Setting, as_dtype, assemble, final_point, ratio
 from .rounds import Endpoint, gd_round, lbfgs_round
 from .starts import DEFAULT_STRATEGIES, STRATEGIES, Job, Strategist, as_numpy, explicit_candidates, random_start
 from .structure import structure
+
+POLISH_SHARE = 0.2
+"""With a ``time_budget``, the rounds stop at (1 - this) x the budget when the lowest minima are to be polished at
+their kinks afterwards (``polish_top`` > 0, deep ReLU): the polish (its compile included) gets the rest."""
 
 POLISH_WITHIN = 0.05
 """A run that ends at the step limit within this fraction of the best value is continued in a later round."""
@@ -51,7 +56,9 @@ def _positive_int(name: str, v, what: str) -> None:
         raise ValueError(f"{name} must be a positive integer ({what}); got {v!r}")
 
 
-def validate(problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, strategies) -> tuple:
+def validate(
+    problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, polish_top, strategies
+) -> tuple:
     """Check the arguments before any compute; return the strategies with "explicit" first."""
     if not isinstance(problem, UFM):
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
@@ -64,8 +71,9 @@ def validate(problem, time_budget, max_starts, batch_size, steps, gd_steps, max_
     _positive_int("batch_size", batch_size, "starts per round B")
     _positive_int("steps", steps, "L-BFGS steps per round")
     _positive_int("gd_steps", gd_steps, "gradient-descent steps of a gd phase")
-    if not (isinstance(max_polish, (int, np.integer)) and max_polish >= 0):
-        raise ValueError(f"max_polish must be an integer >= 0; got {max_polish!r}")
+    for name, v in (("max_polish", max_polish), ("polish_top", polish_top)):
+        if not (isinstance(v, (int, np.integer)) and not isinstance(v, bool) and v >= 0):
+            raise ValueError(f"{name} must be an integer >= 0; got {v!r}")
     if isinstance(strategies, str):
         raise TypeError(f"strategies must be a sequence of names from {STRATEGIES}, not a string; got {strategies!r}")
     strategies = tuple(strategies)
@@ -249,13 +257,15 @@ def every_run_failed(s: Setting, ledger: Ledger, search: Search, seed: int) -> E
     return assemble(s, params, math.nan, ledger, search.trace, search.starts, search.rounds, msg)
 
 
-def summary(search: Search, value: float) -> str:
+def summary(search: Search, value: float, polished: int) -> str:
     """The one-line message of a finished search."""
     r = ratio(value, search.s.dnc_loss)
     return (
         f"best {value:.10g}"
         + (f" = {r:.4f} x DNC" if math.isfinite(r) else "")
-        + f" after {search.starts} starts in {search.rounds} rounds; {len(search.ledger.minima)} distinct minima; an "
+        + f" after {search.starts} starts in {search.rounds} rounds; {len(search.ledger.minima)} distinct minima"
+        + (f" (the {polished} lowest polished at their ReLU kinks, then merged)" if polished else "")
+        + "; an "
         "upper bound on the global optimum (numerical search, no certificate of global optimality)"
     )
 
@@ -271,6 +281,7 @@ def explore(
     batch_size: int = 16,
     steps: int = 400,
     max_polish: int = 4,
+    polish_top: int = 8,
     gd_steps: int = 2000,
     loss_rtol: float = 1e-6,
     spec_rtol: float = 1e-3,
@@ -285,7 +296,8 @@ def explore(
     unfinished runs within 5 % of the best value (up to ``max_polish`` times: short rounds screen many starts and
     spend steps only on the promising ones), finish continuation runs at the true λ's, hop around the best minima
     and draw new starts from the strategies in proportion to `PRIOR_WEIGHTS` + 3 x (how often each one improved the
-    best value), hops at least a quarter.
+    best value), moves from found minima (truncate, hop, rank-hop) at least half. After the rounds the
+    ``polish_top`` lowest minima are finished at their ReLU kinks and merged where they then agree.
 
     Where ``ufm.predict(problem).known`` is True the optimum is a theorem: it is returned at once (``known=True``,
     no search).
@@ -293,7 +305,9 @@ def explore(
     Args:
       problem: a concrete `ufm.UFM` (any model).
       time_budget: seconds (loosely: the first round, which includes the compile, always runs; the second starts
-        if the budget is not spent; later ones only if the elapsed time plus the last round's length fits).
+        if the budget is not spent; later ones only if the elapsed time plus the last round's length fits; with
+        the kink polish on, the rounds get 80 % of it and the polish the rest, see ``polish_top``; the final
+        `ufm.check` calls come on top).
       max_starts: the number of starts (deterministic: with a fixed ``key`` the result is reproducible).
         Continuations are not counted as starts. Default 4 x batch_size when neither budget is given.
       key: a `jax.random.key` or an int seed (default 0).
@@ -303,6 +317,11 @@ def explore(
       batch_size: starts per compiled round B (the solver compiles once per B, steps and shapes).
       steps: L-BFGS steps per round.
       max_polish: how many extra rounds an unfinished run within 5 % of the best value may get.
+      polish_top: after the rounds, the ``polish_top`` lowest minima are finished at their ReLU kinks
+        (`ufm._kinks.polish`, deep ReLU models) and merged where they then agree (`Ledger.consolidate`): copies of
+        one minimum stalled at a kink otherwise pass for distinct. With a ``time_budget`` the rounds stop at 80 %
+        of it (`POLISH_SHARE`) and no polish starts after it (the first always runs: a compile of ~10-40 s on a
+        2-core CPU, then ~1-5 s per minimum at K = 6, L = 4); 0 turns it off.
       gd_steps: gradient-descent steps (lr 0.5) of a ``gd`` start before its L-BFGS rounds.
       loss_rtol, spec_rtol: two endpoints are the same minimum when their losses agree to ``loss_rtol`` and every
         layer's class-mean Gram spectrum to ``spec_rtol`` (relative to its largest eigenvalue).
@@ -320,7 +339,9 @@ def explore(
       optimal?" (DNC is not optimal for K >= 3, L >= 3; the SRG construction); THEORY.md §4.3.
     """
     t0 = time.perf_counter()
-    strategies = validate(problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, strategies)
+    strategies = validate(
+        problem, time_budget, max_starts, batch_size, steps, gd_steps, max_polish, polish_top, strategies
+    )
     pfn = progress_printer(progress)
     if max_starts is None and time_budget is None:
         max_starts = 4 * int(batch_size)
@@ -331,9 +352,14 @@ def explore(
     ledger = Ledger(problem, strategies, loss_rtol, spec_rtol)
     strategist = Strategist(problem, strategies, s.explicit, np.random.default_rng(seed))
     search = Search(s, strategist, ledger, int(batch_size), max_starts, max_polish)
-    run_search(search, time_budget, int(steps), int(gd_steps), pfn)
+    polishing = polish_top > 0 and problem.activation == "relu" and problem.L >= 2
+    round_budget = None if time_budget is None else time_budget * (1 - POLISH_SHARE if polishing else 1.0)
+    run_search(search, round_budget, int(steps), int(gd_steps), pfn)
     search.finish_pending()
     if ledger.best_params is None:
         return every_run_failed(s, ledger, search, seed)
+    deadline = None if time_budget is None else t0 + time_budget
+    polished = ledger.consolidate(int(polish_top), default_rtol(s.dtype), deadline)
     params, value = final_point(s, ledger)
-    return assemble(s, params, value, ledger, search.trace, search.starts, search.rounds, summary(search, value))
+    msg = summary(search, value, polished)
+    return assemble(s, params, value, ledger, search.trace, search.starts, search.rounds, msg)

@@ -17,10 +17,10 @@ from .._theory import construct, predict
 from .minima import Ledger
 from .structure import class_means
 
-STRATEGIES = ("explicit", "random", "low-rank", "perturbed", "continuation", "hop", "rank-hop", "gd")
+STRATEGIES = ("explicit", "random", "low-rank", "perturbed", "continuation", "truncate", "hop", "rank-hop", "gd")
 """The strategies `explore` knows, in the order the first round uses them."""
 
-DEFAULT_STRATEGIES = ("explicit", "random", "low-rank", "perturbed", "continuation", "hop", "rank-hop")
+DEFAULT_STRATEGIES = ("explicit", "random", "low-rank", "perturbed", "continuation", "truncate", "hop", "rank-hop")
 """The strategies `explore` uses by default (large-step gradient descent, ``gd``, did not pay: benchmarks/README.md)."""
 
 PRIOR_WEIGHTS = {
@@ -29,12 +29,21 @@ PRIOR_WEIGHTS = {
     "low-rank": 1.0,
     "perturbed": 1.0,
     "continuation": 1.0,
+    "truncate": 4.0,
     "hop": 1.0,
     "rank-hop": 1.0,
     "gd": 1.0,
 }
 """Relative frequency of each strategy among new starts before any of them has improved the best value (each
-improvement adds 3; hops are at least a quarter). Measured: benchmarks/README.md §5."""
+improvement adds 3; moves from found minima, `HOPS`, are at least half once a minimum exists). Measured:
+benchmarks/README.md §5."""
+
+HOPS = ("truncate", "hop", "rank-hop")
+"""The strategies that start from a minimum already found."""
+
+TRUNCATE_POOL = 16
+"""``truncate`` starts from one of this many lowest minima, near-copies skipped (`Ledger.top` with spread 1e-3):
+any basin can lead to a low-rank one, so the pool is kept diverse."""
 
 RANDOM_SCALES = (0.5, 1.0, 2.0)
 """Scales of the random starts (`ufm.init_params` convention): none near the zero saddle."""
@@ -150,6 +159,46 @@ def rank_reduce(
     return perturb(out, rng, noise) if noise > 0 else out
 
 
+def truncate(problem: UFM, params: Params, rank: int, rng: np.random.Generator, noise: float = 0.01) -> Params:
+    """Project every pre-activation's class means onto its top ``rank`` directions, then add relative noise.
+
+    For l = 2..L in turn (each with the layers before it already projected), with U_r the top ``rank`` left
+    singular vectors of the class means of Z_l = W_{l-1} H_{l-1}: W_{l-1} -> U_r U_rᵀ W_{l-1}. The class means of
+    every Z_l then have rank <= ``rank``. Below-DNC minima of the deep ReLU UFM have low rank in every layer before
+    the last ReLU (at K = 6, L = 4 the best known are rank 3 at Z_2, Z_3, Z_4); a local solve from the projection
+    of any minimum, even a poor one, lands in such a basin far more often than a random start or a small hop
+    (measured: benchmarks/README.md §5).
+
+    Args:
+      problem: the `ufm.UFM` (for L = 1 only the noise is added).
+      params: the point (a minimum found).
+      rank: r >= 1.
+      rng: the NumPy generator.
+      noise: relative Gaussian noise added afterwards (`perturb`).
+
+    Returns:
+      The new point (NumPy float64).
+    """
+    p = as_numpy(params)
+    Ws = list(p.Ws)
+    for l in range(2, problem.L + 1):
+        _, MZ = class_means(problem, Params(p.H, tuple(Ws), p.b))
+        U = np.linalg.svd(MZ[l - 2], full_matrices=False)[0][:, :rank]
+        Ws[l - 2] = U @ (U.T @ Ws[l - 2])
+    out = Params(p.H, tuple(Ws), p.b)
+    return perturb(out, rng, noise) if noise > 0 else out
+
+
+def truncate_rank(problem: UFM, ledger: Ledger, rng: np.random.Generator) -> int:
+    """The rank of a ``truncate`` start: half the time the rank before the last ReLU of the best minimum (when
+    below K), else drawn in 2..K-1 (1 when K = 2)."""
+    K = problem.K
+    best = ledger.top(1)
+    if best and best[0].ranks_Z and 1 <= best[0].ranks_Z[-1] < K and rng.random() < 0.5:
+        return int(best[0].ranks_Z[-1])
+    return int(rng.integers(2, K)) if K > 2 else 1
+
+
 def explicit_candidates(problem: UFM, dtype) -> dict[str, Params]:
     """The explicit points of `ufm.construct`: DNC and SRG (deep ReLU), or the predicted candidate."""
     out = {}
@@ -169,9 +218,9 @@ def explicit_candidates(problem: UFM, dtype) -> dict[str, Params]:
 class Strategist:
     """Draws new starts: which strategies, in what proportion, and each start itself.
 
-    Weights: `PRIOR_WEIGHTS` + 3 x (how often a strategy lowered the best value, from the `Ledger`); hops
-    (``hop`` and ``rank-hop`` together) are at least a quarter once a minimum exists; the first round uses every
-    strategy once.
+    Weights: `PRIOR_WEIGHTS` + 3 x (how often a strategy lowered the best value, from the `Ledger`); the moves from
+    found minima (`HOPS` together) are at least half once a minimum exists; the first round uses every strategy
+    once.
     """
 
     def __init__(self, problem: UFM, strategies: Sequence[str], explicit: dict, rng: np.random.Generator):
@@ -182,9 +231,7 @@ class Strategist:
         return [
             s
             for s in self.strategies
-            if s != "explicit"
-            and (s not in ("hop", "rank-hop") or ledger.minima)
-            and (s != "perturbed" or self.explicit)
+            if s != "explicit" and (s not in HOPS or ledger.minima) and (s != "perturbed" or self.explicit)
         ]
 
     def pick(self, n: int, ledger: Ledger, first: bool) -> list[str]:
@@ -193,9 +240,9 @@ class Strategist:
         if not others or n <= 0:
             return []
         w = np.array([PRIOR_WEIGHTS[s] + 3.0 * ledger.stats[s]["wins"] for s in others])
-        hops = [i for i, s in enumerate(others) if s in ("hop", "rank-hop")]
-        if hops and w[hops].sum() < 0.25 * w.sum():
-            w[hops] *= (0.25 * (w.sum() - w[hops].sum()) / 0.75) / w[hops].sum()
+        hops = [i for i, s in enumerate(others) if s in HOPS]
+        if hops and w[hops].sum() < 0.5 * w.sum():
+            w[hops] *= (w.sum() - w[hops].sum()) / w[hops].sum()
         head = others[:n] if first else []  # every strategy once in the first round
         return head + [str(s) for s in self.rng.choice(others, size=n - len(head), p=w / w.sum())]
 
@@ -211,6 +258,10 @@ class Strategist:
             return Job(perturb(as_numpy(base), rng, float(rng.choice([0.1, 0.3, 0.5]))), s)
         if s == "continuation":
             return Job(random_start(problem, rng, 1.0), s, lam_factor=float(rng.choice([2.0, 4.0])))
+        if s == "truncate" and ledger.minima:
+            pool = ledger.top(TRUNCATE_POOL, spread=1e-3)
+            base = pool[int(rng.integers(len(pool)))].params
+            return Job(truncate(problem, base, truncate_rank(problem, ledger, rng), rng), s)
         if s in ("hop", "rank-hop") and ledger.minima:
             top = ledger.top(3)
             base = top[int(rng.integers(len(top)))].params

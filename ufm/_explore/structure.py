@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from .. import metrics as _metrics
-from .._model import Params, forward
+from .._model import Params
 from .._problem import UFM
 
 RANK_RTOL = 1e-3
@@ -14,17 +14,24 @@ thousand L-BFGS steps at ReLU kinks are accurate to ~1e-6 relative, so 1e-3 sepa
 
 
 def class_means(problem: UFM, params: Params) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """The class means of every layer, in float64 NumPy.
+    """The class means of every layer, in float64 NumPy (a NumPy forward pass: `ufm.forward`'s layers).
 
     Returns:
       (Ms, MZs): Ms[l-1] is the d_l x K matrix M_l of class means of H_l (l = 1..L, H_1 = H,
       H_{l+1} = s(W_l H_l)); MZs[l-2] the class means of the pre-activations Z_l = W_{l-1} H_{l-1}, l = 2..L.
     """
-    fw = forward(problem, params)
-    y = problem.labels()
+    y = np.asarray(problem.labels())
     K = problem.K
-    Ms = [_metrics.class_means(np.asarray(h, np.float64), y, K)[0] for h in fw.H]
-    MZ = [_metrics.class_means(np.asarray(z, np.float64), y, K)[0] for z in fw.Z]
+    onehot = (y[None, :] == np.arange(K)[:, None]).astype(np.float64)  # K x N
+    avg = onehot.T / onehot.sum(axis=1)  # N x K: column k averages class k
+    relu = problem.activation == "relu"
+    h = np.asarray(params.H, np.float64)
+    Ms, MZ = [h @ avg], []
+    for W in params.Ws[:-1]:
+        z = np.asarray(W, np.float64) @ h
+        MZ.append(z @ avg)
+        h = np.maximum(z, 0.0) if relu else z
+        Ms.append(h @ avg)
     return Ms, MZ
 
 
