@@ -71,11 +71,14 @@ def lbfgs_round(problem: UFM, jobs: list[Job], B: int, steps: int, dtype) -> lis
         lam_b=float(np.asarray(problem.lam_b)) * fac,
         max_steps=int(steps),
         history=False,
+        polish=False,  # short screening rounds: explore polishes its lowest minima itself (`polish_top`)
     )
     return unstack(sols, len(jobs))
 
 
 def gd_round(problem: UFM, jobs: list[Job], B: int, steps: int, dtype) -> list[Endpoint]:
     """``steps`` steps of full-batch gradient descent at lr `GD_LR` from each job's start (a batch of B)."""
-    sols = solve_batch(problem, init=stack(jobs, B, dtype), method="gd", lr=GD_LR, max_steps=int(steps), history=False)
+    sols = solve_batch(
+        problem, init=stack(jobs, B, dtype), method="gd", lr=GD_LR, max_steps=int(steps), history=False, polish=False
+    )
     return unstack(sols, len(jobs))
