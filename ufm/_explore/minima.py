@@ -184,9 +184,8 @@ def polish_minimum(problem: UFM, m: Minimum, rtol: float) -> Minimum:
         tuple(jnp.asarray(W) for W in m.params.Ws),
         None if m.params.b is None else jnp.asarray(m.params.b),
     )
-    res, accepted = polish(problem, prm, m.value, rtol)
-    if res is None:
-        return m
+    res = polish(problem, prm, m.value, rtol)
+    accepted = bool(res.accepted)
     value = float(objective(problem, res.params))
     if not (math.isfinite(value) and value <= m.value):
         return m
