@@ -155,3 +155,19 @@ def test_draw_params_equals_init_params_bit_for_bit():
         for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
             assert x.dtype == y.dtype and x.shape == y.shape
             np.testing.assert_array_equal(x, y)
+
+
+def test_one_trial_per_iteration_lbfgs_takes_the_steps_of_the_batched_search():
+    # The default "lbfgs" runs the search as a state machine (ufm._driver.lbfgs_step: one trial point per loop
+    # iteration, tried largest first, so the first acceptable one is the largest acceptable); the same L-BFGS with
+    # scale_by_trial_linesearch given as a user transformation runs the former algorithm (all fallback trials in
+    # one vmap). Both must take the same steps: same step count, same point up to the rounding of batched
+    # evaluations (1e-10 relative; they are bit-identical while every search accepts its first trial).
+    p = ufm.UFM(num_classes=3, n_per_class=2, widths=(4, 4), activation="linear", lam_H=1e-2, lam_W=1e-2)
+    machine = ufm.solve(p, key=3, max_steps=40, history=True)
+    chain = optax.chain(optax.scale_by_lbfgs(memory_size=10), optax.scale(-1.0), scale_by_trial_linesearch())
+    batched = ufm.solve(p, key=3, method=chain, max_steps=40, patience=50, history=True)
+    assert int(machine.num_steps) == int(batched.num_steps)
+    np.testing.assert_allclose(machine.history.loss, batched.history.loss, rtol=1e-10)
+    for a, b in zip(jax.tree_util.tree_leaves(machine.params), jax.tree_util.tree_leaves(batched.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-8, atol=1e-12)

@@ -66,3 +66,24 @@ def test_relu_default_never_all_at_the_zero_saddle():
     p = ufm.UFM(num_classes=6, n_per_class=1, widths=(11,) * 4, activation="relu", lam_H=0.004, lam_W=0.004)
     names = [ufm.solve(p, key=s, history=False).status_name for s in range(4)]
     assert names.count("zero_saddle") < 4, names
+
+
+def _large_lambda_deep_linear():
+    # issue 13: deep linear at large lambda, where the rule's s = 0.2 (L = 2) lands on the zero saddle in 4/4 seeds
+    # (weight decay beats the product of three small factors) while 1.0 reaches the optimum of `ufm.predict`
+    return ufm.UFM(num_classes=3, n_per_class=(3, 2, 1), widths=(4, 4), activation="linear", lam_H=0.1, lam_W=0.1)
+
+
+def test_auto_restarts_once_from_one_at_the_zero_saddle():
+    p = _large_lambda_deep_linear()
+    f_star = ufm.predict(p).loss  # the closed form (THEORY.md), independent of the solver: 0.43679...
+    assert f_star == pytest.approx(0.43679, abs=1e-5)
+    explicit = ufm.solve(p, key=0, init_scale=auto_init_scale(p), history=False)
+    assert explicit.status_name == "zero_saddle"  # an explicit scale is the user's choice: no restart
+    with pytest.warns(RuntimeWarning, match="zero saddle.*restarted once from init_scale=1.0"):
+        sol = ufm.solve(p, key=0, history=False)
+    assert sol.status_name == "converged"
+    assert abs(float(sol.value) - f_star) <= 1e-10 * f_star
+    one = ufm.solve(p, key=0, init_scale=1.0, history=False)
+    assert float(sol.value) == float(one.value)  # the restart is the run from 1.0 with the same key
+    assert int(sol.num_steps) == int(explicit.num_steps) + int(one.num_steps)

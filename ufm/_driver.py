@@ -38,7 +38,7 @@ import optax
 from jax.experimental import io_callback
 from jax.flatten_util import ravel_pytree
 
-from ._linesearch import find_state, scale_by_trial_linesearch, stored_value_and_grad
+from ._linesearch import DEFAULT_RULE, TrialRule, find_state, scale_by_trial_linesearch, stored_value_and_grad
 from ._model import Params, init_params, objective, regulariser, tree_norm
 from ._options import DIVERGENCE_FACTOR, LBFGS_LINESEARCH, RESOLVE_FLOOR
 from ._solution import (
@@ -138,6 +138,26 @@ def rel_grad(problem, params: Params, grad: Params) -> jax.Array:
     return jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(num))
 
 
+def flat_lambdas(problem, params: Params) -> jax.Array:
+    """The weight decay of every parameter as one flat vector lam (ravelled like ``params``): grad R(x) = lam * x.
+
+    It is grad R at x = 1 (exact: (lam/2)(2 * 1) = lam), so every bias mode and per-layer lam_W is covered."""
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    return ravel_pytree(jax.grad(regulariser, argnums=1)(problem, ones))[0]
+
+
+def stationarity(g: jax.Array, x: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(||g||, rel_grad) from flat vectors: g = grad f(x), lam = `flat_lambdas` (so grad R = lam x, grad F = g - lam x).
+
+    The three squared norms are one reduction over a (3, n) stack (one kernel in the loop body instead of
+    3 (L + 1) reductions and the regulariser's gradient); rel_grad is 0 when ||grad F|| + ||grad R|| = 0."""
+    g_R = lam * x
+    g_F = g - g_R
+    num = jnp.sqrt(jnp.vdot(g, g))
+    den = jnp.sqrt(jnp.vdot(g_F, g_F)) + jnp.sqrt(jnp.vdot(g_R, g_R))
+    return num, jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(num))
+
+
 def _cached_value_and_grad(opt_state, f):
     """value_and_grad that reuses a line search's value/grad at the accepted point when the state holds them."""
     if find_state(opt_state) is not None:  # the trial line search's point is always evaluated: no cond, no recompute
@@ -155,10 +175,8 @@ def _cached_value_and_grad(opt_state, f):
 def init(problem, params: Params, opt, tol, rtol) -> SolverState:
     """The state at x_0 (status NONFINITE_INIT, CONVERGED or RUNNING)."""
     v0, g0 = jax.value_and_grad(objective, argnums=1)(problem, params)
-    gn0 = tree_norm(g0)
-    rel0 = rel_grad(problem, params, g0)
-    finite = jnp.isfinite(v0) & jnp.isfinite(gn0)
-    status = jnp.where(~finite, NONFINITE_INIT, jnp.where(_converged(gn0, rel0, tol, rtol), CONVERGED, RUNNING))
+    gn0, rel0 = stationarity(ravel_pytree(g0)[0], ravel_pytree(params)[0], flat_lambdas(problem, params))
+    status, limit = _start_status(v0, gn0, rel0, tol, rtol)
     return SolverState(
         jnp.int32(0),
         params,
@@ -170,7 +188,7 @@ def init(problem, params: Params, opt, tol, rtol) -> SolverState:
         v0,
         gn0,
         jnp.int32(0),
-        DIVERGENCE_FACTOR * jnp.maximum(1.0, jnp.abs(v0)),
+        limit,
         status.astype(jnp.int32),
     )
 
@@ -203,21 +221,11 @@ def step(problem, state: SolverState, opt, tol, rtol, patience: int) -> SolverSt
 
     upd, s = opt.update(gf, state.opt_state, xf, value=state.value, grad=gf, value_fn=f)
     xf = optax.apply_updates(xf, upd)
-    v, g = _cached_value_and_grad(s, f)(xf, state=s)
-    x, g = unravel(xf), unravel(g)
+    v, gflat = _cached_value_and_grad(s, f)(xf, state=s)
     k = state.step + 1
-    gn = tree_norm(g)
-    rel = rel_grad(problem, x, g)
-    improved = (v < state.best_value) | (gn < state.best_grad_norm)
-    last = jnp.where(improved, k, state.last_improve)
-    bad = ~jnp.isfinite(v) | ~jnp.isfinite(gn) | (v > state.limit)
-    floor = RESOLVE_FLOOR["float64" if v.dtype == jnp.float64 else "float32"]
-    stalled = jnp.where(rel <= floor, PRECISION_FLOOR, STALLED)
-    status = jnp.where(
-        bad,
-        DIVERGED,
-        jnp.where(_converged(gn, rel, tol, rtol), CONVERGED, jnp.where(k - last >= patience, stalled, RUNNING)),
-    )
+    gn, rel = stationarity(gflat, xf, flat_lambdas(problem, state.params))
+    status, last = _stopping_rule(state, k, v, gn, rel, tol, rtol, patience)
+    x, g = unravel(xf), unravel(gflat)
     return SolverState(
         k,
         x,
@@ -232,6 +240,171 @@ def step(problem, state: SolverState, opt, tol, rtol, patience: int) -> SolverSt
         state.limit,
         status.astype(jnp.int32),
     )
+
+
+# --- L-BFGS with the trial line search, one evaluation per loop iteration ----------------------------------------
+
+
+class TrialSearch(NamedTuple):
+    """The method state of `lbfgs_step` (``SolverState.opt_state``): the L-BFGS memory and the search in progress.
+
+    Attributes:
+      lbfgs: the state of ``optax.chain(optax.scale_by_lbfgs(m), optax.scale(-lr))``.
+      direction: d, the flat search direction at x_k.
+      slope: s = <grad f(x_k), d> < 0.
+      initial: a0 of this search.
+      trial: j, the index of the next trial a0 r^j.
+      has_candidate: a trial of this search had a sufficient decrease without the curvature condition.
+      cand_step, cand_value, cand_grad: the largest such trial a, f(x_k + a d) and its flat gradient.
+      fresh: x_0 is not evaluated yet (the first iteration evaluates it: the initialisation is in the loop).
+    """
+
+    lbfgs: Any
+    direction: jax.Array
+    slope: jax.Array
+    initial: jax.Array
+    trial: jax.Array
+    has_candidate: jax.Array
+    cand_step: jax.Array
+    cand_value: jax.Array
+    cand_grad: jax.Array
+    fresh: jax.Array
+
+
+def uses_trial_machine(method) -> bool:
+    """True when ``method`` runs as `lbfgs_init`/`lbfgs_step` in `run` (the default L-BFGS)."""
+    return isinstance(method, str) and method == "lbfgs" and LBFGS_LINESEARCH == "trial"
+
+
+def lbfgs_direction_transform(lr, memory_size: int) -> optax.GradientTransformation:
+    """d = -lr P g, P the L-BFGS inverse-Hessian approximation (memory ``memory_size``)."""
+    return optax.chain(optax.scale_by_lbfgs(memory_size=memory_size), optax.scale(-lr))
+
+
+def lbfgs_init(problem, params: Params, lr, memory_size: int, rule: TrialRule = DEFAULT_RULE) -> SolverState:
+    """The state before x_0 is evaluated (``fresh``; status RUNNING): `lbfgs_step` evaluates it first, so the
+    compiled program holds ONE copy of value-and-gradient (init, first trial and fallback trials share it)."""
+    del problem
+    xf = ravel_pytree(params)[0]
+    dt = xf.dtype
+    inf = jnp.asarray(jnp.inf, dt)
+    zero = jnp.zeros((), dt)
+    search = TrialSearch(
+        strong(lbfgs_direction_transform(lr, memory_size).init(xf)),
+        jnp.zeros_like(xf),
+        zero,
+        jnp.asarray(rule.max_stepsize, dt),
+        jnp.int32(0),
+        jnp.bool_(False),
+        zero,
+        inf,
+        jnp.zeros_like(xf),
+        jnp.bool_(True),
+    )
+    grad = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return SolverState(
+        jnp.int32(0), params, search, inf, grad, inf, inf, inf, inf, jnp.int32(0), inf, jnp.int32(RUNNING)
+    )
+
+
+def _evaluate_trial(problem, state: SolverState, rule: TrialRule):
+    """f and grad f at the next trial x_k + a d (a = 0 at the fresh start), with <grad, d>."""
+    ts = state.opt_state
+    xf, unravel = ravel_pytree(state.params)
+    dt = xf.dtype
+    a = jnp.where(ts.fresh, jnp.zeros((), dt), ts.initial * rule.decrease_factor ** ts.trial.astype(dt))
+    xt = xf + (a * ts.direction).astype(dt)
+    f, g = jax.value_and_grad(lambda z: objective(problem, unravel(z)))(xt)
+    return xf, unravel, a, xt, f.astype(dt), g, jnp.vdot(g, ts.direction).astype(dt)
+
+
+def lbfgs_step(
+    problem, state: SolverState, lr, tol, rtol, patience: int, memory_size: int = 10, rule: TrialRule = DEFAULT_RULE
+) -> SolverState:
+    """One loop iteration of L-BFGS with the trial line search (`ufm._linesearch`): evaluate ONE trial point.
+
+    The trials a0 r^j are tried in order, so the first acceptable one is the largest (what
+    `scale_by_trial_linesearch` picks among all M); the search ends at an acceptable trial, or after the M-th with
+    the largest trial that had a sufficient decrease, else with no step. Only then is a step counted (k + 1), the
+    L-BFGS memory and direction updated and the stopping rule of `step` applied; in between, the state keeps x_k
+    and records the search. The fresh start evaluates x_0 and applies the rule of `init`.
+    """
+    ts = state.opt_state
+    xf, unravel, a, xt, f, g, df = _evaluate_trial(problem, state, rule)
+    lam = flat_lambdas(problem, state.params)
+    dt = xf.dtype
+    value, gf = state.value, ravel_pytree(state.grad)[0]
+    ok = rule.acceptable(a, f, df, value, ts.slope)
+    new_cand = rule.decrease(a, f, df, value, ts.slope) & ~ts.has_candidate
+    has_cand = ts.has_candidate | new_cand
+    cand_a = jnp.where(new_cand, a, ts.cand_step)
+    cand_f = jnp.where(new_cand, f, ts.cand_value)
+    cand_g = jnp.where(new_cand, g, ts.cand_grad)
+    done = ts.fresh | ok | (ts.trial >= rule.num_trials - 1)
+
+    def end_search(_):
+        # the end point: this trial (fresh start or acceptable), else the candidate, else no step
+        took = ok | has_cand
+        a_end = jnp.where(ok, a, jnp.where(has_cand, cand_a, jnp.zeros((), dt)))
+        x_end = jnp.where(ok | ts.fresh, xt, xf + (a_end * ts.direction).astype(dt))
+        f_end = jnp.where(ok | ts.fresh, f, jnp.where(has_cand, cand_f, value))
+        g_end = jnp.where(ok | ts.fresh, g, jnp.where(has_cand, cand_g, gf))
+        # the next direction: L-BFGS, -g when not a descent direction
+        upd, lb = lbfgs_direction_transform(jnp.asarray(lr, dt), memory_size).update(g_end, ts.lbfgs, x_end)
+        slope = jnp.vdot(g_end, upd).astype(dt)
+        ascent = ~(slope < 0)
+        d = jnp.where(ascent, -g_end, upd)
+        slope = jnp.where(ascent, -jnp.vdot(g_end, g_end).astype(dt), slope)
+        a0 = jnp.where(ts.fresh, ts.initial, rule.next_initial(ts.initial, a_end, took).astype(dt))
+        x, g_tree = unravel(x_end), unravel(g_end)
+        k = state.step + (~ts.fresh).astype(jnp.int32)
+        gn, rel = stationarity(g_end, x_end, lam)
+        status0, limit0 = _start_status(f_end, gn, rel, tol, rtol)
+        status, last = _stopping_rule(state, k, f_end, gn, rel, tol, rtol, patience)
+        return SolverState(
+            k,
+            x,
+            TrialSearch(lb, d, slope, a0, jnp.int32(0), jnp.bool_(False), cand_a, cand_f, cand_g, jnp.bool_(False)),
+            f_end,
+            g_tree,
+            gn,
+            rel,
+            jnp.where(ts.fresh, f_end, jnp.minimum(state.best_value, f_end)),
+            jnp.where(ts.fresh, gn, jnp.minimum(state.best_grad_norm, gn)),
+            jnp.where(ts.fresh, 0, last).astype(jnp.int32),
+            jnp.where(ts.fresh, limit0, state.limit),
+            jnp.where(ts.fresh, status0, status).astype(jnp.int32),
+        )
+
+    def go_on(_):
+        search = ts._replace(
+            trial=ts.trial + 1, has_candidate=has_cand, cand_step=cand_a, cand_value=cand_f, cand_grad=cand_g
+        )
+        return state._replace(opt_state=search)
+
+    return jax.lax.cond(done, end_search, go_on, None)
+
+
+def _start_status(v0, gn0, rel0, tol, rtol):
+    """(status, divergence limit) at x_0: NONFINITE_INIT, CONVERGED or RUNNING; 1e4 max(1, |f(x_0)|)."""
+    finite = jnp.isfinite(v0) & jnp.isfinite(gn0)
+    status = jnp.where(~finite, NONFINITE_INIT, jnp.where(_converged(gn0, rel0, tol, rtol), CONVERGED, RUNNING))
+    return status, DIVERGENCE_FACTOR * jnp.maximum(1.0, jnp.abs(v0))
+
+
+def _stopping_rule(state: SolverState, k, v, gn, rel, tol, rtol, patience: int):
+    """(status, last improving step) after step k reached f = v, ||g|| = gn, rel_grad = rel (module docstring)."""
+    improved = (v < state.best_value) | (gn < state.best_grad_norm)
+    last = jnp.where(improved, k, state.last_improve)
+    bad = ~jnp.isfinite(v) | ~jnp.isfinite(gn) | (v > state.limit)
+    floor = RESOLVE_FLOOR["float64" if v.dtype == jnp.float64 else "float32"]
+    stalled = jnp.where(rel <= floor, PRECISION_FLOOR, STALLED)
+    status = jnp.where(
+        bad,
+        DIVERGED,
+        jnp.where(_converged(gn, rel, tol, rtol), CONVERGED, jnp.where(k - last >= patience, stalled, RUNNING)),
+    )
+    return status, last
 
 
 class Records(NamedTuple):
@@ -379,11 +552,14 @@ class Throttle:
             self.fn(k, value, grad_norm)
 
 
-def _progress_point(handle, state: SolverState, cfg: Config, final) -> jax.Array:
+def _progress_point(handle, state: SolverState, cfg: Config, final, moved=True) -> jax.Array:
+    """Report to the host when due (every ``progress_every`` steps, at a final status, at the end) and ``moved``
+    (the iteration ended a step or the run); returns the host's "interrupt" flag."""
+
     def call(args):
         return io_callback(_host_progress, jax.ShapeDtypeStruct((), jnp.bool_), *args, ordered=True)
 
-    due = ((state.step % cfg.progress_every) == 0) | (state.status != RUNNING) | final
+    due = moved & (((state.step % cfg.progress_every) == 0) | (state.status != RUNNING) | final)
     status = jnp.where(final & (state.status == RUNNING), MAX_STEPS, state.status)  # the last report is final
     args = (handle, state.step, state.value, state.grad_norm, state.rel_grad, status)
     return jax.lax.cond(due, call, lambda a: jnp.bool_(False), args)
@@ -395,9 +571,19 @@ def _progress_point(handle, state: SolverState, cfg: Config, final) -> jax.Array
 def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> Solution:
     """The driver (traceable; jit/vmap it from outside): ``init``, then ``step`` until the status is final."""
     dtype = params0.H.dtype
-    opt = make_optimizer(cfg.method, jnp.asarray(lr, dtype), cfg.momentum, cfg.memory_size)
     tol, rtol = jnp.asarray(tol, dtype), jnp.asarray(rtol, dtype)
-    state0 = init(problem, params0, opt, tol, rtol)
+    if uses_trial_machine(cfg.method):
+        state0 = lbfgs_init(problem, params0, jnp.asarray(lr, dtype), cfg.memory_size)
+
+        def advance(state):
+            return lbfgs_step(problem, state, lr, tol, rtol, cfg.patience, cfg.memory_size)
+    else:
+        opt = make_optimizer(cfg.method, jnp.asarray(lr, dtype), cfg.momentum, cfg.memory_size)
+        state0 = init(problem, params0, opt, tol, rtol)
+
+        def advance(state):
+            return step(problem, state, opt, tol, rtol, cfg.patience)
+
     rec0 = init_records(state0, cfg)
 
     def cond(c):
@@ -405,11 +591,12 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
         return (state.status == RUNNING) & (state.step < cfg.max_steps)
 
     def body(c):
-        state, rec = c
-        state = step(problem, state, opt, tol, rtol, cfg.patience)
+        state_in, rec = c
+        state = advance(state_in)
         rec = record(rec, state, cfg)
         if cfg.progress_every:
-            stop = _progress_point(handle, state, cfg, state.step >= cfg.max_steps)
+            moved = (state.step != state_in.step) | (state.status != RUNNING)
+            stop = _progress_point(handle, state, cfg, state.step >= cfg.max_steps, moved)
             state = state._replace(
                 status=jnp.where(stop & (state.status == RUNNING), INTERRUPTED, state.status).astype(jnp.int32)
             )

@@ -77,6 +77,47 @@ def _vdot(a, b):
     return sum(jnp.vdot(x, y) for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b)))
 
 
+class TrialRule(NamedTuple):
+    """The acceptance rule of the trial line search (module docstring), shared by `scale_by_trial_linesearch` and
+    the one-evaluation-per-iteration L-BFGS of `ufm._driver` (which tries the same a_j one at a time).
+
+    Attributes:
+      num_trials: M >= 1, trial step sizes a0 r^j, j = 0..M-1.
+      decrease_factor: r in (0, 1).
+      slope_rtol: c1 of the Armijo condition.
+      curv_rtol: c2 of the curvature condition.
+      approx_dec_rtol: eps of the approximate Wolfe condition.
+      max_stepsize: the largest a0.
+    """
+
+    num_trials: int = 6
+    decrease_factor: float = 0.3
+    slope_rtol: float = 1e-4
+    curv_rtol: float = 0.9
+    approx_dec_rtol: float = 1e-6
+    max_stepsize: float = 1.0
+
+    def decrease(self, a, f, df, value, slope):
+        """Finite, and Armijo f <= value + c1 a s or the approximate Wolfe decrease f <= value + eps |value| with
+        df <= (2 c1 - 1) s (module docstring); ``df`` = <grad f(x + a d), d>, ``slope`` = s = <grad f(x), d>."""
+        armijo = f <= value + self.slope_rtol * a * slope
+        approx = (f <= value + self.approx_dec_rtol * jnp.abs(value)) & (df <= (2 * self.slope_rtol - 1) * slope)
+        return jnp.isfinite(f) & jnp.isfinite(df) & (armijo | approx)
+
+    def acceptable(self, a, f, df, value, slope):
+        """`decrease` and the curvature condition df >= c2 s."""
+        return self.decrease(a, f, df, value, slope) & (df >= self.curv_rtol * slope)
+
+    def next_initial(self, a0, a, took):
+        """a0 of the next search: min(max_stepsize, a / r) after a step, (smallest trial) * r after none."""
+        r = self.decrease_factor
+        smallest = a0 * r ** (self.num_trials - 1)
+        return jnp.where(took, jnp.minimum(self.max_stepsize, a / r), smallest * r)
+
+
+DEFAULT_RULE = TrialRule()  # the defaults of `scale_by_trial_linesearch`
+
+
 def scale_by_trial_linesearch(
     num_trials: int = 6,
     decrease_factor: float = 0.3,
@@ -122,6 +163,7 @@ def scale_by_trial_linesearch(
     if not approx_dec_rtol >= 0 or not max_stepsize > 0:
         raise ValueError(f"need approx_dec_rtol >= 0 and max_stepsize > 0; got {approx_dec_rtol!r}, {max_stepsize!r}")
     M, r = num_trials, decrease_factor
+    rule = TrialRule(num_trials, decrease_factor, slope_rtol, curv_rtol, approx_dec_rtol, max_stepsize)
 
     def init_fn(params) -> ScaleByTrialLinesearchState:
         leaves = jax.tree_util.tree_leaves(params)
@@ -148,19 +190,10 @@ def scale_by_trial_linesearch(
             f, g = jax.value_and_grad(value_fn)(x)
             return f.astype(dt), g, _vdot(g, d).astype(dt)
 
-        def decrease(a, f, df):
-            """Armijo, or the approximate Wolfe decrease (module docstring)."""
-            armijo = f <= value + slope_rtol * a * slope
-            approx = (f <= value + approx_dec_rtol * jnp.abs(value)) & (df <= (2 * slope_rtol - 1) * slope)
-            return jnp.isfinite(f) & jnp.isfinite(df) & (armijo | approx)
-
-        def acceptable(a, f, df):
-            return decrease(a, f, df) & (df >= curv_rtol * slope)
-
         def choose(a_all, f_all, g_all, df_all):
             """The largest acceptable trial; else the largest with a sufficient decrease; else no step (index M)."""
-            ok = acceptable(a_all, f_all, df_all)
-            dec = decrease(a_all, f_all, df_all)
+            ok = rule.acceptable(a_all, f_all, df_all, value, slope)
+            dec = rule.decrease(a_all, f_all, df_all, value, slope)
             j = jnp.where(ok.any(), jnp.argmax(ok), jnp.where(dec.any(), jnp.argmax(dec), M))
             jj = jnp.minimum(j, M - 1)
             take = j < M
@@ -170,8 +203,7 @@ def scale_by_trial_linesearch(
             return a_j, f_j, g_j, ok.any(), take
 
         def finish(a, f, g, ok, took, n):
-            smallest = a0 * r ** (M - 1)
-            next_a0 = jnp.where(took, jnp.minimum(max_stepsize, a / r), smallest * r).astype(dt)
+            next_a0 = rule.next_initial(a0, a, took).astype(dt)
             new_updates = jax.tree_util.tree_map(lambda u: (a * u).astype(u.dtype), d)
             info = TrialLinesearchInfo(ok, n, slope, f - value)
             return new_updates, ScaleByTrialLinesearchState(a.astype(dt), next_a0, f, g, info)
@@ -181,7 +213,7 @@ def scale_by_trial_linesearch(
             a = a0 * r ** jnp.arange(M, dtype=dt)
             return finish(*choose(a, *jax.vmap(trial)(a)), jnp.int32(M))
         f0, g0, df0 = trial(a0)
-        ok0 = acceptable(a0, f0, df0)
+        ok0 = rule.acceptable(a0, f0, df0, value, slope)
 
         def grid(_):
             a = a0 * r ** jnp.arange(M, dtype=dt)
