@@ -570,9 +570,15 @@ def solve_batch(
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
     polish = resolve_polish(problem, polish)
     sols = run_engine(engine, _canonical(problem, dt), inputs, o, _config(o, history), xdt, slots, segment)
-    if polish and not traced(inputs, o) and bool(np.any(needs_polish(sols.status, sols.rel_grad))):
-        sols = polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3])
-    return sols
+    return _polish_needed(problem, sols, o, inputs) if polish else sols
+
+
+def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs) -> Solution:
+    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it and the
+    batch is not inside a trace; else ``sols`` (the polish program is compiled only when it has work)."""
+    if traced(inputs, o) or not bool(np.any(needs_polish(sols.status, sols.rel_grad))):
+        return sols
+    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3])
 
 
 def seed_keys(keys, seeds):

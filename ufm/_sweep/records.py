@@ -85,6 +85,16 @@ def _prediction(problem, config: Mapping, cache: dict):
     return cache[pkey]
 
 
+def _untimed(d):
+    """``d`` without its ``seconds`` entries (the certificates' wall times): a record is a function of its
+    configuration alone, so a resumed, distributed or repeated sweep writes the same record; ``wall_s`` times it."""
+    if isinstance(d, dict):
+        return {k: _untimed(v) for k, v in d.items() if k != "seconds"}
+    if isinstance(d, list):
+        return [_untimed(v) for v in d]
+    return d
+
+
 def summarise(
     rows: Sequence[Mapping],
     indices: Sequence[int],
@@ -134,7 +144,9 @@ def summarise(
             )
             d = to_jsonable(report)
             rec["verdict"] = getattr(report, "verdict", None)
-            rec["check"] = {k: v for k, v in d.items() if k not in CHECK_DUPLICATES} if isinstance(d, dict) else d
+            rec["check"] = (
+                {k: v for k, v in _untimed(d).items() if k not in CHECK_DUPLICATES} if isinstance(d, dict) else d
+            )
         except Exception as e:
             errors["check"] = _error(e)
         rec["metrics"] = None
