@@ -246,7 +246,8 @@ print(f"Wall time {time.perf_counter() - T0:.0f} s at size {SIZE}.")
 # continuation in λ, low-rank truncation of found minima (every pre-activation projected to rank r, then
 # re-solved), basin hopping and rank-reducing hops, all through one compiled `ufm.solve_batch` program. It
 # deduplicates the local minima by loss and by the spectra of the class-mean Grams (rotation-invariant), after
-# polishing the lowest ones at their ReLU kinks, and describes the best one. Below: one small search (the same size at both notebook sizes, K = 3, L = 4, width 6,
+# polishing the lowest ones at their ReLU kinks, and describes the best one. Below: one small search (the same
+# size at both notebook sizes, K = 3, L = 4, width 6,
 # 8 starts; seconds), then the atlas stored by `python -m benchmarks.bench_explore atlas` in
 # `benchmarks/results/atlas*.json` (loaded, not recomputed: each setting is a separate compile and search; per
 # setting the lowest stored run is shown). Every entry is a numerical **upper bound** on the global optimum (a
