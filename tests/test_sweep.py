@@ -225,11 +225,11 @@ def test_sweep_equals_loop_of_single_solves(ref):
         assert rec["prediction"]["loss"] == pred.loss
         # gap = (f - f*)/|f*|, here from the single solve's f
         assert rec["gap"] == pytest.approx((float(sol.value) - pred.loss) / abs(pred.loss), rel=1e-9)
-        # first-order check (no Hessian), as the sweep's default
-        report = ufm.check(p, sol, pred, hessian=False, metrics=False)
+        # the check with its Hessian certificate, as the sweep's default (second_order=True)
+        report = ufm.check(p, sol, pred, hessian=True, metrics=False)
         assert rec["verdict"] == report.verdict
         assert rec["check"]["gap"] == pytest.approx(report.gap, rel=1e-9)
-        assert rec["check"]["certificate"]["hessian"] is None
+        assert rec["check"]["second_order"] == report.second_order
         assert not {"prediction", "metrics", "problem"} & set(rec["check"])
 
 
