@@ -338,14 +338,23 @@ def test_deep_cross_entropy_without_candidates():
     assert ex.num_starts == 8 and ex.minima
 
 
-def test_stored_k6_point_is_below_the_best_known_bound():
-    # The K = 6, L = 4 point stored by `ufm explore --max-starts 250 --seed 2` (benchmarks/results/explore_k6_seed2)
-    # is a feasible point: its loss, recomputed here in NumPy, is an upper bound on the optimum. It must stay below
-    # THEORY.md §4.3's best known 0.907 of the DNC loss (the DNC point's loss, also recomputed in NumPy) and below
-    # the SRG construction (0.944); the stored value must be the loss at the stored parameters.
+@pytest.mark.parametrize(
+    "name, bound",
+    [
+        # round 3: `ufm explore --max-starts 250 --seed 2`, 0.9050 of the DNC loss
+        ("explore_k6_seed2", 0.907),
+        # round 4: `ufm explore --time-budget 150 --seed 1` (the default problem), quiet machine, 0.9016
+        ("explore_k6_v4_seed1", 0.902),
+    ],
+)
+def test_stored_k6_point_is_below_the_best_known_bound(name, bound):
+    # A K = 6, L = 4 point stored by `ufm explore` (benchmarks/results/<name>) is a feasible point: its loss,
+    # recomputed here in NumPy, is an upper bound on the optimum. It must stay below ``bound`` x the DNC loss (the
+    # DNC point's loss, also recomputed in NumPy; THEORY.md §4.3's best known is 0.907) and below the SRG
+    # construction (0.944); the stored value must be the loss at the stored parameters.
     from pathlib import Path
 
-    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / "explore_k6_seed2"
+    folder = Path(__file__).resolve().parents[1] / "benchmarks" / "results" / name
     z = np.load(folder / "best.npz")
     p6 = ufm.UFM(
         num_classes=6,
@@ -362,5 +371,5 @@ def test_stored_k6_point_is_below_the_best_known_bound():
     assert f == pytest.approx(float(z["value"]), rel=1e-12)
     f_dnc = np_objective(p6, ufm.construct(p6, "dnc"))
     f_srg = np_objective(p6, ufm.construct(p6, "srg"))
-    assert f < 0.907 * f_dnc and f < f_srg
+    assert f < bound * f_dnc and f < f_srg
     assert json.loads((folder / "best.json").read_text())["ratio_to_dnc"] == pytest.approx(f / f_dnc, rel=1e-9)
