@@ -67,7 +67,8 @@ class Slots(NamedTuple):
     run: jax.Array
 
 
-def _problem_of(problem, lH, lW, lb):
+def member_problem(problem, lH, lW, lb):
+    """Run i of a batch: ``problem``'s shapes and modes with its own lambdas (leaves as given, no dtype change)."""
     return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(problem), [lH, lW, lb, problem.label_smoothing])
 
 
@@ -78,7 +79,7 @@ def _fresh(problem, inputs, ids, tol, rtol, cfg: Config, dtype):
     take = functools.partial(jax.tree_util.tree_map, lambda x: x[ids])
 
     def one(x0, h, w, b, lr):
-        p = _problem_of(problem, h, w, b)
+        p = member_problem(problem, h, w, b)
         opt = make_optimizer(cfg.method, lr, cfg.momentum, cfg.memory_size, lazy=False)
         s = init(p, x0, opt, tol, rtol)
         return s, init_records(s, cfg)
@@ -118,7 +119,7 @@ def _cycle(problem, inputs, slots: Slots, load, tol, rtol, *, cfg: Config, dtype
 
     def advance(state, rec, nums):
         h, w, b, lr = nums
-        p = _problem_of(problem, h, w, b)
+        p = member_problem(problem, h, w, b)
         opt = make_optimizer(cfg.method, lr, cfg.momentum, cfg.memory_size, lazy=False)
         k0 = state.step
 
@@ -354,7 +355,7 @@ def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
     M, r, amax = ls["num_trials"], ls["decrease_factor"], ls["max_stepsize"]
     dt = lane.value.dtype
     h, w, b, lr = lane.numbers
-    p = _problem_of(problem, h, w, b)
+    p = member_problem(problem, h, w, b)
 
     def f(z):
         return objective(p, unravel(z))

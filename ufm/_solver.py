@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._batch import solve_lockstep, solve_slots, start_params
+from ._batch import member_problem, solve_lockstep, solve_slots, start_params
 from ._driver import (
     Config,
     Throttle,
@@ -373,10 +373,11 @@ def polish_batch(
     B = int(np.shape(sols.value)[0])
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
     need = needs_polish(sols.status, sols.rel_grad)
-    res = polish_map(_canonical(problem, dt), sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
+    cp = _canonical(problem, dt)
+    res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
     for i in np.flatnonzero(np.asarray(need) & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
-        fixed = certify_close(_member(problem, dt, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
+        fixed = certify_close(member_problem(cp, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
         if fixed is not one:
             res = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b), res, fixed)
     return apply_polish(sols, res)
@@ -401,12 +402,6 @@ def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
     return tuple(out)
 
 
-def _member(problem: UFM, dt, lH, lW, lb) -> UFM:
-    """Run i's problem: the shared shapes with its own lambdas (as in `one_run`), leaves in ``dt``."""
-    leaves = [lH, lW, lb, jnp.asarray(problem.label_smoothing, dt)]
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(problem), leaves)
-
-
 @functools.partial(jax.jit, static_argnames=("batch_size",))
 def polish_map(problem, params, value, need, lH, lW, lb, rtol, tol, batch_size):
     """`ufm._kinks.polish_run` over a batch (leading axis B on ``params``, ``value``, ``need`` and the lambdas), in one
@@ -414,7 +409,7 @@ def polish_map(problem, params, value, need, lH, lW, lb, rtol, tol, batch_size):
 
     def one(a):
         x, v, nd, h, w, b = a
-        return polish_run(_member(problem, v.dtype, h, w, b), x, v, rtol, tol, nd)
+        return polish_run(member_problem(problem, h, w, b), x, v, rtol, tol, nd)  # problem: leaves in the dtype
 
     return jax.lax.map(one, (params, value, need, lH, lW, lb), batch_size=batch_size)
 
@@ -648,16 +643,11 @@ def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_
     """The engines' inputs ``(start, lam_H (B,), lam_W (B, L), lam_b (B,), lr (B,), init_scale (B,))`` in ``dt``
     (scalars broadcast; None: the problem's value)."""
 
-    def bcast(v, default):
-        return jnp.broadcast_to(jnp.asarray(default if v is None else v, dt), (B,))
+    def bcast(v):
+        return jnp.broadcast_to(jnp.asarray(v, dt), (B,))
 
-    if lam_W is None:
-        lW = jnp.broadcast_to(jnp.asarray(problem.lam_W, dt), (B, problem.L))
-    else:
-        lW = jnp.asarray(lam_W, dt)
-        lW = jnp.broadcast_to(lW[:, None], (B, problem.L)) if lW.ndim == 1 else lW
-    lH, lb = bcast(lam_H, problem.lam_H), bcast(lam_b, problem.lam_b)
-    return (start, lH, lW, lb, bcast(lr, None), bcast(init_scale, None))
+    lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
+    return (start, lH, lW, lb, bcast(lr), bcast(init_scale))
 
 
 def traced(inputs, o: SolverOptions) -> bool:
@@ -684,8 +674,7 @@ def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xd
 
 def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> Solution:
     """Run one member of a batch: the problem with its own lambdas, from ``params0``."""
-    p = jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(problem), [lH, lW, lb, problem.label_smoothing])
-    return run(p, params0, lr, tol, rtol, cfg)
+    return run(member_problem(problem, lH, lW, lb), params0, lr, tol, rtol, cfg)
 
 
 def lockstep_applies(cfg: Config) -> bool:
