@@ -892,35 +892,30 @@ def _hessian(
     if method == "auto":
         method = "dense" if n + int(lifted[n:].sum()) <= dense_max else "lanczos"
 
+    op = _PieceOperator(problem, P, n, n_e, lifted, masks, slopes, smask)
     if method == "dense":
-        return _dense_spectrum(
-            problem, P, n, n_e, lifted, masks, slopes, smask, k, project_symmetries, sym_rtol, max_tangent, t_start
-        )
-    return _lanczos_spectrum(
-        problem,
-        P,
-        n,
-        n_e,
-        lifted,
-        masks,
-        slopes,
-        smask,
-        k,
-        project_symmetries,
-        sym_rtol,
-        tol,
-        maxiter,
-        krylov_dim,
-        max_time,
-        t_start,
-    )
+        return _dense_spectrum(op, k, project_symmetries, sym_rtol, max_tangent, t_start)
+    return _lanczos_spectrum(op, k, project_symmetries, sym_rtol, tol, maxiter, krylov_dim, max_time, t_start)
 
 
-def _dense_spectrum(
-    problem, P, n, n_e, lifted, masks, slopes, smask, k, project_symmetries, sym_rtol, max_tangent, t_start
-):
+class _PieceOperator(NamedTuple):
+    """The Hessian `_hessian` decomposes: that of the smooth piece (``masks``, ``slopes``) at the parameters ``P``
+    (``n`` entries), lifted by ``n_e`` activation shifts at ``smask`` (``lifted``: the kept coordinates)."""
+
+    problem: Any
+    P: Params
+    n: int
+    n_e: int
+    lifted: np.ndarray
+    masks: tuple
+    slopes: tuple
+    smask: tuple
+
+
+def _dense_spectrum(op: _PieceOperator, k, project_symmetries, sym_rtol, max_tangent, t_start):
     """`_hessian`, dense: C^T Hess C with C an orthonormal basis of the complement of the symmetry tangent (and the
     lifted shifts appended, not rotated); exact, from n (+ lifted) Hessian-vector products."""
+    problem, P, n, n_e, lifted, masks, slopes, smask = op
     Q = None
     if project_symmetries and num_symmetry_generators(problem) * n <= max_tangent:
         Q = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
@@ -947,25 +942,9 @@ def _dense_spectrum(
     ), vec
 
 
-def _lanczos_spectrum(
-    problem,
-    P,
-    n,
-    n_e,
-    lifted,
-    masks,
-    slopes,
-    smask,
-    k,
-    project_symmetries,
-    sym_rtol,
-    tol,
-    maxiter,
-    krylov_dim,
-    max_time,
-    t_start,
-):
+def _lanczos_spectrum(op: _PieceOperator, k, project_symmetries, sym_rtol, tol, maxiter, krylov_dim, max_time, t_start):
     """`_hessian` by the compiled Lanczos (`_lanczos_cycle`) on the projected operator P Hess P."""
+    problem, P, n, n_e, lifted, masks, slopes, smask = op
     dt = jnp.asarray(P.H).dtype
     # Lanczos: cycles of m compiled steps, explicitly restarted from the bottom Ritz vector, until the bottom k
     # Ritz pairs have residual <= tol * max|theta| or the budget (maxiter steps in all, max_time seconds) is spent.
