@@ -308,11 +308,10 @@ def sweep(
     Runs that share shapes and static solver options are solved together, a chunk at a time, by
     ``ufm.solve_batch(..., engine=engine)`` with per-run lam_H, lam_W, lam_b, lr, init_scale and PRNG key
     ``jax.random.key(seed)`` (the key `ufm.solve(problem, key=seed)` uses). `solve_batch` is called outside
-    any trace, so its engines apply: "auto" is "map" on a CPU (the runs one after another in one compiled
-    program: a chunk costs the sum of its runs' steps, and run i does the arithmetic of ``ufm.solve``) and
-    "slots" on an accelerator. Chunks have a fixed size (groups smaller than ``chunk_size`` use the next power
-    of two), the last one padded by repeating its last run, so only shapes and static options compile; a
-    padded slot costs one more solve of that run.
+    any trace, so its engines apply ("auto" is `ufm.solve_batch`'s choice for the backend: see its ``engine``
+    argument). Chunks have a fixed size (groups smaller than ``chunk_size`` use the next power of two), the last
+    one padded with rows that start at x = 0 (``init_scale=0``: the gradients of the weights and features vanish
+    there), which stop at once: only shapes and static options compile, and padding costs next to no solve.
 
     Where the chunks run:
 
@@ -334,7 +333,7 @@ def sweep(
       chunk_size: runs per `solve_batch` call (rounded up to a multiple of the device count).
       devices: a list of devices or a number of them (default: all of `jax.devices()`); not with ``client``.
       client: a `dask.distributed.Client` to run the chunks on (needs ``pip install ufm[distributed]``).
-      engine: `ufm.solve_batch`'s engine: "auto" (default), "map", "slots" or "vmap".
+      engine: `ufm.solve_batch`'s engine: "auto" (default) or "lockstep", "map", "slots" or "vmap".
       progress: a progress bar on stderr (tqdm; default: when stderr is a terminal and tqdm is installed).
       second_order: ask `ufm.check` for its second-order certificate (``hessian=True``, default; computed at
         stationary points only). Measured (``python -m benchmarks.bench_check --sweep``): 0.4-0.5x the solve per
