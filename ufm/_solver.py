@@ -37,6 +37,7 @@ from ._options import (
     LBFGS_LINESEARCH,
     METHODS,
     SolverOptions,
+    auto_init_scale_for,
     check_dtype,
     check_memory,
     default_rtol,
@@ -172,10 +173,12 @@ def solve(
         scalar: new values do not recompile.
       max_steps: step budget (default 10,000 for lbfgs, 100,000 for first-order methods).
       tol: absolute tolerance on ||g||_2 (default: none, only the relative test).
-      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (default; `auto_init_scale`: a
-        rule per model family and depth, measured). An ``"auto"`` run that ends at the zero saddle while theory
-        predicts a lower minimum restarts once from the same key at scale 1.0, with a RuntimeWarning saying so
-        (``num_steps`` then counts both runs; history and snapshots are the restart's).
+      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (default;
+        `ufm._options.auto_init_scale`: the larger of a measured depth rule and twice the edge of the zero point's
+        basin derived from the depth, widths, class sizes and lambdas, at most 1). An ``"auto"`` run that still
+        ends at the zero saddle while theory predicts a lower minimum restarts once from the same key at scale
+        1.0, with a RuntimeWarning saying so (``num_steps`` then counts both runs; history and snapshots are the
+        restart's).
       dtype: float32 or float64 (default: JAX's default float; ignored with ``init``).
       patience: steps without improvement of the best loss or best gradient norm before status "stalled"
         (default 50 for lbfgs, 1000 otherwise).
@@ -242,9 +245,9 @@ def _restart_at_zero_saddle(problem: UFM, sol: Solution, start, o, cfg, progress
     """An ``init_scale="auto"`` run that ended at the zero saddle, run again once from the same key at
     `RESTART_SCALE` (the same compiled program: the scale is dynamic), with a RuntimeWarning; else ``sol``.
 
-    The measured rule fails for deep linear models at large lambda (weight decay beats the product of L + 1 small
-    factors): K=3, n=(3,2,1), widths (4,4), lambda=0.1 ends at the zero saddle in 4/4 seeds from s = 0.2, while
-    1.0 reaches the optimum of `ufm.predict`."""
+    The safety net of the rule: `ufm._options.escape_scale` estimates the zero basin's edge from a one-direction
+    model (to a factor of about 1.3 where measured), and the rule keeps the product only twice above it (a larger
+    start makes deep linear models crawl), so a start can still fall in the basin."""
     if int(sol.status) != ZERO_SADDLE or not float(start[1]) < RESTART_SCALE:
         return sol
     first = int(sol.num_steps)
@@ -343,6 +346,7 @@ def polish_batch(
     lam_b=None,
     *,
     batch_size: int | None = None,
+    need=None,
 ) -> Solution:
     """The kink polish of a batch (`ufm.solve_batch`'s ``polish=``): run i is polished exactly as `ufm.solve`
     polishes it (`ufm._kinks.polish_run`, then `ufm._kinks.certify_close` on the host), one compiled program per
@@ -361,6 +365,8 @@ def polish_batch(
       lam_b: (B,) lambda_b of each run (None: the problem's).
       batch_size: runs polished together in one ``vmap`` (``jax.lax.map``'s ``batch_size``); None (default)
         polishes them one after the other, so a batch costs the sum of its polished runs' work (best on a CPU).
+      need: (B,) booleans, the runs to polish, when the caller has them (`ufm.solve_batch` does); None computes
+        `ufm._kinks.needs_polish` of ``sols``.
 
     Returns:
       The batched `Solution` with the polished runs replaced and ``polish_steps`` (B,) set (0 where not polished).
@@ -372,7 +378,9 @@ def polish_batch(
     dt = sols.value.dtype
     B = int(np.shape(sols.value)[0])
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
-    need = needs_polish(sols.status, sols.rel_grad)
+    need = np.asarray(needs_polish(sols.status, sols.rel_grad) if need is None else need, dtype=bool)
+    if need.shape != (B,):
+        raise ValueError(f"need must have shape (B,) = ({B},); got {need.shape}")
     cp = _canonical(problem, dt)
     res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
     for i in np.flatnonzero(np.asarray(need) & ~np.asarray(res.accepted)):
@@ -471,7 +479,7 @@ def solve_batch(
     lam_W=None,
     lam_b=None,
     lr=None,
-    init_scale=1.0,
+    init_scale=DEFAULT_INIT_SCALE,
     method: str | optax.GradientTransformation = "lbfgs",
     max_steps: int | None = None,
     tol: float | None = None,
@@ -514,7 +522,10 @@ def solve_batch(
       lam_W: (B,) one scalar per run, or (B, L) one per layer (default: the problem's).
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
-      init_scale: (B,) or scalar, or "auto" (as in `solve`; the default here is 1.0).
+      init_scale: (B,) or scalar, or ``"auto"`` (default, as in `solve`: each run's scale from its own lambdas,
+        `ufm._options.auto_init_scale_for`, computed without a recompile). An ``"auto"`` run that ends at the zero
+        saddle is run again from the same key at scale 1.0 by `solve`'s program (a second pass over those runs
+        only), with one RuntimeWarning naming them.
       slots: runs on the device at a time (engine "lockstep": default min(B, 16); engine "slots": min(B, 64)).
       segment: iterations between retire/refill points ("lockstep": 32; "slots": 25 for lbfgs, 500 otherwise).
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
@@ -564,16 +575,82 @@ def solve_batch(
     inputs = batch_inputs(problem, dt, B, start, lam_H, lam_W, lam_b, o.lr, init_scale)
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
     polish = resolve_polish(problem, polish)
-    sols = run_engine(engine, _canonical(problem, dt), inputs, o, _config(o, history), xdt, slots, segment)
-    return _polish_needed(problem, sols, o, inputs) if polish else sols
+    cfg = _config(o, history)
+    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment)
+    if traced(inputs, o):  # inside a trace: no host-side polish, zero-saddle test or restart
+        return sols
+    sols = _polish_needed(problem, sols, o, inputs) if polish else sols
+    sols = mark_zero_saddles(problem, sols, inputs)
+    if init is None and isinstance(init_scale, str):
+        sols = _restart_batch_at_zero_saddle(problem, sols, inputs, o, cfg, dt, polish)
+    return sols
 
 
 def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs) -> Solution:
-    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it and the
-    batch is not inside a trace; else ``sols`` (the polish program is compiled only when it has work)."""
-    if traced(inputs, o) or not bool(np.any(needs_polish(sols.status, sols.rel_grad))):
+    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it; else
+    ``sols`` (the polish program is compiled only when it has work)."""
+    need = np.asarray(needs_polish(sols.status, sols.rel_grad))
+    if not need.any():
         return sols
-    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3])
+    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3], need=need)
+
+
+def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
+    """A batch's runs that ended at the zero point of a problem whose `ufm.predict` minimum is lower get status
+    zero_saddle, as in `solve` (`at_zero_saddle` of run i at its own lambdas ``inputs[1:4]``; `ufm.predict` is asked
+    only for runs whose loss is the zero point's, once per distinct lambdas)."""
+    f0 = zero_point_loss(problem)
+    value, status = np.asarray(sols.value, dtype=float), np.asarray(sols.status)
+    ends = np.isin(status, (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR)) & (np.abs(value - f0) <= 1e-6 * f0)
+    if not ends.any():
+        return sols
+    lams = [np.asarray(a) for a in inputs[1:4]]
+    seen: dict[tuple, bool] = {}
+    flag = np.zeros(value.shape, bool)
+    for i in np.flatnonzero(ends):
+        key = tuple(np.concatenate([np.ravel(a[i]) for a in lams]).tolist())
+        if key not in seen:
+            seen[key] = at_zero_saddle(member_problem(problem, *(jnp.asarray(a[i]) for a in lams)), value[i])
+        flag[i] = seen[key]
+    if not flag.any():
+        return sols
+    return sols._replace(status=jnp.where(jnp.asarray(flag), ZERO_SADDLE, sols.status).astype(jnp.int32))
+
+
+def _restart_batch_at_zero_saddle(problem: UFM, sols: Solution, inputs, o, cfg: Config, dt, polish) -> Solution:
+    """`solve`'s zero-saddle restart for the runs of an ``init_scale="auto"`` batch that ended at the zero saddle:
+    each run again from its key at `RESTART_SCALE` by `solve`'s own program (one compile per problem shape, shared
+    with `solve`; a second pass over those runs only), with one RuntimeWarning naming them."""
+    keys, lH, lW, lb, lrs, scales = inputs
+    idx = np.flatnonzero((np.asarray(sols.status) == ZERO_SADDLE) & (np.asarray(scales) < RESTART_SCALE))
+    if idx.size == 0:
+        return sols
+    for i in idx:
+        p = member_problem(problem, lH[i], lW[i], lb[i])
+        one = _solve_from(
+            p, (keys[i], jnp.asarray(RESTART_SCALE, dt)), o._replace(lr=float(lrs[i])), cfg, None, dt, polish
+        )
+        one = one._replace(num_steps=one.num_steps + sols.num_steps[i])
+        sols = _set_run(sols, int(i), one)
+    warnings.warn(
+        f"ufm.solve_batch: init_scale='auto' runs {idx.tolist()} ended at the zero saddle; each restarted once from "
+        f"init_scale={RESTART_SCALE} with its own key (num_steps counts both runs, history and snapshots are those "
+        "of the restart). Pass init_scale explicitly to choose.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return sols
+
+
+def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
+    """``sols`` with run ``i`` replaced by the single-run `Solution` ``one`` (``polish_steps`` 0 where unset)."""
+    if (sols.polish_steps is None) != (one.polish_steps is None):
+        B = np.shape(sols.value)[0]
+        if sols.polish_steps is None:
+            sols = sols._replace(polish_steps=jnp.zeros(B, jnp.int32))
+        else:
+            one = one._replace(polish_steps=jnp.int32(0))
+    return jax.tree_util.tree_map(lambda a, b: a.at[i].set(b), sols, one)
 
 
 def seed_keys(keys, seeds):
@@ -627,26 +704,41 @@ def batch_lam_W(problem: UFM, lam_W):
 
 
 def check_batch_numbers(problem: UFM, lam_H, lam_W, lam_b, init_scale):
-    """Every element of every batched number, before any compute; returns ``init_scale`` ("auto" resolved)."""
+    """Every element of every batched number, before any compute; returns ``init_scale`` ("auto" kept: each run's
+    scale comes from its own lambdas in `batch_inputs`)."""
     _check_batched("lam_H", lam_H, "(B,)")
     _check_batched("lam_W", lam_W, "(B,) or (B, L)")
     if lam_b is not None:
         if problem.bias != "reg" and is_concrete(lam_b) and np.any(np.asarray(lam_b, dtype=float) != 0):
             raise ValueError(f"lam_b is only used with bias='reg'; got bias={problem.bias!r}")
         _check_batched("lam_b", lam_b, "(B,)", positive=problem.bias == "reg")
-    init_scale = resolve_init_scale(problem, init_scale)
+    if isinstance(init_scale, str):
+        resolve_init_scale(problem, init_scale)  # refuses any string but "auto"
+        return init_scale
     _check_batched("init_scale", init_scale, "(B,) or a scalar")
     return init_scale
 
 
 def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_scale) -> tuple:
     """The engines' inputs ``(start, lam_H (B,), lam_W (B, L), lam_b (B,), lr (B,), init_scale (B,))`` in ``dt``
-    (scalars broadcast; None: the problem's value)."""
+    (scalars broadcast; None: the problem's value; ``init_scale="auto"``: `ufm._options.auto_init_scale_for` of
+    each run's lambdas)."""
 
     def bcast(v):
         return jnp.broadcast_to(jnp.asarray(v, dt), (B,))
 
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
+    if isinstance(init_scale, str):  # "auto": each run's scale from its own lambdas (NumPy when concrete)
+        init_scale = auto_init_scale_for(
+            problem.activation,
+            problem.L,
+            num_classes=problem.K,
+            class_sizes=problem.class_sizes,
+            lam_H=lH,
+            lam_W=lW,
+            loss=problem.loss,
+            label_smoothing=problem.label_smoothing,
+        )
     return (start, lH, lW, lb, bcast(lr), bcast(init_scale))
 
 
