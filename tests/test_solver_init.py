@@ -1,7 +1,7 @@
 """The default initialisation scale (`ufm._options.auto_init_scale`, ``init_scale="auto"``, the default of `ufm.solve`,
 `ufm.solve_batch` and ``ufm solve``) and the zero-saddle restart, its safety net.
 
-The rule: s = min(1, max(s_depth, 2^(1/(L+1)) s_esc)), s_depth^(L+1) = 0.008 for deep linear models and 1 otherwise,
+The rule: s = min(1, max(s_depth, 4^(1/(L+1)) s_esc)), s_depth^(L+1) = 0.008 for deep linear models and 1 otherwise,
 s_esc the edge of the zero point's basin (`ufm._options.escape_scale`, derived in its docstring). The closed forms
 below are recomputed here by hand from that derivation; the measured claims (steps, seeds) are checked by solving.
 """
@@ -55,12 +55,13 @@ def _by_hand(activation, L, K, sizes, lam):
 @pytest.mark.parametrize(
     "activation, L, K, sizes, lam, s_esc, auto",
     [
-        # K=4, n=1, lambda=1/4, L=3: t* = (4/4)^2 = 1, s_esc = (1/2)^(1/4) and 2^(1/4) s_esc = 1 exactly
-        ("linear", 3, 4, (1, 1, 1, 1), 0.25, 0.5**0.25, 1.0),
-        # issue 13's large-lambda case: t* = 0.6^3, s_esc = 0.6 / 3^(1/6) = 0.49963; 2^(1/3) x that = 0.62947
-        ("linear", 2, 3, (3, 2, 1), 0.1, 0.6 / 3 ** (1 / 6), 2 ** (1 / 3) * 0.6 / 3 ** (1 / 6)),
-        # Dang et al., L = 6: s_esc = 0.41419 < the depth rule's 0.50; L = 3: 0.11892 < 0.29907
-        ("linear", 6, 4, (100,) * 4, 5e-4, None, 0.008 ** (1 / 7)),
+        # K=4, n=1, lambda=1/16, L=3: t* = (4/16)^2 = 1/16, s_esc = (1/32)^(1/4) and 4^(1/4) s_esc = 2^(-3/4)
+        ("linear", 3, 4, (1, 1, 1, 1), 1 / 16, 32**-0.25, 2**-0.75),
+        # issue 13's large-lambda case: t* = 0.6^3, s_esc = 0.6 / 3^(1/6) = 0.49963; 4^(1/3) x that = 0.79313
+        ("linear", 2, 3, (3, 2, 1), 0.1, 0.6 / 3 ** (1 / 6), 4 ** (1 / 3) * 0.6 / 3 ** (1 / 6)),
+        # Dang et al., L = 6: 4^(1/7) s_esc = 0.50502 just above the depth rule's 0.50170; L = 3: s_esc = 0.11892,
+        # 4^(1/4) s_esc = 0.16818 < 0.29907, the depth rule decides
+        ("linear", 6, 4, (100,) * 4, 5e-4, None, 4 ** (1 / 7) * _by_hand("linear", 6, 4, (100,) * 4, 5e-4)),
         ("linear", 3, 4, (100,) * 4, 5e-4, None, 0.008**0.25),
         # deep ReLU, K=6, L=4, lambda=0.004: s_esc = 0.297, the rule keeps 1.0
         ("relu", 4, 6, (1,) * 6, 0.004, None, 1.0),
@@ -96,7 +97,7 @@ def test_batch_auto_scales_are_each_runs_rule():
     scales = np.asarray(batch_inputs(p, np.dtype("float64"), 3, keys, lam_H, lam_W, None, 1.0, "auto")[5])
     each = [auto_init_scale(p.replace(lam_H=h, lam_W=tuple(w))) for h, w in zip(lam_H, lam_W, strict=True)]
     np.testing.assert_allclose(scales, each, rtol=1e-12)
-    assert scales[0] == pytest.approx(0.2) and scales[1] == pytest.approx(2 ** (1 / 3) * 0.6 / 3 ** (1 / 6))
+    assert scales[0] == pytest.approx(0.2) and scales[1] == pytest.approx(4 ** (1 / 3) * 0.6 / 3 ** (1 / 6))
     traced = jax.jit(
         lambda h, w: auto_init_scale_for("linear", 2, num_classes=3, class_sizes=(3, 2, 1), lam_H=h, lam_W=w)
     )(lam_H, lam_W)
@@ -156,7 +157,7 @@ def test_relu_default_never_at_the_zero_saddle():
 
 def _large_lambda_deep_linear():
     # issue 13: deep linear at large lambda, where the depth rule alone (s = 0.2, L = 2) lands on the zero saddle in
-    # every seed (weight decay beats the product of three small factors); the escape term gives 0.629
+    # every seed (weight decay beats the product of three small factors); the escape term gives 0.793
     return ufm.UFM(num_classes=3, n_per_class=(3, 2, 1), widths=(4, 4), activation="linear", lam_H=0.1, lam_W=0.1)
 
 

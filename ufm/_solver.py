@@ -598,10 +598,13 @@ def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs) -> So
 def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
     """A batch's runs that ended at the zero point of a problem whose `ufm.predict` minimum is lower get status
     zero_saddle, as in `solve` (`at_zero_saddle` of run i at its own lambdas ``inputs[1:4]``; `ufm.predict` is asked
-    only for runs whose loss is the zero point's, once per distinct lambdas)."""
+    only for runs whose loss is the zero point's, once per distinct lambdas). Runs drawn at ``init_scale`` exactly 0
+    start at the zero point by request (the sweep pads its chunks with them) and keep their status."""
     f0 = zero_point_loss(problem)
     value, status = np.asarray(sols.value, dtype=float), np.asarray(sols.status)
     ends = np.isin(status, (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR)) & (np.abs(value - f0) <= 1e-6 * f0)
+    if not isinstance(inputs[0], Params):  # a start drawn at scale exactly 0 (`ufm.sweep`'s padding slots) is left
+        ends &= np.asarray(inputs[5]) != 0  # as it ended: it is the zero point by request
     if not ends.any():
         return sols
     lams = [np.asarray(a) for a in inputs[1:4]]
