@@ -18,7 +18,7 @@ import ufm._solver as solver_module
 from ufm._certificates import kink_masks, stationarity
 from ufm._kinks import MAX_STEPS_BELOW, kink_slopes, polish_jit, polish_piece, slope_gradient
 from ufm._options import solver_options
-from ufm._solver import polish_batch, polish_map
+from ufm._solver import polish_batch
 
 # ---------------------------------------------------------------------------------------------------------------
 # NumPy reference: the fit with activation relu(z) off the masks and s * z on them, plus shifts e (dF/dh = dF/de)
@@ -237,10 +237,10 @@ def test_polish_batch_equals_single_polish():
     assert int(got.status[7]) == int(bare2.status) and np.isnan(np.asarray(got.params.H[7])).all()
     with pytest.raises(ValueError, match="batched ufm.Solution"):
         polish_batch(KINK, bare2, o)  # one run is not a batch
-    # one compiled program for the batch: new numbers do not recompile
-    n = polish_map._cache_size()
+    # one compiled program, solve's: the single runs above compiled it, the batch and new numbers reuse it
+    n = polish_jit._cache_size()
     polish_batch(KINK, stack, o, lam_H=lam_H * 1.01)
-    assert polish_map._cache_size() == n
+    assert polish_jit._cache_size() == n
     # solve_batch's wiring (polish=None: on for this ReLU model): the engine's result (here the stack, through a
     # patched engine) is polished with each run's own lam_H, exactly as polish_batch does; polish=False keeps it
     with pytest.MonkeyPatch.context() as mp:

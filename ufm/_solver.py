@@ -333,8 +333,19 @@ def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
     (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
     else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
     dt = sol.value.dtype
-    res = polish_kinks(_canonical(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
+    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
     return apply_polish(sol, res)
+
+
+def polish_problem(problem: UFM, dt) -> UFM:
+    """The problem as the polish program takes it, for `solve` and `solve_batch` alike: every leaf a strong array of
+    ``dt`` and lam_W one per layer (L,), so that both call the same compiled `ufm._kinks.polish_jit` (jit keys on
+    leaf shapes and dtypes; a scalar lam_W is the same objective as L equal ones)."""
+    p = _canonical(problem, dt)
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(p),
+        [p.lam_H, jnp.broadcast_to(p.lam_W, (problem.L,)), p.lam_b, p.label_smoothing],
+    )
 
 
 def polish_batch(
@@ -349,8 +360,10 @@ def polish_batch(
     need=None,
 ) -> Solution:
     """The kink polish of a batch (`ufm.solve_batch`'s ``polish=``): run i is polished exactly as `ufm.solve`
-    polishes it (`ufm._kinks.polish_run`, then `ufm._kinks.certify_close` on the host), one compiled program per
-    problem shape, dtype and ``batch_size``.
+    polishes it (`ufm._kinks.polish`: the compiled `ufm._kinks.polish_jit`, then `ufm._kinks.certify_close` on the
+    host). By default the runs that need it are polished one after the other by `solve`'s own program (one compile
+    per problem shape and dtype, shared with `solve`: a batch after a solve, or a solve after a batch, compiles no
+    polish); ``batch_size`` maps them in one program instead (`polish_map`, ``vmap`` of ``batch_size`` runs).
 
     Runs that do not need it (`ufm._kinks.needs_polish`: not stalled/precision_floor, nor max_steps near a kink)
     cost no iteration and are returned unchanged; a run whose polish fails keeps its result and status (the
@@ -363,8 +376,9 @@ def polish_batch(
       lam_H: (B,) lambda_H of each run (None: the problem's).
       lam_W: (B,) or (B, L) lambda_W of each run (None: the problem's).
       lam_b: (B,) lambda_b of each run (None: the problem's).
-      batch_size: runs polished together in one ``vmap`` (``jax.lax.map``'s ``batch_size``); None (default)
-        polishes them one after the other, so a batch costs the sum of its polished runs' work (best on a CPU).
+      batch_size: runs polished together in one ``vmap`` (``jax.lax.map``'s ``batch_size``, its own compiled
+        program); None (default) polishes them one after the other with `solve`'s program, so a batch costs the
+        sum of its polished runs' work (best on a CPU; the vmap is 8x slower there, measured in round 4).
       need: (B,) booleans, the runs to polish, when the caller has them (`ufm.solve_batch` does); None computes
         `ufm._kinks.needs_polish` of ``sols``.
 
@@ -381,14 +395,31 @@ def polish_batch(
     need = np.asarray(needs_polish(sols.status, sols.rel_grad) if need is None else need, dtype=bool)
     if need.shape != (B,):
         raise ValueError(f"need must have shape (B,) = ({B},); got {need.shape}")
-    cp = _canonical(problem, dt)
+    cp = polish_problem(problem, dt)
+    if batch_size is None:
+        return _polish_each(cp, sols, o, need, (lH, lW, lb))
     res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
-    for i in np.flatnonzero(np.asarray(need) & ~np.asarray(res.accepted)):
+    for i in np.flatnonzero(need & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
         fixed = certify_close(member_problem(cp, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
         if fixed is not one:
             res = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b), res, fixed)
     return apply_polish(sols, res)
+
+
+def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams) -> Solution:
+    """`polish_batch` run by run: `ufm._kinks.polish` (`solve`'s compiled program) of each run with ``need``, at its
+    own lambdas; the others keep their result (``polish_steps`` 0)."""
+    B = need.shape[0]
+    steps = np.zeros(B, np.int32)
+    sols = sols._replace(polish_steps=None)
+    for i in np.flatnonzero(need):
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], sols)
+        p = member_problem(cp, *(a[i] for a in lams))
+        done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
+        steps[i] = int(done.polish_steps)
+        sols = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b), sols, done._replace(polish_steps=None))
+    return sols._replace(polish_steps=jnp.asarray(steps))
 
 
 def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
