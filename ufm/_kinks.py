@@ -44,19 +44,26 @@ the smooth problem on it:
    re-identification alone reaches 5.8e-9), hence the order. A threshold is left when the loss rose, its active
    set is empty, or a round neither halved rel_grad nor released an entry; at most `ROUNDS` rounds each.
 5. **Host fallback** (`certify_close`, after the compiled program): a point that was not accepted but is within
-   `CERTIFY_WITHIN` x rtol is measured again by the minimal-norm slope search of `ufm._certificates.stationarity`
-   (the measure `ufm.check` uses), and accepted when that meets the tolerance.
+   `CERTIFY_WITHIN` = 10 x rtol is measured again by the minimal-norm slope search of
+   `ufm._certificates.stationarity` (the measure `ufm.check` uses), and accepted when that meets the tolerance.
+   It compiles 5 more programs (4-13 s on a loaded 2-core CPU), so it is kept for points just above the tolerance
+   (round 4 ran it up to 1e3 x rtol: on the latency benchmark's NumPy-lambdas run, a polish ending at rel_grad
+   1.8e-5, it compiled and still did not accept). Issue 13's 16 kink runs are all accepted by the traced polish.
 
 Steps 1-4 are one traced program (`polish_run`; every loop a ``lax.while_loop``, every decision a ``where``), so
-the single solve compiles it once per problem shape and dtype (`polish_jit`) and a batch maps it over its runs
-(`ufm._solver.polish_batch`); a run whose polish fails (non-finite, loss rose) keeps its own point and status.
+the single solve compiles it once per problem shape and dtype (`polish_jit`) and a batch polishes its runs with
+the same program (`ufm._solver.polish_batch`); a run whose polish fails (non-finite, loss rose) keeps its own point
+and status.
 
-**Why the inner L-BFGS is not the project's optimiser.** `ufm._driver.make_optimizer("lbfgs")` (optax's L-BFGS
-with the trial line search of `ufm._linesearch`) was tried as the subproblem solver (round 4): on issue 13's 16
-runs both end 16/16 converged (final rel_grad at most 5.7e-8 with `_lbfgs`, 7.9e-8 with it; 42k vs 27k inner
-steps), but the polish program compiles 1.2-1.4x slower with it (XLA compile, one process, interleaved: 23.7 and
-27.2 s with `_lbfgs` against 28.4 and 35.8 s at load 9-10; trace + lower 2.5 s vs 3.6 s). Compile time is what a
-user waits for (a polish runs in well under a second once compiled), so `_lbfgs` stays.
+**What the program holds (its compile is what a user waits for).** The augmented Lagrangian's outer updates, the
+inner L-BFGS and its halving line search are ONE ``while_loop`` (`_al_piece`) that evaluates Phi and its gradient at
+one trial point per iteration: one copy of value-and-gradient (round 4: three, the subproblem's start, the accepted
+step and a value-only copy in the line search, in three nested loops). The slopes of `kink_slopes` and grad F_s come
+from one copy of the fit's gradient in a ``fori_loop`` (`_slopes_and_fit_grad`; round 4: L - 1 + 1 copies). Same
+points, steps and rel_grad as round 4 on issue 13's runs (4 compared exactly); the compiled polish of the latency
+problem (K=4, n=10, widths 32 x 3) has 4,536 lines of optimised HLO and 236 fusions against 5,046 and 277.
+`ufm._driver.make_optimizer("lbfgs")` as the subproblem solver was measured in round 4: it compiled 1.2-1.4x slower
+for the same 16/16, so the polish keeps its own L-BFGS.
 """
 
 from __future__ import annotations
@@ -96,7 +103,7 @@ MAX_STEPS_BELOW = 1e-3  # max_steps runs are polished when their rel_grad is at 
 OUTER = 20  # augmented-Lagrangian updates of (mu, rho) per round
 INNER = 500  # L-BFGS steps per augmented-Lagrangian subproblem
 RHO0, RHO_MAX = 1.0, 1e8  # penalty: start, cap (a pre-activation is O(max|Z_l|) = O(1) at the minima we polish)
-CERTIFY_WITHIN = 1e3  # the certificates' (slower, host-side) search runs only when rel_grad <= this x rtol
+CERTIFY_WITHIN = 10.0  # the certificates' host-side search (5 more programs to compile) only at rel_grad <= this x rtol
 ACCEPT_RISE = 1e-8  # an accepted point may exceed the stalled value by this much relative (rounding of f)
 
 
@@ -165,146 +172,185 @@ def kink_slopes(problem: UFM, params: Params, masks, lam) -> tuple[jax.Array, ..
 
 def _slopes(problem: UFM, params: Params, masks, lam):
     """(the clipped slopes of `kink_slopes`, the unclipped ones: lambda_a / g_a(s) before the clip)."""
-    slopes = [jnp.zeros_like(m) for m in masks]
-    raw = [jnp.zeros_like(m) for m in masks]
-    zero = [jnp.zeros_like(m) for m in masks]
-    for i in reversed(range(len(masks))):
-        g = jax.grad(lambda e, s=tuple(slopes): _fit(problem, params, masks, s, e))(zero)[i]
-        ok = jnp.abs(g) > 1e-30
-        s = jnp.where(ok, lam[i] / jnp.where(ok, g, 1), 0)
-        raw[i] = masks[i] * s
-        slopes[i] = masks[i] * jnp.clip(s, 0, 1)
-    return tuple(slopes), tuple(raw)
+    slopes, raw, _ = _slopes_and_fit_grad(problem, params, masks, lam)
+    return slopes, raw
+
+
+def _fit_grads(problem: UFM, params: Params, masks, slopes):
+    """(grad_theta F_s, (dF_s/dh at each kink layer)): one reverse pass of the slope piece's fit with zero shifts."""
+    zero = tuple(jnp.zeros_like(m) for m in masks)
+    return jax.grad(lambda p, e: _fit(problem, p, masks, slopes, e), argnums=(0, 1))(params, zero)
+
+
+def _slopes_and_fit_grad(problem: UFM, params: Params, masks, lam):
+    """The slopes of `kink_slopes` (clipped, and raw), and grad_theta F_s at those slopes, with ONE copy of the fit's
+    gradient in the program: L passes of `_fit_grads` in a ``fori_loop``, each updating every layer's slopes from the
+    current ones. Layer l's g_a depends only on the slopes of later layers, so after pass j the last j kink layers
+    are exact; the L-th pass (the slopes no longer change) gives grad F_s."""
+    n = len(masks)
+
+    def one(_, c):
+        slopes, raw, _ = c
+        gF, gs = _fit_grads(problem, params, masks, slopes)
+        new, new_raw = [], []
+        for m, g, lam_i in zip(masks, gs, lam, strict=True):
+            ok = jnp.abs(g) > 1e-30
+            s = jnp.where(ok, lam_i / jnp.where(ok, g, 1), 0)
+            new_raw.append(m * s)
+            new.append(m * jnp.clip(s, 0, 1))
+        return tuple(new), tuple(new_raw), gF
+
+    zeros = tuple(jnp.zeros_like(m) for m in masks)
+    gF0 = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return jax.lax.fori_loop(0, n + 1, one, (zeros, zeros, gF0))
 
 
 def slope_gradient(problem: UFM, params: Params, masks, slopes) -> tuple[jax.Array, jax.Array]:
     """(||grad f_s||, ||grad F_s|| + ||grad R||): the Clarke gradient of the ReLU slopes ``slopes`` at the masked
     entries, and the scale of the scale-aware rule (its ratio is rel_grad)."""
-    gF = jax.grad(lambda p: _fit(problem, p, masks, slopes))(params)
+    return _slope_measure(problem, params, _fit_grads(problem, params, masks, slopes)[0])
+
+
+def _slope_measure(problem: UFM, params: Params, gF) -> tuple[jax.Array, jax.Array]:
+    """(||gF + grad R||, ||gF|| + ||grad R||) for the fit gradient ``gF``."""
     gR = jax.grad(lambda p: regulariser(problem, p))(params)
     g = jax.tree_util.tree_map(jnp.add, gF, gR)
     return tree_norm(g), tree_norm(gF) + tree_norm(gR)
 
 
-class _LBFGSState(NamedTuple):
-    x: jax.Array  # flat point
-    f: jax.Array
-    g: jax.Array
+class _ALState(NamedTuple):
+    """The augmented Lagrangian's loop state (`_al_piece`): the outer multiplier updates and the inner L-BFGS with its
+    halving line search are ONE ``while_loop`` that evaluates Phi and its gradient at one trial point per iteration
+    (one copy of them in the program)."""
+
+    x: jax.Array  # flat point (the subproblem's current iterate)
+    f: jax.Array  # Phi(x; mu, rho)
+    g: jax.Array  # grad Phi(x; mu, rho)
+    cons: tuple  # the masked pre-activations at x
+    d: jax.Array  # search direction
+    t: jax.Array  # trial step (0: evaluate x itself, a fresh subproblem)
+    halvings: jax.Array
     S: jax.Array  # (MEMORY, n) steps s_i, a ring buffer
     Y: jax.Array  # (MEMORY, n) gradient changes y_i
-    k: jax.Array  # steps taken
-    stuck: jax.Array  # the line search found no decrease: stop
+    k: jax.Array  # L-BFGS steps of this subproblem
+    mu: tuple
+    rho: jax.Array
+    outer: jax.Array  # multiplier updates done
+    viol: jax.Array  # ||z_A|| after the last update
+    steps: jax.Array  # L-BFGS steps, all subproblems
 
 
-def _two_loop(st: _LBFGSState) -> jax.Array:
-    """-H_k g by the L-BFGS two-loop recursion over the stored pairs (Nocedal & Wright 2006, Alg. 7.4); pairs with
-    s.y <= 0 (unfilled slots included) are skipped; H_0 = (s.y / y.y) I of the newest pair, or I."""
-    m = st.S.shape[0]
-    sy = jnp.sum(st.S * st.Y, axis=1)
-    ok = sy > 0
+def _two_loop(S, Y, k, g) -> jax.Array:
+    """-H_k g by the L-BFGS two-loop recursion over the min(k, m) newest stored pairs (Nocedal & Wright 2006,
+    Alg. 7.4; slot (k - 1 - i) mod m holds the i-th newest); pairs with s.y <= 0 are skipped; H_0 = (s.y / y.y) I of
+    the newest pair, or I."""
+    m = S.shape[0]
+    order = (k - 1 - jnp.arange(m)) % m  # newest first
+    sy = jnp.sum(S * Y, axis=1)
+    filled = jnp.zeros(m, bool).at[order].set(jnp.arange(m) < k)  # slots written by this subproblem
+    ok = (sy > 0) & filled
     rho = jnp.where(ok, 1 / jnp.where(ok, sy, 1), 0)
-    order = (st.k - 1 - jnp.arange(m)) % m  # newest first
 
     def first(q_a, i):
         q, a = q_a
         j = order[i]
-        ai = rho[j] * (st.S[j] @ q)
-        return (q - ai * st.Y[j], a.at[j].set(ai)), None
+        ai = rho[j] * (S[j] @ q)
+        return (q - ai * Y[j], a.at[j].set(ai)), None
 
-    (q, a), _ = jax.lax.scan(first, (st.g, jnp.zeros(m, st.g.dtype)), jnp.arange(m))
+    (q, a), _ = jax.lax.scan(first, (g, jnp.zeros(m, g.dtype)), jnp.arange(m))
     newest = order[0]
-    yy = st.Y[newest] @ st.Y[newest]
+    yy = Y[newest] @ Y[newest]
     gamma = jnp.where(ok[newest] & (yy > 0), sy[newest] / jnp.where(yy > 0, yy, 1), 1)
     r = gamma * q
 
     def second(r, i):
         j = order[m - 1 - i]
-        b = rho[j] * (st.Y[j] @ r)
-        return r + st.S[j] * (a[j] - b), None
+        b = rho[j] * (Y[j] @ r)
+        return r + S[j] * (a[j] - b), None
 
     r, _ = jax.lax.scan(second, r, jnp.arange(m))
     return -r
 
 
-def _lbfgs(fn, x, gtol, steps: int):
-    """Minimise ``fn`` (a function of `Params`) from ``x`` by L-BFGS until ||grad|| <= gtol, ``steps`` steps, or a
-    failed line search; returns (x, steps taken).
-
-    The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang (2005)
-    f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings): the eps term lets the search pass
-    where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right. A small
-    search compiles in a fraction of optax's zoom (measured: the polish compiled in ~25 s with zoom under load).
-    """
-    flat, unravel = jax.flatten_util.ravel_pytree(x)
-    vg = jax.value_and_grad(lambda v: fn(unravel(v)))
-    f_only = lambda v: fn(unravel(v))  # noqa: E731
-    eps = jnp.finfo(flat.dtype).eps
-    f0, g0 = vg(flat)
-    zeros = jnp.zeros((MEMORY, flat.size), flat.dtype)
-    st0 = _LBFGSState(flat, f0, g0, zeros, zeros, jnp.int32(0), jnp.bool_(False))
-
-    def cond(st):
-        return (st.k < steps) & (jnp.linalg.norm(st.g) > gtol) & ~st.stuck
-
-    def body(st):
-        d = _two_loop(st)
-        slope = st.g @ d
-        d = jnp.where(slope < 0, d, -st.g)  # not a descent direction: steepest descent
-        slope = st.g @ d
-        slack = 4 * eps * jnp.abs(st.f)
-
-        def bad(c):
-            t, j = c
-            return (f_only(st.x + t * d) > st.f + 1e-4 * t * slope + slack) & (j < 40)
-
-        t, j = jax.lax.while_loop(bad, lambda c: (c[0] / 2, c[1] + 1), (jnp.asarray(1.0, flat.dtype), 0))
-        x = st.x + t * d
-        f, g = vg(x)
-        stuck = (j >= 40) | ~jnp.isfinite(f)
-        i = st.k % MEMORY
-        new = _LBFGSState(x, f, g, st.S.at[i].set(x - st.x), st.Y.at[i].set(g - st.g), st.k + 1, stuck)
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(stuck, a, b), st._replace(stuck=stuck), new)
-
-    st = jax.lax.while_loop(cond, body, st0)
-    return unravel(st.x), st.k
-
-
 def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inner: int):
     """The augmented Lagrangian on the piece of ``masks`` (traceable; no iteration when ``active`` is False).
 
+    Each subproblem min_theta Phi(theta; mu, rho) is solved by L-BFGS (memory `MEMORY`, fresh for every (mu, rho))
+    from the previous solution until ||grad Phi|| <= gtol, ``inner`` steps, or a failed line search; then
+    mu <- mu + rho z and rho <- 10 rho when ||z|| fell by less than 4x; at most ``outer`` updates, and none once
+    ||z|| <= gtol. The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang
+    (2005) f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings: the eps term lets the search
+    pass where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right).
+    gtol = rtol/10 (||grad F|| + ||grad R||) at ``params``. All of it is one loop with one evaluation of Phi and its
+    gradient per iteration (`_ALState`): the compile of one copy instead of three (round 4's nested loops).
+
     Returns (`Polish`, the unclipped multiplier slopes): slopes outside [0, 1] mark entries that want to leave the
-    kink (an inactive constraint, `_attempt`)."""
+    kink (an inactive constraint, `polish_run`)."""
     dt = params.H.dtype
-    gR0 = jax.grad(lambda p: regulariser(problem, p))(params)
+    flat0, unravel = jax.flatten_util.ravel_pytree(params)
+    eps = jnp.finfo(dt).eps
     gF0 = jax.grad(lambda p: _fit(problem, p, masks))(params)
+    gR0 = jax.grad(lambda p: regulariser(problem, p))(params)
     gtol = jnp.asarray(rtol, dt) / 10 * (tree_norm(gF0) + tree_norm(gR0))
 
-    def phi(x, mu, rho):
+    def phi(v, mu, rho):
+        x = unravel(v)
         out, cons = _piece(problem, x, masks)
         pen = sum(jnp.sum(m * c + rho / 2 * c**2) for m, c in zip(mu, cons, strict=True))
-        return fit_loss(problem, out) + regulariser(problem, x) + pen
+        return fit_loss(problem, out) + regulariser(problem, x) + pen, tuple(cons)
 
-    def cond(c):
-        return active & (c[3] < outer) & ((c[4] > gtol) | (c[3] == 0))
-
-    def body(c):
-        x, mu, rho, j, viol_old, steps = c
-        x, k = _lbfgs(functools.partial(phi, mu=mu, rho=rho), x, gtol, inner)
-        cons = _piece(problem, x, masks)[1]
-        viol = tree_norm(cons)
-        mu = tuple(a + rho * z for a, z in zip(mu, cons, strict=True))
-        rho = jnp.where(viol > viol_old / 4, jnp.minimum(rho * 10, RHO_MAX), rho)
-        return x, mu, rho, j + 1, viol, steps + k
-
+    vg = jax.value_and_grad(phi, has_aux=True)
+    zeros_n = jnp.zeros((MEMORY, flat0.size), dt)
     mu0 = tuple(jnp.zeros_like(m) for m in masks)
     viol0 = tree_norm(_piece(problem, params, masks)[1])
-    x, mu, _, _, viol, steps = jax.lax.while_loop(
-        cond, body, (params, mu0, jnp.asarray(RHO0, dt), jnp.int32(0), viol0, jnp.int32(0))
-    )
-    slopes, raw = _slopes(problem, x, masks, mu)  # mu was updated after the last subproblem: lambda = mu + rho z
-    gn, scale = slope_gradient(problem, x, masks, slopes)
+    zero = jnp.asarray(0.0, dt)
+    st0 = _ALState(
+        flat0, zero, jnp.zeros_like(flat0), mu0, jnp.zeros_like(flat0), zero, jnp.int32(0), zeros_n, zeros_n,
+        jnp.int32(0), mu0, jnp.asarray(RHO0, dt), jnp.int32(0), viol0, jnp.int32(0),
+    )  # fmt: skip
+
+    def cond(st):
+        return active & (st.outer < outer) & ((st.viol > gtol) | (st.outer == 0))
+
+    def body(st: _ALState) -> _ALState:
+        fresh = st.t == 0
+        (ft, ct), gt = vg(st.x + st.t * st.d, st.mu, st.rho)
+        slope = st.g @ st.d
+        ok = fresh | (ft <= st.f + 1e-4 * st.t * slope + 4 * eps * jnp.abs(st.f))
+        stuck = ~fresh & ~ok & (st.halvings + 1 >= 40) | ~jnp.isfinite(ft)
+        x = jnp.where(ok, st.x + st.t * st.d, st.x)
+        f, g = jnp.where(ok, ft, st.f), jnp.where(ok, gt, st.g)
+        cons = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), ct, st.cons)
+        moved = ok & ~fresh
+        i = st.k % MEMORY
+        S = st.S.at[i].set(jnp.where(moved, x - st.x, st.S[i]))
+        Y = st.Y.at[i].set(jnp.where(moved, g - st.g, st.Y[i]))
+        k = st.k + moved
+
+        def direction(_):
+            d = _two_loop(S, Y, k, g)
+            return jnp.where(g @ d < 0, d, -g)  # not a descent direction: steepest descent
+
+        d = jax.lax.cond(ok, direction, lambda _: st.d, None)  # a new direction only after an accepted point
+        # the subproblem ends: converged, out of steps, or a failed line search (the point before it is kept)
+        end = stuck | (ok & ((jnp.linalg.norm(g) <= gtol) | (k >= inner)))
+        viol = tree_norm(cons)
+        mu = tuple(jnp.where(end, a + st.rho * z, a) for a, z in zip(st.mu, cons, strict=True))
+        rho = jnp.where(end & (viol > st.viol / 4), jnp.minimum(st.rho * 10, RHO_MAX), st.rho)
+        return _ALState(
+            x, f, g, cons, d,
+            jnp.where(end, 0.0, jnp.where(ok, 1.0, st.t / 2)).astype(dt),
+            jnp.where(ok | end, 0, st.halvings + 1),
+            S, Y, jnp.where(end, 0, k),  # k = 0: a fresh memory (the stored pairs are masked by k)
+            mu, rho, st.outer + end, jnp.where(end, viol, st.viol), st.steps + moved,
+        )  # fmt: skip
+
+    st = jax.lax.while_loop(cond, body, st0)
+    x = unravel(st.x)
+    slopes, raw, gF = _slopes_and_fit_grad(problem, x, masks, st.mu)  # mu was updated last: lambda = mu + rho z
+    gn, scale = _slope_measure(problem, x, gF)
     rel = jnp.where(scale > 0, gn / jnp.where(scale > 0, scale, 1), 0)
-    return Polish(x, objective(problem, x), gn, rel, viol, steps, jnp.bool_(False)), raw
+    return Polish(x, objective(problem, x), gn, rel, st.viol, st.steps, jnp.bool_(False)), raw
 
 
 @functools.partial(jax.jit, static_argnames=("outer", "inner"))

@@ -409,17 +409,28 @@ def polish_batch(
 
 def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams) -> Solution:
     """`polish_batch` run by run: `ufm._kinks.polish` (`solve`'s compiled program) of each run with ``need``, at its
-    own lambdas; the others keep their result (``polish_steps`` 0)."""
-    B = need.shape[0]
-    steps = np.zeros(B, np.int32)
-    sols = sols._replace(polish_steps=None)
+    own lambdas; the others keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an
+    eager ``.at[i].set`` would compile a scatter per field shape)."""
+    out = _host_rows(sols._replace(polish_steps=None))
+    steps = np.zeros(need.shape[0], np.int32)
     for i in np.flatnonzero(need):
-        one = jax.tree_util.tree_map(lambda a, i=i: a[i], sols)
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], sols._replace(polish_steps=None))
         p = member_problem(cp, *(a[i] for a in lams))
         done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
         steps[i] = int(done.polish_steps)
-        sols = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b), sols, done._replace(polish_steps=None))
-    return sols._replace(polish_steps=jnp.asarray(steps))
+        _put_row(out, int(i), done._replace(polish_steps=None))
+    return jax.tree_util.tree_map(jnp.asarray, out)._replace(polish_steps=jnp.asarray(steps))
+
+
+def _host_rows(sols: Solution) -> Solution:
+    """A writable NumPy copy of every field of a batched `Solution` (for `_put_row`)."""
+    return jax.tree_util.tree_map(np.array, sols)
+
+
+def _put_row(out: Solution, i: int, one: Solution) -> None:
+    """Row ``i`` of the NumPy batch ``out`` (from `_host_rows`) set to the single-run `Solution` ``one``, in place."""
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(one), strict=True):
+        a[i] = np.asarray(b)
 
 
 def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
@@ -681,10 +692,12 @@ def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
     if (sols.polish_steps is None) != (one.polish_steps is None):
         B = np.shape(sols.value)[0]
         if sols.polish_steps is None:
-            sols = sols._replace(polish_steps=jnp.zeros(B, jnp.int32))
+            sols = sols._replace(polish_steps=np.zeros(B, np.int32))
         else:
-            one = one._replace(polish_steps=jnp.int32(0))
-    return jax.tree_util.tree_map(lambda a, b: a.at[i].set(b), sols, one)
+            one = one._replace(polish_steps=np.int32(0))
+    out = _host_rows(sols)
+    _put_row(out, i, one)
+    return jax.tree_util.tree_map(jnp.asarray, out)
 
 
 def seed_keys(keys, seeds):
