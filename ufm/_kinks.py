@@ -56,12 +56,13 @@ the same program (`ufm._solver.polish_batch`); a run whose polish fails (non-fin
 and status.
 
 **What the program holds (its compile is what a user waits for).** The augmented Lagrangian's outer updates, the
-inner L-BFGS and its halving line search are ONE ``while_loop`` (`_al_piece`) that evaluates Phi and its gradient at
-one trial point per iteration: one copy of value-and-gradient (round 4: three, the subproblem's start, the accepted
-step and a value-only copy in the line search, in three nested loops). The slopes of `kink_slopes` and grad F_s come
-from one copy of the fit's gradient in a ``fori_loop`` (`_slopes_and_fit_grad`; round 4: L - 1 + 1 copies). Same
-points, steps and rel_grad as round 4 on issue 13's runs (4 compared exactly); the compiled polish of the latency
-problem (K=4, n=10, widths 32 x 3) has 4,536 lines of optimised HLO and 236 fusions against 5,046 and 277.
+inner L-BFGS with its halving line search, the start's scale (gtol) and the L passes of the slope solve are ONE
+``while_loop`` (`_al_piece`, phases of `_ALState`) that evaluates the piece's objective and its gradient at one
+point per iteration: one copy of value-and-gradient in the program (round 4: five gradients, of Phi at the
+subproblem's start and at the accepted step, a value-only copy in the line search, the fit at the start, L - 1 + 1
+for the slopes and grad F_s, in three nested loops). Same points, steps and rel_grad as round 4 on issue 13's 16
+runs (to the printed digits); the compiled polish of the latency problem (K=4, n=10, widths 32 x 3, float64) has
+4,151 lines of optimised HLO and 212 fusions against 5,046 and 277, and 4 while loops against 6.
 `ufm._driver.make_optimizer("lbfgs")` as the subproblem solver was measured in round 4: it compiled 1.2-1.4x slower
 for the same 16/16, so the polish keeps its own L-BFGS.
 """
@@ -219,25 +220,30 @@ def _slope_measure(problem: UFM, params: Params, gF) -> tuple[jax.Array, jax.Arr
 
 
 class _ALState(NamedTuple):
-    """The augmented Lagrangian's loop state (`_al_piece`): the outer multiplier updates and the inner L-BFGS with its
-    halving line search are ONE ``while_loop`` that evaluates Phi and its gradient at one trial point per iteration
-    (one copy of them in the program)."""
+    """The loop state of `_al_piece`: ONE ``while_loop`` evaluates the piece's Phi and its gradient at one point
+    per iteration (one copy of them in the program) for every phase: 0, the start's scale (gtol); 1, the augmented
+    Lagrangian (outer multiplier updates, inner L-BFGS with its halving line search); 2, the L passes of the slope
+    solve (`_slopes_and_fit_grad`'s arithmetic) and grad F_s; 3, done."""
 
+    phase: jax.Array
     x: jax.Array  # flat point (the subproblem's current iterate)
     f: jax.Array  # Phi(x; mu, rho)
-    g: jax.Array  # grad Phi(x; mu, rho)
+    g: jax.Array  # grad Phi(x; mu, rho); in phase 2, grad F_s + grad R at the current slopes
     cons: tuple  # the masked pre-activations at x
     d: jax.Array  # search direction
     t: jax.Array  # trial step (0: evaluate x itself, a fresh subproblem)
     halvings: jax.Array
     S: jax.Array  # (MEMORY, n) steps s_i, a ring buffer
     Y: jax.Array  # (MEMORY, n) gradient changes y_i
-    k: jax.Array  # L-BFGS steps of this subproblem
+    k: jax.Array  # L-BFGS steps of this subproblem; in phase 2, slope passes done
     mu: tuple
     rho: jax.Array
     outer: jax.Array  # multiplier updates done
     viol: jax.Array  # ||z_A|| after the last update
     steps: jax.Array  # L-BFGS steps, all subproblems
+    gtol: jax.Array
+    slopes: tuple  # phase 2: the clipped slopes so far
+    raw: tuple  # phase 2: the unclipped ones
 
 
 def _two_loop(S, Y, k, g) -> jax.Array:
@@ -281,40 +287,80 @@ def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inn
     ||z|| <= gtol. The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang
     (2005) f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings: the eps term lets the search
     pass where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right).
-    gtol = rtol/10 (||grad F|| + ||grad R||) at ``params``. All of it is one loop with one evaluation of Phi and its
-    gradient per iteration (`_ALState`): the compile of one copy instead of three (round 4's nested loops).
+    gtol = rtol/10 (||grad F_A|| + ||grad R||) at ``params``. The slopes of `kink_slopes` (from lambda = the last
+    mu) and the measure come last. All of it is one loop with one evaluation of the piece's objective
+
+        Phi_s(theta, e; mu, rho) = F_s(theta, e) + R(theta) + sum_a mu_a z_a + rho/2 sum_a z_a^2
+
+    (slopes s at the kinks, shifts e of the kink layers' outputs) and its gradient in (theta, e) per iteration
+    (`_ALState`): s = 0, mu = rho = 0 for the scale, s = 0 for the augmented Lagrangian, mu = rho = 0 for the slope
+    passes (grad_e is dF_s/dh, grad_theta - grad R is grad F_s). Round 4 held five such gradients in three
+    nested loops.
 
     Returns (`Polish`, the unclipped multiplier slopes): slopes outside [0, 1] mark entries that want to leave the
     kink (an inactive constraint, `polish_run`)."""
     dt = params.H.dtype
     flat0, unravel = jax.flatten_util.ravel_pytree(params)
     eps = jnp.finfo(dt).eps
-    gF0 = jax.grad(lambda p: _fit(problem, p, masks))(params)
-    gR0 = jax.grad(lambda p: regulariser(problem, p))(params)
-    gtol = jnp.asarray(rtol, dt) / 10 * (tree_norm(gF0) + tree_norm(gR0))
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    lam = jax.flatten_util.ravel_pytree(jax.grad(lambda p: regulariser(problem, p))(ones))[0]  # grad R(x) = lam x
+    zeros_m = tuple(jnp.zeros_like(m) for m in masks)
 
-    def phi(v, mu, rho):
+    def phi(v, e, mu, rho, slopes):
         x = unravel(v)
-        out, cons = _piece(problem, x, masks)
+        out, cons = _piece(problem, x, masks, slopes, e)
         pen = sum(jnp.sum(m * c + rho / 2 * c**2) for m, c in zip(mu, cons, strict=True))
         return fit_loss(problem, out) + regulariser(problem, x) + pen, tuple(cons)
 
-    vg = jax.value_and_grad(phi, has_aux=True)
+    vg = jax.value_and_grad(phi, argnums=(0, 1), has_aux=True)
     zeros_n = jnp.zeros((MEMORY, flat0.size), dt)
-    mu0 = tuple(jnp.zeros_like(m) for m in masks)
-    viol0 = tree_norm(_piece(problem, params, masks)[1])
     zero = jnp.asarray(0.0, dt)
     st0 = _ALState(
-        flat0, zero, jnp.zeros_like(flat0), mu0, jnp.zeros_like(flat0), zero, jnp.int32(0), zeros_n, zeros_n,
-        jnp.int32(0), mu0, jnp.asarray(RHO0, dt), jnp.int32(0), viol0, jnp.int32(0),
+        jnp.where(active, 0, 3).astype(jnp.int32), flat0, zero, jnp.zeros_like(flat0), zeros_m,
+        jnp.zeros_like(flat0), zero, jnp.int32(0), zeros_n, zeros_n, jnp.int32(0), zeros_m, jnp.asarray(RHO0, dt),
+        jnp.int32(0), zero, jnp.int32(0), zero, zeros_m, zeros_m,
     )  # fmt: skip
 
-    def cond(st):
-        return active & (st.outer < outer) & ((st.viol > gtol) | (st.outer == 0))
-
     def body(st: _ALState) -> _ALState:
+        al = st.phase == 1
+        (ft, ct), (gt, ge) = vg(
+            st.x + jnp.where(al, st.t, 0) * st.d,
+            zeros_m,
+            tuple(jnp.where(al, a, 0) for a in st.mu),
+            jnp.where(al, st.rho, 0),
+            st.slopes,
+        )
+        return jax.lax.switch(
+            jnp.clip(st.phase, 0, 2),
+            (functools.partial(_al_start, lam, rtol), _al_step(inner, outer, eps), _slope_pass(masks)),
+            st,
+            (ft, ct, gt, ge),
+        )
+
+    st = jax.lax.while_loop(lambda st: st.phase < 3, body, st0)
+    x = unravel(st.x)
+    gR = lam * st.x
+    gn = jnp.linalg.norm(st.g)
+    scale = jnp.linalg.norm(st.g - gR) + jnp.linalg.norm(gR)
+    rel = jnp.where(scale > 0, gn / jnp.where(scale > 0, scale, 1), 0)
+    return Polish(x, objective(problem, x), gn, rel, st.viol, st.steps, jnp.bool_(False)), st.raw
+
+
+def _al_start(lam, rtol, st: _ALState, ev) -> _ALState:
+    """Phase 0: gtol = rtol/10 (||grad F_A|| + ||grad R||) and ||z_A|| at the start (Phi with mu = rho = 0)."""
+    ft, ct, gt, _ = ev
+    gR = lam * st.x
+    gtol = jnp.asarray(rtol, st.x.dtype) / 10 * (jnp.linalg.norm(gt - gR) + jnp.linalg.norm(gR))
+    return st._replace(phase=jnp.int32(1), viol=tree_norm(ct), gtol=gtol)
+
+
+def _al_step(inner: int, outer: int, eps):
+    """Phase 1: one trial of the augmented Lagrangian's inner L-BFGS (`_al_piece`); at a subproblem's end the
+    multiplier update, and phase 2 once the outer loop is over."""
+
+    def step(st: _ALState, ev) -> _ALState:
+        ft, ct, gt, _ = ev
         fresh = st.t == 0
-        (ft, ct), gt = vg(st.x + st.t * st.d, st.mu, st.rho)
         slope = st.g @ st.d
         ok = fresh | (ft <= st.f + 1e-4 * st.t * slope + 4 * eps * jnp.abs(st.f))
         stuck = ~fresh & ~ok & (st.halvings + 1 >= 40) | ~jnp.isfinite(ft)
@@ -333,24 +379,50 @@ def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inn
 
         d = jax.lax.cond(ok, direction, lambda _: st.d, None)  # a new direction only after an accepted point
         # the subproblem ends: converged, out of steps, or a failed line search (the point before it is kept)
-        end = stuck | (ok & ((jnp.linalg.norm(g) <= gtol) | (k >= inner)))
+        end = stuck | (ok & ((jnp.linalg.norm(g) <= st.gtol) | (k >= inner)))
         viol = tree_norm(cons)
         mu = tuple(jnp.where(end, a + st.rho * z, a) for a, z in zip(st.mu, cons, strict=True))
         rho = jnp.where(end & (viol > st.viol / 4), jnp.minimum(st.rho * 10, RHO_MAX), st.rho)
-        return _ALState(
-            x, f, g, cons, d,
-            jnp.where(end, 0.0, jnp.where(ok, 1.0, st.t / 2)).astype(dt),
-            jnp.where(ok | end, 0, st.halvings + 1),
-            S, Y, jnp.where(end, 0, k),  # k = 0: a fresh memory (the stored pairs are masked by k)
-            mu, rho, st.outer + end, jnp.where(end, viol, st.viol), st.steps + moved,
+        n_outer = st.outer + end
+        viol = jnp.where(end, viol, st.viol)
+        done = end & ((n_outer >= outer) | (viol <= st.gtol))  # the old outer loop's condition, after an update
+        return st._replace(
+            phase=jnp.where(done, 2, 1).astype(jnp.int32),
+            x=x, f=f, g=g, cons=cons, d=d,
+            t=jnp.where(end, 0.0, jnp.where(ok, 1.0, st.t / 2)).astype(st.t.dtype),
+            halvings=jnp.where(ok | end, 0, st.halvings + 1),
+            S=S, Y=Y, k=jnp.where(end, 0, k),  # k = 0: a fresh memory (the stored pairs are masked by k)
+            mu=mu, rho=rho, outer=n_outer, viol=viol, steps=st.steps + moved,
         )  # fmt: skip
 
-    st = jax.lax.while_loop(cond, body, st0)
-    x = unravel(st.x)
-    slopes, raw, gF = _slopes_and_fit_grad(problem, x, masks, st.mu)  # mu was updated last: lambda = mu + rho z
-    gn, scale = _slope_measure(problem, x, gF)
-    rel = jnp.where(scale > 0, gn / jnp.where(scale > 0, scale, 1), 0)
-    return Polish(x, objective(problem, x), gn, rel, st.viol, st.steps, jnp.bool_(False)), raw
+    return step
+
+
+def _slope_pass(masks):
+    """Phase 2: one pass of the slope solve (lambda = mu): s_a = lambda_a / g_a(s) from dF_s/dh at the current
+    slopes, clipped to [0, 1] (0 where |g_a| <= 1e-30: a degenerate kink, whose term g_a s_a grad z_a vanishes with
+    g_a). Layer l's g_a depends only on the slopes of later layers, so after pass j the last j kink layers are exact;
+    pass L (the slopes no longer change) leaves them as they are and its gradient, grad F_s + grad R at the final
+    slopes, is kept in ``g``."""
+
+    def one(st: _ALState, ev) -> _ALState:
+        _, _, gt, ge = ev
+        new, raw = [], []
+        for m, g, lam_a in zip(masks, ge, st.mu, strict=True):
+            ok = jnp.abs(g) > 1e-30
+            s = jnp.where(ok, lam_a / jnp.where(ok, g, 1), 0)
+            raw.append(m * s)
+            new.append(m * jnp.clip(s, 0, 1))
+        passes = st.k + 1
+        return st._replace(
+            phase=jnp.where(passes > len(masks), 3, 2).astype(jnp.int32),
+            g=gt,
+            slopes=tuple(new),
+            raw=tuple(raw),
+            k=passes,
+        )
+
+    return one
 
 
 @functools.partial(jax.jit, static_argnames=("outer", "inner"))
