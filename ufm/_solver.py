@@ -412,9 +412,10 @@ def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, la
     own lambdas; the others keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an
     eager ``.at[i].set`` would compile a scatter per field shape)."""
     out = _host_rows(sols._replace(polish_steps=None))
+    lams = [np.asarray(a) for a in lams]
     steps = np.zeros(need.shape[0], np.int32)
     for i in np.flatnonzero(need):
-        one = jax.tree_util.tree_map(lambda a, i=i: a[i], sols._replace(polish_steps=None))
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], out)  # NumPy rows: no eager slicing programs to compile
         p = member_problem(cp, *(a[i] for a in lams))
         done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
         steps[i] = int(done.polish_steps)
