@@ -251,15 +251,25 @@ def escape_scale(activation: str, L: int, num_classes: int, class_sizes, lam_H, 
 
         s_esc = ( t* / (sqrt(K) rho^(L-1)) )^(1/(L+1)).
 
-    Checked against measured edges (benchmarks/README.md, "Initialisation"; L-BFGS, explicit scales): Dang et
+    Checked against measured edges (L-BFGS, `ufm.solve_batch` at explicit scales, issue 13 round 5): Dang et
     al.'s K=4, n=100, widths 64 x 6, lambda=5e-4 (s_esc = 0.414): 3 seeds from 0.37 and 0.41 end 3/6 at saddles
     10-19x above the optimum (directions that did not escape), from 0.435 2/5, from 0.457 0/5; at L=3
     (s_esc = 0.119) every seed from 0.119 up converges. K=3, n=(3,2,1), widths (4,4), lambda=0.1 (s_esc = 0.50
-    for the smallest class, 0.29 for the largest): 0.14-0.25 end at zero, 0.29-0.35 half at zero, from 0.43 none.
+    for the smallest class, 0.29 for the largest): 0.14-0.25 end at zero, 0.29-0.35 half at zero, 0.43 none of 4
+    seeds, 0.63 one of 20 keys (hence a product 4x the edge in `auto_init_scale`).
     Deep ReLU K=6, L=4, widths 11, lambda=0.004 (s_esc = 0.30): 0.1 ends at zero in every seed.
 
+    Args:
+      activation: "linear" or "relu".
+      L: the depth (number of weight matrices).
+      num_classes: K.
+      class_sizes: (n_1, ..., n_K).
+      lam_H: lambda_H, a scalar or (B,).
+      lam_W: lambda_W, a scalar, (L,), (B,) or (B, L).
+      loss: "mse" or "ce"; label_smoothing: alpha (CE).
+
     Returns:
-      s_esc (0 when some lambda is 0 or L < 2: no basin to escape).
+      s_esc, a scalar or (B,) (0 when some lambda is 0 or L < 2: no basin to escape).
     """
     xp = np if all(is_concrete(v) for v in (lam_H, lam_W, label_smoothing)) else jnp
     if xp is np:  # concrete numbers (JAX arrays included) in NumPy: no eager XLA kernels to compile
@@ -335,9 +345,17 @@ def auto_init_scale_for(
 ):
     """`auto_init_scale` from its ingredients, for sweeps (which resolve it per setting before any `UFM` is built)
     and batches (``lam_H`` (B,), ``lam_W`` (B,) or (B, L): one scale per run, NumPy or JAX, traceable). Without the
-    lambdas (``lam_H`` None) it is the depth rule s_depth alone."""
+    lambdas (``lam_H`` None) it is the depth rule s_depth alone.
+
+    Args:
+      activation, L: the model family and depth.
+      num_classes, class_sizes, lam_H, lam_W, loss, label_smoothing: as in `escape_scale`.
+
+    Returns:
+      s = min(1, max(s_depth, `ESCAPE_PRODUCT`^(1/(L+1)) s_esc)): a float for scalar NumPy/Python lambdas, else an
+      array of the lambdas' batch shape."""
     s_depth = INIT_PRODUCT ** (1 / (L + 1)) if activation == "linear" and L >= 2 else 1.0
-    if lam_H is None or L < 2:
+    if lam_H is None or L < 2 or num_classes is None:
         return s_depth
     s_esc = escape_scale(activation, L, num_classes, class_sizes, lam_H, lam_W, loss, label_smoothing)
     xp = np if isinstance(s_esc, (np.ndarray, np.generic, float)) else jnp

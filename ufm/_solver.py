@@ -418,7 +418,7 @@ def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, la
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], out)  # NumPy rows: no eager slicing programs to compile
         p = member_problem(cp, *(a[i] for a in lams))
         done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
-        steps[i] = int(done.polish_steps)
+        steps[i] = int(np.asarray(done.polish_steps))
         _put_row(out, int(i), done._replace(polish_steps=None))
     return jax.tree_util.tree_map(jnp.asarray, out)._replace(polish_steps=jnp.asarray(steps))
 
@@ -693,9 +693,9 @@ def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
     if (sols.polish_steps is None) != (one.polish_steps is None):
         B = np.shape(sols.value)[0]
         if sols.polish_steps is None:
-            sols = sols._replace(polish_steps=np.zeros(B, np.int32))
+            sols = sols._replace(polish_steps=jnp.zeros(B, jnp.int32))
         else:
-            one = one._replace(polish_steps=np.int32(0))
+            one = one._replace(polish_steps=jnp.int32(0))
     out = _host_rows(sols)
     _put_row(out, i, one)
     return jax.tree_util.tree_map(jnp.asarray, out)
