@@ -62,7 +62,10 @@ point per iteration: one copy of value-and-gradient in the program (round 4: fiv
 subproblem's start and at the accepted step, a value-only copy in the line search, the fit at the start, L - 1 + 1
 for the slopes and grad F_s, in three nested loops). Same points, steps and rel_grad as round 4 on issue 13's 16
 runs (to the printed digits); the compiled polish of the latency problem (K=4, n=10, widths 32 x 3, float64) has
-4,151 lines of optimised HLO and 212 fusions against 5,046 and 277, and 4 while loops against 6.
+4,133 lines of optimised HLO and 210 fusions against 5,046 and 277, and 4 while loops against 6. The price is the
+run time of a polish once compiled (every iteration carries the whole loop's state; the L-BFGS memory is updated
+in place, the small fields selected by phase): 1.0-1.4x round 4's on the latency problem (8,500-9,445 steps,
+5.6-6.5 s against 4.3-6.2 s at load 6), 2-3x on issue 13's tiny K=3 runs (4.6 s against 1.7 s for all 16).
 `ufm._driver.make_optimizer("lbfgs")` as the subproblem solver was measured in round 4: it compiled 1.2-1.4x slower
 for the same 16/16, so the polish keeps its own L-BFGS.
 """
@@ -330,12 +333,18 @@ def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inn
             jnp.where(al, st.rho, 0),
             st.slopes,
         )
-        return jax.lax.switch(
-            jnp.clip(st.phase, 0, 2),
-            (functools.partial(_al_start, lam, rtol), _al_step(inner, outer, eps), _slope_pass(masks)),
-            st,
-            (ft, ct, gt, ge),
-        )
+        ev = (ft, ct, gt, ge)
+        # every phase's update from the one evaluation; the L-BFGS memory (the large part of the state) is updated in
+        # place by phase 1 only (no select or branch copies it), the small fields are selected by phase
+        a = _al_step(inner, outer, eps)(st, ev, al)
+        s0 = _al_start(lam, rtol, st, ev)
+        s2 = _slope_pass(masks)(st, ev)
+
+        def pick(f0, f1, f2):
+            return jax.tree_util.tree_map(lambda u, v, w: jnp.where(st.phase == 0, u, jnp.where(al, v, w)), f0, f1, f2)
+
+        small = ("phase", "g", "viol", "gtol", "k", "slopes", "raw")
+        return a._replace(**{n: pick(getattr(s0, n), getattr(a, n), getattr(s2, n)) for n in small})
 
     st = jax.lax.while_loop(lambda st: st.phase < 3, body, st0)
     x = unravel(st.x)
@@ -356,14 +365,15 @@ def _al_start(lam, rtol, st: _ALState, ev) -> _ALState:
 
 def _al_step(inner: int, outer: int, eps):
     """Phase 1: one trial of the augmented Lagrangian's inner L-BFGS (`_al_piece`); at a subproblem's end the
-    multiplier update, and phase 2 once the outer loop is over."""
+    multiplier update, and phase 2 once the outer loop is over. Outside phase 1 (``al`` False) it changes nothing
+    but the fields the other phases select."""
 
-    def step(st: _ALState, ev) -> _ALState:
+    def step(st: _ALState, ev, al) -> _ALState:
         ft, ct, gt, _ = ev
         fresh = st.t == 0
         slope = st.g @ st.d
-        ok = fresh | (ft <= st.f + 1e-4 * st.t * slope + 4 * eps * jnp.abs(st.f))
-        stuck = ~fresh & ~ok & (st.halvings + 1 >= 40) | ~jnp.isfinite(ft)
+        ok = al & (fresh | (ft <= st.f + 1e-4 * st.t * slope + 4 * eps * jnp.abs(st.f)))
+        stuck = al & (~fresh & ~ok & (st.halvings + 1 >= 40) | ~jnp.isfinite(ft))
         x = jnp.where(ok, st.x + st.t * st.d, st.x)
         f, g = jnp.where(ok, ft, st.f), jnp.where(ok, gt, st.g)
         cons = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), ct, st.cons)
@@ -389,8 +399,8 @@ def _al_step(inner: int, outer: int, eps):
         return st._replace(
             phase=jnp.where(done, 2, 1).astype(jnp.int32),
             x=x, f=f, g=g, cons=cons, d=d,
-            t=jnp.where(end, 0.0, jnp.where(ok, 1.0, st.t / 2)).astype(st.t.dtype),
-            halvings=jnp.where(ok | end, 0, st.halvings + 1),
+            t=jnp.where(al, jnp.where(end, 0.0, jnp.where(ok, 1.0, st.t / 2)), st.t).astype(st.t.dtype),
+            halvings=jnp.where(ok | end, 0, st.halvings + al),
             S=S, Y=Y, k=jnp.where(end, 0, k),  # k = 0: a fresh memory (the stored pairs are masked by k)
             mu=mu, rho=rho, outer=n_outer, viol=viol, steps=st.steps + moved,
         )  # fmt: skip
