@@ -433,3 +433,38 @@ def test_progress_line_on_stderr(saved_run, tmp_path, capsys):
     assert rc == 0
     assert "step" in err and "|grad f|" in err and "/40" in err
     assert "step " not in out  # progress never pollutes stdout
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# initialisation: "auto" kept (with the number it stood for), and the zero-saddle restart as in ufm.solve
+
+LARGE_LAMBDA = "-K 3 -n 3,2,1 --widths 4,4 --activation linear --lam-H 0.1 --lam-W 0.1".split()
+
+
+def _large_lambda_cli(tmp_path, capsys, name):
+    rc, out, err = _solve_in_process(
+        ["solve", *LARGE_LAMBDA, "--hessian", "off", "--no-plots", "--json", "--out", str(tmp_path / name)], capsys
+    )
+    assert rc == 0, err
+    config = json.loads((tmp_path / name / "config.json").read_text())
+    return json.loads(out), config
+
+
+def test_cli_records_auto_and_restarts_at_the_zero_saddle_as_solve_does(tmp_path, capsys, monkeypatch):
+    import ufm._options as options
+
+    monkeypatch.setattr(options, "ESCAPE_PRODUCT", 0.0)  # the depth rule alone: s = 0.2, every start at zero
+    with pytest.warns(RuntimeWarning, match="zero saddle.*restarted once from init_scale=1.0"):
+        rep, config = _large_lambda_cli(tmp_path, capsys, "restart")
+    # config.json keeps "auto" (a rerun applies the rule and the restart again) and the number it stood for
+    assert config["solver"]["init_scale"] == "auto" and config["solver"]["init_scale_auto"] == pytest.approx(0.2)
+    problem, solver = cli.resolve_config(
+        cli._build_parser().parse_args(["solve", "--config", str(tmp_path / "restart" / "config.json")])
+    )
+    assert solver["init_scale"] == "auto" and solver["init_scale_auto"] == config["solver"]["init_scale_auto"]
+    p = ufm.UFM(num_classes=3, n_per_class=(3, 2, 1), widths=(4, 4), lam_H=0.1, lam_W=0.1)
+    with pytest.warns(RuntimeWarning):
+        sol = ufm.solve(p, key=0, snapshot_every=config["solver"]["snapshot_every"])
+    assert rep["solution"]["status"] == int(sol.status) == 0
+    assert rep["solution"]["value"] == float(sol.value) and rep["solution"]["num_steps"] == int(sol.num_steps)
+    assert rep["solution"]["value"] == pytest.approx(float(ufm.predict(p).loss), rel=1e-10)

@@ -237,10 +237,20 @@ def test_polish_batch_equals_single_polish():
     assert int(got.status[7]) == int(bare2.status) and np.isnan(np.asarray(got.params.H[7])).all()
     with pytest.raises(ValueError, match="batched ufm.Solution"):
         polish_batch(KINK, bare2, o)  # one run is not a batch
-    # one compiled program for the batch: new numbers do not recompile
-    n = polish_map._cache_size()
+    # flags given by the caller (solve_batch passes the ones it computed) select the runs: run 0 stalled but is not
+    # flagged, so it is returned as it is; run 1 is polished as above
+    flags = np.zeros(8, bool)
+    flags[1] = True
+    sel = polish_batch(KINK, stack, o, lam_H=lam_H, need=flags)
+    assert int(sel.polish_steps[0]) == 0 and int(sel.status[0]) == int(stack.status[0])
+    assert float(sel.value[0]) == float(stack.value[0])
+    assert int(sel.polish_steps[1]) == int(got.polish_steps[1]) and float(sel.value[1]) == float(got.value[1])
+    with pytest.raises(ValueError, match="need must have shape"):
+        polish_batch(KINK, stack, o, need=flags[:2])
+    # one compiled program, solve's: the single runs above compiled it, the batch and new numbers reuse it
+    n = polish_jit._cache_size()
     polish_batch(KINK, stack, o, lam_H=lam_H * 1.01)
-    assert polish_map._cache_size() == n
+    assert polish_jit._cache_size() == n
     # solve_batch's wiring (polish=None: on for this ReLU model): the engine's result (here the stack, through a
     # patched engine) is polished with each run's own lam_H, exactly as polish_batch does; polish=False keeps it
     with pytest.MonkeyPatch.context() as mp:
@@ -257,3 +267,25 @@ def test_polish_batch_equals_single_polish():
 def test_polish_option():
     with pytest.raises(TypeError, match="polish"):
         ufm.solve(DNC2, key=0, polish="yes")
+
+
+@pytest.mark.slow
+def test_polish_batch_vmapped_path():
+    # the ``batch_size`` path (polish_map: lax.map of vmapped groups, its own program, ~20 s to compile on 2 loaded
+    # cores) ends every run where the default run-by-run path (solve's program) does; a run flagged False by the
+    # caller's ``need`` is returned as it is although it stalled
+    runs = [_runs(0.004, 2)[0], _runs(0.004, 4)[0], _runs(0.004, 2)[0]]
+    stack = jax.tree_util.tree_map(lambda *a: jnp.stack(a), *runs)
+    o = solver_options("lbfgs", None, None, None, None, 1, None, jnp.dtype("float64"))
+    need = np.array([True, True, False])
+    each = polish_batch(KINK, stack, o, need=need)
+    grouped = polish_batch(KINK, stack, o, need=need, batch_size=2)
+    assert polish_map._cache_size() >= 1  # the vmapped program ran
+    for i in range(2):
+        assert each.status_name[i] == grouped.status_name[i] == "converged"
+        # vmapped arithmetic may round differently: the same piece, polished to rel_grad <= 1e-7 (loss gap ~ rel^2)
+        np.testing.assert_allclose(float(grouped.value[i]), float(each.value[i]), rtol=1e-10)
+        assert float(grouped.rel_grad[i]) <= 1e-7 and int(grouped.polish_steps[i]) > 0
+    for got in (each, grouped):  # not flagged: unchanged, polish_steps 0
+        assert int(got.polish_steps[2]) == 0 and got.status_name[2] == runs[2].status_name == "stalled"
+        assert float(got.value[2]) == float(runs[2].value)

@@ -44,19 +44,30 @@ the smooth problem on it:
    re-identification alone reaches 5.8e-9), hence the order. A threshold is left when the loss rose, its active
    set is empty, or a round neither halved rel_grad nor released an entry; at most `ROUNDS` rounds each.
 5. **Host fallback** (`certify_close`, after the compiled program): a point that was not accepted but is within
-   `CERTIFY_WITHIN` x rtol is measured again by the minimal-norm slope search of `ufm._certificates.stationarity`
-   (the measure `ufm.check` uses), and accepted when that meets the tolerance.
+   `CERTIFY_WITHIN` = 10 x rtol is measured again by the minimal-norm slope search of
+   `ufm._certificates.stationarity` (the measure `ufm.check` uses), and accepted when that meets the tolerance.
+   It compiles 5 more programs (4-13 s on a loaded 2-core CPU), so it is kept for points just above the tolerance
+   (round 4 ran it up to 1e3 x rtol: on the latency benchmark's NumPy-lambdas run, a polish ending at rel_grad
+   1.8e-5, it compiled and still did not accept). Issue 13's 16 kink runs are all accepted by the traced polish.
 
 Steps 1-4 are one traced program (`polish_run`; every loop a ``lax.while_loop``, every decision a ``where``), so
-the single solve compiles it once per problem shape and dtype (`polish_jit`) and a batch maps it over its runs
-(`ufm._solver.polish_batch`); a run whose polish fails (non-finite, loss rose) keeps its own point and status.
+the single solve compiles it once per problem shape and dtype (`polish_jit`) and a batch polishes its runs with
+the same program (`ufm._solver.polish_batch`); a run whose polish fails (non-finite, loss rose) keeps its own point
+and status.
 
-**Why the inner L-BFGS is not the project's optimiser.** `ufm._driver.make_optimizer("lbfgs")` (optax's L-BFGS
-with the trial line search of `ufm._linesearch`) was tried as the subproblem solver (round 4): on issue 13's 16
-runs both end 16/16 converged (final rel_grad at most 5.7e-8 with `_lbfgs`, 7.9e-8 with it; 42k vs 27k inner
-steps), but the polish program compiles 1.2-1.4x slower with it (XLA compile, one process, interleaved: 23.7 and
-27.2 s with `_lbfgs` against 28.4 and 35.8 s at load 9-10; trace + lower 2.5 s vs 3.6 s). Compile time is what a
-user waits for (a polish runs in well under a second once compiled), so `_lbfgs` stays.
+**What the program holds (its compile is what a user waits for).** The augmented Lagrangian's outer updates, the
+inner L-BFGS with its halving line search, the start's scale (gtol) and the L passes of the slope solve are ONE
+``while_loop`` (`_al_piece`, phases of `_ALState`) that evaluates the piece's objective and its gradient at one
+point per iteration: one copy of value-and-gradient in the program (round 4: five gradients, of Phi at the
+subproblem's start and at the accepted step, a value-only copy in the line search, the fit at the start, L - 1 + 1
+for the slopes and grad F_s, in three nested loops). Same points, steps and rel_grad as round 4 on issue 13's 16
+runs (to the printed digits); the compiled polish of the latency problem (K=4, n=10, widths 32 x 3, float64) has
+4,133 lines of optimised HLO and 210 fusions against 5,046 and 277, and 4 while loops against 6. The price is the
+run time of a polish once compiled (every iteration carries the whole loop's state; the L-BFGS memory is updated
+in place, the small fields selected by phase): 1.0-1.4x round 4's on the latency problem (8,500-9,445 steps,
+5.6-6.5 s against 4.3-6.2 s at load 6), 2-3x on issue 13's tiny K=3 runs (4.6 s against 1.7 s for all 16).
+`ufm._driver.make_optimizer("lbfgs")` as the subproblem solver was measured in round 4: it compiled 1.2-1.4x slower
+for the same 16/16, so the polish keeps its own L-BFGS.
 """
 
 from __future__ import annotations
@@ -96,7 +107,7 @@ MAX_STEPS_BELOW = 1e-3  # max_steps runs are polished when their rel_grad is at 
 OUTER = 20  # augmented-Lagrangian updates of (mu, rho) per round
 INNER = 500  # L-BFGS steps per augmented-Lagrangian subproblem
 RHO0, RHO_MAX = 1.0, 1e8  # penalty: start, cap (a pre-activation is O(max|Z_l|) = O(1) at the minima we polish)
-CERTIFY_WITHIN = 1e3  # the certificates' (slower, host-side) search runs only when rel_grad <= this x rtol
+CERTIFY_WITHIN = 10.0  # the certificates' host-side search (5 more programs to compile) only at rel_grad <= this x rtol
 ACCEPT_RISE = 1e-8  # an accepted point may exceed the stalled value by this much relative (rounding of f)
 
 
@@ -165,146 +176,263 @@ def kink_slopes(problem: UFM, params: Params, masks, lam) -> tuple[jax.Array, ..
 
 def _slopes(problem: UFM, params: Params, masks, lam):
     """(the clipped slopes of `kink_slopes`, the unclipped ones: lambda_a / g_a(s) before the clip)."""
-    slopes = [jnp.zeros_like(m) for m in masks]
-    raw = [jnp.zeros_like(m) for m in masks]
-    zero = [jnp.zeros_like(m) for m in masks]
-    for i in reversed(range(len(masks))):
-        g = jax.grad(lambda e, s=tuple(slopes): _fit(problem, params, masks, s, e))(zero)[i]
-        ok = jnp.abs(g) > 1e-30
-        s = jnp.where(ok, lam[i] / jnp.where(ok, g, 1), 0)
-        raw[i] = masks[i] * s
-        slopes[i] = masks[i] * jnp.clip(s, 0, 1)
-    return tuple(slopes), tuple(raw)
+    slopes, raw, _ = _slopes_and_fit_grad(problem, params, masks, lam)
+    return slopes, raw
+
+
+def _fit_grads(problem: UFM, params: Params, masks, slopes):
+    """(grad_theta F_s, (dF_s/dh at each kink layer)): one reverse pass of the slope piece's fit with zero shifts."""
+    zero = tuple(jnp.zeros_like(m) for m in masks)
+    return jax.grad(lambda p, e: _fit(problem, p, masks, slopes, e), argnums=(0, 1))(params, zero)
+
+
+def _slopes_and_fit_grad(problem: UFM, params: Params, masks, lam):
+    """The slopes of `kink_slopes` (clipped, and raw), and grad_theta F_s at those slopes, with ONE copy of the fit's
+    gradient in the program: L passes of `_fit_grads` in a ``fori_loop``, each updating every layer's slopes from the
+    current ones. Layer l's g_a depends only on the slopes of later layers, so after pass j the last j kink layers
+    are exact; the L-th pass (the slopes no longer change) gives grad F_s."""
+    n = len(masks)
+
+    def one(_, c):
+        slopes, raw, _ = c
+        gF, gs = _fit_grads(problem, params, masks, slopes)
+        new, new_raw = [], []
+        for m, g, lam_i in zip(masks, gs, lam, strict=True):
+            ok = jnp.abs(g) > 1e-30
+            s = jnp.where(ok, lam_i / jnp.where(ok, g, 1), 0)
+            new_raw.append(m * s)
+            new.append(m * jnp.clip(s, 0, 1))
+        return tuple(new), tuple(new_raw), gF
+
+    zeros = tuple(jnp.zeros_like(m) for m in masks)
+    gF0 = jax.tree_util.tree_map(jnp.zeros_like, params)
+    return jax.lax.fori_loop(0, n + 1, one, (zeros, zeros, gF0))
 
 
 def slope_gradient(problem: UFM, params: Params, masks, slopes) -> tuple[jax.Array, jax.Array]:
     """(||grad f_s||, ||grad F_s|| + ||grad R||): the Clarke gradient of the ReLU slopes ``slopes`` at the masked
     entries, and the scale of the scale-aware rule (its ratio is rel_grad)."""
-    gF = jax.grad(lambda p: _fit(problem, p, masks, slopes))(params)
+    return _slope_measure(problem, params, _fit_grads(problem, params, masks, slopes)[0])
+
+
+def _slope_measure(problem: UFM, params: Params, gF) -> tuple[jax.Array, jax.Array]:
+    """(||gF + grad R||, ||gF|| + ||grad R||) for the fit gradient ``gF``."""
     gR = jax.grad(lambda p: regulariser(problem, p))(params)
     g = jax.tree_util.tree_map(jnp.add, gF, gR)
     return tree_norm(g), tree_norm(gF) + tree_norm(gR)
 
 
-class _LBFGSState(NamedTuple):
-    x: jax.Array  # flat point
-    f: jax.Array
-    g: jax.Array
+class _ALState(NamedTuple):
+    """The loop state of `_al_piece`: ONE ``while_loop`` evaluates the piece's Phi and its gradient at one point
+    per iteration (one copy of them in the program) for every phase: 0, the start's scale (gtol); 1, the augmented
+    Lagrangian (outer multiplier updates, inner L-BFGS with its halving line search); 2, the L passes of the slope
+    solve (`_slopes_and_fit_grad`'s arithmetic) and grad F_s; 3, done."""
+
+    phase: jax.Array
+    x: jax.Array  # flat point (the subproblem's current iterate)
+    f: jax.Array  # Phi(x; mu, rho)
+    g: jax.Array  # grad Phi(x; mu, rho); in phase 2, grad F_s + grad R at the current slopes
+    cons: tuple  # the masked pre-activations at x
+    d: jax.Array  # search direction
+    t: jax.Array  # trial step (0: evaluate x itself, a fresh subproblem)
+    halvings: jax.Array
     S: jax.Array  # (MEMORY, n) steps s_i, a ring buffer
     Y: jax.Array  # (MEMORY, n) gradient changes y_i
-    k: jax.Array  # steps taken
-    stuck: jax.Array  # the line search found no decrease: stop
+    k: jax.Array  # L-BFGS steps of this subproblem; in phase 2, slope passes done
+    mu: tuple
+    rho: jax.Array
+    outer: jax.Array  # multiplier updates done
+    viol: jax.Array  # ||z_A|| after the last update
+    steps: jax.Array  # L-BFGS steps, all subproblems
+    gtol: jax.Array
+    slopes: tuple  # phase 2: the clipped slopes so far
+    raw: tuple  # phase 2: the unclipped ones
 
 
-def _two_loop(st: _LBFGSState) -> jax.Array:
-    """-H_k g by the L-BFGS two-loop recursion over the stored pairs (Nocedal & Wright 2006, Alg. 7.4); pairs with
-    s.y <= 0 (unfilled slots included) are skipped; H_0 = (s.y / y.y) I of the newest pair, or I."""
-    m = st.S.shape[0]
-    sy = jnp.sum(st.S * st.Y, axis=1)
-    ok = sy > 0
+def _two_loop(S, Y, k, g) -> jax.Array:
+    """-H_k g by the L-BFGS two-loop recursion over the min(k, m) newest stored pairs (Nocedal & Wright 2006,
+    Alg. 7.4; slot (k - 1 - i) mod m holds the i-th newest); pairs with s.y <= 0 are skipped; H_0 = (s.y / y.y) I of
+    the newest pair, or I."""
+    m = S.shape[0]
+    order = (k - 1 - jnp.arange(m)) % m  # newest first
+    sy = jnp.sum(S * Y, axis=1)
+    filled = jnp.zeros(m, bool).at[order].set(jnp.arange(m) < k)  # slots written by this subproblem
+    ok = (sy > 0) & filled
     rho = jnp.where(ok, 1 / jnp.where(ok, sy, 1), 0)
-    order = (st.k - 1 - jnp.arange(m)) % m  # newest first
 
     def first(q_a, i):
         q, a = q_a
         j = order[i]
-        ai = rho[j] * (st.S[j] @ q)
-        return (q - ai * st.Y[j], a.at[j].set(ai)), None
+        ai = rho[j] * (S[j] @ q)
+        return (q - ai * Y[j], a.at[j].set(ai)), None
 
-    (q, a), _ = jax.lax.scan(first, (st.g, jnp.zeros(m, st.g.dtype)), jnp.arange(m))
+    (q, a), _ = jax.lax.scan(first, (g, jnp.zeros(m, g.dtype)), jnp.arange(m))
     newest = order[0]
-    yy = st.Y[newest] @ st.Y[newest]
+    yy = Y[newest] @ Y[newest]
     gamma = jnp.where(ok[newest] & (yy > 0), sy[newest] / jnp.where(yy > 0, yy, 1), 1)
     r = gamma * q
 
     def second(r, i):
         j = order[m - 1 - i]
-        b = rho[j] * (st.Y[j] @ r)
-        return r + st.S[j] * (a[j] - b), None
+        b = rho[j] * (Y[j] @ r)
+        return r + S[j] * (a[j] - b), None
 
     r, _ = jax.lax.scan(second, r, jnp.arange(m))
     return -r
 
 
-def _lbfgs(fn, x, gtol, steps: int):
-    """Minimise ``fn`` (a function of `Params`) from ``x`` by L-BFGS until ||grad|| <= gtol, ``steps`` steps, or a
-    failed line search; returns (x, steps taken).
-
-    The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang (2005)
-    f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings): the eps term lets the search pass
-    where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right. A small
-    search compiles in a fraction of optax's zoom (measured: the polish compiled in ~25 s with zoom under load).
-    """
-    flat, unravel = jax.flatten_util.ravel_pytree(x)
-    vg = jax.value_and_grad(lambda v: fn(unravel(v)))
-    f_only = lambda v: fn(unravel(v))  # noqa: E731
-    eps = jnp.finfo(flat.dtype).eps
-    f0, g0 = vg(flat)
-    zeros = jnp.zeros((MEMORY, flat.size), flat.dtype)
-    st0 = _LBFGSState(flat, f0, g0, zeros, zeros, jnp.int32(0), jnp.bool_(False))
-
-    def cond(st):
-        return (st.k < steps) & (jnp.linalg.norm(st.g) > gtol) & ~st.stuck
-
-    def body(st):
-        d = _two_loop(st)
-        slope = st.g @ d
-        d = jnp.where(slope < 0, d, -st.g)  # not a descent direction: steepest descent
-        slope = st.g @ d
-        slack = 4 * eps * jnp.abs(st.f)
-
-        def bad(c):
-            t, j = c
-            return (f_only(st.x + t * d) > st.f + 1e-4 * t * slope + slack) & (j < 40)
-
-        t, j = jax.lax.while_loop(bad, lambda c: (c[0] / 2, c[1] + 1), (jnp.asarray(1.0, flat.dtype), 0))
-        x = st.x + t * d
-        f, g = vg(x)
-        stuck = (j >= 40) | ~jnp.isfinite(f)
-        i = st.k % MEMORY
-        new = _LBFGSState(x, f, g, st.S.at[i].set(x - st.x), st.Y.at[i].set(g - st.g), st.k + 1, stuck)
-        return jax.tree_util.tree_map(lambda a, b: jnp.where(stuck, a, b), st._replace(stuck=stuck), new)
-
-    st = jax.lax.while_loop(cond, body, st0)
-    return unravel(st.x), st.k
-
-
 def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inner: int):
     """The augmented Lagrangian on the piece of ``masks`` (traceable; no iteration when ``active`` is False).
 
+    Each subproblem min_theta Phi(theta; mu, rho) is solved by L-BFGS (memory `MEMORY`, fresh for every (mu, rho))
+    from the previous solution until ||grad Phi|| <= gtol, ``inner`` steps, or a failed line search; then
+    mu <- mu + rho z and rho <- 10 rho when ||z|| fell by less than 4x; at most ``outer`` updates, and none once
+    ||z|| <= gtol. The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang
+    (2005) f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings: the eps term lets the search
+    pass where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right).
+    gtol = rtol/10 (||grad F_A|| + ||grad R||) at ``params``. The slopes of `kink_slopes` (from lambda = the last
+    mu) and the measure come last. All of it is one loop with one evaluation of the piece's objective
+
+        Phi_s(theta, e; mu, rho) = F_s(theta, e) + R(theta) + sum_a mu_a z_a + rho/2 sum_a z_a^2
+
+    (slopes s at the kinks, shifts e of the kink layers' outputs) and its gradient in (theta, e) per iteration
+    (`_ALState`): s = 0, mu = rho = 0 for the scale, s = 0 for the augmented Lagrangian, mu = rho = 0 for the slope
+    passes (grad_e is dF_s/dh, grad_theta - grad R is grad F_s). Round 4 held five such gradients in three
+    nested loops.
+
     Returns (`Polish`, the unclipped multiplier slopes): slopes outside [0, 1] mark entries that want to leave the
-    kink (an inactive constraint, `_attempt`)."""
+    kink (an inactive constraint, `polish_run`)."""
     dt = params.H.dtype
-    gR0 = jax.grad(lambda p: regulariser(problem, p))(params)
-    gF0 = jax.grad(lambda p: _fit(problem, p, masks))(params)
-    gtol = jnp.asarray(rtol, dt) / 10 * (tree_norm(gF0) + tree_norm(gR0))
+    flat0, unravel = jax.flatten_util.ravel_pytree(params)
+    eps = jnp.finfo(dt).eps
+    ones = jax.tree_util.tree_map(jnp.ones_like, params)
+    lam = jax.flatten_util.ravel_pytree(jax.grad(lambda p: regulariser(problem, p))(ones))[0]  # grad R(x) = lam x
+    zeros_m = tuple(jnp.zeros_like(m) for m in masks)
 
-    def phi(x, mu, rho):
-        out, cons = _piece(problem, x, masks)
+    def phi(v, e, mu, rho, slopes):
+        x = unravel(v)
+        out, cons = _piece(problem, x, masks, slopes, e)
         pen = sum(jnp.sum(m * c + rho / 2 * c**2) for m, c in zip(mu, cons, strict=True))
-        return fit_loss(problem, out) + regulariser(problem, x) + pen
+        return fit_loss(problem, out) + regulariser(problem, x) + pen, tuple(cons)
 
-    def cond(c):
-        return active & (c[3] < outer) & ((c[4] > gtol) | (c[3] == 0))
+    vg = jax.value_and_grad(phi, argnums=(0, 1), has_aux=True)
+    zeros_n = jnp.zeros((MEMORY, flat0.size), dt)
+    zero = jnp.asarray(0.0, dt)
+    st0 = _ALState(
+        jnp.where(active, 0, 3).astype(jnp.int32), flat0, zero, jnp.zeros_like(flat0), zeros_m,
+        jnp.zeros_like(flat0), zero, jnp.int32(0), zeros_n, zeros_n, jnp.int32(0), zeros_m, jnp.asarray(RHO0, dt),
+        jnp.int32(0), zero, jnp.int32(0), zero, zeros_m, zeros_m,
+    )  # fmt: skip
 
-    def body(c):
-        x, mu, rho, j, viol_old, steps = c
-        x, k = _lbfgs(functools.partial(phi, mu=mu, rho=rho), x, gtol, inner)
-        cons = _piece(problem, x, masks)[1]
-        viol = tree_norm(cons)
-        mu = tuple(a + rho * z for a, z in zip(mu, cons, strict=True))
-        rho = jnp.where(viol > viol_old / 4, jnp.minimum(rho * 10, RHO_MAX), rho)
-        return x, mu, rho, j + 1, viol, steps + k
+    def body(st: _ALState) -> _ALState:
+        al = st.phase == 1
+        (ft, ct), (gt, ge) = vg(
+            st.x + jnp.where(al, st.t, 0) * st.d,
+            zeros_m,
+            tuple(jnp.where(al, a, 0) for a in st.mu),
+            jnp.where(al, st.rho, 0),
+            st.slopes,
+        )
+        ev = (ft, ct, gt, ge)
+        # every phase's update from the one evaluation; the L-BFGS memory (the large part of the state) is updated in
+        # place by phase 1 only (no select or branch copies it), the small fields are selected by phase
+        a = _al_step(inner, outer, eps)(st, ev, al)
+        s0 = _al_start(lam, rtol, st, ev)
+        s2 = _slope_pass(masks)(st, ev)
 
-    mu0 = tuple(jnp.zeros_like(m) for m in masks)
-    viol0 = tree_norm(_piece(problem, params, masks)[1])
-    x, mu, _, _, viol, steps = jax.lax.while_loop(
-        cond, body, (params, mu0, jnp.asarray(RHO0, dt), jnp.int32(0), viol0, jnp.int32(0))
-    )
-    slopes, raw = _slopes(problem, x, masks, mu)  # mu was updated after the last subproblem: lambda = mu + rho z
-    gn, scale = slope_gradient(problem, x, masks, slopes)
+        def pick(f0, f1, f2):
+            return jax.tree_util.tree_map(lambda u, v, w: jnp.where(st.phase == 0, u, jnp.where(al, v, w)), f0, f1, f2)
+
+        small = ("phase", "g", "viol", "gtol", "k", "slopes", "raw")
+        return a._replace(**{n: pick(getattr(s0, n), getattr(a, n), getattr(s2, n)) for n in small})
+
+    st = jax.lax.while_loop(lambda st: st.phase < 3, body, st0)
+    x = unravel(st.x)
+    gR = lam * st.x
+    gn = jnp.linalg.norm(st.g)
+    scale = jnp.linalg.norm(st.g - gR) + jnp.linalg.norm(gR)
     rel = jnp.where(scale > 0, gn / jnp.where(scale > 0, scale, 1), 0)
-    return Polish(x, objective(problem, x), gn, rel, viol, steps, jnp.bool_(False)), raw
+    return Polish(x, objective(problem, x), gn, rel, st.viol, st.steps, jnp.bool_(False)), st.raw
+
+
+def _al_start(lam, rtol, st: _ALState, ev) -> _ALState:
+    """Phase 0: gtol = rtol/10 (||grad F_A|| + ||grad R||) and ||z_A|| at the start (Phi with mu = rho = 0)."""
+    ft, ct, gt, _ = ev
+    gR = lam * st.x
+    gtol = jnp.asarray(rtol, st.x.dtype) / 10 * (jnp.linalg.norm(gt - gR) + jnp.linalg.norm(gR))
+    return st._replace(phase=jnp.int32(1), viol=tree_norm(ct), gtol=gtol)
+
+
+def _al_step(inner: int, outer: int, eps):
+    """Phase 1: one trial of the augmented Lagrangian's inner L-BFGS (`_al_piece`); at a subproblem's end the
+    multiplier update, and phase 2 once the outer loop is over. Outside phase 1 (``al`` False) it changes nothing
+    but the fields the other phases select."""
+
+    def step(st: _ALState, ev, al) -> _ALState:
+        ft, ct, gt, _ = ev
+        fresh = st.t == 0
+        slope = st.g @ st.d
+        ok = al & (fresh | (ft <= st.f + 1e-4 * st.t * slope + 4 * eps * jnp.abs(st.f)))
+        stuck = al & (~fresh & ~ok & (st.halvings + 1 >= 40) | ~jnp.isfinite(ft))
+        x = jnp.where(ok, st.x + st.t * st.d, st.x)
+        f, g = jnp.where(ok, ft, st.f), jnp.where(ok, gt, st.g)
+        cons = jax.tree_util.tree_map(lambda a, b: jnp.where(ok, a, b), ct, st.cons)
+        moved = ok & ~fresh
+        i = st.k % MEMORY
+        S = st.S.at[i].set(jnp.where(moved, x - st.x, st.S[i]))
+        Y = st.Y.at[i].set(jnp.where(moved, g - st.g, st.Y[i]))
+        k = st.k + moved
+
+        def direction(_):
+            d = _two_loop(S, Y, k, g)
+            return jnp.where(g @ d < 0, d, -g)  # not a descent direction: steepest descent
+
+        d = jax.lax.cond(ok, direction, lambda _: st.d, None)  # a new direction only after an accepted point
+        # the subproblem ends: converged, out of steps, or a failed line search (the point before it is kept)
+        end = stuck | (ok & ((jnp.linalg.norm(g) <= st.gtol) | (k >= inner)))
+        viol = tree_norm(cons)
+        mu = tuple(jnp.where(end, a + st.rho * z, a) for a, z in zip(st.mu, cons, strict=True))
+        rho = jnp.where(end & (viol > st.viol / 4), jnp.minimum(st.rho * 10, RHO_MAX), st.rho)
+        n_outer = st.outer + end
+        viol = jnp.where(end, viol, st.viol)
+        done = end & ((n_outer >= outer) | (viol <= st.gtol))  # the old outer loop's condition, after an update
+        return st._replace(
+            phase=jnp.where(done, 2, 1).astype(jnp.int32),
+            x=x, f=f, g=g, cons=cons, d=d,
+            t=jnp.where(al, jnp.where(end, 0.0, jnp.where(ok, 1.0, st.t / 2)), st.t).astype(st.t.dtype),
+            halvings=jnp.where(ok | end, 0, st.halvings + al),
+            S=S, Y=Y, k=jnp.where(end, 0, k),  # k = 0: a fresh memory (the stored pairs are masked by k)
+            mu=mu, rho=rho, outer=n_outer, viol=viol, steps=st.steps + moved,
+        )  # fmt: skip
+
+    return step
+
+
+def _slope_pass(masks):
+    """Phase 2: one pass of the slope solve (lambda = mu): s_a = lambda_a / g_a(s) from dF_s/dh at the current
+    slopes, clipped to [0, 1] (0 where |g_a| <= 1e-30: a degenerate kink, whose term g_a s_a grad z_a vanishes with
+    g_a). Layer l's g_a depends only on the slopes of later layers, so after pass j the last j kink layers are exact;
+    pass L (the slopes no longer change) leaves them as they are and its gradient, grad F_s + grad R at the final
+    slopes, is kept in ``g``."""
+
+    def one(st: _ALState, ev) -> _ALState:
+        _, _, gt, ge = ev
+        new, raw = [], []
+        for m, g, lam_a in zip(masks, ge, st.mu, strict=True):
+            ok = jnp.abs(g) > 1e-30
+            s = jnp.where(ok, lam_a / jnp.where(ok, g, 1), 0)
+            raw.append(m * s)
+            new.append(m * jnp.clip(s, 0, 1))
+        passes = st.k + 1
+        return st._replace(
+            phase=jnp.where(passes > len(masks), 3, 2).astype(jnp.int32),
+            g=gt,
+            slopes=tuple(new),
+            raw=tuple(raw),
+            k=passes,
+        )
+
+    return one
 
 
 @functools.partial(jax.jit, static_argnames=("outer", "inner"))

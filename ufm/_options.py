@@ -219,28 +219,148 @@ def check_memory(
         )
 
 
-def auto_init_scale(problem) -> float:
-    """The default initialisation scale s of `ufm.init_params` (``init_scale="auto"``), a rule per model family and
-    depth, measured with L-BFGS (benchmarks/README.md, "Time to optimum"):
+INIT_PRODUCT = 0.008  # deep linear: the product of the L + 1 layer scales at the start, s^(L+1) (measured, below)
+ESCAPE_PRODUCT = 4.0  # the auto scale's product is at least this many times the zero basin's edge (`escape_scale`)
 
-    - deep linear (L >= 2): s with s^(L+1) = 0.008, i.e. the product of the L + 1 layer scales at about 1/125.
-      Dang et al.'s setting (K=4, n=100, widths 64 x L, lambda=5e-4, MSE, 2 seeds): L=3 converges in 1,773-2,577
-      steps from s=1, 1,008-1,054 from 0.5, 325-379 from 0.3 (= 0.008^(1/4)); L=6 from s=1 or 0.7 is still
-      120-290x above the optimum after 3,000 steps, from 0.5 (= 0.008^(1/7)) converges in 401-446 steps, from 0.3
-      stops at a saddle 18x above the optimum and from 0.2 at the zero saddle.
-    - deep ReLU (L >= 2): 1.0. A ReLU halves the signal at every layer, so smaller scales reach the zero saddle
-      early: at K=6, L=4, widths 11, lambda=0.004, init 0.1 puts every start there; from 1.0 none is.
-    - shallow (L = 1): 1.0 (the shallow UFM converges from any scale in the tested range).
+
+def escape_scale(activation: str, L: int, num_classes: int, class_sizes, lam_H, lam_W, loss="mse", label_smoothing=0.0):
+    """The init scale below which a deep UFM (L >= 2) starts inside the basin of the zero point: a balanced
+    one-direction model of the first steps (derivation below). NumPy in, NumPy out; JAX arrays (traced ones
+    included) in, JAX out, elementwise over a leading batch axis of ``lam_H`` (B,) and ``lam_W`` (B,) or (B, L).
+
+    Derivation. Along the class direction v = 1_k / sqrt(n_k) of R^N, write sigma_0 for the singular value of H and
+    sigma_l for that of W_l on the aligned path, t = prod_i sigma_i for the end-to-end product's (i = 0..L: L + 1
+    factors). Near zero the residual is the zero output's, so with g0 = ||Y v|| = sqrt(n_k) for MSE
+    ((1 - alpha) sqrt(n_k (1 - 1/K)) for CE with label smoothing alpha: the softmax at 0 is uniform)
+
+        f = F + R,   dF/d sigma_i = -(g0 / N) t / sigma_i,   dR/d sigma_i = lambda_i sigma_i.
+
+    The data term pushes every factor out, the weight decay pulls it in; compared in geometric mean over the
+    factors (Lambda = (lambda_H prod_l lambda_l)^(1/(L+1)); at a balanced point lambda_i sigma_i^2 is the same for
+    every i) the data term wins iff
+
+        (g0 / N) t  >  Lambda t^(2/(L+1))   <=>   t  >  t* = (N Lambda / g0)^((L+1)/(L-1)).
+
+    For L + 1 >= 3 factors the right side dominates near 0, so zero is a strict local minimum (THEORY.md §0) with a
+    basin of product size t*; for L = 1 the condition does not involve t (no basin). t* is largest for the
+    smallest class (g0 = sqrt(n_min)), the last direction to leave, and the predicted optimum needs every class.
+    The random init of scale s (`ufm.init_params`: H ~ N(0, s^2), W_l ~ N(0, s^2 / d_l)) has
+    E||W_l u||^2 = s^2 (d_{l+1} / d_l) ||u||^2, so a column of the output has E||out||^2 = K s^(2(L+1)) (a ReLU
+    keeps half of that energy at each of its L - 1 layers): t0 = sqrt(K) rho^(L-1) s^(L+1) with rho = 1
+    (linear) or 1/sqrt(2) (ReLU). The edge of the basin is t0 = t*:
+
+        s_esc = ( t* / (sqrt(K) rho^(L-1)) )^(1/(L+1)).
+
+    Checked against measured edges (L-BFGS, `ufm.solve_batch` at explicit scales, issue 13 round 5): Dang et
+    al.'s K=4, n=100, widths 64 x 6, lambda=5e-4 (s_esc = 0.414): 3 seeds from 0.37 and 0.41 end 3/6 at saddles
+    10-19x above the optimum (directions that did not escape), from 0.435 2/5, from 0.457 0/5; at L=3
+    (s_esc = 0.119) every seed from 0.119 up converges. K=3, n=(3,2,1), widths (4,4), lambda=0.1 (s_esc = 0.50
+    for the smallest class, 0.29 for the largest): 0.14-0.25 end at zero, 0.29-0.35 half at zero, 0.43 none of 4
+    seeds, 0.63 one of 20 keys (hence a product 4x the edge in `auto_init_scale`).
+    Deep ReLU K=6, L=4, widths 11, lambda=0.004 (s_esc = 0.30): 0.1 ends at zero in every seed.
+
+    Args:
+      activation: "linear" or "relu".
+      L: the depth (number of weight matrices).
+      num_classes: K.
+      class_sizes: (n_1, ..., n_K).
+      lam_H: lambda_H, a scalar or (B,).
+      lam_W: lambda_W, a scalar, (L,), (B,) or (B, L).
+      loss: "mse" or "ce"; label_smoothing: alpha (CE).
+
+    Returns:
+      s_esc, a scalar or (B,) (0 when some lambda is 0 or L < 2: no basin to escape).
     """
-    return auto_init_scale_for(problem.activation, problem.L)
+    xp = np if all(is_concrete(v) for v in (lam_H, lam_W, label_smoothing)) else jnp
+    if xp is np:  # concrete numbers (JAX arrays included) in NumPy: no eager XLA kernels to compile
+        lam_H, lam_W, label_smoothing = (np.asarray(v, dtype=float) for v in (lam_H, lam_W, label_smoothing))
+    if L < 2:
+        return xp.zeros(xp.shape(lam_H))
+    sizes = np.asarray(class_sizes, dtype=float)
+    N, n_min = float(sizes.sum()), float(sizes.min())
+    g0 = np.sqrt(n_min) if loss == "mse" else np.sqrt(n_min * (1 - 1 / num_classes))
+    g0 = g0 * (1 - xp.asarray(label_smoothing)) if loss == "ce" else g0
+    lH, lW = xp.asarray(lam_H), xp.asarray(lam_W)
+    lW = xp.broadcast_to(lW[..., None] if lW.ndim == lH.ndim else lW, lH.shape + (L,))
+    # Lambda = (lam_H prod lam_l)^(1/(L+1)) as exp(mean log): 0 when any lambda is 0
+    logs = xp.concatenate([xp.log(xp.maximum(lH, 1e-300))[..., None], xp.log(xp.maximum(lW, 1e-300))], axis=-1)
+    lam = xp.where(xp.all(xp.concatenate([lH[..., None], lW], axis=-1) > 0, axis=-1), xp.exp(logs.mean(-1)), 0.0)
+    rho = 1.0 if activation == "linear" else 2.0**-0.5
+    t_star = (N * lam / g0) ** ((L + 1) / (L - 1))
+    return (t_star / (np.sqrt(num_classes) * rho ** (L - 1))) ** (1 / (L + 1))
 
 
-def auto_init_scale_for(activation: str, L: int) -> float:
-    """`auto_init_scale` from the two things the rule reads: the activation and the depth L (for sweeps, which
-    resolve it per setting before any `UFM` is built)."""
-    if activation == "linear" and L >= 2:
-        return 0.008 ** (1 / (L + 1))
-    return 1.0
+def auto_init_scale(problem):
+    """The default initialisation scale s of `ufm.init_params` (``init_scale="auto"``): the larger of a depth rule
+    that keeps deep linear models from crawling and a start whose product is `ESCAPE_PRODUCT` = 4 times the zero
+    basin's edge, at most 1:
+
+        s = min(1, max(s_depth, 4^(1/(L+1)) s_esc)),
+
+    s_esc = `escape_scale` (derived there from the depth, widths, class sizes, loss and the lambdas; 0 for L = 1),
+    s_depth:
+
+    - deep linear (L >= 2): s_depth^(L+1) = `INIT_PRODUCT` = 0.008, the product of the L + 1 layer scales at about
+      1/125. Why small: the parts of the factors that cancel in the product are removed by weight decay alone, at a
+      rate lambda (5e-4 in Dang et al.'s setting), so initial scale the data do not need is slow to shed. Measured
+      in Dang et al.'s setting (K=4, n=100, widths 64 x L, lambda=5e-4, MSE): L=3 converges in 1,773-2,577 steps
+      from s=1, 1,008-1,054 from 0.5, 283-362 from 0.3 (= 0.008^(1/4), 3 seeds; 155-219 from 0.12-0.2); at L=6
+      from s=0.6 or more every seed is 66-130x above the optimum after 800 steps, from 0.54 one in three (29x),
+      from 0.505 (= 4^(1/7) s_esc, the rule) 6/6 converge in 342-484 steps, from 0.50 (= 0.008^(1/7)) 5/5 in
+      349-412, from 0.457 5/5 in 309-362; below that the start is in or near the basin (`escape_scale`).
+    - deep ReLU (L >= 2): 1.0 (measured: at K=6, L=4, widths 11, lambda=0.004 init 0.1 puts every start on the zero
+      saddle, 1.0 none).
+    - shallow (L = 1): 1.0.
+
+    Why a product 4x the edge: K=3, n=(3,2,1), widths (4,4), lambda=0.1 (s_depth = 0.2: every seed ends at the zero
+    saddle; s_esc = 0.50) ends at zero in 1/20 keys from 0.63 (2x), in 0/20 from 0.7, 0.79 (4x, the rule), 0.9 and
+    1.0; 10/20 reach the optimum of `ufm.predict` from 0.79 (15/20 from 1.0), the others a stationary point 1.39%
+    above it with the smallest class collapsed. A larger product makes Dang et al.'s L=6 crawl (above). The cap at
+    1 keeps the scale where every family was measured; a run that still ends at the zero saddle is restarted
+    (`ufm.solve`, `ufm.solve_batch`, ``ufm solve``). For a `ufm.UFM` with concrete lambdas the result is a float;
+    with traced ones a JAX scalar.
+    """
+    return auto_init_scale_for(
+        problem.activation,
+        problem.L,
+        num_classes=problem.K,
+        class_sizes=problem.class_sizes,
+        lam_H=problem.lam_H,
+        lam_W=problem.lam_W,
+        loss=problem.loss,
+        label_smoothing=problem.label_smoothing,
+    )
+
+
+def auto_init_scale_for(
+    activation: str,
+    L: int,
+    *,
+    num_classes: int | None = None,
+    class_sizes=None,
+    lam_H=None,
+    lam_W=None,
+    loss: str = "mse",
+    label_smoothing=0.0,
+):
+    """`auto_init_scale` from its ingredients, for sweeps (which resolve it per setting before any `UFM` is built)
+    and batches (``lam_H`` (B,), ``lam_W`` (B,) or (B, L): one scale per run, NumPy or JAX, traceable). Without the
+    lambdas (``lam_H`` None) it is the depth rule s_depth alone.
+
+    Args:
+      activation, L: the model family and depth.
+      num_classes, class_sizes, lam_H, lam_W, loss, label_smoothing: as in `escape_scale`.
+
+    Returns:
+      s = min(1, max(s_depth, `ESCAPE_PRODUCT`^(1/(L+1)) s_esc)): a float for scalar NumPy/Python lambdas, else an
+      array of the lambdas' batch shape."""
+    s_depth = INIT_PRODUCT ** (1 / (L + 1)) if activation == "linear" and L >= 2 else 1.0
+    if lam_H is None or L < 2 or num_classes is None:
+        return s_depth
+    s_esc = escape_scale(activation, L, num_classes, class_sizes, lam_H, lam_W, loss, label_smoothing)
+    xp = np if isinstance(s_esc, (np.ndarray, np.generic, float)) else jnp
+    s = xp.minimum(xp.maximum(s_depth, ESCAPE_PRODUCT ** (1 / (L + 1)) * s_esc), 1.0)
+    return float(s) if xp is np and np.ndim(s) == 0 else s
 
 
 def resolve_init_scale(problem, init_scale=DEFAULT_INIT_SCALE):

@@ -37,6 +37,7 @@ from ._options import (
     LBFGS_LINESEARCH,
     METHODS,
     SolverOptions,
+    auto_init_scale_for,
     check_dtype,
     check_memory,
     default_rtol,
@@ -172,10 +173,12 @@ def solve(
         scalar: new values do not recompile.
       max_steps: step budget (default 10,000 for lbfgs, 100,000 for first-order methods).
       tol: absolute tolerance on ||g||_2 (default: none, only the relative test).
-      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (default; `auto_init_scale`: a
-        rule per model family and depth, measured). An ``"auto"`` run that ends at the zero saddle while theory
-        predicts a lower minimum restarts once from the same key at scale 1.0, with a RuntimeWarning saying so
-        (``num_steps`` then counts both runs; history and snapshots are the restart's).
+      init_scale: scale of the random init (see `init_params`), or ``"auto"`` (default;
+        `ufm._options.auto_init_scale`: the larger of a measured depth rule and twice the edge of the zero point's
+        basin derived from the depth, widths, class sizes and lambdas, at most 1). An ``"auto"`` run that still
+        ends at the zero saddle while theory predicts a lower minimum restarts once from the same key at scale
+        1.0, with a RuntimeWarning saying so (``num_steps`` then counts both runs; history and snapshots are the
+        restart's).
       dtype: float32 or float64 (default: JAX's default float; ignored with ``init``).
       patience: steps without improvement of the best loss or best gradient norm before status "stalled"
         (default 50 for lbfgs, 1000 otherwise).
@@ -242,9 +245,9 @@ def _restart_at_zero_saddle(problem: UFM, sol: Solution, start, o, cfg, progress
     """An ``init_scale="auto"`` run that ended at the zero saddle, run again once from the same key at
     `RESTART_SCALE` (the same compiled program: the scale is dynamic), with a RuntimeWarning; else ``sol``.
 
-    The measured rule fails for deep linear models at large lambda (weight decay beats the product of L + 1 small
-    factors): K=3, n=(3,2,1), widths (4,4), lambda=0.1 ends at the zero saddle in 4/4 seeds from s = 0.2, while
-    1.0 reaches the optimum of `ufm.predict`."""
+    The safety net of the rule: `ufm._options.escape_scale` estimates the zero basin's edge from a one-direction
+    model (to a factor of about 1.3 where measured), and the rule keeps the product only twice above it (a larger
+    start makes deep linear models crawl), so a start can still fall in the basin."""
     if int(sol.status) != ZERO_SADDLE or not float(start[1]) < RESTART_SCALE:
         return sol
     first = int(sol.num_steps)
@@ -330,8 +333,19 @@ def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
     (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
     else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
     dt = sol.value.dtype
-    res = polish_kinks(_canonical(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
+    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
     return apply_polish(sol, res)
+
+
+def polish_problem(problem: UFM, dt) -> UFM:
+    """The problem as the polish program takes it, for `solve` and `solve_batch` alike: every leaf a strong array of
+    ``dt`` and lam_W one per layer (L,), so that both call the same compiled `ufm._kinks.polish_jit` (jit keys on
+    leaf shapes and dtypes; a scalar lam_W is the same objective as L equal ones)."""
+    p = _canonical(problem, dt)
+    return jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(p),
+        [p.lam_H, jnp.broadcast_to(p.lam_W, (problem.L,)), p.lam_b, p.label_smoothing],
+    )
 
 
 def polish_batch(
@@ -343,10 +357,13 @@ def polish_batch(
     lam_b=None,
     *,
     batch_size: int | None = None,
+    need=None,
 ) -> Solution:
     """The kink polish of a batch (`ufm.solve_batch`'s ``polish=``): run i is polished exactly as `ufm.solve`
-    polishes it (`ufm._kinks.polish_run`, then `ufm._kinks.certify_close` on the host), one compiled program per
-    problem shape, dtype and ``batch_size``.
+    polishes it (`ufm._kinks.polish`: the compiled `ufm._kinks.polish_jit`, then `ufm._kinks.certify_close` on the
+    host). By default the runs that need it are polished one after the other by `solve`'s own program (one compile
+    per problem shape and dtype, shared with `solve`: a batch after a solve, or a solve after a batch, compiles no
+    polish); ``batch_size`` maps them in one program instead (`polish_map`, ``vmap`` of ``batch_size`` runs).
 
     Runs that do not need it (`ufm._kinks.needs_polish`: not stalled/precision_floor, nor max_steps near a kink)
     cost no iteration and are returned unchanged; a run whose polish fails keeps its result and status (the
@@ -359,8 +376,11 @@ def polish_batch(
       lam_H: (B,) lambda_H of each run (None: the problem's).
       lam_W: (B,) or (B, L) lambda_W of each run (None: the problem's).
       lam_b: (B,) lambda_b of each run (None: the problem's).
-      batch_size: runs polished together in one ``vmap`` (``jax.lax.map``'s ``batch_size``); None (default)
-        polishes them one after the other, so a batch costs the sum of its polished runs' work (best on a CPU).
+      batch_size: runs polished together in one ``vmap`` (``jax.lax.map``'s ``batch_size``, its own compiled
+        program); None (default) polishes them one after the other with `solve`'s program, so a batch costs the
+        sum of its polished runs' work (best on a CPU; the vmap is 8x slower there, measured in round 4).
+      need: (B,) booleans, the runs to polish, when the caller has them (`ufm.solve_batch` does); None computes
+        `ufm._kinks.needs_polish` of ``sols``.
 
     Returns:
       The batched `Solution` with the polished runs replaced and ``polish_steps`` (B,) set (0 where not polished).
@@ -372,15 +392,46 @@ def polish_batch(
     dt = sols.value.dtype
     B = int(np.shape(sols.value)[0])
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
-    need = needs_polish(sols.status, sols.rel_grad)
-    cp = _canonical(problem, dt)
+    need = np.asarray(needs_polish(sols.status, sols.rel_grad) if need is None else need, dtype=bool)
+    if need.shape != (B,):
+        raise ValueError(f"need must have shape (B,) = ({B},); got {need.shape}")
+    cp = polish_problem(problem, dt)
+    if batch_size is None:
+        return _polish_each(cp, sols, o, need, (lH, lW, lb))
     res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
-    for i in np.flatnonzero(np.asarray(need) & ~np.asarray(res.accepted)):
+    for i in np.flatnonzero(need & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
         fixed = certify_close(member_problem(cp, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
         if fixed is not one:
             res = jax.tree_util.tree_map(lambda a, b, i=i: a.at[i].set(b), res, fixed)
     return apply_polish(sols, res)
+
+
+def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams) -> Solution:
+    """`polish_batch` run by run: `ufm._kinks.polish` (`solve`'s compiled program) of each run with ``need``, at its
+    own lambdas; the others keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an
+    eager ``.at[i].set`` would compile a scatter per field shape)."""
+    out = _host_rows(sols._replace(polish_steps=None))
+    lams = [np.asarray(a) for a in lams]
+    steps = np.zeros(need.shape[0], np.int32)
+    for i in np.flatnonzero(need):
+        one = jax.tree_util.tree_map(lambda a, i=i: a[i], out)  # NumPy rows: no eager slicing programs to compile
+        p = member_problem(cp, *(a[i] for a in lams))
+        done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
+        steps[i] = int(np.asarray(done.polish_steps))
+        _put_row(out, int(i), done._replace(polish_steps=None))
+    return jax.tree_util.tree_map(jnp.asarray, out)._replace(polish_steps=jnp.asarray(steps))
+
+
+def _host_rows(sols: Solution) -> Solution:
+    """A writable NumPy copy of every field of a batched `Solution` (for `_put_row`)."""
+    return jax.tree_util.tree_map(np.array, sols)
+
+
+def _put_row(out: Solution, i: int, one: Solution) -> None:
+    """Row ``i`` of the NumPy batch ``out`` (from `_host_rows`) set to the single-run `Solution` ``one``, in place."""
+    for a, b in zip(jax.tree_util.tree_leaves(out), jax.tree_util.tree_leaves(one), strict=True):
+        a[i] = np.asarray(b)
 
 
 def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
@@ -471,7 +522,7 @@ def solve_batch(
     lam_W=None,
     lam_b=None,
     lr=None,
-    init_scale=1.0,
+    init_scale=DEFAULT_INIT_SCALE,
     method: str | optax.GradientTransformation = "lbfgs",
     max_steps: int | None = None,
     tol: float | None = None,
@@ -514,7 +565,10 @@ def solve_batch(
       lam_W: (B,) one scalar per run, or (B, L) one per layer (default: the problem's).
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
-      init_scale: (B,) or scalar, or "auto" (as in `solve`; the default here is 1.0).
+      init_scale: (B,) or scalar, or ``"auto"`` (default, as in `solve`: each run's scale from its own lambdas,
+        `ufm._options.auto_init_scale_for`, computed without a recompile). An ``"auto"`` run that ends at the zero
+        saddle is run again from the same key at scale 1.0 by `solve`'s program (a second pass over those runs
+        only), with one RuntimeWarning naming them.
       slots: runs on the device at a time (engine "lockstep": default min(B, 16); engine "slots": min(B, 64)).
       segment: iterations between retire/refill points ("lockstep": 32; "slots": 25 for lbfgs, 500 otherwise).
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
@@ -564,16 +618,87 @@ def solve_batch(
     inputs = batch_inputs(problem, dt, B, start, lam_H, lam_W, lam_b, o.lr, init_scale)
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
     polish = resolve_polish(problem, polish)
-    sols = run_engine(engine, _canonical(problem, dt), inputs, o, _config(o, history), xdt, slots, segment)
-    return _polish_needed(problem, sols, o, inputs) if polish else sols
+    cfg = _config(o, history)
+    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment)
+    if traced(inputs, o):  # inside a trace: no host-side polish, zero-saddle test or restart
+        return sols
+    sols = _polish_needed(problem, sols, o, inputs) if polish else sols
+    sols = mark_zero_saddles(problem, sols, inputs)
+    if init is None and isinstance(init_scale, str):
+        sols = _restart_batch_at_zero_saddle(problem, sols, inputs, o, cfg, dt, polish)
+    return sols
 
 
 def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs) -> Solution:
-    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it and the
-    batch is not inside a trace; else ``sols`` (the polish program is compiled only when it has work)."""
-    if traced(inputs, o) or not bool(np.any(needs_polish(sols.status, sols.rel_grad))):
+    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it; else
+    ``sols`` (the polish program is compiled only when it has work)."""
+    need = np.asarray(needs_polish(sols.status, sols.rel_grad))
+    if not need.any():
         return sols
-    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3])
+    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3], need=need)
+
+
+def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
+    """A batch's runs that ended at the zero point of a problem whose `ufm.predict` minimum is lower get status
+    zero_saddle, as in `solve` (`at_zero_saddle` of run i at its own lambdas ``inputs[1:4]``; `ufm.predict` is asked
+    only for runs whose loss is the zero point's, once per distinct lambdas). Runs drawn at ``init_scale`` exactly 0
+    start at the zero point by request (the sweep pads its chunks with them) and keep their status."""
+    f0 = zero_point_loss(problem)
+    value, status = np.asarray(sols.value, dtype=float), np.asarray(sols.status)
+    ends = np.isin(status, (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR)) & (np.abs(value - f0) <= 1e-6 * f0)
+    if not isinstance(inputs[0], Params):  # a start drawn at scale exactly 0 (`ufm.sweep`'s padding slots) is left
+        ends &= np.asarray(inputs[5]) != 0  # as it ended: it is the zero point by request
+    if not ends.any():
+        return sols
+    lams = [np.asarray(a) for a in inputs[1:4]]
+    seen: dict[tuple, bool] = {}
+    flag = np.zeros(value.shape, bool)
+    for i in np.flatnonzero(ends):
+        key = tuple(np.concatenate([np.ravel(a[i]) for a in lams]).tolist())
+        if key not in seen:
+            seen[key] = at_zero_saddle(member_problem(problem, *(jnp.asarray(a[i]) for a in lams)), value[i])
+        flag[i] = seen[key]
+    if not flag.any():
+        return sols
+    return sols._replace(status=jnp.where(jnp.asarray(flag), ZERO_SADDLE, sols.status).astype(jnp.int32))
+
+
+def _restart_batch_at_zero_saddle(problem: UFM, sols: Solution, inputs, o, cfg: Config, dt, polish) -> Solution:
+    """`solve`'s zero-saddle restart for the runs of an ``init_scale="auto"`` batch that ended at the zero saddle:
+    each run again from its key at `RESTART_SCALE` by `solve`'s own program (one compile per problem shape, shared
+    with `solve`; a second pass over those runs only), with one RuntimeWarning naming them."""
+    keys, lH, lW, lb, lrs, scales = inputs
+    idx = np.flatnonzero((np.asarray(sols.status) == ZERO_SADDLE) & (np.asarray(scales) < RESTART_SCALE))
+    if idx.size == 0:
+        return sols
+    for i in idx:
+        p = member_problem(problem, lH[i], lW[i], lb[i])
+        one = _solve_from(
+            p, (keys[i], jnp.asarray(RESTART_SCALE, dt)), o._replace(lr=float(lrs[i])), cfg, None, dt, polish
+        )
+        one = one._replace(num_steps=one.num_steps + sols.num_steps[i])
+        sols = _set_run(sols, int(i), one)
+    warnings.warn(
+        f"ufm.solve_batch: init_scale='auto' runs {idx.tolist()} ended at the zero saddle; each restarted once from "
+        f"init_scale={RESTART_SCALE} with its own key (num_steps counts both runs, history and snapshots are those "
+        "of the restart). Pass init_scale explicitly to choose.",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    return sols
+
+
+def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
+    """``sols`` with run ``i`` replaced by the single-run `Solution` ``one`` (``polish_steps`` 0 where unset)."""
+    if (sols.polish_steps is None) != (one.polish_steps is None):
+        B = np.shape(sols.value)[0]
+        if sols.polish_steps is None:
+            sols = sols._replace(polish_steps=jnp.zeros(B, jnp.int32))
+        else:
+            one = one._replace(polish_steps=jnp.int32(0))
+    out = _host_rows(sols)
+    _put_row(out, i, one)
+    return jax.tree_util.tree_map(jnp.asarray, out)
 
 
 def seed_keys(keys, seeds):
@@ -627,26 +752,41 @@ def batch_lam_W(problem: UFM, lam_W):
 
 
 def check_batch_numbers(problem: UFM, lam_H, lam_W, lam_b, init_scale):
-    """Every element of every batched number, before any compute; returns ``init_scale`` ("auto" resolved)."""
+    """Every element of every batched number, before any compute; returns ``init_scale`` ("auto" kept: each run's
+    scale comes from its own lambdas in `batch_inputs`)."""
     _check_batched("lam_H", lam_H, "(B,)")
     _check_batched("lam_W", lam_W, "(B,) or (B, L)")
     if lam_b is not None:
         if problem.bias != "reg" and is_concrete(lam_b) and np.any(np.asarray(lam_b, dtype=float) != 0):
             raise ValueError(f"lam_b is only used with bias='reg'; got bias={problem.bias!r}")
         _check_batched("lam_b", lam_b, "(B,)", positive=problem.bias == "reg")
-    init_scale = resolve_init_scale(problem, init_scale)
+    if isinstance(init_scale, str):
+        resolve_init_scale(problem, init_scale)  # refuses any string but "auto"
+        return init_scale
     _check_batched("init_scale", init_scale, "(B,) or a scalar")
     return init_scale
 
 
 def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_scale) -> tuple:
     """The engines' inputs ``(start, lam_H (B,), lam_W (B, L), lam_b (B,), lr (B,), init_scale (B,))`` in ``dt``
-    (scalars broadcast; None: the problem's value)."""
+    (scalars broadcast; None: the problem's value; ``init_scale="auto"``: `ufm._options.auto_init_scale_for` of
+    each run's lambdas)."""
 
     def bcast(v):
         return jnp.broadcast_to(jnp.asarray(v, dt), (B,))
 
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
+    if isinstance(init_scale, str):  # "auto": each run's scale from its own lambdas (NumPy when concrete)
+        init_scale = auto_init_scale_for(
+            problem.activation,
+            problem.L,
+            num_classes=problem.K,
+            class_sizes=problem.class_sizes,
+            lam_H=lH,
+            lam_W=lW,
+            loss=problem.loss,
+            label_smoothing=problem.label_smoothing,
+        )
     return (start, lH, lW, lb, bcast(lr), bcast(init_scale))
 
 

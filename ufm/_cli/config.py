@@ -39,7 +39,8 @@ DEFAULT_SOLVER: dict[str, Any] = {
     "steps": None,
     "tol": None,
     "seed": 0,
-    "init_scale": None,  # "auto": `ufm._options.auto_init_scale`, the measured rule per family and depth
+    "init_scale": None,  # None/"auto": `ufm._options.auto_init_scale` (recorded as "auto"; the run may restart)
+    "init_scale_auto": None,  # recorded: the number "auto" stood for (read back and ignored: the rule recomputes it)
     "dtype": "float64",
     "patience": None,
     "history_every": 1,
@@ -149,9 +150,9 @@ def check_solver(s: dict) -> dict:
         v = out[name]
         if v is not None and (not is_num(v) or v < 0 or (name == "lr" and v == 0)):
             raise UsageError(f"{name} must be a finite number {'> 0' if name == 'lr' else '>= 0'}; got {v!r}")
-    if out["init_scale"] == "auto":
-        out["init_scale"] = None
-    if out["init_scale"] is not None and (not is_num(out["init_scale"]) or out["init_scale"] <= 0):
+    if out["init_scale"] is None:
+        out["init_scale"] = "auto"
+    if out["init_scale"] != "auto" and (not is_num(out["init_scale"]) or out["init_scale"] <= 0):
         raise UsageError(f"init_scale must be a finite number > 0 or auto; got {out['init_scale']!r}")
     if not is_num(out["momentum"]) or not 0 <= out["momentum"] < 1:
         raise UsageError(f"momentum must be in [0, 1); got {out['momentum']!r}")
@@ -202,8 +203,10 @@ def resolve_config(args: argparse.Namespace) -> tuple[Any, dict]:
         solver["dtype"],
     )
     solver.update(lr=float(o.lr), steps=o.max_steps, tol=float(o.tol), patience=o.patience)
-    if solver["init_scale"] is None:  # the number the rule gives is what config.json records
-        solver["init_scale"] = float(resolve_init_scale(ufm_problem, "auto"))
+    # "auto" stays "auto" (so the run restarts at the zero saddle as `ufm.solve` does); config.json also records
+    # the number the rule gives for this problem
+    auto = solver["init_scale"] == "auto"
+    solver["init_scale_auto"] = float(resolve_init_scale(ufm_problem, "auto")) if auto else None
     if solver["snapshot_every"] is None:
         solver["snapshot_every"] = auto_snapshot_every(ufm_problem, solver)
     return ufm_problem, solver

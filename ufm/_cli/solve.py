@@ -93,6 +93,7 @@ def run_solver(problem, solver: dict, progress=None):
         problem,
         key=jax.random.key(solver["seed"]),
         max_steps=solver["steps"],
+        # "auto" (None: the default, "auto") or a number, as ufm.solve takes it (the zero-saddle restart included)
         init_scale="auto" if solver["init_scale"] is None else solver["init_scale"],
         dtype=solver["dtype"],
         progress=progress if progress is not None else (lambda *a: None),
