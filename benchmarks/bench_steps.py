@@ -197,9 +197,13 @@ def run(
     out_dir=None,
     torch_compile: bool | None = None,
     target_s: float | None = None,
+    one_core: bool = False,
     log=print,
 ) -> dict:
-    """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON)."""
+    """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON).
+
+    ``one_core`` only labels the outputs (``steps_one_core``): the pinning itself is ``--one-core``'s, done before
+    JAX starts its thread pool."""
     C.enable_x64()
     if torch_compile is None:  # torch.compile costs 10-30 s per shape: not in the smoke test
         torch_compile = size != "tiny"
@@ -221,9 +225,12 @@ def run(
     for c in configs:
         c["fraction_of_peak"] = {k: v / peak[c["dtype"]]["peak"] for k, v in c["gflops"].items()}
     result = dict(benchmark="steps", size=size, rounds=rounds, machine=info, peak_gflops=peak, configs=configs)
+    result["one_core"] = one_core
     result["targets"] = _targets(configs)
     md = markdown(result)
-    paths = C.write_outputs("steps" if size != "tiny" else "steps_tiny", result, out_dir, md)
+    paths = C.write_outputs(
+        "steps" + ("_one_core" if one_core else "") + ("_tiny" if size == "tiny" else ""), result, out_dir, md
+    )
     plot(result, paths["png"])
     result["paths"] = paths
     log(md)
@@ -278,7 +285,12 @@ def markdown(result) -> str:
         "### Step throughput: deep ReLU UFM, MSE, full-batch GD (steps/s, median over rounds)",
         "",
         f"Machine: {C.machine_line(result['machine'])}. {result['rounds']} interleaved rounds; ratios are medians "
-        "of per-round ratios.",
+        "of per-round ratios."
+        + (
+            " **One core**: the process pinned to one CPU (`--one-core`), so every implementation runs on it."
+            if result.get("one_core")
+            else ""
+        ),
         "",
         C.md_table(head, rows),
         "",
@@ -325,13 +337,13 @@ def plot(result, path) -> None:
     C.save_figure(fig, path)
 
 
-def _steady_per_step(run_steps, S: int) -> float:
+def _steady_per_step(run_steps, S: int, clock=time.perf_counter) -> float:
     """Seconds per step of ``run_steps(k)`` (which must block): (t(2S) - t(S)) / S, free of dispatch and setup."""
-    t0 = time.perf_counter()
+    t0 = clock()
     run_steps(S)
-    t1 = time.perf_counter()
+    t1 = clock()
     run_steps(2 * S)
-    t2 = time.perf_counter()
+    t2 = clock()
     return ((t2 - t1) - (t1 - t0)) / S
 
 
@@ -373,20 +385,30 @@ def _loop_programs(p, lr):
     return {"forward": loop(fwd), "bare GD": loop(gd), "update": loop(upd), "matmuls": loop(mm)}
 
 
-def step_breakdown(sizes=None, dtypes=("float32", "float64"), rounds: int = 7, target_s: float = 0.1, log=print):
+def step_breakdown(
+    sizes=None,
+    dtypes=("float32", "float64"),
+    rounds: int = 7,
+    target_s: float = 0.1,
+    cpu_time: bool = False,
+    log=print,
+):
     """Where a GD step's time goes, per size and dtype, timed interleaved in one process.
 
     Each piece is a compiled loop timed as (t(2S) - t(S)) / S (see `_loop_programs`), and ``solve`` is
     ``ufm.solve(method="gd", tol=0, history=False)`` timed the same way. Derived per step:
     backward = bare GD - forward - update; bookkeeping = solve - bare GD (stopping rule, gradient norms,
     best-so-far, the while loop's own state); "matmuls at the W H rate" = 3 x the forward products' time
-    (the step has 3 L products of the same shapes). Returns one dict per (size, dtype) of medians over rounds.
+    (the step has 3 L products of the same shapes). ``cpu_time`` times with ``time.process_time`` (the work of
+    this process; with ``--one-core``, of its one core) instead of the wall clock. Returns one dict per (size,
+    dtype) of medians over rounds.
     """
     import jax
 
     import ufm
 
     C.enable_x64()
+    clock = time.process_time if cpu_time else time.perf_counter
     sizes = sizes or SIZES
     rows = []
     for name, (K, n, d, L) in sizes.items():
@@ -410,12 +432,14 @@ def step_breakdown(sizes=None, dtypes=("float32", "float64"), rounds: int = 7, t
             run_solve(S)
             run_solve(2 * S)
             measures = {
-                k: functools.partial(_steady_per_step, functools.partial(run_prog, prog=v), S) for k, v in progs.items()
+                k: functools.partial(_steady_per_step, functools.partial(run_prog, prog=v), S, clock)
+                for k, v in progs.items()
             }
-            measures["solve"] = functools.partial(_steady_per_step, run_solve, S)
+            measures["solve"] = functools.partial(_steady_per_step, run_solve, S, clock)
             t = C.interleaved(measures, rounds)
             med = {k: C.median(v) for k, v in t.items()}
             row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, steps=S, flops_per_step=flops, seconds=med)
+            row["clock"] = "process_time" if cpu_time else "wall"
             row["backward"] = med["bare GD"] - med["forward"] - med["update"]
             row["bookkeeping"] = med["solve"] - med["bare GD"]
             row["bookkeeping_share"] = C.median(
@@ -495,6 +519,115 @@ def product_variants(sizes=None, dtypes=("float32", "float64"), rounds: int = 9,
     return rows
 
 
+def _product_variants(blocks):
+    """JAX ways to compute the three products of a layer (W d' x d, H and G d x N / d' x N), by name.
+
+    ``W H`` is the forward product, ``W^T G`` the backward's dH (``barrier``: W^T materialised first, what
+    `ufm._model.layer_matmul` does in float64), ``G H^T`` the backward's dW. ``N/B`` variants split the N columns
+    into blocks of B (concatenated for W H; for G H^T the per-block products summed, as one batched dot).
+    """
+    import jax
+    from jax import lax
+
+    def dg(a, b, ca, cb):
+        return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())))
+
+    v = {
+        "W H": lambda W, H, G: W @ H,
+        "W H, (N x d) out": lambda W, H, G: dg(H, W, 0, 1),
+        "W^T G": lambda W, H, G: W.T @ G,
+        "W^T G barrier": lambda W, H, G: lax.optimization_barrier(W.T) @ G,
+        "G H^T": lambda W, H, G: G @ H.T,
+        "(H G^T)^T": lambda W, H, G: (H @ G.T).T,
+    }
+    for B in blocks:
+        v[f"W H, N/{B}"] = lambda W, H, G, B=B: jax.numpy.concatenate(
+            [W @ H[:, i : i + B] for i in range(0, H.shape[1], B)], axis=1
+        )
+        v[f"G H^T, N/{B}"] = lambda W, H, G, B=B: jax.numpy.einsum(
+            "dbn,ebn->de", G.reshape(G.shape[0], -1, B), H.reshape(H.shape[0], -1, B)
+        )
+    return v
+
+
+def _kernel_measures(d: int, N: int, dtype: str, blocks, clock) -> dict:
+    """``{name: () -> GFLOP/s}`` for the products of one (d, N, dtype) case (see `kernel_rates`)."""
+    import contextlib
+
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    Wn, Hn, Gn = (rng.standard_normal(s).astype(dtype) for s in ((d, d), (d, N), (d, N)))
+    args = tuple(jnp.asarray(a) for a in (Wn, Hn, Gn))
+    flops = 2 * d * d * N
+    reps = max(1, int(2e8 / flops))
+    np1 = _numpy_threads_ctx(1) or contextlib.nullcontext
+
+    def rate(f, one_blas_thread=False):
+        with np1() if one_blas_thread else contextlib.nullcontext():
+            t0 = clock()
+            for _ in range(reps):
+                f()
+            return flops * reps / (clock() - t0) / 1e9
+
+    measures = {}
+    for name, f in _product_variants(tuple(b for b in blocks if N % b == 0 and b < N)).items():
+        jf = jax.jit(f)
+        run = functools.partial(lambda jf: jax.block_until_ready(jf(*args)), jf)
+        run()  # compile
+        measures[f"jax {name}"] = functools.partial(rate, run)
+    numpy_products = {"W H": lambda: Wn @ Hn, "W^T G": lambda: Wn.T @ Gn, "G H^T": lambda: Gn @ Hn.T}
+    for name, f in numpy_products.items():
+        measures[f"numpy 1thr {name}"] = functools.partial(rate, f, True)
+    return measures
+
+
+def kernel_rates(
+    shapes=((128, 1000), (256, 5000)),
+    dtypes=("float32", "float64"),
+    blocks=(250, 1000),
+    rounds: int = 7,
+    cpu_time: bool = True,
+    log=print,
+) -> list[dict]:
+    """GFLOP/s of a layer's three products (d x d times d x N), JAX (XLA:CPU) against NumPy (OpenBLAS, 1 thread),
+    interleaved round by round in one process; each figure is the median over rounds.
+
+    The products are those of a step of the benchmark's UFM at the medium (d, N) = (128, 1000) and large
+    (256, 5000) sizes: ``W H`` (forward), ``W^T G`` (dH), ``G H^T`` (dW), each 2 d^2 N FLOPs. JAX variants are
+    `_product_variants` (layouts through ``dot_general``, a materialised W^T, column blocks of N). ``cpu_time``
+    times with ``time.process_time`` (the work of this process, all threads); run with ``--one-core`` (the process
+    pinned to one CPU before JAX starts) to compare one XLA thread with one OpenBLAS thread.
+    """
+    C.enable_x64()
+    clock = time.process_time if cpu_time else time.perf_counter
+    rows = []
+    for d, N in shapes:
+        for dtype in dtypes:
+            t = C.interleaved(_kernel_measures(d, N, dtype, blocks, clock), rounds)
+            row = dict(d=d, N=N, dtype=dtype, clock="process_time" if cpu_time else "wall", load=C.load_average())
+            row["gflops"] = {k: C.median(v) for k, v in t.items()}
+            log(f"  {d} x {N} {dtype}: " + ", ".join(f"{k} {v:.0f}" for k, v in row["gflops"].items()))
+            rows.append(row)
+    return rows
+
+
+def kernels_markdown(rows, machine: dict) -> str:
+    names = list(rows[0]["gflops"])
+    head = ["product (GFLOP/s)"] + [f"{r['d']} x {r['N']} {r['dtype']}" for r in rows]
+    body = [[n] + [f"{r['gflops'][n]:.0f}" for r in rows] for n in names]
+    return "\n".join(
+        [
+            "### A layer's products: JAX (XLA:CPU) against NumPy (OpenBLAS, 1 thread), GFLOP/s",
+            "",
+            f"Machine: {C.machine_line(machine)}. Clock: {rows[0]['clock']}; medians over interleaved rounds.",
+            "",
+            C.md_table(head, body),
+        ]
+    )
+
+
 def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
     head = ["size (K, n, d, L)", "dtype", "forward", "backward", "update", "bare GD step", "bookkeeping", "solve step"]
     head += ["matmuls at the W H rate", "solve GFLOP/s"] + (["% of peak"] if peak else [])
@@ -517,7 +650,7 @@ def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
         [
             "### Where a GD step's time goes (ms per step, medians over interleaved rounds)",
             "",
-            f"Machine: {C.machine_line(machine)}.",
+            f"Machine: {C.machine_line(machine)}. Clock: {rows[0].get('clock', 'wall')}.",
             "",
             C.md_table(head, out),
         ]
@@ -531,27 +664,50 @@ def main(argv=None):
         action="store_true",
         help="only ufm's layer products against plain W @ H autodiff (GD-step loops, CPU time)",
     )
+    ap.add_argument(
+        "--kernels", action="store_true", help="only the GFLOP/s of a layer's products, JAX against NumPy 1 thread"
+    )
+    ap.add_argument(
+        "--one-core", action="store_true", help="pin the process to one CPU before JAX starts (one XLA thread)"
+    )
+    ap.add_argument("--cpu-time", action="store_true", help="--breakdown: time with process_time, not the wall")
     ap.add_argument("--breakdown", action="store_true", help="only the per-step breakdown (forward, backward, ...)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
     a = ap.parse_args(argv)
+    if a.one_core:
+        import os
+
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if a.kernels:
+        C.enable_x64()
+        info = C.machine_info()
+        shapes = ((8, 100),) if a.smoke else ((128, 1000), (256, 5000))
+        rows = kernel_rates(shapes, blocks=(50,) if a.smoke else (250, 1000), rounds=a.rounds or (2 if a.smoke else 7))
+        md = kernels_markdown(rows, info)
+        name = "steps_kernels" + ("_one_core" if a.one_core else "") + ("_tiny" if a.smoke else "")
+        C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
+        print(md)
+        return
     if a.variants:
         product_variants(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9))
         return
     if a.breakdown:
         C.enable_x64()
         info = C.machine_info()
-        rows = step_breakdown(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 7))
-        md = breakdown_markdown(rows, info)
-        C.write_outputs(
-            "steps_breakdown" if not a.smoke else "steps_breakdown_tiny", dict(machine=info, rows=rows), a.out, md
+        rows = step_breakdown(
+            TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 7), cpu_time=a.cpu_time
         )
+        md = breakdown_markdown(rows, info)
+        name = "steps_breakdown" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
+        name += "_tiny" if a.smoke else ""
+        C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
         print(md)
         return
     tc = False if a.no_torch_compile else None
-    run("tiny" if a.smoke else "full", rounds=a.rounds, out_dir=a.out, torch_compile=tc)
+    run("tiny" if a.smoke else "full", rounds=a.rounds, out_dir=a.out, torch_compile=tc, one_core=a.one_core)
 
 
 if __name__ == "__main__":
