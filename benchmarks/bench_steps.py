@@ -571,13 +571,19 @@ def _kernel_measures(d: int, N: int, dtype: str, blocks, clock) -> dict:
                 f()
             return flops * reps / (clock() - t0) / 1e9
 
+    numpy_products = {"W H": lambda: Wn @ Hn, "W^T G": lambda: Wn.T @ Gn, "G H^T": lambda: Gn @ Hn.T}
+    expected = {"W H": Wn @ Hn, "W^T G": Wn.T @ Gn, "G H^T": Gn @ Hn.T, "(H G^T)^T": Gn @ Hn.T}
     measures = {}
     for name, f in _product_variants(tuple(b for b in blocks if N % b == 0 and b < N)).items():
         jf = jax.jit(f)
         run = functools.partial(lambda jf: jax.block_until_ready(jf(*args)), jf)
-        run()  # compile
+        ref = expected[name.split(",")[0].removesuffix(" barrier")]
+        got = np.asarray(jf(*args))
+        got = got.T if name.endswith("(N x d) out") else got  # that variant returns (W H)^T
+        # same work: every variant is the same product (sums of d or N terms of O(1) entries; rounding ~ eps sqrt(N))
+        if not np.allclose(got, ref, rtol=0, atol=100 * np.finfo(dtype).eps * np.sqrt(max(d, N)) * np.abs(ref).max()):
+            raise AssertionError(f"{name} ({d} x {N} {dtype}) does not compute {name.split(',')[0]}")
         measures[f"jax {name}"] = functools.partial(rate, run)
-    numpy_products = {"W H": lambda: Wn @ Hn, "W^T G": lambda: Wn.T @ Gn, "G H^T": lambda: Gn @ Hn.T}
     for name, f in numpy_products.items():
         measures[f"numpy 1thr {name}"] = functools.partial(rate, f, True)
     return measures
