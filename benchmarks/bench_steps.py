@@ -41,6 +41,10 @@ TINY_SIZES = {"tiny": (2, 5, 8, 3)}
 LAM = 5e-4  # lam_H = lam_W = 5e-4 (Dang et al. 2023's weight decay)
 LR = 0.1
 
+# peers at their default threads (2 here): left out of the --one-core table, where their idle OpenBLAS/OpenMP
+# threads spin on the one core and slow the measures after them (bench_steps --kernels: NumPy 1 thread W^T G
+# fell from 37 to 13 GFLOP/s in float64 when NumPy at default threads ran in the same rounds)
+THREADED_PEERS = ("numpy", "torch eager 2thr", "torch compiled 2thr")
 IMPLS = (
     "ufm",
     "torch eager 2thr",
@@ -80,7 +84,9 @@ def _numpy_threads_ctx(n):
     return lambda: threadpool_limits(limits=n, user_api="blas")
 
 
-def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock=time.perf_counter, log=print) -> dict:
+def run_config(
+    name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock=time.perf_counter, threaded_peers=True, log=print
+) -> dict:
     import jax
 
     import ufm
@@ -149,9 +155,9 @@ def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock=t
     measures = {"ufm": m_ufm}
     per_impl_steps = {}
     for k, impl in impls.items():
-        if k == "numpy" or "torch" in k:
-            pass
         per_impl_steps[k] = _calibrate(impl.run, target_s)
+        if not threaded_peers and k in THREADED_PEERS:
+            continue
 
         def m(impl=impl, k=k):
             s = per_impl_steps[k]
@@ -240,11 +246,11 @@ def run(
 ) -> dict:
     """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON).
 
-    ``one_core`` only labels the outputs (``steps_one_core``): the pinning itself is ``--one-core``'s, done before
-    JAX starts its thread pool. ``cpu_time`` times every implementation with ``time.process_time`` (the CPU seconds
-    of this process, all its threads) instead of the wall clock: with ``one_core`` on a machine shared with other
-    jobs, it measures each implementation's work on the one core rather than its share of the scheduler (threads
-    spinning at a barrier count, so multi-threaded peers are not flattered)."""
+    ``one_core`` labels the outputs (``steps_one_core``) and leaves out `THREADED_PEERS`; the pinning itself is
+    ``--one-core``'s, done before JAX starts its thread pool. ``cpu_time`` times every implementation with
+    ``time.process_time`` (the CPU seconds of this process, all its threads) instead of the wall clock: with
+    ``one_core`` on a machine shared with other jobs, it measures each implementation's work on the one core rather
+    than its share of the scheduler."""
     C.enable_x64()
     if torch_compile is None:  # torch.compile costs 10-30 s per shape: not in the smoke test
         torch_compile = size != "tiny"
@@ -260,7 +266,9 @@ def run(
     configs = []
     for name, (K, n, d, L) in sizes.items():
         for dtype in ("float64",) if size == "tiny" else ("float32", "float64"):
-            configs.append(run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock, log))
+            configs.append(
+                run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock, not one_core, log)
+            )
     peak1 = matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
     peak = {
         dt: {"start": peak0[dt], "end": peak1[dt], "peak": max(peak0[dt]["peak"], peak1[dt]["peak"])} for dt in peak0
@@ -600,7 +608,7 @@ def _product_variants(blocks):
     return v
 
 
-def _kernel_measures(d: int, N: int, dtype: str, blocks, clock) -> dict:
+def _kernel_measures(d: int, N: int, dtype: str, blocks, clock, numpy_threads: bool = True) -> dict:
     """``{name: () -> GFLOP/s}`` for the products of one (d, N, dtype) case (see `kernel_rates`)."""
     import contextlib
 
@@ -636,7 +644,8 @@ def _kernel_measures(d: int, N: int, dtype: str, blocks, clock) -> dict:
         measures[f"jax {name}"] = functools.partial(rate, run)
     for name, f in numpy_products.items():
         measures[f"numpy 1thr {name}"] = functools.partial(rate, f, True)
-        measures[f"numpy {name}"] = functools.partial(rate, f)
+        if numpy_threads:
+            measures[f"numpy {name}"] = functools.partial(rate, f)
     return measures
 
 
@@ -646,6 +655,7 @@ def kernel_rates(
     blocks=(250, 1000),
     rounds: int = 7,
     cpu_time: bool = False,
+    numpy_threads: bool = True,
     log=print,
 ) -> list[dict]:
     """GFLOP/s of a layer's three products (d x d times d x N), JAX (XLA:CPU) against NumPy (OpenBLAS, 1 thread and
@@ -656,14 +666,16 @@ def kernel_rates(
     `_product_variants` (layouts through ``dot_general``, a materialised W^T, column blocks of N). ``cpu_time``
     times with ``time.process_time`` (the work of this process, all threads); run with ``--one-core`` (the process
     pinned to one CPU before JAX starts) and ``cpu_time`` to compare one XLA thread with one OpenBLAS thread;
-    without either, the wall-clock rates at the default threads. Each JAX variant is checked against NumPy's product.
+    without either, the wall-clock rates at the default threads. ``numpy_threads=False`` leaves out NumPy at its
+    default threads (on one core its idle OpenBLAS threads spin and slowed the measures after them: NumPy 1 thread
+    W^T G fell from 37 to 13 GFLOP/s in float64). Each JAX variant is checked against NumPy's product.
     """
     C.enable_x64()
     clock = time.process_time if cpu_time else time.perf_counter
     rows = []
     for d, N in shapes:
         for dtype in dtypes:
-            t = C.interleaved(_kernel_measures(d, N, dtype, blocks, clock), rounds)
+            t = C.interleaved(_kernel_measures(d, N, dtype, blocks, clock, numpy_threads), rounds)
             row = dict(d=d, N=N, dtype=dtype, clock="process_time" if cpu_time else "wall", load=C.load_average())
             row["gflops"] = {k: C.median(v) for k, v in t.items()}
             log(f"  {d} x {N} {dtype}: " + ", ".join(f"{k} {v:.0f}" for k, v in row["gflops"].items()))
@@ -748,6 +760,7 @@ def main(argv=None):
             blocks=(50,) if a.smoke else (250, 1000),
             rounds=a.rounds or (2 if a.smoke else 7),
             cpu_time=a.cpu_time,
+            numpy_threads=not a.one_core,
         )
         md = kernels_markdown(rows, info)
         name = "steps_kernels" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
