@@ -684,9 +684,9 @@ def kernel_rates(
 
 
 def kernels_markdown(rows, machine: dict) -> str:
-    names = list(rows[0]["gflops"])
+    names = list(dict.fromkeys(n for r in rows for n in r["gflops"]))  # the block variants differ per shape
     head = ["product (GFLOP/s)"] + [f"{r['d']} x {r['N']} {r['dtype']}" for r in rows]
-    body = [[n] + [f"{r['gflops'][n]:.0f}" for r in rows] for n in names]
+    body = [[n] + [f"{r['gflops'][n]:.0f}" if n in r["gflops"] else "—" for r in rows] for n in names]
     return "\n".join(
         [
             "### A layer's products: JAX (XLA:CPU) against NumPy (OpenBLAS), GFLOP/s",
