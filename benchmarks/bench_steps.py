@@ -24,6 +24,7 @@ best large-matmul GFLOP/s of NumPy / JAX / torch measured in the same run (at st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import time
@@ -84,6 +85,58 @@ def _numpy_threads_ctx(n):
     return lambda: threadpool_limits(limits=n, user_api="blas")
 
 
+def _peer_impls(p, x0, dtype, with_torch: bool, torch_compile: bool) -> dict:
+    """The peers of one configuration, by name, each starting at x0 (NumPy; torch eager and compiled if present)."""
+    from .peers import NumpyGD, TorchFunctional, TorchLoop
+
+    impls = {"numpy": NumpyGD(p, x0, dtype, LR)}
+    if with_torch:
+        impls["torch eager 2thr"] = TorchLoop(p, x0, dtype, LR)
+        impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
+        if torch_compile:
+            impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
+            impls["torch compiled 1thr"] = TorchFunctional(
+                p, x0, dtype, LR, threads=1, share_step_with=impls["torch compiled 2thr"]
+            )
+    return impls
+
+
+def _peer_measures(impls: dict, target_s: float, clock, threaded_peers: bool) -> tuple[dict, dict]:
+    """``({name: () -> steps/s}, {name: steps per measure})`` for the peers, NumPy 1 thread included (threadpoolctl);
+    the steps per measure are calibrated to about ``target_s`` each (which also warms them up)."""
+    np1 = _numpy_threads_ctx(1)
+    measures, per_impl_steps = {}, {}
+
+    def rate(impl, s, ctx=None):
+        with ctx() if ctx is not None else contextlib.nullcontext():
+            t0 = clock()
+            impl.run(s)
+            return s / (clock() - t0)
+
+    for k, impl in impls.items():
+        per_impl_steps[k] = _calibrate(impl.run, target_s)
+        if threaded_peers or k not in THREADED_PEERS:
+            measures[k] = functools.partial(rate, impl, per_impl_steps[k])
+    if np1 is not None:
+        measures["numpy 1thr"] = functools.partial(rate, impls["numpy"], per_impl_steps["numpy"], np1)
+    return measures, per_impl_steps
+
+
+def _summarise(res: dict, rates: dict, rounds: int, flops: int) -> None:
+    """Medians, per-round ratios to every peer and to the strongest peer of each round, GFLOP/s (into ``res``)."""
+    res["rates_per_round"] = rates
+    res["median_steps_per_s"] = {k: C.median(v) for k, v in rates.items()}
+    res["ratio_ufm_over"] = {k: C.median(C.per_round_ratios(rates["ufm"], v)) for k, v in rates.items() if k != "ufm"}
+    peers = {k: v for k, v in res["median_steps_per_s"].items() if k != "ufm"}
+    if peers:
+        best = max(peers, key=lambda k: peers[k])
+        # strongest peer per round, then the ratio per round
+        best_per_round = [max(rates[k][r] for k in peers if np.isfinite(rates[k][r])) for r in range(rounds)]
+        res["strongest_peer"] = best
+        res["ratio_ufm_over_strongest"] = C.median(C.per_round_ratios(rates["ufm"], best_per_round))
+    res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
+
+
 def run_config(
     name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock=time.perf_counter, threaded_peers=True, log=print
 ) -> dict:
@@ -91,7 +144,7 @@ def run_config(
 
     import ufm
 
-    from .peers import NumpyGD, TorchFunctional, TorchLoop, max_rel_diff, params_to_numpy
+    from .peers import max_rel_diff, params_to_numpy
 
     p = _problem(K, n, d, L)
     x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
@@ -108,17 +161,7 @@ def run_config(
     ref = ufm_solve(n_check)
     ref_P = params_to_numpy(ref.params, dtype)
     tol = 1e-4 if dtype == "float32" else 1e-10
-    impls = {}
-    impls["numpy"] = NumpyGD(p, x0, dtype, LR)
-    np1 = _numpy_threads_ctx(1)
-    if torch is not None:
-        impls["torch eager 2thr"] = TorchLoop(p, x0, dtype, LR)
-        impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
-        if torch_compile:
-            impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
-            impls["torch compiled 1thr"] = TorchFunctional(
-                p, x0, dtype, LR, threads=1, share_step_with=impls["torch compiled 2thr"]
-            )
+    impls = _peer_impls(p, x0, dtype, torch is not None, torch_compile)
     check = {}
     for k, impl in impls.items():
         t = time.perf_counter()
@@ -152,46 +195,12 @@ def run_config(
         d_ = (t2 - t1) - (t1 - t0)
         return S / d_ if d_ > 0 else float("nan")
 
-    measures = {"ufm": m_ufm}
-    per_impl_steps = {}
-    for k, impl in impls.items():
-        per_impl_steps[k] = _calibrate(impl.run, target_s)
-        if not threaded_peers and k in THREADED_PEERS:
-            continue
-
-        def m(impl=impl, k=k):
-            s = per_impl_steps[k]
-            t0 = clock()
-            impl.run(s)
-            return s / (clock() - t0)
-
-        measures[k] = m
-    if np1 is not None:
-        npx = impls["numpy"]
-
-        def m_np1():
-            with np1():
-                s = per_impl_steps["numpy"]
-                t0 = clock()
-                npx.run(s)
-                return s / (clock() - t0)
-
-        measures["numpy 1thr"] = m_np1
-    res["peer_steps_per_measure"] = per_impl_steps
+    peer_measures, res["peer_steps_per_measure"] = _peer_measures(impls, target_s, clock, threaded_peers)
+    measures = {"ufm": m_ufm, **peer_measures}
     log(f"  {name} {dtype}: timing {list(measures)} x {rounds} rounds (ufm S={S})")
     rates = C.interleaved(measures, rounds)
     res["ufm_num_steps_ok"] = all(a == S and b == 2 * S for a, b in steps_done)
-    res["rates_per_round"] = rates
-    res["median_steps_per_s"] = {k: C.median(v) for k, v in rates.items()}
-    res["ratio_ufm_over"] = {k: C.median(C.per_round_ratios(rates["ufm"], v)) for k, v in rates.items() if k != "ufm"}
-    peers = {k: v for k, v in res["median_steps_per_s"].items() if k != "ufm"}
-    if peers:
-        best = max(peers, key=lambda k: peers[k])
-        # strongest peer per round, then the ratio per round
-        best_per_round = [max(rates[k][r] for k in peers if np.isfinite(rates[k][r])) for r in range(rounds)]
-        res["strongest_peer"] = best
-        res["ratio_ufm_over_strongest"] = C.median(C.per_round_ratios(rates["ufm"], best_per_round))
-    res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
+    _summarise(res, rates, rounds, flops)
     if torch is None:
         res["torch_skipped"] = why_no_torch
     return res
@@ -201,8 +210,6 @@ def _cpu_matmul_peak(sizes=(1024, 2048), repeat: int = 5) -> dict:
     """`_common.matmul_peak` in CPU time (``time.process_time``, best of ``repeat``): JAX and NumPy with one BLAS
     thread, the peak of the ``--one-core --cpu-time`` table (the wall-clock peak on a loaded machine is the
     scheduler's share, not the core's)."""
-    import contextlib
-
     import jax
     import jax.numpy as jnp
 
@@ -610,8 +617,6 @@ def _product_variants(blocks):
 
 def _kernel_measures(d: int, N: int, dtype: str, blocks, clock, numpy_threads: bool = True) -> dict:
     """``{name: () -> GFLOP/s}`` for the products of one (d, N, dtype) case (see `kernel_rates`)."""
-    import contextlib
-
     import jax
     import jax.numpy as jnp
 
