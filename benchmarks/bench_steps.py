@@ -24,6 +24,7 @@ best large-matmul GFLOP/s of NumPy / JAX / torch measured in the same run (at st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import functools
 import math
 import time
@@ -41,6 +42,10 @@ TINY_SIZES = {"tiny": (2, 5, 8, 3)}
 LAM = 5e-4  # lam_H = lam_W = 5e-4 (Dang et al. 2023's weight decay)
 LR = 0.1
 
+# peers at their default threads (2 here): left out of the --one-core table, where their idle OpenBLAS/OpenMP
+# threads spin on the one core and slow the measures after them (bench_steps --kernels: NumPy 1 thread W^T G
+# fell from 37 to 13 GFLOP/s in float64 when NumPy at default threads ran in the same rounds)
+THREADED_PEERS = ("numpy", "torch eager 2thr", "torch compiled 2thr")
 IMPLS = (
     "ufm",
     "torch eager 2thr",
@@ -80,12 +85,66 @@ def _numpy_threads_ctx(n):
     return lambda: threadpool_limits(limits=n, user_api="blas")
 
 
-def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=print) -> dict:
+def _peer_impls(p, x0, dtype, with_torch: bool, torch_compile: bool) -> dict:
+    """The peers of one configuration, by name, each starting at x0 (NumPy; torch eager and compiled if present)."""
+    from .peers import NumpyGD, TorchFunctional, TorchLoop
+
+    impls = {"numpy": NumpyGD(p, x0, dtype, LR)}
+    if with_torch:
+        impls["torch eager 2thr"] = TorchLoop(p, x0, dtype, LR)
+        impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
+        if torch_compile:
+            impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
+            impls["torch compiled 1thr"] = TorchFunctional(
+                p, x0, dtype, LR, threads=1, share_step_with=impls["torch compiled 2thr"]
+            )
+    return impls
+
+
+def _peer_measures(impls: dict, target_s: float, clock, threaded_peers: bool) -> tuple[dict, dict]:
+    """``({name: () -> steps/s}, {name: steps per measure})`` for the peers, NumPy 1 thread included (threadpoolctl);
+    the steps per measure are calibrated to about ``target_s`` each (which also warms them up)."""
+    np1 = _numpy_threads_ctx(1)
+    measures, per_impl_steps = {}, {}
+
+    def rate(impl, s, ctx=None):
+        with ctx() if ctx is not None else contextlib.nullcontext():
+            t0 = clock()
+            impl.run(s)
+            return s / (clock() - t0)
+
+    for k, impl in impls.items():
+        per_impl_steps[k] = _calibrate(impl.run, target_s)
+        if threaded_peers or k not in THREADED_PEERS:
+            measures[k] = functools.partial(rate, impl, per_impl_steps[k])
+    if np1 is not None:
+        measures["numpy 1thr"] = functools.partial(rate, impls["numpy"], per_impl_steps["numpy"], np1)
+    return measures, per_impl_steps
+
+
+def _summarise(res: dict, rates: dict, rounds: int, flops: int) -> None:
+    """Medians, per-round ratios to every peer and to the strongest peer of each round, GFLOP/s (into ``res``)."""
+    res["rates_per_round"] = rates
+    res["median_steps_per_s"] = {k: C.median(v) for k, v in rates.items()}
+    res["ratio_ufm_over"] = {k: C.median(C.per_round_ratios(rates["ufm"], v)) for k, v in rates.items() if k != "ufm"}
+    peers = {k: v for k, v in res["median_steps_per_s"].items() if k != "ufm"}
+    if peers:
+        best = max(peers, key=lambda k: peers[k])
+        # strongest peer per round, then the ratio per round
+        best_per_round = [max(rates[k][r] for k in peers if np.isfinite(rates[k][r])) for r in range(rounds)]
+        res["strongest_peer"] = best
+        res["ratio_ufm_over_strongest"] = C.median(C.per_round_ratios(rates["ufm"], best_per_round))
+    res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
+
+
+def run_config(
+    name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock=time.perf_counter, threaded_peers=True, log=print
+) -> dict:
     import jax
 
     import ufm
 
-    from .peers import NumpyGD, TorchFunctional, TorchLoop, max_rel_diff, params_to_numpy
+    from .peers import max_rel_diff, params_to_numpy
 
     p = _problem(K, n, d, L)
     x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
@@ -102,17 +161,7 @@ def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=pri
     ref = ufm_solve(n_check)
     ref_P = params_to_numpy(ref.params, dtype)
     tol = 1e-4 if dtype == "float32" else 1e-10
-    impls = {}
-    impls["numpy"] = NumpyGD(p, x0, dtype, LR)
-    np1 = _numpy_threads_ctx(1)
-    if torch is not None:
-        impls["torch eager 2thr"] = TorchLoop(p, x0, dtype, LR)
-        impls["torch eager 1thr"] = TorchLoop(p, x0, dtype, LR, threads=1)
-        if torch_compile:
-            impls["torch compiled 2thr"] = TorchFunctional(p, x0, dtype, LR)
-            impls["torch compiled 1thr"] = TorchFunctional(
-                p, x0, dtype, LR, threads=1, share_step_with=impls["torch compiled 2thr"]
-            )
+    impls = _peer_impls(p, x0, dtype, torch is not None, torch_compile)
     check = {}
     for k, impl in impls.items():
         t = time.perf_counter()
@@ -135,59 +184,60 @@ def run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log=pri
     steps_done = []
 
     def m_ufm():
-        t0 = time.perf_counter()
+        t0 = clock()
         a = ufm_solve(S)
         a.value.block_until_ready()
-        t1 = time.perf_counter()
+        t1 = clock()
         b = ufm_solve(2 * S)
         b.value.block_until_ready()
-        t2 = time.perf_counter()
+        t2 = clock()
         steps_done.append((int(a.num_steps), int(b.num_steps)))
         d_ = (t2 - t1) - (t1 - t0)
         return S / d_ if d_ > 0 else float("nan")
 
-    measures = {"ufm": m_ufm}
-    per_impl_steps = {}
-    for k, impl in impls.items():
-        if k == "numpy" or "torch" in k:
-            pass
-        per_impl_steps[k] = _calibrate(impl.run, target_s)
-
-        def m(impl=impl, k=k):
-            s = per_impl_steps[k]
-            t0 = time.perf_counter()
-            impl.run(s)
-            return s / (time.perf_counter() - t0)
-
-        measures[k] = m
-    if np1 is not None:
-        npx = impls["numpy"]
-
-        def m_np1():
-            with np1():
-                s = per_impl_steps["numpy"]
-                t0 = time.perf_counter()
-                npx.run(s)
-                return s / (time.perf_counter() - t0)
-
-        measures["numpy 1thr"] = m_np1
-    res["peer_steps_per_measure"] = per_impl_steps
+    peer_measures, res["peer_steps_per_measure"] = _peer_measures(impls, target_s, clock, threaded_peers)
+    measures = {"ufm": m_ufm, **peer_measures}
     log(f"  {name} {dtype}: timing {list(measures)} x {rounds} rounds (ufm S={S})")
     rates = C.interleaved(measures, rounds)
     res["ufm_num_steps_ok"] = all(a == S and b == 2 * S for a, b in steps_done)
-    res["rates_per_round"] = rates
-    res["median_steps_per_s"] = {k: C.median(v) for k, v in rates.items()}
-    res["ratio_ufm_over"] = {k: C.median(C.per_round_ratios(rates["ufm"], v)) for k, v in rates.items() if k != "ufm"}
-    peers = {k: v for k, v in res["median_steps_per_s"].items() if k != "ufm"}
-    if peers:
-        best = max(peers, key=lambda k: peers[k])
-        # strongest peer per round, then the ratio per round
-        best_per_round = [max(rates[k][r] for k in peers if np.isfinite(rates[k][r])) for r in range(rounds)]
-        res["strongest_peer"] = best
-        res["ratio_ufm_over_strongest"] = C.median(C.per_round_ratios(rates["ufm"], best_per_round))
-    res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
+    _summarise(res, rates, rounds, flops)
     if torch is None:
         res["torch_skipped"] = why_no_torch
+    return res
+
+
+def _cpu_matmul_peak(sizes=(1024, 2048), repeat: int = 5) -> dict:
+    """`_common.matmul_peak` in CPU time (``time.process_time``, best of ``repeat``): JAX and NumPy with one BLAS
+    thread, the peak of the ``--one-core --cpu-time`` table (the wall-clock peak on a loaded machine is the
+    scheduler's share, not the core's)."""
+    import jax
+    import jax.numpy as jnp
+
+    np1 = _numpy_threads_ctx(1) or contextlib.nullcontext
+    mm = jax.jit(lambda a, b: a @ b)
+    rng = np.random.default_rng(0)
+
+    def best(f):
+        out = []
+        for _ in range(repeat):
+            t0 = time.process_time()
+            f()
+            out.append(time.process_time() - t0)
+        return min(out)
+
+    res: dict = {}
+    for dt in ("float32", "float64"):
+        row = {}
+        for m in sizes:
+            a, b = (rng.standard_normal((m, m)).astype(dt) for _ in range(2))
+            aj, bj = jnp.asarray(a), jnp.asarray(b)
+            jax.block_until_ready(mm(aj, bj))
+            with np1():
+                row[f"numpy_1thr_{m}"] = 2 * m**3 / best(lambda a=a, b=b: a @ b) / 1e9
+            row[f"jax_{m}"] = 2 * m**3 / best(lambda a=aj, b=bj: jax.block_until_ready(mm(a, b))) / 1e9
+        row["peak"] = max(row.values())
+        row["peak_by"] = max((k for k in row if k != "peak"), key=lambda k: row[k])
+        res[dt] = row
     return res
 
 
@@ -197,33 +247,50 @@ def run(
     out_dir=None,
     torch_compile: bool | None = None,
     target_s: float | None = None,
+    one_core: bool = False,
+    cpu_time: bool = False,
     log=print,
 ) -> dict:
-    """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON)."""
+    """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON).
+
+    ``one_core`` labels the outputs (``steps_one_core``) and leaves out `THREADED_PEERS`; the pinning itself is
+    ``--one-core``'s, done before JAX starts its thread pool. ``cpu_time`` times every implementation with
+    ``time.process_time`` (the CPU seconds of this process, all its threads) instead of the wall clock: with
+    ``one_core`` on a machine shared with other jobs, it measures each implementation's work on the one core rather
+    than its share of the scheduler."""
     C.enable_x64()
     if torch_compile is None:  # torch.compile costs 10-30 s per shape: not in the smoke test
         torch_compile = size != "tiny"
     sizes = TINY_SIZES if size == "tiny" else SIZES
+    clock = time.process_time if cpu_time else time.perf_counter
     rounds = rounds or (2 if size == "tiny" else 5)
     target_s = target_s or (0.02 if size == "tiny" else 0.25)
     info = C.machine_info()
     log(f"machine: {C.machine_line(info)}")
     peak_sizes = (256,) if size == "tiny" else (1024, 2048)
-    peak0 = C.matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
+    matmul_peak = _cpu_matmul_peak if cpu_time else C.matmul_peak
+    peak0 = matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
     configs = []
     for name, (K, n, d, L) in sizes.items():
         for dtype in ("float64",) if size == "tiny" else ("float32", "float64"):
-            configs.append(run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, log))
-    peak1 = C.matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
+            configs.append(
+                run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock, not one_core, log)
+            )
+    peak1 = matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
     peak = {
         dt: {"start": peak0[dt], "end": peak1[dt], "peak": max(peak0[dt]["peak"], peak1[dt]["peak"])} for dt in peak0
     }
     for c in configs:
         c["fraction_of_peak"] = {k: v / peak[c["dtype"]]["peak"] for k, v in c["gflops"].items()}
     result = dict(benchmark="steps", size=size, rounds=rounds, machine=info, peak_gflops=peak, configs=configs)
+    result["one_core"] = one_core
+    result["clock"] = "process_time" if cpu_time else "wall"
     result["targets"] = _targets(configs)
     md = markdown(result)
-    paths = C.write_outputs("steps" if size != "tiny" else "steps_tiny", result, out_dir, md)
+    name = (
+        "steps" + ("_one_core" if one_core else "") + ("_cpu" if cpu_time else "") + ("_tiny" if size == "tiny" else "")
+    )
+    paths = C.write_outputs(name, result, out_dir, md)
     plot(result, paths["png"])
     result["paths"] = paths
     log(md)
@@ -278,7 +345,17 @@ def markdown(result) -> str:
         "### Step throughput: deep ReLU UFM, MSE, full-batch GD (steps/s, median over rounds)",
         "",
         f"Machine: {C.machine_line(result['machine'])}. {result['rounds']} interleaved rounds; ratios are medians "
-        "of per-round ratios.",
+        "of per-round ratios."
+        + (
+            " **One core**: the process pinned to one CPU (`--one-core`), so every implementation runs on it."
+            if result.get("one_core")
+            else ""
+        )
+        + (
+            " **CPU time** (`--cpu-time`): steps per CPU second of this process, not per wall second."
+            if result.get("clock") == "process_time"
+            else ""
+        ),
         "",
         C.md_table(head, rows),
         "",
@@ -325,13 +402,13 @@ def plot(result, path) -> None:
     C.save_figure(fig, path)
 
 
-def _steady_per_step(run_steps, S: int) -> float:
+def _steady_per_step(run_steps, S: int, clock=time.perf_counter) -> float:
     """Seconds per step of ``run_steps(k)`` (which must block): (t(2S) - t(S)) / S, free of dispatch and setup."""
-    t0 = time.perf_counter()
+    t0 = clock()
     run_steps(S)
-    t1 = time.perf_counter()
+    t1 = clock()
     run_steps(2 * S)
-    t2 = time.perf_counter()
+    t2 = clock()
     return ((t2 - t1) - (t1 - t0)) / S
 
 
@@ -373,20 +450,30 @@ def _loop_programs(p, lr):
     return {"forward": loop(fwd), "bare GD": loop(gd), "update": loop(upd), "matmuls": loop(mm)}
 
 
-def step_breakdown(sizes=None, dtypes=("float32", "float64"), rounds: int = 7, target_s: float = 0.1, log=print):
+def step_breakdown(
+    sizes=None,
+    dtypes=("float32", "float64"),
+    rounds: int = 7,
+    target_s: float = 0.1,
+    cpu_time: bool = False,
+    log=print,
+):
     """Where a GD step's time goes, per size and dtype, timed interleaved in one process.
 
     Each piece is a compiled loop timed as (t(2S) - t(S)) / S (see `_loop_programs`), and ``solve`` is
     ``ufm.solve(method="gd", tol=0, history=False)`` timed the same way. Derived per step:
     backward = bare GD - forward - update; bookkeeping = solve - bare GD (stopping rule, gradient norms,
     best-so-far, the while loop's own state); "matmuls at the W H rate" = 3 x the forward products' time
-    (the step has 3 L products of the same shapes). Returns one dict per (size, dtype) of medians over rounds.
+    (the step has 3 L products of the same shapes). ``cpu_time`` times with ``time.process_time`` (the work of
+    this process; with ``--one-core``, of its one core) instead of the wall clock. Returns one dict per (size,
+    dtype) of medians over rounds.
     """
     import jax
 
     import ufm
 
     C.enable_x64()
+    clock = time.process_time if cpu_time else time.perf_counter
     sizes = sizes or SIZES
     rows = []
     for name, (K, n, d, L) in sizes.items():
@@ -410,12 +497,14 @@ def step_breakdown(sizes=None, dtypes=("float32", "float64"), rounds: int = 7, t
             run_solve(S)
             run_solve(2 * S)
             measures = {
-                k: functools.partial(_steady_per_step, functools.partial(run_prog, prog=v), S) for k, v in progs.items()
+                k: functools.partial(_steady_per_step, functools.partial(run_prog, prog=v), S, clock)
+                for k, v in progs.items()
             }
-            measures["solve"] = functools.partial(_steady_per_step, run_solve, S)
+            measures["solve"] = functools.partial(_steady_per_step, run_solve, S, clock)
             t = C.interleaved(measures, rounds)
             med = {k: C.median(v) for k, v in t.items()}
             row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, steps=S, flops_per_step=flops, seconds=med)
+            row["clock"] = "process_time" if cpu_time else "wall"
             row["backward"] = med["bare GD"] - med["forward"] - med["update"]
             row["bookkeeping"] = med["solve"] - med["bare GD"]
             row["bookkeeping_share"] = C.median(
@@ -495,6 +584,125 @@ def product_variants(sizes=None, dtypes=("float32", "float64"), rounds: int = 9,
     return rows
 
 
+def _product_variants(blocks):
+    """JAX ways to compute the three products of a layer (W d' x d, H and G d x N / d' x N), by name.
+
+    ``W H`` is the forward product, ``W^T G`` the backward's dH (``barrier``: W^T materialised first, what
+    `ufm._model.layer_matmul` does in float64), ``G H^T`` the backward's dW. ``N/B`` variants split the N columns
+    into blocks of B (concatenated for W H; for G H^T the per-block products summed, as one batched dot).
+    """
+    import jax
+    from jax import lax
+
+    def dg(a, b, ca, cb):
+        return lax.dot_general(a, b, (((ca,), (cb,)), ((), ())))
+
+    v = {
+        "W H": lambda W, H, G: W @ H,
+        "W H, (N x d) out": lambda W, H, G: dg(H, W, 0, 1),
+        "W^T G": lambda W, H, G: W.T @ G,
+        "W^T G barrier": lambda W, H, G: lax.optimization_barrier(W.T) @ G,
+        "G H^T": lambda W, H, G: G @ H.T,
+        "(H G^T)^T": lambda W, H, G: (H @ G.T).T,
+    }
+    for B in blocks:
+        v[f"W H, N/{B}"] = lambda W, H, G, B=B: jax.numpy.concatenate(
+            [W @ H[:, i : i + B] for i in range(0, H.shape[1], B)], axis=1
+        )
+        v[f"G H^T, N/{B}"] = lambda W, H, G, B=B: jax.numpy.einsum(
+            "dbn,ebn->de", G.reshape(G.shape[0], -1, B), H.reshape(H.shape[0], -1, B)
+        )
+    return v
+
+
+def _kernel_measures(d: int, N: int, dtype: str, blocks, clock, numpy_threads: bool = True) -> dict:
+    """``{name: () -> GFLOP/s}`` for the products of one (d, N, dtype) case (see `kernel_rates`)."""
+    import jax
+    import jax.numpy as jnp
+
+    rng = np.random.default_rng(0)
+    Wn, Hn, Gn = (rng.standard_normal(s).astype(dtype) for s in ((d, d), (d, N), (d, N)))
+    args = tuple(jnp.asarray(a) for a in (Wn, Hn, Gn))
+    flops = 2 * d * d * N
+    reps = max(1, int(2e8 / flops))
+    np1 = _numpy_threads_ctx(1) or contextlib.nullcontext
+
+    def rate(f, one_blas_thread=False):
+        with np1() if one_blas_thread else contextlib.nullcontext():
+            t0 = clock()
+            for _ in range(reps):
+                f()
+            return flops * reps / (clock() - t0) / 1e9
+
+    numpy_products = {"W H": lambda: Wn @ Hn, "W^T G": lambda: Wn.T @ Gn, "G H^T": lambda: Gn @ Hn.T}
+    expected = {"W H": Wn @ Hn, "W^T G": Wn.T @ Gn, "G H^T": Gn @ Hn.T, "(H G^T)^T": Gn @ Hn.T}
+    measures = {}
+    for name, f in _product_variants(tuple(b for b in blocks if N % b == 0 and b < N)).items():
+        jf = jax.jit(f)
+        run = functools.partial(lambda jf: jax.block_until_ready(jf(*args)), jf)
+        ref = expected[name.split(",")[0].removesuffix(" barrier")]
+        got = np.asarray(jf(*args))
+        got = got.T if name.endswith("(N x d) out") else got  # that variant returns (W H)^T
+        # same work: every variant is the same product (sums of d or N terms of O(1) entries; rounding ~ eps sqrt(N))
+        if not np.allclose(got, ref, rtol=0, atol=100 * np.finfo(dtype).eps * np.sqrt(max(d, N)) * np.abs(ref).max()):
+            raise AssertionError(f"{name} ({d} x {N} {dtype}) does not compute {name.split(',')[0]}")
+        measures[f"jax {name}"] = functools.partial(rate, run)
+    for name, f in numpy_products.items():
+        measures[f"numpy 1thr {name}"] = functools.partial(rate, f, True)
+        if numpy_threads:
+            measures[f"numpy {name}"] = functools.partial(rate, f)
+    return measures
+
+
+def kernel_rates(
+    shapes=((128, 1000), (256, 5000)),
+    dtypes=("float32", "float64"),
+    blocks=(250, 1000),
+    rounds: int = 7,
+    cpu_time: bool = False,
+    numpy_threads: bool = True,
+    log=print,
+) -> list[dict]:
+    """GFLOP/s of a layer's three products (d x d times d x N), JAX (XLA:CPU) against NumPy (OpenBLAS, 1 thread and
+    its default threads), interleaved round by round in one process; each figure is the median over rounds.
+
+    The products are those of a step of the benchmark's UFM at the medium (d, N) = (128, 1000) and large
+    (256, 5000) sizes: ``W H`` (forward), ``W^T G`` (dH), ``G H^T`` (dW), each 2 d^2 N FLOPs. JAX variants are
+    `_product_variants` (layouts through ``dot_general``, a materialised W^T, column blocks of N). ``cpu_time``
+    times with ``time.process_time`` (the work of this process, all threads); run with ``--one-core`` (the process
+    pinned to one CPU before JAX starts) and ``cpu_time`` to compare one XLA thread with one OpenBLAS thread;
+    without either, the wall-clock rates at the default threads. ``numpy_threads=False`` leaves out NumPy at its
+    default threads (on one core its idle OpenBLAS threads spin and slowed the measures after them: NumPy 1 thread
+    W^T G fell from 37 to 13 GFLOP/s in float64). Each JAX variant is checked against NumPy's product.
+    """
+    C.enable_x64()
+    clock = time.process_time if cpu_time else time.perf_counter
+    rows = []
+    for d, N in shapes:
+        for dtype in dtypes:
+            t = C.interleaved(_kernel_measures(d, N, dtype, blocks, clock, numpy_threads), rounds)
+            row = dict(d=d, N=N, dtype=dtype, clock="process_time" if cpu_time else "wall", load=C.load_average())
+            row["gflops"] = {k: C.median(v) for k, v in t.items()}
+            log(f"  {d} x {N} {dtype}: " + ", ".join(f"{k} {v:.0f}" for k, v in row["gflops"].items()))
+            rows.append(row)
+    return rows
+
+
+def kernels_markdown(rows, machine: dict) -> str:
+    names = list(dict.fromkeys(n for r in rows for n in r["gflops"]))  # the block variants differ per shape
+    head = ["product (GFLOP/s)"] + [f"{r['d']} x {r['N']} {r['dtype']}" for r in rows]
+    body = [[n] + [f"{r['gflops'][n]:.0f}" if n in r["gflops"] else "—" for r in rows] for n in names]
+    return "\n".join(
+        [
+            "### A layer's products: JAX (XLA:CPU) against NumPy (OpenBLAS), GFLOP/s",
+            "",
+            f"Machine: {C.machine_line(machine)}. Clock: {rows[0]['clock']}; medians over interleaved rounds.",
+            "",
+            C.md_table(head, body),
+        ]
+    )
+
+
 def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
     head = ["size (K, n, d, L)", "dtype", "forward", "backward", "update", "bare GD step", "bookkeeping", "solve step"]
     head += ["matmuls at the W H rate", "solve GFLOP/s"] + (["% of peak"] if peak else [])
@@ -517,7 +725,7 @@ def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
         [
             "### Where a GD step's time goes (ms per step, medians over interleaved rounds)",
             "",
-            f"Machine: {C.machine_line(machine)}.",
+            f"Machine: {C.machine_line(machine)}. Clock: {rows[0].get('clock', 'wall')}.",
             "",
             C.md_table(head, out),
         ]
@@ -531,27 +739,64 @@ def main(argv=None):
         action="store_true",
         help="only ufm's layer products against plain W @ H autodiff (GD-step loops, CPU time)",
     )
+    ap.add_argument(
+        "--kernels", action="store_true", help="only the GFLOP/s of a layer's products, JAX against NumPy 1 thread"
+    )
+    ap.add_argument(
+        "--one-core", action="store_true", help="pin the process to one CPU before JAX starts (one XLA thread)"
+    )
+    ap.add_argument("--cpu-time", action="store_true", help="time with process_time, not the wall clock")
     ap.add_argument("--breakdown", action="store_true", help="only the per-step breakdown (forward, backward, ...)")
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
     a = ap.parse_args(argv)
+    if a.one_core:
+        import os
+
+        os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if a.kernels:
+        C.enable_x64()
+        info = C.machine_info()
+        shapes = ((8, 100),) if a.smoke else ((128, 1000), (256, 5000))
+        rows = kernel_rates(
+            shapes,
+            blocks=(50,) if a.smoke else (250, 1000),
+            rounds=a.rounds or (2 if a.smoke else 7),
+            cpu_time=a.cpu_time,
+            numpy_threads=not a.one_core,
+        )
+        md = kernels_markdown(rows, info)
+        name = "steps_kernels" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
+        name += "_tiny" if a.smoke else ""
+        C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
+        print(md)
+        return
     if a.variants:
         product_variants(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9))
         return
     if a.breakdown:
         C.enable_x64()
         info = C.machine_info()
-        rows = step_breakdown(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 7))
-        md = breakdown_markdown(rows, info)
-        C.write_outputs(
-            "steps_breakdown" if not a.smoke else "steps_breakdown_tiny", dict(machine=info, rows=rows), a.out, md
+        rows = step_breakdown(
+            TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 7), cpu_time=a.cpu_time
         )
+        md = breakdown_markdown(rows, info)
+        name = "steps_breakdown" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
+        name += "_tiny" if a.smoke else ""
+        C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
         print(md)
         return
     tc = False if a.no_torch_compile else None
-    run("tiny" if a.smoke else "full", rounds=a.rounds, out_dir=a.out, torch_compile=tc)
+    run(
+        "tiny" if a.smoke else "full",
+        rounds=a.rounds,
+        out_dir=a.out,
+        torch_compile=tc,
+        one_core=a.one_core,
+        cpu_time=a.cpu_time,
+    )
 
 
 if __name__ == "__main__":
