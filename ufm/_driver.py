@@ -38,6 +38,7 @@ import optax
 from jax.experimental import io_callback
 from jax.flatten_util import ravel_pytree
 
+from . import _lbfgs as lbfgs_core
 from ._linesearch import DEFAULT_RULE, TrialRule, find_state, scale_by_trial_linesearch, stored_value_and_grad
 from ._model import Params, init_params, objective, regulariser, tree_norm
 from ._options import DIVERGENCE_FACTOR, LBFGS_LINESEARCH, RESOLVE_FLOOR
@@ -61,9 +62,9 @@ class SolverState(NamedTuple):
 
     Attributes:
       step: k, steps taken.
-      params: x_k.
+      params: x_k (`Params`; a flat vector (P,) inside `lbfgs_step`'s loop).
       opt_state: the optax state of the method.
-      value, grad: f(x_k) and grad f(x_k).
+      value, grad: f(x_k) and grad f(x_k) (as ``params``).
       grad_norm: ||grad f(x_k)||_2.
       rel_grad: the scale-aware stationarity at x_k (module docstring).
       best_value, best_grad_norm: min_{j<=k} f(x_j) and min_{j<=k} ||grad f(x_j)||.
@@ -73,10 +74,10 @@ class SolverState(NamedTuple):
     """
 
     step: jax.Array
-    params: Params
+    params: Any
     opt_state: Any
     value: jax.Array
-    grad: Params
+    grad: Any
     grad_norm: jax.Array
     rel_grad: jax.Array
     best_value: jax.Array
@@ -249,7 +250,8 @@ class TrialSearch(NamedTuple):
     """The method state of `lbfgs_step` (``SolverState.opt_state``): the L-BFGS memory and the search in progress.
 
     Attributes:
-      lbfgs: the state of ``optax.chain(optax.scale_by_lbfgs(m), optax.scale(-lr))``.
+      lbfgs: the L-BFGS memory (`ufm._lbfgs.Memory`; the arithmetic of ``optax.scale_by_lbfgs``).
+      lam: the flat weight decays (`flat_lambdas`): grad R(x) = lam * x.
       direction: d, the flat search direction at x_k.
       slope: s = <grad f(x_k), d> < 0.
       initial: a0 of this search.
@@ -259,7 +261,8 @@ class TrialSearch(NamedTuple):
       fresh: x_0 is not evaluated yet (the first iteration evaluates it: the initialisation is in the loop).
     """
 
-    lbfgs: Any
+    lbfgs: lbfgs_core.Memory
+    lam: jax.Array
     direction: jax.Array
     slope: jax.Array
     initial: jax.Array
@@ -276,21 +279,29 @@ def uses_trial_machine(method) -> bool:
     return isinstance(method, str) and method == "lbfgs" and LBFGS_LINESEARCH == "trial"
 
 
-def lbfgs_direction_transform(lr, memory_size: int) -> optax.GradientTransformation:
-    """d = -lr P g, P the L-BFGS inverse-Hessian approximation (memory ``memory_size``)."""
-    return optax.chain(optax.scale_by_lbfgs(memory_size=memory_size), optax.scale(-lr))
+def unraveler(problem, dtype) -> Callable[[jax.Array], Params]:
+    """The inverse of ``ravel_pytree`` for the parameters of ``problem`` in ``dtype``: flat (P,) -> `Params`."""
+    hs, ws, bs = problem.param_shapes()
+    z = Params(
+        jnp.zeros(hs, dtype), tuple(jnp.zeros(s, dtype) for s in ws), None if bs is None else jnp.zeros(bs, dtype)
+    )
+    return ravel_pytree(z)[1]
 
 
 def lbfgs_init(problem, params: Params, lr, memory_size: int, rule: TrialRule = DEFAULT_RULE) -> SolverState:
     """The state before x_0 is evaluated (``fresh``; status RUNNING): `lbfgs_step` evaluates it first, so the
-    compiled program holds ONE copy of value-and-gradient (init, first trial and fallback trials share it)."""
-    del problem
+    compiled program holds ONE copy of value-and-gradient (init, first trial and fallback trials share it).
+
+    The state's ``params`` and ``grad`` are FLAT vectors (P,) in the ravelled order of ``params`` (no ravel or
+    unravel per iteration); `run` unravels them for the records and the result."""
+    del lr
     xf = ravel_pytree(params)[0]
     dt = xf.dtype
     inf = jnp.asarray(jnp.inf, dt)
     zero = jnp.zeros((), dt)
     search = TrialSearch(
-        strong(lbfgs_direction_transform(lr, memory_size).init(xf)),
+        lbfgs_core.init(xf, memory_size),
+        flat_lambdas(problem, params).astype(dt),
         jnp.zeros_like(xf),
         zero,
         jnp.asarray(rule.max_stepsize, dt),
@@ -301,21 +312,20 @@ def lbfgs_init(problem, params: Params, lr, memory_size: int, rule: TrialRule = 
         jnp.zeros_like(xf),
         jnp.bool_(True),
     )
-    grad = jax.tree_util.tree_map(jnp.zeros_like, params)
     return SolverState(
-        jnp.int32(0), params, search, inf, grad, inf, inf, inf, inf, jnp.int32(0), inf, jnp.int32(RUNNING)
+        jnp.int32(0), xf, search, inf, jnp.zeros_like(xf), inf, inf, inf, inf, jnp.int32(0), inf, jnp.int32(RUNNING)
     )
 
 
-def _evaluate_trial(problem, state: SolverState, rule: TrialRule):
+def _evaluate_trial(problem, state: SolverState, rule: TrialRule, unravel):
     """f and grad f at the next trial x_k + a d (a = 0 at the fresh start), with <grad, d>."""
     ts = state.opt_state
-    xf, unravel = ravel_pytree(state.params)
+    xf = state.params
     dt = xf.dtype
     a = jnp.where(ts.fresh, jnp.zeros((), dt), ts.initial * rule.decrease_factor ** ts.trial.astype(dt))
     xt = xf + (a * ts.direction).astype(dt)
     f, g = jax.value_and_grad(lambda z: objective(problem, unravel(z)))(xt)
-    return xf, unravel, a, xt, f.astype(dt), g, jnp.vdot(g, ts.direction).astype(dt)
+    return a, xt, f.astype(dt), g, jnp.vdot(g, ts.direction).astype(dt)
 
 
 def lbfgs_step(
@@ -326,14 +336,16 @@ def lbfgs_step(
     The trials a0 r^j are tried in order, so the first acceptable one is the largest (what
     `scale_by_trial_linesearch` picks among all M); the search ends at an acceptable trial, or after the M-th with
     the largest trial that had a sufficient decrease, else with no step. Only then is a step counted (k + 1), the
-    L-BFGS memory and direction updated and the stopping rule of `step` applied; in between, the state keeps x_k
-    and records the search. The fresh start evaluates x_0 and applies the rule of `init`.
+    L-BFGS memory and direction updated (`ufm._lbfgs.update`, loop-free) and the stopping rule of `step` applied;
+    in between, the state keeps x_k and records the search. The fresh start evaluates x_0 and applies the rule of
+    `init`. ``state.params`` and ``state.grad`` are flat (`lbfgs_init`); ``memory_size`` is the memory's.
     """
+    del memory_size  # fixed by the memory's shape (`lbfgs_init`)
     ts = state.opt_state
-    xf, unravel, a, xt, f, g, df = _evaluate_trial(problem, state, rule)
-    lam = flat_lambdas(problem, state.params)
+    xf = state.params
     dt = xf.dtype
-    value, gf = state.value, ravel_pytree(state.grad)[0]
+    a, xt, f, g, df = _evaluate_trial(problem, state, rule, unraveler(problem, dt))
+    value, gf = state.value, state.grad
     ok = rule.acceptable(a, f, df, value, ts.slope)
     new_cand = rule.decrease(a, f, df, value, ts.slope) & ~ts.has_candidate
     has_cand = ts.has_candidate | new_cand
@@ -349,24 +361,27 @@ def lbfgs_step(
         x_end = jnp.where(ok | ts.fresh, xt, xf + (a_end * ts.direction).astype(dt))
         f_end = jnp.where(ok | ts.fresh, f, jnp.where(has_cand, cand_f, value))
         g_end = jnp.where(ok | ts.fresh, g, jnp.where(has_cand, cand_g, gf))
-        # the next direction: L-BFGS, -g when not a descent direction
-        upd, lb = lbfgs_direction_transform(jnp.asarray(lr, dt), memory_size).update(g_end, ts.lbfgs, x_end)
+        # the next direction: -lr H g (L-BFGS), -g when not a descent direction
+        hg, lb = lbfgs_core.update(ts.lbfgs, x_end, g_end)
+        upd = (-jnp.asarray(lr, dt) * hg).astype(dt)
         slope = jnp.vdot(g_end, upd).astype(dt)
         ascent = ~(slope < 0)
         d = jnp.where(ascent, -g_end, upd)
         slope = jnp.where(ascent, -jnp.vdot(g_end, g_end).astype(dt), slope)
         a0 = jnp.where(ts.fresh, ts.initial, rule.next_initial(ts.initial, a_end, took).astype(dt))
-        x, g_tree = unravel(x_end), unravel(g_end)
         k = state.step + (~ts.fresh).astype(jnp.int32)
-        gn, rel = stationarity(g_end, x_end, lam)
+        gn, rel = stationarity(g_end, x_end, ts.lam)
         status0, limit0 = _start_status(f_end, gn, rel, tol, rtol)
         status, last = _stopping_rule(state, k, f_end, gn, rel, tol, rtol, patience)
+        search = TrialSearch(
+            lb, ts.lam, d, slope, a0, jnp.int32(0), jnp.bool_(False), cand_a, cand_f, cand_g, jnp.bool_(False)
+        )
         return SolverState(
             k,
-            x,
-            TrialSearch(lb, d, slope, a0, jnp.int32(0), jnp.bool_(False), cand_a, cand_f, cand_g, jnp.bool_(False)),
+            x_end,
+            search,
             f_end,
-            g_tree,
+            g_end,
             gn,
             rel,
             jnp.where(ts.fresh, f_end, jnp.minimum(state.best_value, f_end)),
@@ -574,9 +589,13 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
     tol, rtol = jnp.asarray(tol, dtype), jnp.asarray(rtol, dtype)
     if uses_trial_machine(cfg.method):
         state0 = lbfgs_init(problem, params0, jnp.asarray(lr, dtype), cfg.memory_size)
+        unravel = unraveler(problem, dtype)
 
         def advance(state):
             return lbfgs_step(problem, state, lr, tol, rtol, cfg.patience, cfg.memory_size)
+
+        def view(state):  # the state with Params (its params and grad are flat in the loop)
+            return state._replace(params=unravel(state.params), grad=unravel(state.grad))
     else:
         opt = make_optimizer(cfg.method, jnp.asarray(lr, dtype), cfg.momentum, cfg.memory_size)
         state0 = init(problem, params0, opt, tol, rtol)
@@ -584,7 +603,10 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
         def advance(state):
             return step(problem, state, opt, tol, rtol, cfg.patience)
 
-    rec0 = init_records(state0, cfg)
+        def view(state):
+            return state
+
+    rec0 = init_records(view(state0), cfg)
 
     def cond(c):
         state, _ = c
@@ -593,7 +615,7 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
     def body(c):
         state_in, rec = c
         state = advance(state_in)
-        rec = record(rec, state, cfg)
+        rec = record(rec, view(state), cfg)  # snapshots only read params (unravelled only when recorded)
         if cfg.progress_every:
             moved = (state.step != state_in.step) | (state.status != RUNNING)
             stop = _progress_point(handle, state, cfg, state.step >= cfg.max_steps, moved)
@@ -603,7 +625,7 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
         return state, rec
 
     state, rec = jax.lax.while_loop(cond, body, (state0, rec0))
-    return finish(state, rec, cfg)
+    return finish(view(state), rec, cfg)
 
 
 def draw_params(problem, key, scale, dtype) -> Params:
