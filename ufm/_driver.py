@@ -150,13 +150,22 @@ def flat_lambdas(problem, params: Params) -> jax.Array:
 def stationarity(g: jax.Array, x: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(||g||, rel_grad) from flat vectors: g = grad f(x), lam = `flat_lambdas` (so grad R = lam x, grad F = g - lam x).
 
-    The three squared norms are one reduction over a (3, n) stack (one kernel in the loop body instead of
-    3 (L + 1) reductions and the regulariser's gradient); rel_grad is 0 when ||grad F|| + ||grad R|| = 0."""
+    The three squared norms are the diagonal of ONE matrix product V V^T, V = [g; grad R; grad F] (3, n): on
+    XLA:CPU a matrix product is one library call, where each vector reduction becomes a tree of several kernels
+    (the compile time of the loop grows with its kernels); rel_grad is 0 when ||grad F|| + ||grad R|| = 0."""
     g_R = lam * x
-    g_F = g - g_R
-    num = jnp.sqrt(jnp.vdot(g, g))
-    den = jnp.sqrt(jnp.vdot(g_F, g_F)) + jnp.sqrt(jnp.vdot(g_R, g_R))
+    V = jnp.stack([g, g_R, g - g_R])
+    n2 = jnp.diagonal(V @ V.T)
+    num = jnp.sqrt(n2[0])
+    den = jnp.sqrt(n2[2]) + jnp.sqrt(n2[1])
     return num, jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(num))
+
+
+def pair_dots(a: jax.Array, b: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(a . v, b . v) of flat vectors as one matrix-vector product [a; b] v (one library call on XLA:CPU, where a
+    single ``vdot`` becomes a tree of reduction kernels; see `stationarity`)."""
+    r = jnp.stack([a, b]) @ v
+    return r[0], r[1]
 
 
 def _cached_value_and_grad(opt_state, f):
@@ -325,7 +334,8 @@ def _evaluate_trial(problem, state: SolverState, rule: TrialRule, unravel):
     a = jnp.where(ts.fresh, jnp.zeros((), dt), ts.initial * rule.decrease_factor ** ts.trial.astype(dt))
     xt = xf + (a * ts.direction).astype(dt)
     f, g = jax.value_and_grad(lambda z: objective(problem, unravel(z)))(xt)
-    return a, xt, f.astype(dt), g, jnp.vdot(g, ts.direction).astype(dt)
+    df, _ = pair_dots(g, ts.direction, ts.direction)
+    return a, xt, f.astype(dt), g, df.astype(dt)
 
 
 def lbfgs_step(
@@ -362,15 +372,16 @@ def lbfgs_step(
         f_end = jnp.where(ok | ts.fresh, f, jnp.where(has_cand, cand_f, value))
         g_end = jnp.where(ok | ts.fresh, g, jnp.where(has_cand, cand_g, gf))
         # the next direction: -lr H g (L-BFGS), -g when not a descent direction
-        hg, lb = lbfgs_core.update(ts.lbfgs, x_end, g_end)
+        gn, rel = stationarity(g_end, x_end, ts.lam)
+        hg, lb = lbfgs_core.update(ts.lbfgs, x_end, g_end, gg=gn * gn)
         upd = (-jnp.asarray(lr, dt) * hg).astype(dt)
-        slope = jnp.vdot(g_end, upd).astype(dt)
+        slope, gg = pair_dots(upd, g_end, g_end)
+        slope = slope.astype(dt)
         ascent = ~(slope < 0)
         d = jnp.where(ascent, -g_end, upd)
-        slope = jnp.where(ascent, -jnp.vdot(g_end, g_end).astype(dt), slope)
+        slope = jnp.where(ascent, -gg.astype(dt), slope)
         a0 = jnp.where(ts.fresh, ts.initial, rule.next_initial(ts.initial, a_end, took).astype(dt))
         k = state.step + (~ts.fresh).astype(jnp.int32)
-        gn, rel = stationarity(g_end, x_end, ts.lam)
         status0, limit0 = _start_status(f_end, gn, rel, tol, rtol)
         status, last = _stopping_rule(state, k, f_end, gn, rel, tol, rtol, patience)
         search = TrialSearch(
@@ -628,23 +639,72 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
     return finish(view(state), rec, cfg)
 
 
+def threefry2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 hash (20 rounds; Salmon et al. 2011) of the uint32 counts (x1, x2) under key (k1, k2), as
+    straight-line elementwise arithmetic: ONE fused kernel. The arithmetic of JAX's ``threefry2x32`` primitive, whose
+    CPU lowering is a 5-trip loop that XLA unrolls into several kernels per trip (tested bit for bit through
+    `draw_params`)."""
+    u32 = np.uint32
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    ks = (k1, k2, k1 ^ k2 ^ u32(0x1BD11BDA))
+    x0, x1 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << u32(r)) | (x1 >> u32(32 - r))
+            x1 = x0 ^ x1
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + u32(i + 1)
+    return x0, x1
+
+
+def _normal_from_key(kd, n: int, dtype):
+    """``jax.random.normal(key, (n,), dtype)`` for a threefry key with data ``kd`` (2,) uint32 and JAX's
+    partitionable threefry: bits from the hash of the counts (0, i), the mantissa trick of ``jax.random.uniform``
+    on [nextafter(-1, 0), 1), then sqrt(2) erfinv(u)."""
+    dtype = np.dtype(dtype)
+    finfo = jnp.finfo(dtype)
+    nbits, nmant = finfo.bits, finfo.nmant
+    counts = jnp.arange(n, dtype=jnp.uint32)
+    b1, b2 = threefry2x32(kd[0], kd[1], jnp.zeros_like(counts), counts)
+    ut: Any = np.uint64 if nbits == 64 else np.uint32
+    bits = (b1.astype(ut) << ut(32)) | b2.astype(ut) if nbits == 64 else b1 ^ b2
+    fbits = (bits >> ut(nbits - nmant)) | jnp.asarray(np.array(1.0, dtype).view(ut), ut)
+    floats = jax.lax.bitcast_convert_type(fbits, dtype) - jnp.asarray(1.0, dtype)
+    lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+    hi = np.array(1.0, dtype)
+    u = jax.lax.max(jnp.asarray(lo, dtype), floats * jnp.asarray(hi - lo, dtype) + jnp.asarray(lo, dtype))
+    return jax.lax.mul(jnp.asarray(np.sqrt(2), dtype), jax.lax.erf_inv(u))
+
+
 def draw_params(problem, key, scale, dtype) -> Params:
-    """`ufm.init_params` (the same numbers, bit for bit) with ONE vmapped normal draw instead of one per layer.
+    """`ufm.init_params` (the same numbers, bit for bit) with ONE normal draw instead of one per layer.
 
     With JAX's partitionable threefry (the default since JAX 0.5), the bits of ``jax.random.normal(k, shape)``
     depend only on k and the flat index, so the draw of each layer is the first prod(shape) entries of a draw of
-    the largest size from the same per-layer key. One threefry in the program instead of L + 1 halves the XLA
-    compile time of the initialisation (measured 7-9 s vs 18-21 s on a loaded 2-core CPU, K=4, n=10, 32x3).
-    Other key implementations, or the non-partitionable threefry, fall back to `init_params`.
+    the largest size from the same per-layer key (``jax.random.split(key, L + 1)``). The split and the draws hash
+    with `threefry2x32` written out (one fused kernel each): JAX's CPU lowering of the hash is a loop that XLA
+    unrolls into many kernels, which made the initialisation about a quarter of the first solve's compile.
+    Other key implementations, the non-partitionable threefry, or float types other than float32/float64 fall back
+    to `init_params`.
     """
     partitionable = bool(jax.config.jax_threefry_partitionable)  # type: ignore[attr-defined]  # runtime config attribute
-    if not partitionable or str(jax.random.key_impl(key)) != "threefry2x32":
-        return init_params(problem, key, scale, dtype)
     dtype = jnp.dtype(dtype)
+    if (
+        not partitionable
+        or str(jax.random.key_impl(key)) != "threefry2x32"
+        or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+        or (dtype == jnp.float64 and not jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+    ):
+        return init_params(problem, key, scale, dtype)
     hs, ws, bs = problem.param_shapes()
     shapes = (hs,) + tuple(ws)
     sizes = [int(np.prod(s)) for s in shapes]
-    z = jax.vmap(lambda k: jax.random.normal(k, (max(sizes),), dtype))(jax.random.split(key, problem.L + 1))
+    kd = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jnp.asarray(key)
+    kd = kd.astype(jnp.uint32)
+    counts = jnp.arange(problem.L + 1, dtype=jnp.uint32)
+    k1, k2 = threefry2x32(kd[0], kd[1], jnp.zeros_like(counts), counts)  # jax.random.split(key, L + 1)
+    z = jax.vmap(lambda a, b: _normal_from_key(jnp.stack([a, b]), max(sizes), dtype))(k1, k2)
     scale = jnp.asarray(scale, dtype)
     H = scale * z[0, : sizes[0]].reshape(hs)
     Ws = tuple(

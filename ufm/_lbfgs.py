@@ -75,17 +75,6 @@ def init(x: jax.Array, memory_size: int = 10) -> Memory:
     return Memory(jnp.int32(0), jnp.zeros_like(x), jnp.zeros_like(x), z, z, zm, zm)
 
 
-def _mv(A, v):
-    """A v for A (m, n), v (n,) as a fused multiply-and-sum (under ``vmap`` XLA:CPU runs a batched ``dot`` of many
-    small products as a loop; an elementwise product and a reduction stay one kernel each)."""
-    return jnp.sum(A * v[None, :], axis=-1)
-
-
-def _vm(c, A):
-    """c^T A for c (m,), A (m, n) (see `_mv`)."""
-    return jnp.sum(c[:, None] * A, axis=0)
-
-
 def num_pairs(mem: Memory) -> jax.Array:
     """Pairs held: min(pushed, m)."""
     m = mem.S.shape[0]
@@ -96,7 +85,8 @@ def push(mem: Memory, s: jax.Array, y: jax.Array, where: jax.Array | None = None
     """The memory with the pair (s, y) in row k = max(calls - 1, 0) mod m (the oldest pair dropped when full);
     ``calls``, ``x`` and ``g`` unchanged (`update` advances them).
 
-    Rows and column k of SY and YY are refreshed from three products with the memory (S y, Y s, Y y). ``where``
+    Row and column k of SY and YY are refreshed from two matrix products with the memory (S y; Y [s, y]: matrix
+    products stay one library call each on XLA:CPU, where a vector reduction becomes several kernels). ``where``
     (a boolean scalar, optional) writes only when true: the rows are then written by a select over (m, n) instead
     of an in-place update (the form that stays cheap under ``vmap``, where a per-lane index becomes a scatter).
     """
@@ -111,33 +101,34 @@ def push(mem: Memory, s: jax.Array, y: jax.Array, where: jax.Array | None = None
         rows = rows & where
         S = jnp.where(rows[:, None], s[None, :], mem.S)
         Y = jnp.where(rows[:, None], y[None, :], mem.Y)
-    sy = _mv(S, y)  # s_i . y -> SY[:, k]
-    ys = _mv(Y, s)  # y_j . s -> SY[k, :]
-    yy = _mv(Y, y)  # y_i . y -> YY[:, k] = YY[k, :]
+    sy = S @ y  # s_i . y -> SY[:, k]
+    ys, yy = (Y @ jnp.stack([s, y], axis=1)).T  # y_j . s -> SY[k, :];  y_i . y -> YY[:, k] = YY[k, :]
     SY = jnp.where(rows[None, :], sy[:, None], jnp.where(rows[:, None], ys[None, :], mem.SY))
     YY = jnp.where(rows[None, :], yy[:, None], jnp.where(rows[:, None], yy[None, :], mem.YY))
     return Memory(mem.calls, mem.x, mem.g, S, Y, SY, YY)
 
 
-def gamma(mem: Memory, g: jax.Array) -> jax.Array:
+def gamma(mem: Memory, g: jax.Array, gg: jax.Array | None = None) -> jax.Array:
     """The scale of the initial matrix gamma I: s . y / y . y of the newest pair (1 when y = 0), and min(1, 1/||g||)
-    before any pair (optax's first-step rule: the first step has length at most 1)."""
+    before any pair (optax's first-step rule: the first step has length at most 1). ``gg``: g . g when the caller
+    has it (else computed)."""
     m, dt = mem.S.shape[0], mem.S.dtype
     k = (jnp.maximum(mem.calls - 1, 0) + m - 1) % m  # row of the newest pair
     sy, yy = mem.SY[k, k], mem.YY[k, k]
     gam = jnp.where(yy > 0, sy / jnp.where(yy > 0, yy, 1), 1.0)
-    first = jnp.minimum(1.0, 1.0 / jnp.sqrt(jnp.sum(g * g)))
+    first = jnp.minimum(1.0, 1.0 / jnp.sqrt(jnp.vdot(g, g) if gg is None else gg))
     return jnp.where(mem.calls > 1, gam, first).astype(dt)
 
 
-def direction(mem: Memory, g: jax.Array, scale: jax.Array | None = None) -> jax.Array:
-    """H g (module docstring) for g (n,), from gamma I with gamma = ``scale`` (default: `gamma`).
+def direction(mem: Memory, g: jax.Array, scale: jax.Array | None = None, gg: jax.Array | None = None) -> jax.Array:
+    """H g (module docstring) for g (n,), from gamma I with gamma = ``scale`` (default: `gamma`; ``gg`` = g . g
+    when known).
 
     A pair with s . y = 0 is left out (optax gives it weight 0), as are the empty rows of a young memory: their
     rows and columns of R become those of the identity and their a, b entries 0, so they contribute exactly 0.
     """
     m, dt = mem.S.shape[0], mem.S.dtype
-    gam = gamma(mem, g) if scale is None else jnp.asarray(scale, dt)
+    gam = gamma(mem, g, gg) if scale is None else jnp.asarray(scale, dt)
     pushed = jnp.maximum(mem.calls - 1, 0)
     # time order: position t holds row (pushed + t) mod m, the oldest first; a young memory's empty rows come first
     order = (pushed + jnp.arange(m)) % m
@@ -149,20 +140,23 @@ def direction(mem: Memory, g: jax.Array, scale: jax.Array | None = None) -> jax.
     both = use[:, None] & use[None, :]
     R = jnp.where(both, jnp.triu(SY), 0.0) + jnp.diag(jnp.where(use, 0.0, 1.0)).astype(dt)
     YY = jnp.where(both, mem.YY[order][:, order], 0.0)
-    a = jnp.where(use, _mv(mem.S, g)[order], 0.0)
-    b = jnp.where(use, _mv(mem.Y, g)[order], 0.0)
+    a = jnp.where(use, (mem.S @ g)[order], 0.0)
+    b = jnp.where(use, (mem.Y @ g)[order], 0.0)
     u = solve_triangular(R, a, lower=False)
     v = jnp.where(use, d, 0.0) * u + gam * (YY @ u) - gam * b
     p = solve_triangular(R, v, lower=False, trans="T")
-    return (gam * g + _vm(p[back], mem.S) - gam * _vm(u[back], mem.Y)).astype(dt)
+    return (gam * g + p[back] @ mem.S - gam * (u[back] @ mem.Y)).astype(dt)
 
 
-def update(mem: Memory, x: jax.Array, g: jax.Array, where: jax.Array | None = None) -> tuple[jax.Array, Memory]:
+def update(
+    mem: Memory, x: jax.Array, g: jax.Array, where: jax.Array | None = None, gg: jax.Array | None = None
+) -> tuple[jax.Array, Memory]:
     """``optax.scale_by_lbfgs(m).update(g, state, x)`` on flat vectors: (H g, the new memory).
 
     The first call records (x, g); every later call first pushes (x - x_prev, g - g_prev) (`push`), then returns
     H g with gamma from that pair. ``where`` (boolean scalar, optional): update only when true; the memory is
-    returned unchanged otherwise, and the H g returned is then that of the old memory (to be discarded).
+    returned unchanged otherwise, and the H g returned is then that of the old memory (to be discarded). ``gg``:
+    g . g when the caller has it (used by the first call's step rule).
     """
     dt = mem.S.dtype
     x, g = x.astype(dt), g.astype(dt)
@@ -183,4 +177,4 @@ def update(mem: Memory, x: jax.Array, g: jax.Array, where: jax.Array | None = No
             new.SY,
             new.YY,
         )
-    return direction(new, g), new
+    return direction(new, g, gg=gg), new
