@@ -434,9 +434,15 @@ def _stopping_rule(state: SolverState, k, v, gn, rel, tol, rtol, patience: int):
 
 
 class Records(NamedTuple):
-    """What the driver records besides the state (None when not asked)."""
+    """What the driver records besides the state (None when not asked).
 
-    history: History | None
+    Attributes:
+      history: (nh + 1, 2) rows (f, ||grad f||) at steps 0, every, 2 every, ...; the extra last row takes the
+        writes of the steps that record nothing (one unconditional row write per iteration: no read, no select).
+      snapshots: `ufm._solution.Snapshots`.
+    """
+
+    history: jax.Array | None
     snapshots: Snapshots | None
 
 
@@ -445,10 +451,7 @@ def init_records(state: SolverState, cfg: Config) -> Records:
     hist = snaps = None
     if cfg.history:
         nh = cfg.max_steps // cfg.history_every + 1
-        hist = History(
-            jnp.full((nh,), jnp.nan, dtype).at[0].set(state.value),
-            jnp.full((nh,), jnp.nan, dtype).at[0].set(state.grad_norm),
-        )
+        hist = jnp.full((nh + 1, 2), jnp.nan, dtype).at[0].set(jnp.stack([state.value, state.grad_norm]))
     if cfg.snapshot_every:
         ns = cfg.max_steps // cfg.snapshot_every + 1
         snaps = Snapshots(
@@ -462,12 +465,9 @@ def record(rec: Records, state: SolverState, cfg: Config) -> Records:
     k = state.step
     hist, snaps = rec
     if hist is not None:
-        j = k // cfg.history_every
-        w = (k % cfg.history_every) == 0
-        hist = History(
-            hist.loss.at[j].set(jnp.where(w, state.value, hist.loss[j])),
-            hist.grad_norm.at[j].set(jnp.where(w, state.grad_norm, hist.grad_norm[j])),
-        )
+        nh = hist.shape[0] - 1
+        row = jnp.where((k % cfg.history_every) == 0, k // cfg.history_every, nh)
+        hist = jax.lax.dynamic_update_index_in_dim(hist, jnp.stack([state.value, state.grad_norm]), row, 0)
     if snaps is not None:
         assert cfg.snapshot_every is not None  # snapshots are recorded only with snapshot_every set
         i = k // cfg.snapshot_every
@@ -481,9 +481,8 @@ def record(rec: Records, state: SolverState, cfg: Config) -> Records:
 
 def finish(state: SolverState, rec: Records, cfg: Config) -> Solution:
     status = jnp.where(state.status == RUNNING, MAX_STEPS, state.status).astype(jnp.int32)
-    return Solution(
-        state.params, state.value, state.grad_norm, state.step, status, rec.history, rec.snapshots, state.rel_grad
-    )
+    hist = None if rec.history is None else History(rec.history[:-1, 0], rec.history[:-1, 1])
+    return Solution(state.params, state.value, state.grad_norm, state.step, status, hist, rec.snapshots, state.rel_grad)
 
 
 # --- progress and interruption (host side) ------------------------------------------------------------------------
