@@ -144,17 +144,28 @@ def test_bad_arguments_are_refused():
 
 
 def test_draw_params_equals_init_params_bit_for_bit():
-    # the solver draws its start with one vmapped normal (ufm._driver.draw_params); the numbers must be those of
-    # the public ufm.init_params for the same key, scale and dtype (regularised bias included: b = 0)
-    from ufm._driver import draw_params
+    # the solver draws its start with one normal draw hashed by its own threefry2x32 (ufm._driver.draw_params);
+    # the numbers must be those of the public ufm.init_params (jax.random) for the same key, scale and dtype
+    # (regularised bias included: b = 0), eagerly and compiled (as inside the solver's program), for a typed key
+    # and a legacy uint32 key; the hash itself equals JAX's threefry_2x32 on random counts
+    from jax._src.random.threefry2x32 import threefry_2x32
+
+    from ufm._driver import draw_params, threefry2x32
 
     p = ufm.UFM(num_classes=3, n_per_class=(2, 3, 1), widths=(5, 4), bias="reg", lam_b=1e-3)
+    jitted = jax.jit(draw_params, static_argnums=(0, 3))
     for dt in ("float64", "float32"):
-        a = ufm.init_params(p, jax.random.key(7), 0.5, dt)
-        b = draw_params(p, jax.random.key(7), 0.5, dt)
-        for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
-            assert x.dtype == y.dtype and x.shape == y.shape
-            np.testing.assert_array_equal(x, y)
+        for key in (jax.random.key(7), jax.random.PRNGKey(11)):
+            a = ufm.init_params(p, key, 0.5, dt)
+            for b in (draw_params(p, key, 0.5, dt), jitted(p, key, 0.5, dt)):
+                for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
+                    assert x.dtype == y.dtype and x.shape == y.shape
+                    np.testing.assert_array_equal(x, y)
+    rng = np.random.default_rng(0)
+    k = rng.integers(0, 2**32, size=2, dtype=np.uint32)
+    c = rng.integers(0, 2**32, size=(2, 64), dtype=np.uint32)
+    ours = jnp.concatenate(threefry2x32(k[0], k[1], jnp.asarray(c[0]), jnp.asarray(c[1])))
+    np.testing.assert_array_equal(ours, threefry_2x32(jnp.asarray(k), jnp.asarray(c.reshape(-1))))
 
 
 def test_one_trial_per_iteration_lbfgs_takes_the_steps_of_the_batched_search():

@@ -241,28 +241,6 @@ def test_lockstep_takes_the_steps_of_the_trial_line_search(lockstep_and_singles)
         np.testing.assert_allclose(sols.history.loss[i, : n + 1], s.history.loss[: n + 1], rtol=1e-9)
 
 
-def test_lbfgs_shift_register_equals_optax_lbfgs():
-    # ufm._batch.Lbfgs keeps optax.scale_by_lbfgs's memory oldest-first instead of in a ring: 14 pushes with m = 4
-    # (the ring wraps three times) must give optax's preconditioned vector at every push (same arithmetic; 1e-12
-    # allows a different summation order in the inner products)
-    from ufm._batch import Lbfgs
-
-    rng = np.random.default_rng(0)
-    m, P = 4, 7
-    A = rng.standard_normal((P, P))
-    A = A @ A.T + np.eye(P)  # a convex quadratic: <dg, dx> > 0
-    ref, ours = optax.scale_by_lbfgs(memory_size=m), Lbfgs(m)
-    x = jnp.asarray(rng.standard_normal(P))
-    s_ref, s_ours = ref.init(x), ours.init(x)
-    up_ref, up_ours = jax.jit(ref.update), jax.jit(ours.update)  # eager optax dispatches ~100 small ops a call
-    for _ in range(14):
-        g = jnp.asarray(A) @ x
-        u_ref, s_ref = up_ref(g, s_ref, x)
-        u_ours, s_ours = up_ours(g, s_ours, x)
-        np.testing.assert_allclose(u_ours, u_ref, rtol=1e-12, atol=1e-14)
-        x = x - 0.3 * u_ref
-
-
 def test_lockstep_falls_back_to_map_for_other_methods():
     # only L-BFGS with the trial line search has a lockstep emulation; gd must give exactly the "map" results
     a = ufm.solve_batch(SHALLOW, seeds=[0, 1], method="gd", lr=0.1, max_steps=50, engine="lockstep")

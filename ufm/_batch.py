@@ -10,8 +10,8 @@ and S run indices cross between host and device; states, histories and results s
   trial line search evaluating all its M trials in one ``vmap`` every step.
 * "lockstep" (`solve_lockstep`, L-BFGS): every iteration evaluates f and its gradient ONCE per lane, all lanes in
   one ``vmap``; each lane's line search is a state machine that evaluates one trial per iteration with the
-  acceptance rule of `ufm._linesearch`, and the L-BFGS memory is a shift register (`Lbfgs`), so nothing inside
-  the loop is a per-lane gather, scatter or nested loop.
+  acceptance rule of `ufm._linesearch`, and the L-BFGS direction is the loop-free compact form of `ufm._lbfgs`
+  (its memory written by a select, not a per-lane scatter), so nothing inside the loop is a nested loop.
 
 Run i ends where ``ufm.solve`` of problem i ends up to the rounding of batched arithmetic.
 """
@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.flatten_util import ravel_pytree
 
+from . import _lbfgs as lbfgs_core
 from ._driver import (
     Config,
     Records,
@@ -39,9 +40,10 @@ from ._driver import (
     record,
     rel_grad,
     step,
+    unraveler,
 )
 from ._linesearch import scale_by_trial_linesearch
-from ._model import Params, objective
+from ._model import objective
 from ._options import DIVERGENCE_FACTOR, RESOLVE_FLOOR
 from ._solution import (
     CONVERGED,
@@ -234,7 +236,7 @@ class Lanes(NamedTuple):
       x, g: the accepted point x_k and grad f(x_k), flat (S, P).
       value, grad_norm, rel, best_value, best_grad_norm, last_improve, limit, step, status: as in
         `ufm._driver.SolverState`.
-      lbfgs: the optax L-BFGS state (memory of the last pairs).
+      lbfgs: the L-BFGS memory (`ufm._lbfgs.Memory`, one per lane).
       d, slope: the search direction at x_k and <g, d> < 0.
       a0, j: the first trial step of the current search and the index of the trial evaluated next (a0 r^j).
       has_dec, dec_a, dec_f, dec_g: the largest trial so far with a sufficient decrease (the search's fallback).
@@ -274,14 +276,6 @@ def _dot(a, b):
     """<a, b> of two flat vectors as a fused multiply-and-sum: under ``vmap`` XLA's CPU ``dot`` of S pairs of
     vectors is a loop of S tiny products (measured 25 ms per L-BFGS update for 128 lanes, against 1 ms here)."""
     return jnp.sum(a * b)
-
-
-def _unravel(problem, dtype):
-    hs, ws, bs = problem.param_shapes()
-    z = Params(
-        jnp.zeros(hs, dtype), tuple(jnp.zeros(s, dtype) for s in ws), None if bs is None else jnp.zeros(bs, dtype)
-    )
-    return ravel_pytree(z)[1]
 
 
 def _state_of(problem, lane: Lanes, unravel) -> SolverState:
@@ -349,7 +343,7 @@ def _stopping(lane: Lanes, k, vn, gnorm, rel, tol, rtol, cfg: Config):
     return status, last_imp, limit
 
 
-def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
+def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel):
     """One iteration of one lane: ONE value-and-gradient evaluation, then the state machine (`solve_lockstep`)."""
     ls = trial_linesearch_defaults()
     M, r, amax = ls["num_trials"], ls["decrease_factor"], ls["max_stepsize"]
@@ -386,7 +380,7 @@ def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
 
     # the next direction (L-BFGS two-loop recursion, then the line search's descent check)
     new = active & (fresh | commit)
-    u, lb_state = lbfgs.update(gn_vec, mem, xn, push=new)
+    u, lb_state = lbfgs_core.update(mem, xn, gn_vec, where=new)
     dn = (-lr * u).astype(dt)
     sn = _dot(gn_vec, dn).astype(dt)
     ascent = ~(sn < 0)
@@ -426,7 +420,7 @@ def _tick(problem, lane: Lanes, tol, rtol, cfg: Config, unravel, lbfgs):
     return lane._replace(records=record(rec, _state_of(problem, lane, unravel), cfg), lbfgs=lb_state)
 
 
-def _load(problem, x0, nums, lanes: Lanes | None, load, cfg: Config, lbfgs, unravel) -> Lanes:
+def _load(problem, x0, nums, lanes: Lanes | None, load, cfg: Config, unravel) -> Lanes:
     """Lanes ``load[s] >= 0`` take run ``load[s]``: start point x0[run], its numbers, fresh optimiser and records."""
     ids = jnp.clip(load, 0, x0.shape[0] - 1)
     dt = x0.dtype
@@ -451,7 +445,7 @@ def _load(problem, x0, nums, lanes: Lanes | None, load, cfg: Config, lbfgs, unra
         limit=z,
         step=i0,
         status=jnp.full((S,), RUNNING, jnp.int32),
-        lbfgs=jax.vmap(lbfgs.init)(xs),
+        lbfgs=jax.vmap(lambda x: lbfgs_core.init(x, cfg.memory_size))(xs),
         d=jnp.zeros_like(xs),
         slope=z,
         a0=z,
@@ -468,70 +462,6 @@ def _load(problem, x0, nums, lanes: Lanes | None, load, cfg: Config, lbfgs, unra
     return fresh if lanes is None else _select(load >= 0, fresh, lanes)
 
 
-class LbfgsMemory(NamedTuple):
-    """The L-BFGS memory of one lane: the m last pairs, oldest first (a shift register, not a ring buffer).
-
-    It holds the memory of ``optax.scale_by_lbfgs`` with its entries in the order its recursion visits them, so the
-    recursion reads fixed positions: under ``vmap`` a ring buffer's per-lane position becomes a gather and a
-    scatter per pair and step (measured 2x slower per lane at 16 lanes).
-
-    Attributes:
-      pushes: pairs pushed so far (the first push is the zero pair, as in optax).
-      x, g: the point and gradient of the last push.
-      dx, dg: (m, P) differences x_{i+1} - x_i and g_{i+1} - g_i, oldest first.
-      w: (m,) weights 1 / <dg_i, dx_i> (0 when the product is 0).
-    """
-
-    pushes: jax.Array
-    x: jax.Array
-    g: jax.Array
-    dx: jax.Array
-    dg: jax.Array
-    w: jax.Array
-
-
-class Lbfgs(NamedTuple):
-    """``optax.scale_by_lbfgs(memory_size=m)`` (default ``scale_init_precond=True``) on a flat vector, written for
-    ``vmap`` over lanes: ``update(g, memory, x)`` returns (H g, the new memory) as optax's ``update``, with the same
-    arithmetic in the same order (the zero pairs of a young memory contribute exactly 0 in both). Vectors are
-    multiplied by a fused multiply-and-sum (`_dot`), not a batched ``dot``."""
-
-    m: int
-
-    def init(self, x) -> LbfgsMemory:
-        z = jnp.zeros((self.m,) + x.shape, x.dtype)
-        return LbfgsMemory(jnp.int32(0), jnp.zeros_like(x), jnp.zeros_like(x), z, z, jnp.zeros((self.m,), x.dtype))
-
-    def update(self, g, mem: LbfgsMemory, x, push=True):
-        """(H g, the memory with the pair of (x, g) pushed when ``push``, else unchanged)."""
-        dt = x.dtype
-        first = mem.pushes == 0
-        dx = jnp.where(first, 0.0, x - mem.x).astype(dt)
-        dg = jnp.where(first, 0.0, g - mem.g).astype(dt)
-        vd = _dot(dg, dx)
-        w = jnp.where(first | (vd == 0.0), 0.0, 1.0 / jnp.where(vd == 0.0, 1.0, vd)).astype(dt)
-        DX = jnp.concatenate([mem.dx[1:], dx[None]])
-        DG = jnp.concatenate([mem.dg[1:], dg[None]])
-        W = jnp.concatenate([mem.w[1:], w[None]])
-        den = _dot(dg, dg)
-        gamma = jnp.where(den > 0.0, vd / jnp.where(den > 0.0, den, 1.0), 1.0)
-        gamma = jnp.where(first, jnp.minimum(1.0, 1.0 / jnp.sqrt(_dot(g, g))), gamma).astype(dt)
-        # the two-loop recursion (Nocedal & Wright, Algorithm 7.4): newest pair first, then oldest first
-        q, alphas = g, [jnp.zeros((), dt)] * self.m
-        for i in reversed(range(self.m)):
-            alphas[i] = W[i] * _dot(DX[i], q)
-            q = (q + (-alphas[i]) * DG[i]).astype(dt)
-        q = gamma * q
-        for i in range(self.m):
-            beta = W[i] * _dot(DG[i], q)
-            q = (q + (alphas[i] - beta) * DX[i]).astype(dt)
-        return q, _where(push, LbfgsMemory(mem.pushes + 1, x, g, DX, DG, W), mem)
-
-
-def _lbfgs(cfg: Config) -> Lbfgs:
-    return Lbfgs(cfg.memory_size)
-
-
 def _finish_lanes(problem, lanes: Lanes, cfg: Config, unravel) -> Solution:
     return jax.vmap(lambda ln: finish(_state_of(problem, ln, unravel), ln.records, cfg))(lanes)
 
@@ -540,8 +470,7 @@ def _finish_lanes(problem, lanes: Lanes, cfg: Config, unravel) -> Solution:
 def _lockstep_cycle(problem, x0, nums, lanes: Lanes, out: Solution, where, load, tol, rtol, *, cfg: Config, ticks):
     """Retire lanes into ``out`` at ``where`` (index B: none), load runs ``load`` (-1: none), then run up to ``ticks``
     iterations of every lane (fewer when no lane is active). Returns the lanes, ``out`` and each lane's status."""
-    unravel = _unravel(problem, x0.dtype)
-    lbfgs = _lbfgs(cfg)
+    unravel = unraveler(problem, x0.dtype)
     B = x0.shape[0]
 
     def retire(o):
@@ -551,7 +480,7 @@ def _lockstep_cycle(problem, x0, nums, lanes: Lanes, out: Solution, where, load,
     out = jax.lax.cond((where < B).any(), retire, lambda o: o, out)
     # loading builds S fresh lanes (L-BFGS memories included) and selects: only in cycles that load
     lanes = jax.lax.cond(
-        (load >= 0).any(), lambda ln: _load(problem, x0, nums, ln, load, cfg, lbfgs, unravel), lambda ln: ln, lanes
+        (load >= 0).any(), lambda ln: _load(problem, x0, nums, ln, load, cfg, unravel), lambda ln: ln, lanes
     )
 
     def live(ln):
@@ -563,7 +492,7 @@ def _lockstep_cycle(problem, x0, nums, lanes: Lanes, out: Solution, where, load,
 
     def body(c):
         i, ln = c
-        tick = functools.partial(_tick, problem, tol=tol, rtol=rtol, cfg=cfg, unravel=unravel, lbfgs=lbfgs)
+        tick = functools.partial(_tick, problem, tol=tol, rtol=rtol, cfg=cfg, unravel=unravel)
         return i + 1, jax.vmap(tick)(ln)
 
     _, lanes = jax.lax.while_loop(cond, body, (jnp.int32(0), lanes))
@@ -577,8 +506,8 @@ def _lockstep_start(problem, inputs, *, cfg: Config, dtype, S: int):
     x0 = start_params(problem, start, scales, dtype)
     x0 = jax.vmap(lambda p: ravel_pytree(p)[0])(x0)
     nums = (lH, lW, lb, lrs)
-    unravel = _unravel(problem, x0.dtype)
-    lanes = _load(problem, x0, nums, None, jnp.arange(S, dtype=jnp.int32) % x0.shape[0], cfg, _lbfgs(cfg), unravel)
+    unravel = unraveler(problem, x0.dtype)
+    lanes = _load(problem, x0, nums, None, jnp.arange(S, dtype=jnp.int32) % x0.shape[0], cfg, unravel)
     lanes = lanes._replace(run=jnp.full((S,), -1, jnp.int32), status=jnp.full((S,), MAX_STEPS, jnp.int32))
     sol = _finish_lanes(problem, lanes, cfg, unravel)
     out = jax.tree_util.tree_map(lambda a: jnp.zeros((x0.shape[0],) + a.shape[1:], a.dtype), sol)

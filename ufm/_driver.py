@@ -38,6 +38,7 @@ import optax
 from jax.experimental import io_callback
 from jax.flatten_util import ravel_pytree
 
+from . import _lbfgs as lbfgs_core
 from ._linesearch import DEFAULT_RULE, TrialRule, find_state, scale_by_trial_linesearch, stored_value_and_grad
 from ._model import Params, init_params, objective, regulariser, tree_norm
 from ._options import DIVERGENCE_FACTOR, LBFGS_LINESEARCH, RESOLVE_FLOOR
@@ -61,9 +62,9 @@ class SolverState(NamedTuple):
 
     Attributes:
       step: k, steps taken.
-      params: x_k.
+      params: x_k (`Params`; a flat vector (P,) inside `lbfgs_step`'s loop).
       opt_state: the optax state of the method.
-      value, grad: f(x_k) and grad f(x_k).
+      value, grad: f(x_k) and grad f(x_k) (as ``params``).
       grad_norm: ||grad f(x_k)||_2.
       rel_grad: the scale-aware stationarity at x_k (module docstring).
       best_value, best_grad_norm: min_{j<=k} f(x_j) and min_{j<=k} ||grad f(x_j)||.
@@ -73,10 +74,10 @@ class SolverState(NamedTuple):
     """
 
     step: jax.Array
-    params: Params
+    params: Any
     opt_state: Any
     value: jax.Array
-    grad: Params
+    grad: Any
     grad_norm: jax.Array
     rel_grad: jax.Array
     best_value: jax.Array
@@ -149,13 +150,22 @@ def flat_lambdas(problem, params: Params) -> jax.Array:
 def stationarity(g: jax.Array, x: jax.Array, lam: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(||g||, rel_grad) from flat vectors: g = grad f(x), lam = `flat_lambdas` (so grad R = lam x, grad F = g - lam x).
 
-    The three squared norms are one reduction over a (3, n) stack (one kernel in the loop body instead of
-    3 (L + 1) reductions and the regulariser's gradient); rel_grad is 0 when ||grad F|| + ||grad R|| = 0."""
+    The three squared norms are the diagonal of ONE matrix product V V^T, V = [g; grad R; grad F] (3, n): on
+    XLA:CPU a matrix product is one library call, where each vector reduction becomes a tree of several kernels
+    (the compile time of the loop grows with its kernels); rel_grad is 0 when ||grad F|| + ||grad R|| = 0."""
     g_R = lam * x
-    g_F = g - g_R
-    num = jnp.sqrt(jnp.vdot(g, g))
-    den = jnp.sqrt(jnp.vdot(g_F, g_F)) + jnp.sqrt(jnp.vdot(g_R, g_R))
+    V = jnp.stack([g, g_R, g - g_R])
+    n2 = jnp.diagonal(V @ V.T)
+    num = jnp.sqrt(n2[0])
+    den = jnp.sqrt(n2[2]) + jnp.sqrt(n2[1])
     return num, jnp.where(den > 0, num / jnp.where(den > 0, den, 1), jnp.zeros_like(num))
+
+
+def pair_dots(a: jax.Array, b: jax.Array, v: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(a . v, b . v) of flat vectors as one matrix-vector product [a; b] v (one library call on XLA:CPU, where a
+    single ``vdot`` becomes a tree of reduction kernels; see `stationarity`)."""
+    r = jnp.stack([a, b]) @ v
+    return r[0], r[1]
 
 
 def _cached_value_and_grad(opt_state, f):
@@ -249,7 +259,8 @@ class TrialSearch(NamedTuple):
     """The method state of `lbfgs_step` (``SolverState.opt_state``): the L-BFGS memory and the search in progress.
 
     Attributes:
-      lbfgs: the state of ``optax.chain(optax.scale_by_lbfgs(m), optax.scale(-lr))``.
+      lbfgs: the L-BFGS memory (`ufm._lbfgs.Memory`; the arithmetic of ``optax.scale_by_lbfgs``).
+      lam: the flat weight decays (`flat_lambdas`): grad R(x) = lam * x.
       direction: d, the flat search direction at x_k.
       slope: s = <grad f(x_k), d> < 0.
       initial: a0 of this search.
@@ -259,7 +270,8 @@ class TrialSearch(NamedTuple):
       fresh: x_0 is not evaluated yet (the first iteration evaluates it: the initialisation is in the loop).
     """
 
-    lbfgs: Any
+    lbfgs: lbfgs_core.Memory
+    lam: jax.Array
     direction: jax.Array
     slope: jax.Array
     initial: jax.Array
@@ -276,21 +288,29 @@ def uses_trial_machine(method) -> bool:
     return isinstance(method, str) and method == "lbfgs" and LBFGS_LINESEARCH == "trial"
 
 
-def lbfgs_direction_transform(lr, memory_size: int) -> optax.GradientTransformation:
-    """d = -lr P g, P the L-BFGS inverse-Hessian approximation (memory ``memory_size``)."""
-    return optax.chain(optax.scale_by_lbfgs(memory_size=memory_size), optax.scale(-lr))
+def unraveler(problem, dtype) -> Callable[[jax.Array], Params]:
+    """The inverse of ``ravel_pytree`` for the parameters of ``problem`` in ``dtype``: flat (P,) -> `Params`."""
+    hs, ws, bs = problem.param_shapes()
+    z = Params(
+        jnp.zeros(hs, dtype), tuple(jnp.zeros(s, dtype) for s in ws), None if bs is None else jnp.zeros(bs, dtype)
+    )
+    return ravel_pytree(z)[1]
 
 
 def lbfgs_init(problem, params: Params, lr, memory_size: int, rule: TrialRule = DEFAULT_RULE) -> SolverState:
     """The state before x_0 is evaluated (``fresh``; status RUNNING): `lbfgs_step` evaluates it first, so the
-    compiled program holds ONE copy of value-and-gradient (init, first trial and fallback trials share it)."""
-    del problem
+    compiled program holds ONE copy of value-and-gradient (init, first trial and fallback trials share it).
+
+    The state's ``params`` and ``grad`` are FLAT vectors (P,) in the ravelled order of ``params`` (no ravel or
+    unravel per iteration); `run` unravels them for the records and the result."""
+    del lr
     xf = ravel_pytree(params)[0]
     dt = xf.dtype
     inf = jnp.asarray(jnp.inf, dt)
     zero = jnp.zeros((), dt)
     search = TrialSearch(
-        strong(lbfgs_direction_transform(lr, memory_size).init(xf)),
+        lbfgs_core.init(xf, memory_size),
+        flat_lambdas(problem, params).astype(dt),
         jnp.zeros_like(xf),
         zero,
         jnp.asarray(rule.max_stepsize, dt),
@@ -301,21 +321,21 @@ def lbfgs_init(problem, params: Params, lr, memory_size: int, rule: TrialRule = 
         jnp.zeros_like(xf),
         jnp.bool_(True),
     )
-    grad = jax.tree_util.tree_map(jnp.zeros_like, params)
     return SolverState(
-        jnp.int32(0), params, search, inf, grad, inf, inf, inf, inf, jnp.int32(0), inf, jnp.int32(RUNNING)
+        jnp.int32(0), xf, search, inf, jnp.zeros_like(xf), inf, inf, inf, inf, jnp.int32(0), inf, jnp.int32(RUNNING)
     )
 
 
-def _evaluate_trial(problem, state: SolverState, rule: TrialRule):
+def _evaluate_trial(problem, state: SolverState, rule: TrialRule, unravel):
     """f and grad f at the next trial x_k + a d (a = 0 at the fresh start), with <grad, d>."""
     ts = state.opt_state
-    xf, unravel = ravel_pytree(state.params)
+    xf = state.params
     dt = xf.dtype
     a = jnp.where(ts.fresh, jnp.zeros((), dt), ts.initial * rule.decrease_factor ** ts.trial.astype(dt))
     xt = xf + (a * ts.direction).astype(dt)
     f, g = jax.value_and_grad(lambda z: objective(problem, unravel(z)))(xt)
-    return xf, unravel, a, xt, f.astype(dt), g, jnp.vdot(g, ts.direction).astype(dt)
+    df, _ = pair_dots(g, ts.direction, ts.direction)
+    return a, xt, f.astype(dt), g, df.astype(dt)
 
 
 def lbfgs_step(
@@ -326,14 +346,16 @@ def lbfgs_step(
     The trials a0 r^j are tried in order, so the first acceptable one is the largest (what
     `scale_by_trial_linesearch` picks among all M); the search ends at an acceptable trial, or after the M-th with
     the largest trial that had a sufficient decrease, else with no step. Only then is a step counted (k + 1), the
-    L-BFGS memory and direction updated and the stopping rule of `step` applied; in between, the state keeps x_k
-    and records the search. The fresh start evaluates x_0 and applies the rule of `init`.
+    L-BFGS memory and direction updated (`ufm._lbfgs.update`, loop-free) and the stopping rule of `step` applied;
+    in between, the state keeps x_k and records the search. The fresh start evaluates x_0 and applies the rule of
+    `init`. ``state.params`` and ``state.grad`` are flat (`lbfgs_init`); ``memory_size`` is the memory's.
     """
+    del memory_size  # fixed by the memory's shape (`lbfgs_init`)
     ts = state.opt_state
-    xf, unravel, a, xt, f, g, df = _evaluate_trial(problem, state, rule)
-    lam = flat_lambdas(problem, state.params)
+    xf = state.params
     dt = xf.dtype
-    value, gf = state.value, ravel_pytree(state.grad)[0]
+    a, xt, f, g, df = _evaluate_trial(problem, state, rule, unraveler(problem, dt))
+    value, gf = state.value, state.grad
     ok = rule.acceptable(a, f, df, value, ts.slope)
     new_cand = rule.decrease(a, f, df, value, ts.slope) & ~ts.has_candidate
     has_cand = ts.has_candidate | new_cand
@@ -349,24 +371,28 @@ def lbfgs_step(
         x_end = jnp.where(ok | ts.fresh, xt, xf + (a_end * ts.direction).astype(dt))
         f_end = jnp.where(ok | ts.fresh, f, jnp.where(has_cand, cand_f, value))
         g_end = jnp.where(ok | ts.fresh, g, jnp.where(has_cand, cand_g, gf))
-        # the next direction: L-BFGS, -g when not a descent direction
-        upd, lb = lbfgs_direction_transform(jnp.asarray(lr, dt), memory_size).update(g_end, ts.lbfgs, x_end)
-        slope = jnp.vdot(g_end, upd).astype(dt)
+        # the next direction: -lr H g (L-BFGS), -g when not a descent direction
+        gn, rel = stationarity(g_end, x_end, ts.lam)
+        hg, lb = lbfgs_core.update(ts.lbfgs, x_end, g_end, gg=gn * gn)
+        upd = (-jnp.asarray(lr, dt) * hg).astype(dt)
+        slope, gg = pair_dots(upd, g_end, g_end)
+        slope = slope.astype(dt)
         ascent = ~(slope < 0)
         d = jnp.where(ascent, -g_end, upd)
-        slope = jnp.where(ascent, -jnp.vdot(g_end, g_end).astype(dt), slope)
+        slope = jnp.where(ascent, -gg.astype(dt), slope)
         a0 = jnp.where(ts.fresh, ts.initial, rule.next_initial(ts.initial, a_end, took).astype(dt))
-        x, g_tree = unravel(x_end), unravel(g_end)
         k = state.step + (~ts.fresh).astype(jnp.int32)
-        gn, rel = stationarity(g_end, x_end, lam)
         status0, limit0 = _start_status(f_end, gn, rel, tol, rtol)
         status, last = _stopping_rule(state, k, f_end, gn, rel, tol, rtol, patience)
+        search = TrialSearch(
+            lb, ts.lam, d, slope, a0, jnp.int32(0), jnp.bool_(False), cand_a, cand_f, cand_g, jnp.bool_(False)
+        )
         return SolverState(
             k,
-            x,
-            TrialSearch(lb, d, slope, a0, jnp.int32(0), jnp.bool_(False), cand_a, cand_f, cand_g, jnp.bool_(False)),
+            x_end,
+            search,
             f_end,
-            g_tree,
+            g_end,
             gn,
             rel,
             jnp.where(ts.fresh, f_end, jnp.minimum(state.best_value, f_end)),
@@ -408,9 +434,15 @@ def _stopping_rule(state: SolverState, k, v, gn, rel, tol, rtol, patience: int):
 
 
 class Records(NamedTuple):
-    """What the driver records besides the state (None when not asked)."""
+    """What the driver records besides the state (None when not asked).
 
-    history: History | None
+    Attributes:
+      history: (nh + 1, 2) rows (f, ||grad f||) at steps 0, every, 2 every, ...; the extra last row takes the
+        writes of the steps that record nothing (one unconditional row write per iteration: no read, no select).
+      snapshots: `ufm._solution.Snapshots`.
+    """
+
+    history: jax.Array | None
     snapshots: Snapshots | None
 
 
@@ -419,10 +451,7 @@ def init_records(state: SolverState, cfg: Config) -> Records:
     hist = snaps = None
     if cfg.history:
         nh = cfg.max_steps // cfg.history_every + 1
-        hist = History(
-            jnp.full((nh,), jnp.nan, dtype).at[0].set(state.value),
-            jnp.full((nh,), jnp.nan, dtype).at[0].set(state.grad_norm),
-        )
+        hist = jnp.full((nh + 1, 2), jnp.nan, dtype).at[0].set(jnp.stack([state.value, state.grad_norm]))
     if cfg.snapshot_every:
         ns = cfg.max_steps // cfg.snapshot_every + 1
         snaps = Snapshots(
@@ -436,12 +465,9 @@ def record(rec: Records, state: SolverState, cfg: Config) -> Records:
     k = state.step
     hist, snaps = rec
     if hist is not None:
-        j = k // cfg.history_every
-        w = (k % cfg.history_every) == 0
-        hist = History(
-            hist.loss.at[j].set(jnp.where(w, state.value, hist.loss[j])),
-            hist.grad_norm.at[j].set(jnp.where(w, state.grad_norm, hist.grad_norm[j])),
-        )
+        nh = hist.shape[0] - 1
+        row = jnp.where((k % cfg.history_every) == 0, k // cfg.history_every, nh)
+        hist = jax.lax.dynamic_update_index_in_dim(hist, jnp.stack([state.value, state.grad_norm]), row, 0)
     if snaps is not None:
         assert cfg.snapshot_every is not None  # snapshots are recorded only with snapshot_every set
         i = k // cfg.snapshot_every
@@ -455,9 +481,8 @@ def record(rec: Records, state: SolverState, cfg: Config) -> Records:
 
 def finish(state: SolverState, rec: Records, cfg: Config) -> Solution:
     status = jnp.where(state.status == RUNNING, MAX_STEPS, state.status).astype(jnp.int32)
-    return Solution(
-        state.params, state.value, state.grad_norm, state.step, status, rec.history, rec.snapshots, state.rel_grad
-    )
+    hist = None if rec.history is None else History(rec.history[:-1, 0], rec.history[:-1, 1])
+    return Solution(state.params, state.value, state.grad_norm, state.step, status, hist, rec.snapshots, state.rel_grad)
 
 
 # --- progress and interruption (host side) ------------------------------------------------------------------------
@@ -574,9 +599,13 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
     tol, rtol = jnp.asarray(tol, dtype), jnp.asarray(rtol, dtype)
     if uses_trial_machine(cfg.method):
         state0 = lbfgs_init(problem, params0, jnp.asarray(lr, dtype), cfg.memory_size)
+        unravel = unraveler(problem, dtype)
 
         def advance(state):
             return lbfgs_step(problem, state, lr, tol, rtol, cfg.patience, cfg.memory_size)
+
+        def view(state):  # the state with Params (its params and grad are flat in the loop)
+            return state._replace(params=unravel(state.params), grad=unravel(state.grad))
     else:
         opt = make_optimizer(cfg.method, jnp.asarray(lr, dtype), cfg.momentum, cfg.memory_size)
         state0 = init(problem, params0, opt, tol, rtol)
@@ -584,7 +613,10 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
         def advance(state):
             return step(problem, state, opt, tol, rtol, cfg.patience)
 
-    rec0 = init_records(state0, cfg)
+        def view(state):
+            return state
+
+    rec0 = init_records(view(state0), cfg)
 
     def cond(c):
         state, _ = c
@@ -593,7 +625,7 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
     def body(c):
         state_in, rec = c
         state = advance(state_in)
-        rec = record(rec, state, cfg)
+        rec = record(rec, view(state), cfg)  # snapshots only read params (unravelled only when recorded)
         if cfg.progress_every:
             moved = (state.step != state_in.step) | (state.status != RUNNING)
             stop = _progress_point(handle, state, cfg, state.step >= cfg.max_steps, moved)
@@ -603,26 +635,75 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
         return state, rec
 
     state, rec = jax.lax.while_loop(cond, body, (state0, rec0))
-    return finish(state, rec, cfg)
+    return finish(view(state), rec, cfg)
+
+
+def threefry2x32(k1, k2, x1, x2):
+    """The Threefry-2x32 hash (20 rounds; Salmon et al. 2011) of the uint32 counts (x1, x2) under key (k1, k2), as
+    straight-line elementwise arithmetic: ONE fused kernel. The arithmetic of JAX's ``threefry2x32`` primitive, whose
+    CPU lowering is a 5-trip loop that XLA unrolls into several kernels per trip (tested bit for bit through
+    `draw_params`)."""
+    u32 = np.uint32
+    rotations = ((13, 15, 26, 6), (17, 29, 16, 24))
+    ks = (k1, k2, k1 ^ k2 ^ u32(0x1BD11BDA))
+    x0, x1 = x1 + ks[0], x2 + ks[1]
+    for i in range(5):
+        for r in rotations[i % 2]:
+            x0 = x0 + x1
+            x1 = (x1 << u32(r)) | (x1 >> u32(32 - r))
+            x1 = x0 ^ x1
+        x0 = x0 + ks[(i + 1) % 3]
+        x1 = x1 + ks[(i + 2) % 3] + u32(i + 1)
+    return x0, x1
+
+
+def _normal_from_key(kd, n: int, dtype):
+    """``jax.random.normal(key, (n,), dtype)`` for a threefry key with data ``kd`` (2,) uint32 and JAX's
+    partitionable threefry: bits from the hash of the counts (0, i), the mantissa trick of ``jax.random.uniform``
+    on [nextafter(-1, 0), 1), then sqrt(2) erfinv(u)."""
+    dtype = np.dtype(dtype)
+    finfo = jnp.finfo(dtype)
+    nbits, nmant = finfo.bits, finfo.nmant
+    counts = jnp.arange(n, dtype=jnp.uint32)
+    b1, b2 = threefry2x32(kd[0], kd[1], jnp.zeros_like(counts), counts)
+    ut: Any = np.uint64 if nbits == 64 else np.uint32
+    bits = (b1.astype(ut) << ut(32)) | b2.astype(ut) if nbits == 64 else b1 ^ b2
+    fbits = (bits >> ut(nbits - nmant)) | jnp.asarray(np.array(1.0, dtype).view(ut), ut)
+    floats = jax.lax.bitcast_convert_type(fbits, dtype) - jnp.asarray(1.0, dtype)
+    lo = np.nextafter(np.array(-1.0, dtype), np.array(0.0, dtype), dtype=dtype)
+    hi = np.array(1.0, dtype)
+    u = jax.lax.max(jnp.asarray(lo, dtype), floats * jnp.asarray(hi - lo, dtype) + jnp.asarray(lo, dtype))
+    return jax.lax.mul(jnp.asarray(np.sqrt(2), dtype), jax.lax.erf_inv(u))
 
 
 def draw_params(problem, key, scale, dtype) -> Params:
-    """`ufm.init_params` (the same numbers, bit for bit) with ONE vmapped normal draw instead of one per layer.
+    """`ufm.init_params` (the same numbers, bit for bit) with ONE normal draw instead of one per layer.
 
     With JAX's partitionable threefry (the default since JAX 0.5), the bits of ``jax.random.normal(k, shape)``
     depend only on k and the flat index, so the draw of each layer is the first prod(shape) entries of a draw of
-    the largest size from the same per-layer key. One threefry in the program instead of L + 1 halves the XLA
-    compile time of the initialisation (measured 7-9 s vs 18-21 s on a loaded 2-core CPU, K=4, n=10, 32x3).
-    Other key implementations, or the non-partitionable threefry, fall back to `init_params`.
+    the largest size from the same per-layer key (``jax.random.split(key, L + 1)``). The split and the draws hash
+    with `threefry2x32` written out (one fused kernel each): JAX's CPU lowering of the hash is a loop that XLA
+    unrolls into many kernels, which made the initialisation about a quarter of the first solve's compile.
+    Other key implementations, the non-partitionable threefry, or float types other than float32/float64 fall back
+    to `init_params`.
     """
     partitionable = bool(jax.config.jax_threefry_partitionable)  # type: ignore[attr-defined]  # runtime config attribute
-    if not partitionable or str(jax.random.key_impl(key)) != "threefry2x32":
-        return init_params(problem, key, scale, dtype)
     dtype = jnp.dtype(dtype)
+    if (
+        not partitionable
+        or str(jax.random.key_impl(key)) != "threefry2x32"
+        or dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.float64))
+        or (dtype == jnp.float64 and not jax.config.jax_enable_x64)  # type: ignore[attr-defined]
+    ):
+        return init_params(problem, key, scale, dtype)
     hs, ws, bs = problem.param_shapes()
     shapes = (hs,) + tuple(ws)
     sizes = [int(np.prod(s)) for s in shapes]
-    z = jax.vmap(lambda k: jax.random.normal(k, (max(sizes),), dtype))(jax.random.split(key, problem.L + 1))
+    kd = jax.random.key_data(key) if jnp.issubdtype(key.dtype, jax.dtypes.prng_key) else jnp.asarray(key)
+    kd = kd.astype(jnp.uint32)
+    counts = jnp.arange(problem.L + 1, dtype=jnp.uint32)
+    k1, k2 = threefry2x32(kd[0], kd[1], jnp.zeros_like(counts), counts)  # jax.random.split(key, L + 1)
+    z = jax.vmap(lambda a, b: _normal_from_key(jnp.stack([a, b]), max(sizes), dtype))(k1, k2)
     scale = jnp.asarray(scale, dtype)
     H = scale * z[0, : sizes[0]].reshape(hs)
     Ws = tuple(
