@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -185,6 +186,14 @@ class KinkTest(NamedTuple):
     (u_b times its outgoing weight); it is tested apart by `dead_neurons` (a separate second-order block, certified
     when a bound of its bilinear term is below sqrt(lam lam')). ``degenerate_at`` names the degenerate kinks.
 
+    **The nested fan** (every kink degenerate, the tests above inconclusive): `kink_fan_bound` keeps the nesting and
+    the complementarity u_a (u_a - t_a) = 0, and bounds q from below by a semidefinite program with the products
+    u_a (u_b - t_b) >= 0 of every pair of kinks (polynomial: m^2 multipliers). It certifies the binary DNC optimum
+    (tau = -3e-9 against hess_tol = 1.5e-6 on the 64-parameter case with 36 kinks; with the 12 kinks of the pruned
+    widths it runs by default). Cost: ~0.5 s at 12 kinks, ~25 s at 36 (Clarabel, 2 loaded cores), so `certify`
+    runs it by default only up to `FAN_AUTO_MAX_KINKS` kinks, and never above `FAN_MAX_VARS` variables: the README
+    quickstart (12,600 kinks) stays "first-order only".
+
     Attributes:
       kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
         |g_a| <= g_tol, g_a < -g_tol, with g_tol = ``mult_rtol`` times the largest |dF/dh| over all ReLU
@@ -196,6 +205,10 @@ class KinkTest(NamedTuple):
       degenerate_at: (l, i, j) of the degenerate kinks (Z_l[i, j], l = 2..L), at most 20.
       dead: (l, j, bound, sqrt(lam lam')) per dead neuron (row j of Z_l: `dead_neurons`), when the critical test
         ran; a bound >= the limit leaves the point uncertified (critical_min is then -inf).
+      fan_min, fan_dim, fan_pairs, fan_seconds: when every kink is degenerate and the tests above are inconclusive,
+        the verified bound tau of `kink_fan_bound` (second order on the nested kink fan: q >= tau |x|^2), the size
+        of its form, the cross products used and its wall time (None when it did not run: see `certify`'s
+        ``kink_fan``).
     """
 
     kinks: int
@@ -210,6 +223,10 @@ class KinkTest(NamedTuple):
     critical_min: float | None = None
     degenerate_at: tuple = ()
     dead: tuple = ()
+    fan_min: float | None = None
+    fan_dim: int | None = None
+    fan_pairs: int | None = None
+    fan_seconds: float | None = None
 
 
 SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget", "not checked")
@@ -1284,6 +1301,121 @@ def _critical_test(problem, params, kt: KinkTest, G, masks, slopes, strict, smas
     return kt, cvec
 
 
+FAN_AUTO_MAX_KINKS = 16  # `certify(kink_fan=None)` runs the fan relaxation up to this many kinks (m^2 pairs)
+FAN_MAX_VARS = 400  # and at most this many variables (parameters + kinks), even when asked for
+
+
+class FanBound(NamedTuple):
+    """The doubly-nonnegative relaxation of second order on the nested kink fan (`kink_fan_bound`).
+
+    Attributes:
+      bound: tau such that Q(delta, u) >= tau (|delta|^2 + |u|^2) on the fan, verified: the smallest eigenvalue
+        of Q minus the multipliers' terms, computed here by a dense ``eigvalsh`` (the conic solver only proposes
+        the multipliers; its own status does not enter).
+      dim: variables of the form (symmetry complement of theta, plus one shift per kink).
+      kinks: m, the kinks (all degenerate).
+      pairs: the products u_a v_b >= 0 used (a != b).
+      seconds: wall time.
+      status: the conic solver's status.
+    """
+
+    bound: float
+    dim: int
+    kinks: int
+    pairs: int
+    seconds: float
+    status: str
+
+
+def _fan_form(problem, params, masks, sym_rtol):
+    """Q (the lifted Hessian of the piece with slope 0 at every kink, on the symmetry complement of theta plus one
+    shift per kink) and T (t~ = T x: the first-order motion of each kink's pre-activation, J delta + K u)."""
+    P = _work_params(params)
+    dt = jnp.asarray(P.H).dtype
+    jm = tuple(jnp.asarray(m) for m in masks)
+    zeros = tuple(jnp.zeros(m.shape, dt) for m in masks)
+    n = int(_flat(P).size)
+    ne = sum(int(m.size) for m in masks)
+    kin = np.concatenate([np.ravel(m) for m in masks])
+    lift = np.concatenate([np.ones(n, bool), kin])
+    Hd = _dense_hessian(problem, P, n + ne, jm, zeros, jm)[np.ix_(lift, lift)]
+    Jz = np.asarray(_lifted_preact_jacobian(problem, P, jm, zeros, jm, n=n), np.float64)[kin][:, lift]
+    S = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
+    C = scipy.linalg.null_space(S) if S.shape[0] else np.eye(n)
+    m = int(kin.sum())
+    E = scipy.linalg.block_diag(C, np.eye(m))
+    return E.T @ Hd @ E, Jz @ E, C.shape[1], m
+
+
+def kink_fan_bound(problem: UFM, params: Params, masks, *, sym_rtol: float = 1e-6, max_time: float = 60.0):
+    """A lower bound of the second-order change of f on the nested kink fan, where every kink is degenerate.
+
+    With every multiplier c_a = dF/dh_a = 0 (`KinkTest`: e.g. the binary DNC optimum), every smooth piece is
+    stationary and, writing the kink activations as free shifts u (the piece with slope 0 at the kinks),
+
+        f(theta + eps delta) - f(theta) = eps^2/2 Q(delta, u) + o(eps^2),   u_a = max(t_a, 0),
+        t_a = J_a delta + sum_b K_ab u_b     (K: a shift of layer l moves the kinks of layer l + 1; nesting).
+
+    Put v = u - t >= 0. On the fan u >= 0, v >= 0, u_a v_a = 0, so for any real nu and any N >= 0 (entrywise)
+
+        Q(x) >= Q(x) - sum_a nu_a u_a v_a - sum_{a != b} N_ab u_a v_b,       x = (delta, u),
+
+    and the right side is a quadratic form in x (v is linear in x). If it is >= tau |x|^2 for some multipliers,
+    q(delta) >= tau (|delta|^2 + |u|^2) on the fan. The multipliers that maximise tau solve a semidefinite program
+    (a doubly-nonnegative / RLT relaxation of copositivity on the fan: polynomial, with m + m(m-1) multipliers and
+    one PSD block of size dim); it is solved by cvxpy/Clarabel (optional: the ``test`` extra), and the bound is
+    then recomputed here from the multipliers (clipped to N >= 0) by a dense eigenvalue solve. At the binary DNC
+    optimum the sign relaxations fail (`KinkTest`) and so does this one without the cross products (nu alone:
+    -lam; products of kinks of one sample or of one sample class: -2.2e-3 on the 64-parameter case of the tests),
+    while all pairs give tau = -3e-9 (rounding level against lambda_max = 1.5: the flat directions of DNC): the
+    certificate needs u_a v_b across the two classes (one class's samples opening the other class's neurons while
+    the other's close them, as a rotation mixing the two paths does).
+
+    Args:
+      problem, params: the point (every kink degenerate; not checked here).
+      masks: `kink_masks` at the point.
+      sym_rtol: as in `hessian_spectrum`.
+      max_time: the conic solver's time limit (seconds).
+
+    Returns:
+      A `FanBound`, or None when cvxpy (with Clarabel) is not installed.
+    """
+    try:
+        import cvxpy as cp
+        import scipy.sparse as sp
+    except ImportError:  # pragma: no cover - cvxpy is in the test extra
+        return None
+    t0 = time.perf_counter()
+    Q, T, ny, m = _fan_form(problem, params, masks, sym_rtol)
+    nx = ny + m
+    V = -T
+    V[:, ny:] += np.eye(m)
+    pairs = [(a, a) for a in range(m)] + [(a, b) for a in range(m) for b in range(m) if a != b]
+    rows, cols, vals = [], [], []
+    for k, (a, b) in enumerate(pairs):  # sym(e_{ny+a} V_b^T), flattened: row ny+a and column ny+a get V_b / 2
+        nz = np.flatnonzero(V[b])
+        rows += [(ny + a) * nx + nz, nz * nx + ny + a]
+        cols += [np.full(2 * nz.size, k)]
+        vals += [V[b, nz] / 2, V[b, nz] / 2]
+    A = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nx * nx, len(pairs)))
+    w, tau = cp.Variable(len(pairs)), cp.Variable()
+    M = cp.reshape(Q.ravel() - tau * np.eye(nx).ravel() - A @ w, (nx, nx), order="C")
+    prob = cp.Problem(cp.Maximize(tau), [w[m:] >= 0, (M + M.T) / 2 >> 0])
+    try:
+        with warnings.catch_warnings():  # "inaccurate" is common near tau = 0; the bound is verified below anyway
+            warnings.simplefilter("ignore")
+            prob.solve(solver=cp.CLARABEL, time_limit=max(max_time, 1.0))
+    except cp.error.SolverError:
+        return FanBound(-math.inf, nx, m, len(pairs) - m, time.perf_counter() - t0, "solver error")
+    if w.value is None:
+        return FanBound(-math.inf, nx, m, len(pairs) - m, time.perf_counter() - t0, str(prob.status))
+    wv = np.asarray(w.value, np.float64).copy()
+    wv[m:] = np.maximum(wv[m:], 0.0)
+    R = Q - (A @ wv).reshape(nx, nx)
+    bound = float(scipy.linalg.eigvalsh((R + R.T) / 2, subset_by_index=(0, 0))[0])
+    return FanBound(bound, nx, m, len(pairs) - m, time.perf_counter() - t0, str(prob.status))
+
+
 def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
     """`descent_test` along grad z_a of the kink with the most negative multiplier g_a (opening it lowers the fit at
     first order by |g_a| dz_a); None when that pre-activation does not move at first order."""
@@ -1317,6 +1449,7 @@ def certify(
     descent_rtol: float = 1e-12,
     max_time: float = 60.0,
     other_side: bool = False,
+    kink_fan: bool | None = None,
     **hessian_options,
 ) -> Certificate:
     """First- and second-order certificate at ``params``.
@@ -1333,7 +1466,10 @@ def certify(
     and at ReLU kinks the `KinkTest` (multipliers' signs, the piece with the stationarity slopes lifted at the
     degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3; with ``other_side=True``, when the lifted form is not
     positive, one more Lanczos run on the piece with slope 1 at the degenerate kinks, looking for a lower point along
-    its bottom eigenvector). The outcome is ``Certificate.second_order``.
+    its bottom eigenvector). When every kink is degenerate and that is inconclusive, ``kink_fan`` (None: only up to
+    `FAN_AUTO_MAX_KINKS` kinks; True: up to `FAN_MAX_VARS` variables; False: never) runs `kink_fan_bound` (needs
+    cvxpy, the ``test`` extra; skipped without it), a bound >= -hess_tol certifying. The outcome is
+    ``Certificate.second_order``.
 
     Returns:
       A `Certificate`.
@@ -1397,6 +1533,11 @@ def certify(
             dc = descent_test(problem, params, cvec[:n])
             if dc.decrease > descent_tol:
                 desc, found = dc, True
+    if _fan_wanted(kt, kink_fan, n, lam < -hess_tol and not found):
+        fb = kink_fan_bound(problem, params, masks, max_time=max(max_time - (time.perf_counter() - t0), 1.0))
+        if fb is not None:
+            kt = kt._replace(fan_min=fb.bound, fan_dim=fb.dim, fan_pairs=fb.pairs, fan_seconds=fb.seconds)
+            lam = fb.bound
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
         assert G is not None  # set with kt
         dk = _open_most_negative_kink(problem, params, G, masks, slopes)
@@ -1407,8 +1548,22 @@ def certify(
     elif kt.negative or lam < -hess_tol:
         so = "first-order only"
     else:  # the critical-subspace spectrum is dense (exact)
-        so = "certified" if hs.converged or kt.critical_dim is not None else "not checked: budget"
+        so = (
+            "certified"
+            if hs.converged or kt.critical_dim is not None or kt.fan_min is not None
+            else "not checked: budget"
+        )
     return Certificate(st, hs, desc, dtype, so, hess_tol, kt)
+
+
+def _fan_wanted(kt: KinkTest, kink_fan: bool | None, n: int, inconclusive: bool) -> bool:
+    """Whether `certify` runs `kink_fan_bound`: the tests before it are inconclusive, every kink is degenerate, and
+    the size is within the caps of ``kink_fan`` (None: `FAN_AUTO_MAX_KINKS` kinks; True: `FAN_MAX_VARS` variables)."""
+    if kink_fan is False or not inconclusive or kt.negative or kt.degenerate != kt.kinks:
+        return False
+    if n + kt.kinks > FAN_MAX_VARS:
+        return False
+    return kink_fan is True or kt.kinks <= FAN_AUTO_MAX_KINKS
 
 
 def kink_rtol_of(params, kink_rtol: float | None) -> float:
