@@ -174,14 +174,15 @@ class KinkTest(NamedTuple):
     test_certificates_kink_critical.py): f rises at first order off T by exactly the multipliers' model, and only
     at second order on T.
 
-    Not certified (the honest limit): points with degenerate kinks (c_a = 0) whose lifted form is indefinite. At the
+    Not certified by the tests above: points with degenerate kinks (c_a = 0) whose lifted form is indefinite. At the
     binary DNC optimum (THEORY.md §4.2, a global optimum by Sukenik et al. 2023) every kink is degenerate (the
     outgoing weights of a class's neurons reach only its own path), so T is the whole space and the test is the
     lifted one. There the second-order change is q(delta) = Q(delta, u) with u_a = max(J_a delta + sum_b K_ab u_b, 0):
     the activation shifts u_b of layer l open the kinks of layer l + 1 (K != 0), so q is piecewise quadratic on up
     to 2^m pieces. The sign relaxations (u_a = max(J_a delta, 0), or u >= 0 free) are not copositive there: on the
     64-parameter binary case of the tests a direction has Q = -1.4e-3 |delta|^2 in the relaxation but a true second
-    difference of +0.37 |delta|^2. The exact test is copositivity on a polyhedral fan (co-NP-hard in general). A
+    difference of +0.37 |delta|^2. The exact test is copositivity on a polyhedral fan (co-NP-hard in general); the
+    nested fan below is a polynomial sufficient test that certifies DNC. A
     dead neuron (incoming row and outgoing column 0, its kinks degenerate) also makes the lifted form indefinite
     (u_b times its outgoing weight); it is tested apart by `dead_neurons` (a separate second-order block, certified
     when a bound of its bilinear term is below sqrt(lam lam')). ``degenerate_at`` names the degenerate kinks.
