@@ -206,10 +206,10 @@ class KinkTest(NamedTuple):
       degenerate_at: (l, i, j) of the degenerate kinks (Z_l[i, j], l = 2..L), at most 20.
       dead: (l, j, bound, sqrt(lam lam')) per dead neuron (row j of Z_l: `dead_neurons`), when the critical test
         ran; a bound >= the limit leaves the point uncertified (critical_min is then -inf).
-      fan_min, fan_dim, fan_pairs, fan_seconds: when every kink is degenerate and the tests above are inconclusive,
-        the verified bound tau of `kink_fan_bound` (second order on the nested kink fan: q >= tau |x|^2), the size
-        of its form, the cross products used and its wall time (None when it did not run: see `certify`'s
-        ``kink_fan``).
+      fan_min, fan_dim, fan_pairs: when every kink is degenerate and the tests above are inconclusive, the verified
+        bound tau of `kink_fan_bound` (second order on the nested kink fan: q >= tau |x|^2), the size of its form
+        and the cross products used (None when it did not run: see `certify`'s ``kink_fan``; no wall time here, so
+        that sweep records stay a function of their configuration).
     """
 
     kinks: int
@@ -227,7 +227,6 @@ class KinkTest(NamedTuple):
     fan_min: float | None = None
     fan_dim: int | None = None
     fan_pairs: int | None = None
-    fan_seconds: float | None = None
 
 
 SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget", "not checked")
@@ -1537,7 +1536,7 @@ def certify(
     if _fan_wanted(kt, kink_fan, n, lam < -hess_tol and not found):
         fb = kink_fan_bound(problem, params, masks, max_time=max(max_time - (time.perf_counter() - t0), 1.0))
         if fb is not None:
-            kt = kt._replace(fan_min=fb.bound, fan_dim=fb.dim, fan_pairs=fb.pairs, fan_seconds=fb.seconds)
+            kt = kt._replace(fan_min=fb.bound, fan_dim=fb.dim, fan_pairs=fb.pairs)
             lam = fb.bound
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
         assert G is not None  # set with kt
