@@ -191,9 +191,9 @@ class KinkTest(NamedTuple):
     the complementarity u_a (u_a - t_a) = 0, and bounds q from below by a semidefinite program with the products
     u_a (u_b - t_b) >= 0 of every pair of kinks (polynomial: m^2 multipliers). It certifies the binary DNC optimum
     (tau = -3e-9 against hess_tol = 1.5e-6 on the 64-parameter case with 36 kinks; with the 12 kinks of the pruned
-    widths it runs by default). Cost: ~0.5 s at 12 kinks, ~25 s at 36 (Clarabel, 2 loaded cores), so `certify`
-    runs it by default only up to `FAN_AUTO_MAX_KINKS` kinks, and never above `FAN_MAX_VARS` variables: the README
-    quickstart (12,600 kinks) stays "first-order only".
+    widths, 24 parameters, it runs by default). Cost (Clarabel, 2 loaded cores): 0.4-4 s at 36 parameters + kinks,
+    9-27 s at 52-63, 25 s at 100, so `certify` runs it by default only up to `FAN_AUTO_MAX_VARS` parameters + kinks,
+    and never above `FAN_MAX_VARS`: the README quickstart (12,600 kinks) stays "first-order only".
 
     Attributes:
       kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
@@ -1301,8 +1301,13 @@ def _critical_test(problem, params, kt: KinkTest, G, masks, slopes, strict, smas
     return kt, cvec
 
 
-FAN_AUTO_MAX_KINKS = 16  # `certify(kink_fan=None)` runs the fan relaxation up to this many kinks (m^2 pairs)
+FAN_AUTO_MAX_VARS = 40  # `certify(kink_fan=None)` runs the fan relaxation up to this many parameters + kinks
+# (Clarabel's cost per iteration grows like (n + m)^6: its PSD block has (n + m)^2 / 2 entries; measured on 2 loaded
+# cores: 0.4-4 s at n + m = 36, 9-27 s at 52-63, 25 s at 100, each ~26 interior-point iterations)
 FAN_MAX_VARS = 400  # and at most this many variables (parameters + kinks), even when asked for
+# Clarabel's tolerances: the bound is verified by eigvalsh afterwards, but tight ones move it from -1e-5 to -2e-8 at
+# the stalled point of the tests (a local minimum with flat directions: tau* = 0), far inside hess_tol = 1.2e-6
+FAN_SOLVER_SETTINGS = dict(max_iter=100, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9)
 
 
 class FanBound(NamedTuple):
@@ -1380,13 +1385,35 @@ def kink_fan_bound(problem: UFM, params: Params, masks, *, sym_rtol: float = 1e-
     Returns:
       A `FanBound`, or None when cvxpy (with Clarabel) is not installed.
     """
+    t0 = time.perf_counter()
+    Q, T, ny, m = _fan_form(problem, params, masks, sym_rtol)
+    out = fan_relaxation(Q, T, ny, max_time=max_time)
+    if out is None:  # pragma: no cover - cvxpy is in the test extra
+        return None
+    bound, pairs, status = out
+    return FanBound(bound, ny + m, m, pairs, time.perf_counter() - t0, status)
+
+
+def fan_relaxation(Q: np.ndarray, T: np.ndarray, ny: int, *, max_time: float = 60.0):
+    """The largest tau with Q - sum_a nu_a sym(u_a v_a) - sum_{a != b} N_ab sym(u_a v_b) >= tau I (N >= 0), x = (y, u),
+    u = x[ny:], v = u - T x (`kink_fan_bound`), solved by cvxpy/Clarabel and then verified by ``eigvalsh``.
+
+    Args:
+      Q: (ny + m, ny + m) symmetric: the quadratic form in x.
+      T: (m, ny + m): t = T x, the kinks' first-order motions (their nesting in the u columns).
+      ny: the number of free variables before the m kink shifts.
+      max_time: the solver's time limit (seconds).
+
+    Returns:
+      (tau, the number of pairs a != b, the solver's status), tau the smallest eigenvalue of the certificate's form
+      with the solver's multipliers (N clipped to >= 0); -inf when the solver fails. None without cvxpy.
+    """
     try:
         import cvxpy as cp
         import scipy.sparse as sp
     except ImportError:  # pragma: no cover - cvxpy is in the test extra
         return None
-    t0 = time.perf_counter()
-    Q, T, ny, m = _fan_form(problem, params, masks, sym_rtol)
+    m = T.shape[0]
     nx = ny + m
     V = -T
     V[:, ny:] += np.eye(m)
@@ -1404,16 +1431,16 @@ def kink_fan_bound(problem: UFM, params: Params, masks, *, sym_rtol: float = 1e-
     try:
         with warnings.catch_warnings():  # "inaccurate" is common near tau = 0; the bound is verified below anyway
             warnings.simplefilter("ignore")
-            prob.solve(solver=cp.CLARABEL, time_limit=max(max_time, 1.0))
+            prob.solve(solver=cp.CLARABEL, time_limit=max(max_time, 1.0), **FAN_SOLVER_SETTINGS)
     except cp.error.SolverError:
-        return FanBound(-math.inf, nx, m, len(pairs) - m, time.perf_counter() - t0, "solver error")
+        return -math.inf, len(pairs) - m, "solver error"
     if w.value is None:
-        return FanBound(-math.inf, nx, m, len(pairs) - m, time.perf_counter() - t0, str(prob.status))
+        return -math.inf, len(pairs) - m, str(prob.status)
     wv = np.asarray(w.value, np.float64).copy()
     wv[m:] = np.maximum(wv[m:], 0.0)
     R = Q - (A @ wv).reshape(nx, nx)
     bound = float(scipy.linalg.eigvalsh((R + R.T) / 2, subset_by_index=(0, 0))[0])
-    return FanBound(bound, nx, m, len(pairs) - m, time.perf_counter() - t0, str(prob.status))
+    return bound, len(pairs) - m, str(prob.status)
 
 
 def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
@@ -1467,7 +1494,7 @@ def certify(
     degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3; with ``other_side=True``, when the lifted form is not
     positive, one more Lanczos run on the piece with slope 1 at the degenerate kinks, looking for a lower point along
     its bottom eigenvector). When every kink is degenerate and that is inconclusive, ``kink_fan`` (None: only up to
-    `FAN_AUTO_MAX_KINKS` kinks; True: up to `FAN_MAX_VARS` variables; False: never) runs `kink_fan_bound` (needs
+    `FAN_AUTO_MAX_VARS` parameters + kinks; True: up to `FAN_MAX_VARS`; False: never) runs `kink_fan_bound` (needs
     cvxpy, the ``test`` extra; skipped without it), a bound >= -hess_tol certifying. The outcome is
     ``Certificate.second_order``.
 
@@ -1558,12 +1585,12 @@ def certify(
 
 def _fan_wanted(kt: KinkTest, kink_fan: bool | None, n: int, inconclusive: bool) -> bool:
     """Whether `certify` runs `kink_fan_bound`: the tests before it are inconclusive, every kink is degenerate, and
-    the size is within the caps of ``kink_fan`` (None: `FAN_AUTO_MAX_KINKS` kinks; True: `FAN_MAX_VARS` variables)."""
+    the size is within the caps of ``kink_fan`` (None: `FAN_AUTO_MAX_VARS`; True: `FAN_MAX_VARS` parameters + kinks)."""
     if kink_fan is False or not inconclusive or kt.negative or kt.degenerate != kt.kinks:
         return False
     if n + kt.kinks > FAN_MAX_VARS:
         return False
-    return kink_fan is True or kt.kinks <= FAN_AUTO_MAX_KINKS
+    return kink_fan is True or n + kt.kinks <= FAN_AUTO_MAX_VARS
 
 
 def kink_rtol_of(params, kink_rtol: float | None) -> float:

@@ -437,9 +437,8 @@ def check(
         "not checked: budget".
       metrics: compute ``ufm.metrics.layer_metrics``.
       kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
-      hessian_options: passed to `ufm.certify` (``kink_fan``: the nested-fan test at all-degenerate kinks, None
-        auto / True / False; ``other_side``) and on to `ufm.hessian_spectrum` (k, method, project_symmetries,
-        maxiter, krylov_dim, ...).
+      hessian_options: passed to `ufm.certify` (``kink_fan``: the nested-fan test, None auto / True / False) and
+        on to `ufm.hessian_spectrum` (k, method, project_symmetries, maxiter, krylov_dim, ...).
 
     Returns:
       A `Report`.
