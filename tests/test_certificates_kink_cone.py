@@ -1,8 +1,9 @@
-"""Why the binary DNC optimum stays "first-order only" (issue 16, part 3; `ufm._certificates.KinkTest`): the
+"""Why the sign relaxations cannot certify the binary DNC optimum (issue 16, part 3; `ufm._certificates.KinkTest`): the
 second-order change at its degenerate kinks is q(delta) = Q(delta, u) with u the activation shifts, which are
 nested across layers, u_a = max(J_a delta + sum_b K_ab u_b, 0). Dropping the nesting (u_a = max(J_a delta, 0),
 a point of the sign-relaxed cone u >= 0) gives a form that is negative in some direction, while the true second
-difference of the objective along that direction is positive: no test on the sign-relaxed cone can certify DNC."""
+difference of the objective along that direction is positive: no test on the sign-relaxed cone can certify DNC
+(the nested fan can: test_certificates_kink_fan.py)."""
 
 import jax.numpy as jnp
 import numpy as np

@@ -130,7 +130,8 @@ def test_binary_dnc_optimum_kinks_are_degenerate_and_matches():
     # other class's pre-activations sit exactly at the kink, and the outgoing weights of those neurons reach only
     # their own class's path: dF/dh_a = 0 at every kink (degenerate multipliers). The lifted form (the activation
     # shift as a free variable) has negative curvature that the cone u = max(dz, 0) may not realise, and no lower
-    # point is found: the honest outcome is "first-order only" (see the report's limitation).
+    # point is found. Its 64 parameters + 36 kinks are above FAN_AUTO_MAX_VARS: the nested-fan test does not run:
+    # "first-order only" (with kink_fan=True it certifies: test_certificates_kink_fan.py, slow).
     c = ufm.construct(P_BIN)
     r = ufm.check(P_BIN, c, metrics=False)
     k = r.certificate.kink

@@ -258,3 +258,65 @@ def test_small_c_gap_is_not_negative(c):
     # the evaluation's rounding relative to F ~ c log(1/c), far below the old error)
     s = convex.solve_ce([5, 5, 5], c, bias="none")
     assert s.certificate.rel_gap >= -1e-13 and s.certificate.rel_gap <= 1e-10
+
+
+def _decimal_gap(ns, c, bias, lam_b, alpha, cert, digits=40):
+    """F(B, b) - G(Lam) and F, evaluated in 40-digit decimal arithmetic from the certificate's own float points
+    (THEORY §9.4; independent of ufm's log-softmax/log1p forms). Only ||B||_* is a float64 SVD: its rounding,
+    ~1e-16 c ||B||_*, is ~1e-16 of F. The target entry of q_k is 1 - (the others' sum), so q_k sums to one
+    exactly; the float Lam's own column sums are checked to be zero at rounding level (<= 1e-14 c)."""
+    import decimal
+
+    ctx = decimal.Context(prec=digits)
+    Dec = ctx.create_decimal
+    ns = np.asarray(ns, float)
+    K, N = ns.size, ns.sum()
+    B, b, Lam = cert.B, cert.b, cert.Lam
+    assert np.linalg.norm(Lam, 2) <= c * (1 + 1e-13)
+    assert np.abs(Lam.sum(axis=0)).max() <= 1e-14 * c  # K eps max|Lam|: the rounding of the projection
+    if bias == "free":
+        assert np.abs(Lam @ np.sqrt(ns)).max() <= 1e-14 * c
+    sqn = [ctx.sqrt(Dec(float(n))) for n in ns]
+    t_on, t_off = Dec(1 - alpha) + Dec(alpha) / K, Dec(alpha) / K
+    F = Dec(c * float(np.linalg.svd(B, compute_uv=False).sum()))
+    G = Dec(0)
+    for k in range(K):
+        wk = Dec(float(ns[k])) / Dec(float(N))
+        z = [Dec(float(B[j, k])) / sqn[k] + (Dec(float(b[j])) if b is not None else 0) for j in range(K)]
+        m = max(z)
+        lse = m + ctx.ln(sum(ctx.exp(x - m) for x in z))
+        F += wk * (lse - sum((t_on if j == k else t_off) * z[j] for j in range(K)))
+        q = [t_off - Dec(N) * Dec(float(Lam[j, k])) / sqn[k] for j in range(K)]
+        q[k] = 1 - sum(q[j] for j in range(K) if j != k)
+        assert min(q) >= 0
+        G -= wk * sum(x * ctx.ln(x) for x in q if x > 0)
+    if bias == "reg":
+        F += Dec(lam_b) / 2 * sum(Dec(float(x)) ** 2 for x in b)
+        v = Lam @ np.sqrt(ns)
+        G -= sum(Dec(float(x)) ** 2 for x in v) / (2 * Dec(lam_b))
+    return float(F - G), float(F)
+
+
+@pytest.mark.parametrize(
+    "ns,c,bias,alpha",
+    [
+        ((5, 3, 2), 1e-6, "none", 0.0),  # round 4: 1.1e-10
+        ((5, 3, 2), 1e-8, "none", 0.0),  # round 4: 1.0e-8
+        ((20, 10, 5, 2, 1), 1e-6, "none", 0.0),  # round 4: 1.3e-9
+        ((6, 6, 1, 1), 1e-8, "free", 0.0),  # round 4: 1.1e-8
+        ((9, 4, 13, 24, 9, 22), 1e-8, "reg", 0.0),  # round 4: 2.3e-10
+        ((5, 20), 1e-9, "free", 0.1),  # round 4: 6.4e-10 (label smoothing, free bias)
+        ((3, 15, 14, 22, 8, 22), 1e-9, "free", 0.1),  # round 4: 2.2e-9
+    ],
+)
+def test_imbalanced_small_c_certified_in_decimal(ns, c, bias, alpha):
+    # imbalanced CE down to c = 1e-9: the relative gap F - G, recomputed in 40-digit arithmetic from the
+    # certificate's own primal and dual points, is <= 1e-10 (the certificate's requirement), and >= -1e-14
+    # (weak duality; the only float64 term is c ||B||_*, see _decimal_gap). The reported gap is the same number
+    # to 1e-12 relative to F (it is computed in float64 from cancellation-free terms).
+    sol = convex.solve_ce(ns, c, bias=bias, lam_b=0.3, alpha=alpha)
+    gap, F = _decimal_gap(ns, c, bias, 0.3, alpha, sol.certificate)
+    assert sol.certified
+    assert -1e-14 <= gap / F <= 1e-10
+    assert sol.certificate.rel_gap == pytest.approx(gap / F, abs=1e-12)
+    assert sol.certificate.primal == pytest.approx(F, rel=1e-14)

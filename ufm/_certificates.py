@@ -40,6 +40,7 @@ from __future__ import annotations
 import itertools
 import math
 import time
+import warnings
 from functools import partial
 from typing import Any, NamedTuple
 
@@ -173,17 +174,26 @@ class KinkTest(NamedTuple):
     test_certificates_kink_critical.py): f rises at first order off T by exactly the multipliers' model, and only
     at second order on T.
 
-    Not certified (the honest limit): points with degenerate kinks (c_a = 0) whose lifted form is indefinite. At the
+    Not certified by the tests above: points with degenerate kinks (c_a = 0) whose lifted form is indefinite. At the
     binary DNC optimum (THEORY.md §4.2, a global optimum by Sukenik et al. 2023) every kink is degenerate (the
     outgoing weights of a class's neurons reach only its own path), so T is the whole space and the test is the
     lifted one. There the second-order change is q(delta) = Q(delta, u) with u_a = max(J_a delta + sum_b K_ab u_b, 0):
     the activation shifts u_b of layer l open the kinks of layer l + 1 (K != 0), so q is piecewise quadratic on up
     to 2^m pieces. The sign relaxations (u_a = max(J_a delta, 0), or u >= 0 free) are not copositive there: on the
     64-parameter binary case of the tests a direction has Q = -1.4e-3 |delta|^2 in the relaxation but a true second
-    difference of +0.37 |delta|^2. The exact test is copositivity on a polyhedral fan (co-NP-hard in general). A
+    difference of +0.37 |delta|^2. The exact test is copositivity on a polyhedral fan (co-NP-hard in general); the
+    nested fan below is a polynomial sufficient test that certifies DNC. A
     dead neuron (incoming row and outgoing column 0, its kinks degenerate) also makes the lifted form indefinite
     (u_b times its outgoing weight); it is tested apart by `dead_neurons` (a separate second-order block, certified
     when a bound of its bilinear term is below sqrt(lam lam')). ``degenerate_at`` names the degenerate kinks.
+
+    **The nested fan** (every kink degenerate, the tests above inconclusive): `kink_fan_bound` keeps the nesting and
+    the complementarity u_a (u_a - t_a) = 0, and bounds q from below by a semidefinite program with the products
+    u_a (u_b - t_b) >= 0 of every pair of kinks (polynomial: m^2 multipliers). It certifies the binary DNC optimum
+    (tau = -3e-9 against hess_tol = 1.5e-6 on the 64-parameter case with 36 kinks; with the 12 kinks of the pruned
+    widths, 24 parameters, it runs by default). Cost (Clarabel, 2 loaded cores): 0.4-4 s at 36 parameters + kinks,
+    9-27 s at 52-63, 25 s at 100, so `certify` runs it by default only up to `FAN_AUTO_MAX_VARS` parameters + kinks,
+    and never above `FAN_MAX_VARS`: the README quickstart (12,600 kinks) stays "first-order only".
 
     Attributes:
       kinks: entries at the kink; ``strong``, ``degenerate``, ``negative``: how many have g_a > g_tol,
@@ -196,6 +206,10 @@ class KinkTest(NamedTuple):
       degenerate_at: (l, i, j) of the degenerate kinks (Z_l[i, j], l = 2..L), at most 20.
       dead: (l, j, bound, sqrt(lam lam')) per dead neuron (row j of Z_l: `dead_neurons`), when the critical test
         ran; a bound >= the limit leaves the point uncertified (critical_min is then -inf).
+      fan_min, fan_dim, fan_pairs: when every kink is degenerate and the tests above are inconclusive, the verified
+        bound tau of `kink_fan_bound` (second order on the nested kink fan: q >= tau |x|^2), the size of its form
+        and the cross products used (None when it did not run: see `certify`'s ``kink_fan``; no wall time here, so
+        that sweep records stay a function of their configuration).
     """
 
     kinks: int
@@ -210,6 +224,9 @@ class KinkTest(NamedTuple):
     critical_min: float | None = None
     degenerate_at: tuple = ()
     dead: tuple = ()
+    fan_min: float | None = None
+    fan_dim: int | None = None
+    fan_pairs: int | None = None
 
 
 SECOND_ORDER = ("certified", "first-order only", "negative curvature", "descent", "not checked: budget", "not checked")
@@ -695,6 +712,9 @@ def hessian_spectrum(problem: UFM, params: Params, **options) -> HessianSpectrum
       max_tangent: skip the projection (``symmetry_dim=None``) when the tangent matrix would have more entries
         (default 5e7).
       tol, maxiter: ARPACK's relative accuracy (default 1e-8) and iteration cap (default 20 n).
+      krylov_dim: Lanczos steps per compiled cycle, each restarted from the bottom Ritz vector (default 60: on the
+        README quickstart one cycle of 60 converges in 0.8 s where one of 150 took 2.3 s, the reorthogonalisation
+        being quadratic in the steps).
 
     At a ReLU kink the Hessian is that of JAX's convention (slope 0 and curvature 0 at 0): the Hessian of one
     smooth piece, so a negative eigenvalue there is only a hint; `certify` checks it with an explicit `Descent`.
@@ -860,7 +880,7 @@ def _hessian(
     max_tangent: int = 50_000_000,
     tol: float = 1e-8,
     maxiter: int | None = None,
-    krylov_dim: int = 150,
+    krylov_dim: int = 60,
     max_time: float = 60.0,
     masks=(),
     slopes=(),
@@ -1284,6 +1304,148 @@ def _critical_test(problem, params, kt: KinkTest, G, masks, slopes, strict, smas
     return kt, cvec
 
 
+FAN_AUTO_MAX_VARS = 40  # `certify(kink_fan=None)` runs the fan relaxation up to this many parameters + kinks
+# (Clarabel's cost per iteration grows like (n + m)^6: its PSD block has (n + m)^2 / 2 entries; measured on 2 loaded
+# cores: 0.4-4 s at n + m = 36, 9-27 s at 52-63, 25 s at 100, each ~26 interior-point iterations)
+FAN_MAX_VARS = 400  # and at most this many variables (parameters + kinks), even when asked for
+# Clarabel's tolerances: the bound is verified by eigvalsh afterwards, but tight ones move it from -1e-5 to -2e-8 at
+# the stalled point of the tests (a local minimum with flat directions: tau* = 0), far inside hess_tol = 1.2e-6
+FAN_SOLVER_SETTINGS = dict(max_iter=100, tol_gap_abs=1e-11, tol_gap_rel=1e-11, tol_feas=1e-11, tol_ktratio=1e-9)
+
+
+class FanBound(NamedTuple):
+    """The doubly-nonnegative relaxation of second order on the nested kink fan (`kink_fan_bound`).
+
+    Attributes:
+      bound: tau such that Q(delta, u) >= tau (|delta|^2 + |u|^2) on the fan, verified: the smallest eigenvalue
+        of Q minus the multipliers' terms, computed here by a dense ``eigvalsh`` (the conic solver only proposes
+        the multipliers; its own status does not enter).
+      dim: variables of the form (symmetry complement of theta, plus one shift per kink).
+      kinks: m, the kinks (all degenerate).
+      pairs: the products u_a v_b >= 0 used (a != b).
+      seconds: wall time.
+      status: the conic solver's status.
+    """
+
+    bound: float
+    dim: int
+    kinks: int
+    pairs: int
+    seconds: float
+    status: str
+
+
+def _fan_form(problem, params, masks, sym_rtol):
+    """Q (the lifted Hessian of the piece with slope 0 at every kink, on the symmetry complement of theta plus one
+    shift per kink) and T (t~ = T x: the first-order motion of each kink's pre-activation, J delta + K u)."""
+    P = _work_params(params)
+    dt = jnp.asarray(P.H).dtype
+    jm = tuple(jnp.asarray(m) for m in masks)
+    zeros = tuple(jnp.zeros(m.shape, dt) for m in masks)
+    n = int(_flat(P).size)
+    ne = sum(int(m.size) for m in masks)
+    kin = np.concatenate([np.ravel(m) for m in masks])
+    lift = np.concatenate([np.ones(n, bool), kin])
+    Hd = _dense_hessian(problem, P, n + ne, jm, zeros, jm)[np.ix_(lift, lift)]
+    Jz = np.asarray(_lifted_preact_jacobian(problem, P, jm, zeros, jm, n=n), np.float64)[kin][:, lift]
+    S = _orthonormal_rows(symmetry_tangents(problem, P), sym_rtol)
+    C = scipy.linalg.null_space(S) if S.shape[0] else np.eye(n)
+    m = int(kin.sum())
+    E = scipy.linalg.block_diag(C, np.eye(m))
+    return E.T @ Hd @ E, Jz @ E, C.shape[1], m
+
+
+def kink_fan_bound(problem: UFM, params: Params, masks, *, sym_rtol: float = 1e-6, max_time: float = 60.0):
+    """A lower bound of the second-order change of f on the nested kink fan, where every kink is degenerate.
+
+    With every multiplier c_a = dF/dh_a = 0 (`KinkTest`: e.g. the binary DNC optimum), every smooth piece is
+    stationary and, writing the kink activations as free shifts u (the piece with slope 0 at the kinks),
+
+        f(theta + eps delta) - f(theta) = eps^2/2 Q(delta, u) + o(eps^2),   u_a = max(t_a, 0),
+        t_a = J_a delta + sum_b K_ab u_b     (K: a shift of layer l moves the kinks of layer l + 1; nesting).
+
+    Put v = u - t >= 0. On the fan u >= 0, v >= 0, u_a v_a = 0, so for any real nu and any N >= 0 (entrywise)
+
+        Q(x) >= Q(x) - sum_a nu_a u_a v_a - sum_{a != b} N_ab u_a v_b,       x = (delta, u),
+
+    and the right side is a quadratic form in x (v is linear in x). If it is >= tau |x|^2 for some multipliers,
+    q(delta) >= tau (|delta|^2 + |u|^2) on the fan. The multipliers that maximise tau solve a semidefinite program
+    (a doubly-nonnegative / RLT relaxation of copositivity on the fan: polynomial, with m + m(m-1) multipliers and
+    one PSD block of size dim); it is solved by cvxpy/Clarabel (optional: the ``test`` extra), and the bound is
+    then recomputed here from the multipliers (clipped to N >= 0) by a dense eigenvalue solve. At the binary DNC
+    optimum the sign relaxations fail (`KinkTest`) and so does this one without the cross products (nu alone:
+    -lam; products of kinks of one sample or of one sample class: -2.2e-3 on the 64-parameter case of the tests),
+    while all pairs give tau = -3e-9 (rounding level against lambda_max = 1.5: the flat directions of DNC): the
+    certificate needs u_a v_b across the two classes (one class's samples opening the other class's neurons while
+    the other's close them, as a rotation mixing the two paths does).
+
+    Args:
+      problem, params: the point (every kink degenerate; not checked here).
+      masks: `kink_masks` at the point.
+      sym_rtol: as in `hessian_spectrum`.
+      max_time: the conic solver's time limit (seconds).
+
+    Returns:
+      A `FanBound`, or None when cvxpy (with Clarabel) is not installed.
+    """
+    t0 = time.perf_counter()
+    Q, T, ny, m = _fan_form(problem, params, masks, sym_rtol)
+    out = fan_relaxation(Q, T, ny, max_time=max_time)
+    if out is None:  # pragma: no cover - cvxpy is in the test extra
+        return None
+    bound, pairs, status = out
+    return FanBound(bound, ny + m, m, pairs, time.perf_counter() - t0, status)
+
+
+def fan_relaxation(Q: np.ndarray, T: np.ndarray, ny: int, *, max_time: float = 60.0):
+    """The largest tau with Q - sum_a nu_a sym(u_a v_a) - sum_{a != b} N_ab sym(u_a v_b) >= tau I (N >= 0), x = (y, u),
+    u = x[ny:], v = u - T x (`kink_fan_bound`), solved by cvxpy/Clarabel and then verified by ``eigvalsh``.
+
+    Args:
+      Q: (ny + m, ny + m) symmetric: the quadratic form in x.
+      T: (m, ny + m): t = T x, the kinks' first-order motions (their nesting in the u columns).
+      ny: the number of free variables before the m kink shifts.
+      max_time: the solver's time limit (seconds).
+
+    Returns:
+      (tau, the number of pairs a != b, the solver's status), tau the smallest eigenvalue of the certificate's form
+      with the solver's multipliers (N clipped to >= 0); -inf when the solver fails. None without cvxpy.
+    """
+    try:
+        import cvxpy as cp
+        import scipy.sparse as sp
+    except ImportError:  # pragma: no cover - cvxpy is in the test extra
+        return None
+    m = T.shape[0]
+    nx = ny + m
+    V = -T
+    V[:, ny:] += np.eye(m)
+    pairs = [(a, a) for a in range(m)] + [(a, b) for a in range(m) for b in range(m) if a != b]
+    rows, cols, vals = [], [], []
+    for k, (a, b) in enumerate(pairs):  # sym(e_{ny+a} V_b^T), flattened: row ny+a and column ny+a get V_b / 2
+        nz = np.flatnonzero(V[b])
+        rows += [(ny + a) * nx + nz, nz * nx + ny + a]
+        cols += [np.full(2 * nz.size, k)]
+        vals += [V[b, nz] / 2, V[b, nz] / 2]
+    A = sp.csc_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(nx * nx, len(pairs)))
+    w, tau = cp.Variable(len(pairs)), cp.Variable()
+    M = cp.reshape(Q.ravel() - tau * np.eye(nx).ravel() - A @ w, (nx, nx), order="C")
+    prob = cp.Problem(cp.Maximize(tau), [w[m:] >= 0, (M + M.T) / 2 >> 0])
+    try:
+        with warnings.catch_warnings():  # "inaccurate" is common near tau = 0; the bound is verified below anyway
+            warnings.simplefilter("ignore")
+            prob.solve(solver=cp.CLARABEL, time_limit=max(max_time, 1.0), **FAN_SOLVER_SETTINGS)
+    except cp.error.SolverError:
+        return -math.inf, len(pairs) - m, "solver error"
+    if w.value is None:
+        return -math.inf, len(pairs) - m, str(prob.status)
+    wv = np.asarray(w.value, np.float64).copy()
+    wv[m:] = np.maximum(wv[m:], 0.0)
+    R = Q - (A @ wv).reshape(nx, nx)
+    bound = float(scipy.linalg.eigvalsh((R + R.T) / 2, subset_by_index=(0, 0))[0])
+    return bound, len(pairs) - m, str(prob.status)
+
+
 def _open_most_negative_kink(problem, params, G, masks, slopes) -> Descent | None:
     """`descent_test` along grad z_a of the kink with the most negative multiplier g_a (opening it lowers the fit at
     first order by |g_a| dz_a); None when that pre-activation does not move at first order."""
@@ -1317,6 +1479,7 @@ def certify(
     descent_rtol: float = 1e-12,
     max_time: float = 60.0,
     other_side: bool = False,
+    kink_fan: bool | None = None,
     **hessian_options,
 ) -> Certificate:
     """First- and second-order certificate at ``params``.
@@ -1333,7 +1496,10 @@ def certify(
     and at ReLU kinks the `KinkTest` (multipliers' signs, the piece with the stationarity slopes lifted at the
     degenerate kinks; ``mult_rtol`` default 1e-6 / 1e-3; with ``other_side=True``, when the lifted form is not
     positive, one more Lanczos run on the piece with slope 1 at the degenerate kinks, looking for a lower point along
-    its bottom eigenvector). The outcome is ``Certificate.second_order``.
+    its bottom eigenvector). When every kink is degenerate and that is inconclusive, ``kink_fan`` (None: only up to
+    `FAN_AUTO_MAX_VARS` parameters + kinks; True: up to `FAN_MAX_VARS`; False: never) runs `kink_fan_bound` (needs
+    cvxpy, the ``test`` extra; skipped without it), a bound >= -hess_tol certifying. The outcome is
+    ``Certificate.second_order``.
 
     Returns:
       A `Certificate`.
@@ -1397,6 +1563,11 @@ def certify(
             dc = descent_test(problem, params, cvec[:n])
             if dc.decrease > descent_tol:
                 desc, found = dc, True
+    if _fan_wanted(kt, kink_fan, n, lam < -hess_tol and not found):
+        fb = kink_fan_bound(problem, params, masks, max_time=max(max_time - (time.perf_counter() - t0), 1.0))
+        if fb is not None:
+            kt = kt._replace(fan_min=fb.bound, fan_dim=fb.dim, fan_pairs=fb.pairs)
+            lam = fb.bound
     if kt.negative and not found:  # open the most negative kink: a first-order decrease g_a (1 - c_a) dz or g_a c_a dz
         assert G is not None  # set with kt
         dk = _open_most_negative_kink(problem, params, G, masks, slopes)
@@ -1407,8 +1578,22 @@ def certify(
     elif kt.negative or lam < -hess_tol:
         so = "first-order only"
     else:  # the critical-subspace spectrum is dense (exact)
-        so = "certified" if hs.converged or kt.critical_dim is not None else "not checked: budget"
+        so = (
+            "certified"
+            if hs.converged or kt.critical_dim is not None or kt.fan_min is not None
+            else "not checked: budget"
+        )
     return Certificate(st, hs, desc, dtype, so, hess_tol, kt)
+
+
+def _fan_wanted(kt: KinkTest, kink_fan: bool | None, n: int, inconclusive: bool) -> bool:
+    """Whether `certify` runs `kink_fan_bound`: the tests before it are inconclusive, every kink is degenerate, and
+    the size is within the caps of ``kink_fan`` (None: `FAN_AUTO_MAX_VARS`; True: `FAN_MAX_VARS` parameters + kinks)."""
+    if kink_fan is False or not inconclusive or kt.negative or kt.degenerate != kt.kinks:
+        return False
+    if n + kt.kinks > FAN_MAX_VARS:
+        return False
+    return kink_fan is True or n + kt.kinks <= FAN_AUTO_MAX_VARS
 
 
 def kink_rtol_of(params, kink_rtol: float | None) -> float:

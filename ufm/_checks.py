@@ -74,7 +74,9 @@ class Report(NamedTuple):
       dtype: the solution's dtype.
       second_order: ``certificate.second_order``: "certified" (second-order conditions hold to tolerance: no
         Hessian eigenvalue below -hess_tol off the symmetry directions, and at ReLU kinks every multiplier
-        positive or the lifted form positive), "first-order only" (ReLU kinks where the test is inconclusive),
+        positive or the lifted form positive, or on the critical subspace, or, with every kink degenerate, the
+        semidefinite bound on the nested kink fan: `ufm._certificates.KinkTest`), "first-order only" (ReLU kinks
+        where the test is inconclusive),
         "descent"/"negative curvature" (verdict "saddle"), "not checked: budget" (Lanczos ran out of iterations
         or time), "not checked" (``hessian=False`` or not stationary).
     """
@@ -252,10 +254,15 @@ def _second_order_text(cert: Certificate, curv: str) -> str:
                 f"; {k.kinks} ReLU kinks: {k.strong} with positive multipliers, {k.degenerate} degenerate"
                 f" ({k.lifted} lifted)"
             )
-            if k.critical_dim is not None:
+            if k.critical_dim is not None and k.fan_min is None:
                 second += (
                     f"; on the critical subspace of the {k.strict} strictly complementary kinks (dim"
                     f" {k.critical_dim}) the smallest eigenvalue is {_fmt(k.critical_min)}"
+                )
+            if k.fan_min is not None:
+                second += (
+                    f"; on the nested fan of the degenerate kinks, by a semidefinite relaxation"
+                    f" ({k.fan_pairs} kink pairs), the form is >= {_fmt(k.fan_min)} |x|^2"
                 )
         second += ")"
     elif so == "first-order only":
@@ -266,6 +273,7 @@ def _second_order_text(cert: Certificate, curv: str) -> str:
             + (f"{kt.degenerate} degenerate kinks, " if kt and kt.degenerate else "")
             + f"{curv} on the {'lifted ' if kt and kt.lifted else ''}form"
             + (f", {_fmt(kt.critical_min)} on the critical subspace" if kt and kt.critical_min is not None else "")
+            + (f", {_fmt(kt.fan_min)} on the nested kink fan" if kt and kt.fan_min is not None else "")
             + ", no lower point found)"
         )
     elif so == "not checked: budget":
@@ -429,8 +437,8 @@ def check(
         "not checked: budget".
       metrics: compute ``ufm.metrics.layer_metrics``.
       kink_rtol: ReLU kink threshold for the stationarity measure (see `ufm.certify`).
-      hessian_options: passed to `ufm.hessian_spectrum` (k, method, project_symmetries, maxiter, krylov_dim,
-        ...).
+      hessian_options: passed to `ufm.certify` (``kink_fan``: the nested-fan test, None auto / True / False) and
+        on to `ufm.hessian_spectrum` (k, method, project_symmetries, maxiter, krylov_dim, ...).
 
     Returns:
       A `Report`.
