@@ -113,6 +113,37 @@ def test_expand_grid_product_order_aliases_and_defaults():
     assert len({S.run_id(r) for r in u}) == 3
 
 
+def test_expand_grid_init_scale_is_solves_auto_rule():
+    # an unset init_scale is what ufm.solve's init_scale="auto" gives the same problem: the depth rule and the
+    # zero-basin rule with this run's class sizes and lambdas (ufm._options.auto_init_scale, derived and measured
+    # there); checked on the three regimes of that rule: the basin edge (imbalanced, large lambda), the depth rule
+    # (deep linear, Dang et al.'s setting) and a ReLU model (1.0)
+    from ufm._options import auto_init_scale
+
+    grids = [
+        {"K": 3, "n": [[3, 2, 1]], "widths": [4, 4], "lam": 0.1},
+        {"K": 4, "n": 100, "width": 64, "L": 6, "lam": 5e-4},
+        {"K": 2, "n": 50, "width": 64, "L": 3, "activation": "relu", "lam": 5e-3},
+        {"K": 3, "n": 4, "widths": [5, 5], "loss": "ce", "label_smoothing": 0.1, "lam_H": 0.3, "lam_W": [[0.2, 0.1]]},
+    ]
+    scales = []
+    for g in grids:
+        (r,) = S.expand_grid(g)
+        p = ufm.UFM(
+            num_classes=r["num_classes"],
+            n_per_class=r["n_per_class"],
+            widths=tuple(r["widths"]),
+            activation=r["activation"],
+            loss=r["loss"],
+            lam_H=r["lam_H"],
+            lam_W=r["lam_W"],
+            label_smoothing=r["label_smoothing"],
+        )
+        assert r["init_scale"] == pytest.approx(float(auto_init_scale(p)), rel=1e-12)
+        scales.append(r["init_scale"])
+    assert scales[0] > 0.2 and scales[2] == 1.0  # not the depth rule's 0.2 (every start at the zero saddle there)
+
+
 @pytest.mark.parametrize(
     "grid, needle",
     [

@@ -1371,7 +1371,7 @@ def kink_fan_bound(problem: UFM, params: Params, masks, *, sym_rtol: float = 1e-
     and the right side is a quadratic form in x (v is linear in x). If it is >= tau |x|^2 for some multipliers,
     q(delta) >= tau (|delta|^2 + |u|^2) on the fan. The multipliers that maximise tau solve a semidefinite program
     (a doubly-nonnegative / RLT relaxation of copositivity on the fan: polynomial, with m + m(m-1) multipliers and
-    one PSD block of size dim); it is solved by cvxpy/Clarabel (optional: the ``test`` extra), and the bound is
+    one PSD block of size dim); it is solved by cvxpy/Clarabel (optional: the ``certify`` extra), and the bound is
     then recomputed here from the multipliers (clipped to N >= 0) by a dense eigenvalue solve. At the binary DNC
     optimum the sign relaxations fail (`KinkTest`) and so does this one without the cross products (nu alone:
     -lam; products of kinks of one sample or of one sample class: -2.2e-3 on the 64-parameter case of the tests),
@@ -1391,7 +1391,7 @@ def kink_fan_bound(problem: UFM, params: Params, masks, *, sym_rtol: float = 1e-
     t0 = time.perf_counter()
     Q, T, ny, m = _fan_form(problem, params, masks, sym_rtol)
     out = fan_relaxation(Q, T, ny, max_time=max_time)
-    if out is None:  # pragma: no cover - cvxpy is in the test extra
+    if out is None:  # pragma: no cover - cvxpy is in the certify and test extras
         return None
     bound, pairs, status = out
     return FanBound(bound, ny + m, m, pairs, time.perf_counter() - t0, status)
@@ -1414,7 +1414,7 @@ def fan_relaxation(Q: np.ndarray, T: np.ndarray, ny: int, *, max_time: float = 6
     try:
         import cvxpy as cp
         import scipy.sparse as sp
-    except ImportError:  # pragma: no cover - cvxpy is in the test extra
+    except ImportError:  # pragma: no cover - cvxpy is in the certify and test extras
         return None
     m = T.shape[0]
     nx = ny + m
@@ -1498,7 +1498,7 @@ def certify(
     positive, one more Lanczos run on the piece with slope 1 at the degenerate kinks, looking for a lower point along
     its bottom eigenvector). When every kink is degenerate and that is inconclusive, ``kink_fan`` (None: only up to
     `FAN_AUTO_MAX_VARS` parameters + kinks; True: up to `FAN_MAX_VARS`; False: never) runs `kink_fan_bound` (needs
-    cvxpy, the ``test`` extra; skipped without it), a bound >= -hess_tol certifying. The outcome is
+    cvxpy, the ``certify`` extra; skipped without it), a bound >= -hess_tol certifying. The outcome is
     ``Certificate.second_order``.
 
     Returns:

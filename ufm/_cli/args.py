@@ -111,7 +111,7 @@ SOLVER_OPTIONS: list[Option] = [
         ("--init-scale",),
         "init_scale",
         parse_float_or_default,
-        "scale of the random init (default auto: 0.008^(1/(L+1)) for deep linear models, else 1)",
+        "scale of the random init (default auto: from depth, class sizes and lambdas, see ufm.solve; restarts at 1.0 if the run ends at the zero saddle)",
     ),
     (("--dtype",), "dtype", str, "float64 | float32 (default float64)"),
     (

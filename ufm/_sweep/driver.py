@@ -336,9 +336,9 @@ def sweep(
       engine: `ufm.solve_batch`'s engine: "auto" (default) or "lockstep", "map", "slots" or "vmap".
       progress: a progress bar on stderr (tqdm; default: when stderr is a terminal and tqdm is installed).
       second_order: ask `ufm.check` for its second-order certificate (``hessian=True``, default; computed at
-        stationary points only). Measured (``python -m benchmarks.bench_check --sweep``): 0.4-0.5x the solve per
-        record on the quickstart (14,720 parameters) and on K=3, L=4, widths 6; ~4x a 16 ms batched solve of a
-        64-parameter problem (+68 ms per record).
+        stationary points only). Measured (``python -m benchmarks.bench_check --sweep``, round 5): it adds 0.27x
+        a first-order record per run on the quickstart (14,720 parameters) and 0.31x on K=3, L=4, widths 6; a
+        fixed ~70 ms per record on tiny problems.
       check_options: more keyword options of `ufm.check` (``gap_tol``, ``grad_tol``, ``hess_rtol``, ...),
         validated before anything runs.
       metrics: store ``ufm.metrics.layer_metrics`` per run (a few kB of JSON per run; off: ``metrics`` is null).

@@ -223,7 +223,6 @@ def _expand_one(grid: Mapping, x64: bool) -> list[dict]:
         c.setdefault("lr", float(DEFAULT_LR[c["method"]]))
         c.setdefault("max_steps", int(DEFAULT_MAX_STEPS[c["method"]]))
         c.setdefault("tol", float(default_tol(c["dtype"])))
-        c.setdefault("init_scale", auto_init_scale_for(c["activation"], len(c["widths"])))  # ufm.solve's "auto"
         c.setdefault("patience", 50 if c["method"] == "lbfgs" else 1000)
         c.setdefault("seed", 0)
         if isinstance(c["lam_W"], list) and len(c["lam_W"]) != len(c["widths"]):
@@ -235,6 +234,20 @@ def _expand_one(grid: Mapping, x64: bool) -> list[dict]:
             raise ValueError(
                 f"grid field 'n_per_class' has an invalid value {c['n_per_class']!r}: class sizes need "
                 f"K={c['num_classes']} entries"
+            )
+        if "init_scale" not in c:  # init_scale="auto" of ufm.solve for this problem
+            K, n = c["num_classes"], c["n_per_class"]
+            c["init_scale"] = float(
+                auto_init_scale_for(
+                    c["activation"],
+                    len(c["widths"]),
+                    num_classes=K,
+                    class_sizes=n if isinstance(n, list) else [n] * K,
+                    lam_H=c["lam_H"],
+                    lam_W=c["lam_W"],
+                    loss=c["loss"],
+                    label_smoothing=c["label_smoothing"],
+                )
             )
         runs.append({k: c[k] for k in CONFIG_FIELDS})
     return runs
