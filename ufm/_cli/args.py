@@ -111,7 +111,10 @@ SOLVER_OPTIONS: list[Option] = [
         ("--init-scale",),
         "init_scale",
         parse_float_or_default,
-        "scale of the random init (default auto: from depth, class sizes and lambdas, see ufm.solve; restarts at 1.0 if the run ends at the zero saddle)",
+        (
+            "scale of the random init (default auto: from depth, class sizes and lambdas, see ufm.solve; "
+            "restarts at 1.0 if the run ends at the zero saddle)"
+        ),
     ),
     (("--dtype",), "dtype", str, "float64 | float32 (default float64)"),
     (
