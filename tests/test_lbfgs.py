@@ -58,6 +58,28 @@ def test_direction_equals_optax_two_loop_young_full_and_wrapped_memory():
     assert int(L.num_pairs(mem)) == M
 
 
+RECURSION = jax.jit(lambda mem, x, g: L.update(mem, x, g, recursion=True))
+
+
+def test_two_loop_equals_optax_and_the_compact_form():
+    # the recursion over the same ring memory (diagonal products only, `push(full=False)`) against optax along
+    # the same 14 updates (young, full, wrapped memory, a zero pair): same algorithm, so to ~100 eps; and against
+    # the compact form of a memory kept in full (1e-12, the compact form's R solve) and the dense reconstruction
+    traj = _trajectory(14, repeat_at=(6,))
+    mem, full = L.init(jnp.zeros(N), M), L.init(jnp.zeros(N), M)
+    for x, g, u_optax in traj:
+        u, mem = RECURSION(mem, jnp.asarray(x), jnp.asarray(g))
+        uc, full = UPDATE(full, jnp.asarray(x), jnp.asarray(g))
+        np.testing.assert_allclose(np.asarray(u), u_optax, rtol=1e-13, atol=1e-15 * np.linalg.norm(u_optax))
+        np.testing.assert_allclose(np.asarray(u), np.asarray(uc), rtol=1e-12, atol=1e-14 * np.linalg.norm(u_optax))
+    xs, gs = [t[0] for t in traj], [t[1] for t in traj]
+    pairs = [(xs[i + 1] - xs[i], gs[i + 1] - gs[i]) for i in range(len(xs) - 1) if i != 6][-M:]
+    g = np.random.default_rng(6).normal(size=N)
+    np.testing.assert_allclose(
+        np.asarray(L.two_loop(mem, jnp.asarray(g), 1.0)), _dense_lbfgs(pairs, g, 1.0), rtol=1e-10
+    )
+
+
 def test_direction_equals_dense_bfgs_inverse_reconstruction():
     # the last m pairs, gamma = s.y / y.y of the newest pair: H g from the dense update in NumPy (independent)
     traj = _trajectory(9)

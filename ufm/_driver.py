@@ -373,7 +373,7 @@ def lbfgs_step(
         g_end = jnp.where(ok | ts.fresh, g, jnp.where(has_cand, cand_g, gf))
         # the next direction: -lr H g (L-BFGS), -g when not a descent direction
         gn, rel = stationarity(g_end, x_end, ts.lam)
-        hg, lb = lbfgs_core.update(ts.lbfgs, x_end, g_end, gg=gn * gn)
+        hg, lb = lbfgs_core.update(ts.lbfgs, x_end, g_end, gg=gn * gn, recursion=True)  # one run: `two_loop`
         upd = (-jnp.asarray(lr, dt) * hg).astype(dt)
         slope, gg = pair_dots(upd, g_end, g_end)
         slope = slope.astype(dt)
