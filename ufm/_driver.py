@@ -346,7 +346,7 @@ def lbfgs_step(
     The trials a0 r^j are tried in order, so the first acceptable one is the largest (what
     `scale_by_trial_linesearch` picks among all M); the search ends at an acceptable trial, or after the M-th with
     the largest trial that had a sufficient decrease, else with no step. Only then is a step counted (k + 1), the
-    L-BFGS memory and direction updated (`ufm._lbfgs.update`, loop-free) and the stopping rule of `step` applied;
+    L-BFGS memory and direction updated (`ufm._lbfgs.update`, two-loop) and the stopping rule of `step` applied;
     in between, the state keeps x_k and records the search. The fresh start evaluates x_0 and applies the rule of
     `init`. ``state.params`` and ``state.grad`` are flat (`lbfgs_init`); ``memory_size`` is the memory's.
     """
