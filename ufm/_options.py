@@ -290,7 +290,7 @@ def escape_scale(activation: str, L: int, num_classes: int, class_sizes, lam_H, 
     return (t_star / (np.sqrt(num_classes) * rho ** (L - 1))) ** (1 / (L + 1))
 
 
-def auto_init_scale(problem):
+def auto_init_scale(problem, lam_H=None, lam_W=None):
     """The default initialisation scale s of `ufm.init_params` (``init_scale="auto"``): the larger of a depth rule
     that keeps deep linear models from crawling and a start whose product is `ESCAPE_PRODUCT` = 4 times the zero
     basin's edge, at most 1:
@@ -318,15 +318,16 @@ def auto_init_scale(problem):
     above it with the smallest class collapsed. A larger product makes Dang et al.'s L=6 crawl (above). The cap at
     1 keeps the scale where every family was measured; a run that still ends at the zero saddle is restarted
     (`ufm.solve`, `ufm.solve_batch`, ``ufm solve``). For a `ufm.UFM` with concrete lambdas the result is a float;
-    with traced ones a JAX scalar.
+    with traced ones a JAX scalar. ``lam_H`` (B,) and ``lam_W`` (B,) or (B, L), when given, replace the problem's
+    (one scale per run: `ufm.solve_batch`).
     """
     return auto_init_scale_for(
         problem.activation,
         problem.L,
         num_classes=problem.K,
         class_sizes=problem.class_sizes,
-        lam_H=problem.lam_H,
-        lam_W=problem.lam_W,
+        lam_H=problem.lam_H if lam_H is None else lam_H,
+        lam_W=problem.lam_W if lam_W is None else lam_W,
         loss=problem.loss,
         label_smoothing=problem.label_smoothing,
     )

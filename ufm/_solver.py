@@ -37,7 +37,7 @@ from ._options import (
     LBFGS_LINESEARCH,
     METHODS,
     SolverOptions,
-    auto_init_scale_for,
+    auto_init_scale,
     check_dtype,
     check_memory,
     default_rtol,
@@ -174,11 +174,11 @@ def solve(
       max_steps: step budget (default 10,000 for lbfgs, 100,000 for first-order methods).
       tol: absolute tolerance on ||g||_2 (default: none, only the relative test).
       init_scale: scale of the random init (see `init_params`), or ``"auto"`` (default;
-        `ufm._options.auto_init_scale`: the larger of a measured depth rule and twice the edge of the zero point's
-        basin derived from the depth, widths, class sizes and lambdas, at most 1). An ``"auto"`` run that still
-        ends at the zero saddle while theory predicts a lower minimum restarts once from the same key at scale
-        1.0, with a RuntimeWarning saying so (``num_steps`` then counts both runs; history and snapshots are the
-        restart's).
+        `ufm._options.auto_init_scale`: the larger of a measured depth rule and a start whose end-to-end product is
+        4 times the edge of the zero point's basin, derived from the depth, widths, class sizes and lambdas; at
+        most 1). An ``"auto"`` run that still ends at the zero saddle while theory predicts a lower minimum
+        restarts once from the same key at scale 1.0, with a RuntimeWarning saying so (``num_steps`` then counts
+        both runs; history and snapshots are the restart's).
       dtype: float32 or float64 (default: JAX's default float; ignored with ``init``).
       patience: steps without improvement of the best loss or best gradient norm before status "stalled"
         (default 50 for lbfgs, 1000 otherwise).
@@ -246,7 +246,7 @@ def _restart_at_zero_saddle(problem: UFM, sol: Solution, start, o, cfg, progress
     `RESTART_SCALE` (the same compiled program: the scale is dynamic), with a RuntimeWarning; else ``sol``.
 
     The safety net of the rule: `ufm._options.escape_scale` estimates the zero basin's edge from a one-direction
-    model (to a factor of about 1.3 where measured), and the rule keeps the product only twice above it (a larger
+    model (to a factor of about 1.3 where measured), and the rule keeps the product only 4x above it (a larger
     start makes deep linear models crawl), so a start can still fall in the basin."""
     if int(sol.status) != ZERO_SADDLE or not float(start[1]) < RESTART_SCALE:
         return sol
@@ -566,7 +566,7 @@ def solve_batch(
       lam_b: (B,) values of lambda_b (bias='reg' only, then > 0).
       lr: (B,) learning rates, or a scalar.
       init_scale: (B,) or scalar, or ``"auto"`` (default, as in `solve`: each run's scale from its own lambdas,
-        `ufm._options.auto_init_scale_for`, computed without a recompile). An ``"auto"`` run that ends at the zero
+        `ufm._options.auto_init_scale`, computed without a recompile). An ``"auto"`` run that ends at the zero
         saddle is run again from the same key at scale 1.0 by `solve`'s program (a second pass over those runs
         only), with one RuntimeWarning naming them.
       slots: runs on the device at a time (engine "lockstep": default min(B, 16); engine "slots": min(B, 64)).
@@ -769,24 +769,15 @@ def check_batch_numbers(problem: UFM, lam_H, lam_W, lam_b, init_scale):
 
 def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_scale) -> tuple:
     """The engines' inputs ``(start, lam_H (B,), lam_W (B, L), lam_b (B,), lr (B,), init_scale (B,))`` in ``dt``
-    (scalars broadcast; None: the problem's value; ``init_scale="auto"``: `ufm._options.auto_init_scale_for` of
-    each run's lambdas)."""
+    (scalars broadcast; None: the problem's value; ``init_scale="auto"``: `ufm._options.auto_init_scale` at each
+    run's lambdas)."""
 
     def bcast(v):
         return jnp.broadcast_to(jnp.asarray(v, dt), (B,))
 
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
     if isinstance(init_scale, str):  # "auto": each run's scale from its own lambdas (NumPy when concrete)
-        init_scale = auto_init_scale_for(
-            problem.activation,
-            problem.L,
-            num_classes=problem.K,
-            class_sizes=problem.class_sizes,
-            lam_H=lH,
-            lam_W=lW,
-            loss=problem.loss,
-            label_smoothing=problem.label_smoothing,
-        )
+        init_scale = auto_init_scale(problem, lam_H=lH, lam_W=lW)
     return (start, lH, lW, lb, bcast(lr), bcast(init_scale))
 
 
