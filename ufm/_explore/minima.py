@@ -21,7 +21,8 @@ class Minimum(NamedTuple):
 
     Attributes:
       value: the objective (re-evaluated with `ufm.objective`).
-      count: how many starts ended here (same loss to ``loss_rtol`` and same per-layer class-mean Gram spectra).
+      count: how many starts ended here (same loss to ``loss_rtol`` and same per-layer class-mean Gram spectra;
+        wider tolerances for unconverged endpoints, see `same_minimum`).
       strategy: the strategy that reached it first.
       found_at: seconds after the start of `explore` when it was first reached.
       status: the solver status of the first endpoint (0 converged, 1 step limit, 4 stalled at a ReLU kink); 0
@@ -53,10 +54,31 @@ class Minimum(NamedTuple):
         return to_jsonable(d)
 
 
-def same_minimum(a: Minimum, value: float, spectra, loss_rtol: float, spec_rtol: float) -> bool:
+UNCONVERGED_LOSS_RTOL = 1e-5
+"""Loss tolerance (relative) of `same_minimum` when either endpoint is unconverged (status != 0: the step limit or a
+stall at a ReLU kink). Measured on the default K = 6, L = 4 problem (`explore(..., time_budget=60)`, 2026-11-26):
+copies of the DNC point that stopped with gradient norms 3e-5..9e-5 sit 0.9e-6..6e-6 (relative) above it, so the
+converged rule's 1e-6 counted each copy as a new minimum (11 "distinct" minima within 6e-6 of the best)."""
+
+UNCONVERGED_SPEC_RTOL = 5 * math.sqrt(UNCONVERGED_LOSS_RTOL)
+"""Gram-spectrum tolerance (relative to the largest eigenvalue) when either endpoint is unconverged, ~1.6e-2. Near a
+minimum x* the loss rises quadratically, f(x* + d) - f* ~ d^T H d / 2, while the class-mean Grams move linearly in
+d, so a loss gap e goes with a spectral gap ~ C sqrt(e). The same measurement gave C = 3.9..4.5 (spectral gaps
+3.7e-3..1.1e-2 at loss gaps 0.9e-6..6e-6); C = 5 covers it. C depends on the problem's curvature: it is a
+heuristic, not a bound."""
+
+
+def same_minimum(a: Minimum, value: float, spectra, loss_rtol: float, spec_rtol: float, converged: bool = True) -> bool:
     """True when an endpoint (``value``, class-mean Gram ``spectra``) is the minimum ``a``: equal losses to
     ``loss_rtol`` and, in every layer 2..L (every layer when L = 1), Gram spectra equal to ``spec_rtol`` x the
-    largest eigenvalue."""
+    largest eigenvalue.
+
+    When the endpoint (``converged`` False) or ``a`` (status != 0) did not converge, the tolerances are widened to
+    at least `UNCONVERGED_LOSS_RTOL` and `UNCONVERGED_SPEC_RTOL`: an endpoint stopped with gradient norm g sits
+    O(g^2) above its minimum in loss and O(g) away in its spectra, and copies of one minimum must not pass for
+    distinct minima."""
+    if not converged or a.status != 0:
+        loss_rtol, spec_rtol = max(loss_rtol, UNCONVERGED_LOSS_RTOL), max(spec_rtol, UNCONVERGED_SPEC_RTOL)
     if abs(a.value - value) > loss_rtol * max(abs(value), 1e-300):
         return False
     # deep models: H_1 is not unique at a given loss (any factorisation of Z_2 = W_1 H_1 with the same
@@ -96,13 +118,28 @@ class Ledger:
         return True
 
     def record(self, strategy: str, params: Params, value: float, status: int, grad_norm: float, now: float):
-        """Add an endpoint: a new `Minimum`, or one more count of the one it equals (`same_minimum`)."""
+        """Add an endpoint: a new `Minimum`, or one more count of the one it equals (`same_minimum`).
+
+        A merged endpoint becomes the minimum's point when it is a better representative: converged where the
+        kept one is not, or lower where neither converged (the strategy and time of the first finder are kept)."""
         if not math.isfinite(value):
             return
         st = structure(self.problem, params)
         for i, m in enumerate(self.minima):
-            if same_minimum(m, value, st["gram_spectra"], self.loss_rtol, self.spec_rtol):
-                self.minima[i] = m._replace(count=m.count + 1)
+            if same_minimum(m, value, st["gram_spectra"], self.loss_rtol, self.spec_rtol, converged=status == 0):
+                m = m._replace(count=m.count + 1)
+                if m.status != 0 and (status == 0 or value < m.value):
+                    m = m._replace(
+                        value=value,
+                        status=status,
+                        grad_norm=grad_norm,
+                        ranks=st["ranks"],
+                        ranks_Z=st["ranks_Z"],
+                        gram_spectra=st["gram_spectra"],
+                        description=st["description"],
+                        params=params,
+                    )
+                self.minima[i] = m
                 break
         else:
             self.minima.append(
@@ -165,7 +202,7 @@ class Ledger:
         merged: list[Minimum] = []
         for m in sorted(head, key=lambda m: m.value) + ordered[n:]:
             for i, o in enumerate(merged):
-                if same_minimum(o, m.value, m.gram_spectra, self.loss_rtol, self.spec_rtol):
+                if same_minimum(o, m.value, m.gram_spectra, self.loss_rtol, self.spec_rtol, converged=m.status == 0):
                     first = o if o.found_at <= m.found_at else m
                     merged[i] = o._replace(count=o.count + m.count, strategy=first.strategy, found_at=first.found_at)
                     break

@@ -257,13 +257,28 @@ def every_run_failed(s: Setting, ledger: Ledger, search: Search, seed: int) -> E
     return assemble(s, params, math.nan, ledger, search.trace, search.starts, search.rounds, msg)
 
 
+def minima_count(minima) -> str:
+    """``"N distinct minima (c converged, s stalled at a ReLU kink, u at the step limit)"``, zero parts left out."""
+    parts = [
+        f"{n} {what}"
+        for n, what in (
+            (sum(m.status == 0 for m in minima), "converged"),
+            (sum(m.status == 4 for m in minima), "stalled at a ReLU kink"),
+            (sum(m.status == 1 for m in minima), "at the step limit"),
+            (sum(m.status not in (0, 1, 4) for m in minima), "other"),
+        )
+        if n
+    ]
+    return f"{len(minima)} distinct minima" + (f" ({', '.join(parts)})" if parts else "")
+
+
 def summary(search: Search, value: float, polished: int) -> str:
     """The one-line message of a finished search."""
     r = ratio(value, search.s.dnc_loss)
     return (
         f"best {value:.10g}"
         + (f" = {r:.4f} x DNC" if math.isfinite(r) else "")
-        + f" after {search.starts} starts in {search.rounds} rounds; {len(search.ledger.minima)} distinct minima"
+        + f" after {search.starts} starts in {search.rounds} rounds; {minima_count(search.ledger.minima)}"
         + (f" (the {polished} lowest polished at their ReLU kinks, then merged)" if polished else "")
         + "; an "
         "upper bound on the global optimum (numerical search, no certificate of global optimality)"
@@ -324,7 +339,11 @@ def explore(
         2-core CPU, then ~1-5 s per minimum at K = 6, L = 4); 0 turns it off.
       gd_steps: gradient-descent steps (lr 0.5) of a ``gd`` start before its L-BFGS rounds.
       loss_rtol, spec_rtol: two endpoints are the same minimum when their losses agree to ``loss_rtol`` and every
-        layer's class-mean Gram spectrum to ``spec_rtol`` (relative to its largest eigenvalue).
+        layer's class-mean Gram spectrum to ``spec_rtol`` (relative to its largest eigenvalue); when either of
+        the two did not converge (the step limit, a stall at a ReLU kink), to at least
+        `ufm._explore.minima.UNCONVERGED_LOSS_RTOL` (1e-5) and ``UNCONVERGED_SPEC_RTOL`` (~1.6e-2): such an
+        endpoint sits O(g^2) above its minimum and O(g) away in its spectra (g its gradient norm). The message
+        counts the minima by status.
       check_hessian: compute the Hessian certificate in the final `ufm.check` calls.
       dtype: float32 or float64 (default JAX's default float).
 
