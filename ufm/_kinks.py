@@ -78,6 +78,7 @@ from typing import NamedTuple
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 
 from ._certificates import stationarity
 from ._model import Params, fit_loss, forward, objective, regulariser, tree_norm
@@ -545,12 +546,12 @@ def polish_run(
 polish_jit = jax.jit(polish_run, static_argnames=("outer", "inner"))
 
 
-def needs_polish(status, rel_grad) -> jax.Array:
+def needs_polish(status, rel_grad) -> np.ndarray:
     """Which runs the polish finishes: stalled or precision_floor, and max_steps with rel_grad <= `MAX_STEPS_BELOW`
     (a run that spent its budget chattering at a kink; one far from stationary keeps its budget's verdict).
-    Elementwise over a batch."""
-    status = jnp.asarray(status)
-    rel = jnp.asarray(rel_grad)
+    Elementwise over a batch, on the host (NumPy on the fetched statuses: no eager XLA program after a solve)."""
+    status = np.asarray(status)
+    rel = np.asarray(rel_grad)
     return (status == STALLED) | (status == PRECISION_FLOOR) | ((status == MAX_STEPS) & (rel <= MAX_STEPS_BELOW))
 
 
