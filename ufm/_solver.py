@@ -27,7 +27,7 @@ from ._driver import (
     run_jit,
     unregister_progress,
 )
-from ._kinks import apply_polish, certify_close, needs_polish, polish_run
+from ._kinks import MAX_STEPS_FACTOR, apply_polish, certify_close, needs_polish, polish_run
 from ._kinks import polish as polish_kinks
 from ._model import Params, check_params
 from ._options import (
@@ -357,7 +357,8 @@ def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
     (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
     else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
     dt = sol.value.dtype
-    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
+    cap = MAX_STEPS_FACTOR * o.max_steps
+    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol), cap)
     return apply_polish(sol, res)
 
 
