@@ -73,7 +73,7 @@ for the same 16/16, so the polish keeps its own L-BFGS.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.flatten_util
@@ -82,7 +82,7 @@ import numpy as np
 
 from ._certificates import stationarity
 from ._model import Params, fit_loss, forward, objective, regulariser, tree_norm
-from ._problem import UFM
+from ._problem import UFM, is_concrete
 from ._solution import CONVERGED, MAX_STEPS, PRECISION_FLOOR, STALLED, Solution
 
 __all__ = [
@@ -590,7 +590,9 @@ def certify_close(problem: UFM, res: Polish, rtol: float, tol: float) -> Polish:
     dt = res.value.dtype
     acc = st.grad_norm_rel <= rtol or st.stationarity <= tol
     return res._replace(
-        grad_norm=jnp.asarray(st.stationarity, dt), rel_grad=jnp.asarray(st.grad_norm_rel, dt), accepted=jnp.bool_(acc)
+        grad_norm=jax.device_put(np.asarray(st.stationarity, dt)),
+        rel_grad=jax.device_put(np.asarray(st.grad_norm_rel, dt)),
+        accepted=jax.device_put(np.bool_(acc)),
     )
 
 
@@ -599,22 +601,29 @@ def apply_polish(sol: Solution, res: Polish) -> Solution:
     kink-aware grad_norm/rel_grad and status converged; not accepted but lower in both loss and rel_grad -> the
     polished point, status unchanged; else ``sol``'s point. Not accepted and stopped at its step cap
     (``res.capped``) -> status max_steps whichever point is kept (the budget ran out: a larger ``max_steps``
-    gives the polish more). ``polish_steps`` = ``res.steps`` either way."""
-    rel = jnp.asarray(jnp.inf if sol.rel_grad is None else sol.rel_grad, res.rel_grad.dtype)
-    use = res.accepted | ((res.value <= sol.value) & (res.rel_grad < rel))
-    capped = jnp.zeros_like(res.accepted) if res.capped is None else res.capped & ~res.accepted
+    gives the polish more). ``polish_steps`` = ``res.steps`` either way.
+
+    Decided on the host in NumPy (the fetched arrays, put back on the device): no eager XLA program per comparison
+    after a polish (round 5: seven, about 0.4 s in a fresh process). Inside a trace, the same with ``jnp``."""
+    xp: Any = np if is_concrete(res.value) and is_concrete(sol.value) else jnp
+    put = jax.device_put if xp is np else (lambda a: a)
+    acc = xp.asarray(res.accepted)
+    rel = xp.asarray(np.inf if sol.rel_grad is None else sol.rel_grad, xp.asarray(res.rel_grad).dtype)
+    use = acc | ((xp.asarray(res.value) <= xp.asarray(sol.value)) & (xp.asarray(res.rel_grad) < rel))
+    capped = xp.zeros_like(acc) if res.capped is None else xp.asarray(res.capped) & ~acc
 
     def pick(a, b):
-        u = jnp.reshape(use, jnp.shape(use) + (1,) * (jnp.ndim(b) - jnp.ndim(use)))
-        return jnp.where(u, a, b)
+        a, b = xp.asarray(a), xp.asarray(b)
+        return put(xp.where(xp.reshape(use, use.shape + (1,) * (b.ndim - use.ndim)), a, b))
 
+    status = xp.where(acc, CONVERGED, xp.where(capped, MAX_STEPS, xp.asarray(sol.status))).astype(np.int32)
     return sol._replace(
         params=jax.tree_util.tree_map(pick, res.params, sol.params),
         value=pick(res.value, sol.value),
         grad_norm=pick(res.grad_norm, sol.grad_norm),
         rel_grad=pick(res.rel_grad, rel),
-        status=jnp.where(res.accepted, CONVERGED, jnp.where(capped, MAX_STEPS, sol.status)).astype(jnp.int32),
-        polish_steps=res.steps,
+        status=put(status),
+        polish_steps=put(xp.asarray(res.steps)),
     )
 
 
