@@ -215,3 +215,35 @@ def test_solve_batch_restarts_each_run_at_the_zero_saddle(rule_without_escape):
         assert sols.status_name[i] == ref.status_name == "converged"
         assert float(sols.value[i]) == pytest.approx(float(ref.value), rel=1e-10)
         assert int(sols.num_steps[i]) == int(ref.num_steps)  # both runs counted, as solve counts them
+
+
+# --- the first solve is one compiled program (issue 13 point 6) ---------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", [0, 1, 12345, 2**31 - 1, 2**31, 2**32 + 5, 2**63 - 1])
+def test_integer_seed_is_jax_random_key(seed):
+    # seed_key builds the threefry key data in NumPy; JAX's own seeding is the reference
+    from ufm._solver import seed_key
+
+    want = jax.random.key_data(jax.random.key(seed))
+    np.testing.assert_array_equal(np.asarray(jax.random.key_data(seed_key(seed))), np.asarray(want))
+
+
+def test_first_solve_compiles_one_program(caplog):
+    # a shape no other test solves (its program is new in this process): the only XLA compilation between the
+    # problem and the result is the solve program itself (no eager per-leaf casts, key seeding or host-side status
+    # decisions as jnp ops; the UFM constructor's own casts happen before and are not counted)
+    import logging
+
+    p = ufm.UFM(num_classes=3, n_per_class=1, widths=(5, 7), activation="relu", lam_H=3e-3, lam_W=3e-3)
+    prev = jax.config.jax_log_compiles
+    jax.config.update("jax_log_compiles", True)
+    try:
+        with caplog.at_level(logging.WARNING):
+            sol = ufm.solve(p, key=3, method="gd", max_steps=3, history=False)
+            int(sol.status)
+    finally:
+        jax.config.update("jax_log_compiles", prev)
+    compiled = [r.getMessage().split(" with ")[0] for r in caplog.records if r.getMessage().startswith("Compiling")]
+    assert compiled == ["Compiling jit(run_jit)"], compiled
+    assert sol.status_name == "max_steps"  # 3 GD steps from a random start: nowhere near a kink, no polish

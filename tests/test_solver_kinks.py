@@ -16,7 +16,16 @@ import pytest
 import ufm
 import ufm._solver as solver_module
 from ufm._certificates import kink_masks, stationarity
-from ufm._kinks import MAX_STEPS_BELOW, kink_slopes, polish_jit, polish_piece, slope_gradient
+from ufm._kinks import (
+    MAX_STEPS_BELOW,
+    MAX_STEPS_FACTOR,
+    apply_polish,
+    kink_slopes,
+    polish,
+    polish_jit,
+    polish_piece,
+    slope_gradient,
+)
 from ufm._options import solver_options
 from ufm._solver import polish_batch, polish_map
 
@@ -184,6 +193,31 @@ def test_kink_case_converges_and_check_agrees():
     # Either way the polish has to finish it
     _kink_case([6], before=("stalled", "precision_floor", "max_steps"))
     assert polish_jit._cache_size() - before <= 1
+
+
+def test_polish_step_cap_is_a_status():
+    # the polish stops at its cap on L-BFGS steps (all rounds): the same program (the cap is dynamic), steps equal to
+    # the cap, not accepted, and the run reports max_steps (its budget ran out) instead of its stalled status.
+    # ufm.solve's cap is MAX_STEPS_FACTOR x max_steps: a solve that converges in n steps with a budget just above n
+    # caps the polish below what seed 2's polish needs
+    bare, full = _runs(0.004, 2)
+    need = int(full.polish_steps)
+    assert need > 20  # the cap below stops it well before the end
+    p = KINK.replace(lam_H=0.004)
+    before = polish_jit._cache_size()
+    res = polish(solver_module.polish_problem(p, jnp.float64), bare.params, bare.value, 1e-7, 0.0, max_steps=need // 2)
+    assert polish_jit._cache_size() == before  # a new cap is a new number, not a new program
+    assert bool(res.capped) and not bool(res.accepted) and int(res.steps) == need // 2
+    out = apply_polish(bare, res)
+    assert out.status_name == "max_steps" and int(out.polish_steps) == need // 2
+    free = polish(solver_module.polish_problem(p, jnp.float64), bare.params, bare.value, 1e-7, 0.0)
+    assert not bool(free.capped) and bool(free.accepted) and int(free.steps) == need  # the default cap: as solve
+    # through solve, from the stalled point with max_steps = 60: the run ends stalled or at max_steps near the kink
+    # (polished either way) and its polish is capped at MAX_STEPS_FACTOR x 60 = 120 < need steps
+    assert MAX_STEPS_FACTOR * 60 < need
+    capped = ufm.solve(p, init=bare.params, max_steps=60)
+    assert capped.status_name == "max_steps" and int(capped.polish_steps) == MAX_STEPS_FACTOR * 60
+    assert float(capped.value) <= float(bare.value) * (1 + 1e-8)
 
 
 # the issue's 16 runs (seeds 0-7, lam_H = 0.004 and 0.0041): seed 6 at 0.004 ends at max_steps near a kink, the

@@ -73,19 +73,22 @@ for the same 16/16, so the polish keeps its own L-BFGS.
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.flatten_util
 import jax.numpy as jnp
+import numpy as np
 
 from ._certificates import stationarity
 from ._model import Params, fit_loss, forward, objective, regulariser, tree_norm
-from ._problem import UFM
+from ._problem import UFM, is_concrete
 from ._solution import CONVERGED, MAX_STEPS, PRECISION_FLOOR, STALLED, Solution
 
 __all__ = [
     "KINK_RTOLS",
+    "MAX_STEPS_FACTOR",
+    "POLISH_MAX_STEPS",
     "Polish",
     "apply_polish",
     "certify_close",
@@ -109,6 +112,8 @@ INNER = 500  # L-BFGS steps per augmented-Lagrangian subproblem
 RHO0, RHO_MAX = 1.0, 1e8  # penalty: start, cap (a pre-activation is O(max|Z_l|) = O(1) at the minima we polish)
 CERTIFY_WITHIN = 10.0  # the certificates' host-side search (5 more programs to compile) only at rel_grad <= this x rtol
 ACCEPT_RISE = 1e-8  # an accepted point may exceed the stalled value by this much relative (rounding of f)
+MAX_STEPS_FACTOR = 2  # ufm.solve caps the polish at this many times its max_steps L-BFGS steps (all rounds)
+POLISH_MAX_STEPS = 20_000  # the cap when none is given (`polish`, `polish_run`): MAX_STEPS_FACTOR x L-BFGS's 10,000
 
 
 class Polish(NamedTuple):
@@ -122,6 +127,7 @@ class Polish(NamedTuple):
       violation: ||z_A(theta)||_2, the constraint residual.
       steps: L-BFGS steps taken (all subproblems; in `polish_run`, all rounds and thresholds).
       accepted: True when the point is kink-aware stationary to tolerance (`polish_run`, `certify_close`).
+      capped: True when `polish_run` stopped at its step cap ``max_steps`` (None from `polish_piece`).
     """
 
     params: Params
@@ -131,6 +137,7 @@ class Polish(NamedTuple):
     violation: jax.Array
     steps: jax.Array
     accepted: jax.Array
+    capped: jax.Array | None = None
 
 
 def _piece(problem: UFM, params: Params, masks, slopes=None, shifts=None):
@@ -281,13 +288,14 @@ def _two_loop(S, Y, k, g) -> jax.Array:
     return -r
 
 
-def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inner: int):
+def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inner: int, budget=None):
     """The augmented Lagrangian on the piece of ``masks`` (traceable; no iteration when ``active`` is False).
 
     Each subproblem min_theta Phi(theta; mu, rho) is solved by L-BFGS (memory `MEMORY`, fresh for every (mu, rho))
     from the previous solution until ||grad Phi|| <= gtol, ``inner`` steps, or a failed line search; then
     mu <- mu + rho z and rho <- 10 rho when ||z|| fell by less than 4x; at most ``outer`` updates, and none once
-    ||z|| <= gtol. The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang
+    ||z|| <= gtol; the whole piece stops after ``budget`` L-BFGS steps (`polish_run`'s cap; None:
+    `POLISH_MAX_STEPS`). The line search halves the step from 1 until the approximate Armijo condition of Hager & Zhang
     (2005) f(x + t d) <= f(x) + 1e-4 t g.d + 4 eps |f(x)| holds (at most 40 halvings: the eps term lets the search
     pass where f no longer resolves the decrease, near the minimum, where the unit L-BFGS step is right).
     gtol = rtol/10 (||grad F_A|| + ||grad R||) at ``params``. The slopes of `kink_slopes` (from lambda = the last
@@ -308,6 +316,7 @@ def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inn
     ones = jax.tree_util.tree_map(jnp.ones_like, params)
     lam = jax.flatten_util.ravel_pytree(jax.grad(lambda p: regulariser(problem, p))(ones))[0]  # grad R(x) = lam x
     zeros_m = tuple(jnp.zeros_like(m) for m in masks)
+    budget = jnp.asarray(POLISH_MAX_STEPS if budget is None else budget, jnp.int32)
 
     def phi(v, e, mu, rho, slopes):
         x = unravel(v)
@@ -336,7 +345,7 @@ def _al_piece(problem: UFM, params: Params, masks, rtol, active, outer: int, inn
         ev = (ft, ct, gt, ge)
         # every phase's update from the one evaluation; the L-BFGS memory (the large part of the state) is updated in
         # place by phase 1 only (no select or branch copies it), the small fields are selected by phase
-        a = _al_step(inner, outer, eps)(st, ev, al)
+        a = _al_step(inner, outer, eps, budget)(st, ev, al)
         s0 = _al_start(lam, rtol, st, ev)
         s2 = _slope_pass(masks)(st, ev)
 
@@ -363,10 +372,10 @@ def _al_start(lam, rtol, st: _ALState, ev) -> _ALState:
     return st._replace(phase=jnp.int32(1), viol=tree_norm(ct), gtol=gtol)
 
 
-def _al_step(inner: int, outer: int, eps):
+def _al_step(inner: int, outer: int, eps, budget):
     """Phase 1: one trial of the augmented Lagrangian's inner L-BFGS (`_al_piece`); at a subproblem's end the
-    multiplier update, and phase 2 once the outer loop is over. Outside phase 1 (``al`` False) it changes nothing
-    but the fields the other phases select."""
+    multiplier update, and phase 2 once the outer loop is over or ``budget`` L-BFGS steps are spent. Outside
+    phase 1 (``al`` False) it changes nothing but the fields the other phases select."""
 
     def step(st: _ALState, ev, al) -> _ALState:
         ft, ct, gt, _ = ev
@@ -389,13 +398,14 @@ def _al_step(inner: int, outer: int, eps):
 
         d = jax.lax.cond(ok, direction, lambda _: st.d, None)  # a new direction only after an accepted point
         # the subproblem ends: converged, out of steps, or a failed line search (the point before it is kept)
-        end = stuck | (ok & ((jnp.linalg.norm(g) <= st.gtol) | (k >= inner)))
+        spent = al & (st.steps + moved >= budget)  # the step cap: end here, slopes and measure at this point
+        end = stuck | spent | (ok & ((jnp.linalg.norm(g) <= st.gtol) | (k >= inner)))
         viol = tree_norm(cons)
         mu = tuple(jnp.where(end, a + st.rho * z, a) for a, z in zip(st.mu, cons, strict=True))
         rho = jnp.where(end & (viol > st.viol / 4), jnp.minimum(st.rho * 10, RHO_MAX), st.rho)
         n_outer = st.outer + end
         viol = jnp.where(end, viol, st.viol)
-        done = end & ((n_outer >= outer) | (viol <= st.gtol))  # the old outer loop's condition, after an update
+        done = end & ((n_outer >= outer) | (viol <= st.gtol) | spent)  # the outer loop's condition, after an update
         return st._replace(
             phase=jnp.where(done, 2, 1).astype(jnp.int32),
             x=x, f=f, g=g, cons=cons, d=d,
@@ -477,7 +487,16 @@ class _Attempts(NamedTuple):
 
 
 def polish_run(
-    problem: UFM, params: Params, value, rtol, tol, need=True, *, outer: int = OUTER, inner: int = INNER
+    problem: UFM,
+    params: Params,
+    value,
+    rtol,
+    tol,
+    need=True,
+    max_steps=POLISH_MAX_STEPS,
+    *,
+    outer: int = OUTER,
+    inner: int = INNER,
 ) -> Polish:
     """The whole kink polish of one run, traceable and vmappable (module docstring, steps 1-4; never raises).
 
@@ -486,7 +505,8 @@ def polish_run(
     f <= ``value`` (1 + `ACCEPT_RISE`); otherwise the next round starts from the polished point with the entries
     whose multiplier slopes left [-`SLOPE_SLACK`, 1 + `SLOPE_SLACK`] released. A threshold is left (the next one
     starts from ``params``) when the loss rose, the active set is empty, or a round neither halved rel_grad nor
-    released an entry.
+    released an entry. The polish stops after ``max_steps`` L-BFGS steps in all (the cap; ``capped`` True), with
+    the slopes and the measure taken at the point reached.
 
     Args:
       problem: a ReLU `ufm.UFM` with L >= 2, its array leaves in the dtype of ``params``.
@@ -494,15 +514,18 @@ def polish_run(
       value: f(theta), the loss the polish may not raise.
       rtol, tol: the solve's relative and absolute stationarity tolerances.
       need: False skips the polish (no iteration): the unpolished lanes of a batch cost nothing.
+      max_steps: the cap on L-BFGS steps, all rounds and thresholds (dynamic: a new cap does not recompile;
+        default `POLISH_MAX_STEPS`).
       outer, inner: augmented-Lagrangian updates and L-BFGS steps per subproblem (static).
 
     Returns:
       The accepted `Polish` (``accepted`` True), else the finite polished point of lowest rel_grad whose loss
       did not rise (``accepted`` False), else ``params`` with rel_grad = inf. ``steps`` counts every L-BFGS step
-      taken, accepted or not.
+      taken, accepted or not; ``capped`` says whether the cap stopped it.
     """
     dt = params.H.dtype
     value = jnp.asarray(value, dt)
+    cap = jnp.asarray(max_steps, jnp.int32)
     limit = value + ACCEPT_RISE * jnp.maximum(1.0, jnp.abs(value))
     rtols = jnp.asarray(KINK_RTOLS, dt)
     inf = jnp.asarray(jnp.inf, dt)
@@ -513,7 +536,7 @@ def polish_run(
     def body(st: _Attempts) -> _Attempts:
         masks = tuple(m * (1 - rl) for m, rl in zip(traced_kink_masks(problem, st.x, rtols[st.t]), st.released))
         active = sum(jnp.sum(m) for m in masks) > 0
-        res, raw = _al_piece(problem, st.x, masks, rtol, active, outer, inner)
+        res, raw = _al_piece(problem, st.x, masks, rtol, active, outer, inner, cap - st.steps)
         ok = active & jnp.isfinite(res.value) & (res.value <= limit) & jnp.isfinite(res.rel_grad)
         acc = ok & ((res.rel_grad <= rtol) | (res.grad_norm <= tol))
         take = acc | (ok & (res.rel_grad < st.best.rel_grad))
@@ -535,22 +558,22 @@ def polish_run(
             keep(res.rel_grad, inf),
             best,
             st.steps + res.steps,
-            acc | (t >= len(KINK_RTOLS)),
+            acc | (t >= len(KINK_RTOLS)) | (st.steps + res.steps >= cap),
         )
 
     st = jax.lax.while_loop(lambda st: ~st.done, body, st0)
-    return st.best._replace(steps=st.steps)
+    return st.best._replace(steps=st.steps, capped=~st.best.accepted & (st.steps >= cap))
 
 
 polish_jit = jax.jit(polish_run, static_argnames=("outer", "inner"))
 
 
-def needs_polish(status, rel_grad) -> jax.Array:
+def needs_polish(status, rel_grad) -> np.ndarray:
     """Which runs the polish finishes: stalled or precision_floor, and max_steps with rel_grad <= `MAX_STEPS_BELOW`
     (a run that spent its budget chattering at a kink; one far from stationary keeps its budget's verdict).
-    Elementwise over a batch."""
-    status = jnp.asarray(status)
-    rel = jnp.asarray(rel_grad)
+    Elementwise over a batch, on the host (NumPy on the fetched statuses: no eager XLA program after a solve)."""
+    status = np.asarray(status)
+    rel = np.asarray(rel_grad)
     return (status == STALLED) | (status == PRECISION_FLOOR) | ((status == MAX_STEPS) & (rel <= MAX_STEPS_BELOW))
 
 
@@ -567,40 +590,55 @@ def certify_close(problem: UFM, res: Polish, rtol: float, tol: float) -> Polish:
     dt = res.value.dtype
     acc = st.grad_norm_rel <= rtol or st.stationarity <= tol
     return res._replace(
-        grad_norm=jnp.asarray(st.stationarity, dt), rel_grad=jnp.asarray(st.grad_norm_rel, dt), accepted=jnp.bool_(acc)
+        grad_norm=jax.device_put(np.asarray(st.stationarity, dt)),
+        rel_grad=jax.device_put(np.asarray(st.grad_norm_rel, dt)),
+        accepted=jax.device_put(np.bool_(acc)),
     )
 
 
 def apply_polish(sol: Solution, res: Polish) -> Solution:
     """``sol`` with the polish ``res`` applied (elementwise over a batch): accepted -> the polished point, its
     kink-aware grad_norm/rel_grad and status converged; not accepted but lower in both loss and rel_grad -> the
-    polished point, status unchanged; else ``sol``'s point. ``polish_steps`` = ``res.steps`` either way."""
-    rel = jnp.asarray(jnp.inf if sol.rel_grad is None else sol.rel_grad, res.rel_grad.dtype)
-    use = res.accepted | ((res.value <= sol.value) & (res.rel_grad < rel))
+    polished point, status unchanged; else ``sol``'s point. Not accepted and stopped at its step cap
+    (``res.capped``) -> status max_steps whichever point is kept (the budget ran out: a larger ``max_steps``
+    gives the polish more). ``polish_steps`` = ``res.steps`` either way.
+
+    Decided on the host in NumPy (the fetched arrays, put back on the device): no eager XLA program per comparison
+    after a polish (round 5: seven, about 0.4 s in a fresh process). Inside a trace, the same with ``jnp``."""
+    xp: Any = np if is_concrete(res.value) and is_concrete(sol.value) else jnp
+    put = jax.device_put if xp is np else (lambda a: a)
+    acc = xp.asarray(res.accepted)
+    rel = xp.asarray(np.inf if sol.rel_grad is None else sol.rel_grad, xp.asarray(res.rel_grad).dtype)
+    use = acc | ((xp.asarray(res.value) <= xp.asarray(sol.value)) & (xp.asarray(res.rel_grad) < rel))
+    capped = xp.zeros_like(acc) if res.capped is None else xp.asarray(res.capped) & ~acc
 
     def pick(a, b):
-        u = jnp.reshape(use, jnp.shape(use) + (1,) * (jnp.ndim(b) - jnp.ndim(use)))
-        return jnp.where(u, a, b)
+        a, b = xp.asarray(a), xp.asarray(b)
+        return put(xp.where(xp.reshape(use, use.shape + (1,) * (b.ndim - use.ndim)), a, b))
 
+    status = xp.where(acc, CONVERGED, xp.where(capped, MAX_STEPS, xp.asarray(sol.status))).astype(np.int32)
     return sol._replace(
         params=jax.tree_util.tree_map(pick, res.params, sol.params),
         value=pick(res.value, sol.value),
         grad_norm=pick(res.grad_norm, sol.grad_norm),
         rel_grad=pick(res.rel_grad, rel),
-        status=jnp.where(res.accepted, CONVERGED, sol.status).astype(jnp.int32),
-        polish_steps=res.steps,
+        status=put(status),
+        polish_steps=put(xp.asarray(res.steps)),
     )
 
 
-def polish(problem: UFM, params: Params, value, rtol: float, tol: float = 0.0) -> Polish:
+def polish(problem: UFM, params: Params, value, rtol: float, tol: float = 0.0, max_steps: int | None = None) -> Polish:
     """The kink polish of one run (`polish_run`, compiled once per problem shape and dtype, then `certify_close`).
 
     Args:
       problem: a ReLU `ufm.UFM` with L >= 2, its array leaves in the dtype of ``params``.
       params: the run's end point; value: its loss; rtol, tol: the solve's tolerances.
+      max_steps: the cap on the polish's L-BFGS steps (default `POLISH_MAX_STEPS`; `ufm.solve` passes
+        `MAX_STEPS_FACTOR` x its own ``max_steps``). A new cap does not recompile.
 
     Returns:
       A `Polish` (``accepted`` says whether the point is kink-aware stationary to tolerance).
     """
-    res = polish_jit(problem, params, value, rtol, tol)
+    cap = np.int32(min(POLISH_MAX_STEPS if max_steps is None else int(max_steps), np.iinfo(np.int32).max))
+    res = polish_jit(problem, params, value, rtol, tol, True, cap)
     return certify_close(problem, res, rtol, tol)

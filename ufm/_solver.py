@@ -27,7 +27,7 @@ from ._driver import (
     run_jit,
     unregister_progress,
 )
-from ._kinks import apply_polish, certify_close, needs_polish, polish_run
+from ._kinks import MAX_STEPS_FACTOR, apply_polish, certify_close, needs_polish, polish_run
 from ._kinks import polish as polish_kinks
 from ._model import Params, check_params
 from ._options import (
@@ -70,8 +70,16 @@ def _canonical(problem: UFM, dtype) -> UFM:
     jit keys its cache on each leaf's dtype *and* weak type, so without this a problem built from NumPy
     scalars or a per-layer lam_W list (strong float64) and one built from Python floats (weak) would compile
     the solver twice. The objective casts the leaves to the parameter dtype anyway, so values are unchanged.
+    Concrete leaves become NumPy arrays (`host_array`): no eager XLA program per leaf before the solve.
     """
-    return jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), problem)
+    return jax.tree_util.tree_map(lambda x: host_array(x, dtype), problem)
+
+
+def host_array(x, dtype):
+    """``x`` as a non-weak array of ``dtype``: a NumPy array when ``x`` is concrete (a cast on the host compiles
+    nothing; ``jnp.asarray`` compiles a small XLA program per new shape and dtype, about 15-60 ms each in a fresh
+    process), ``jnp.asarray`` for a tracer."""
+    return np.asarray(x, dtype) if is_concrete(x) else jnp.asarray(x, dtype)
 
 
 def num_params(problem: UFM) -> int:
@@ -81,17 +89,33 @@ def num_params(problem: UFM) -> int:
 
 
 def _key(key, name="key"):
+    """A typed PRNG key from ``key``: a key, raw threefry key data (2,) uint32, an integer seed, or None (seed 0)."""
     if key is None:
-        return jax.random.key(0)
+        return seed_key(0)
     if isinstance(key, (int, np.integer)) and not isinstance(key, bool):
         if not 0 <= int(key) < 2**63:
             raise ValueError(f"{name} must be a jax.random.key or an integer seed in [0, 2**63); got {key!r}")
-        return jax.random.key(int(key))
+        return seed_key(int(key))
     if isinstance(key, jax.Array) and jnp.issubdtype(key.dtype, jax.dtypes.prng_key) and key.shape == ():
         return key
     if isinstance(key, jax.Array) and key.dtype == jnp.uint32 and key.shape == (2,):
         return jax.random.wrap_key_data(key)
     raise TypeError(f"{name} must be a jax.random.key or an integer seed; got {key!r}")
+
+
+def seed_key(seed: int) -> jax.Array:
+    """``jax.random.key(seed)`` for an integer seed in [0, 2**63), without an eager XLA program.
+
+    JAX's threefry seeding is the key data (seed >> 32, seed & 0xFFFFFFFF) as uint32 (``_threefry_seed``; without
+    x64 the seed is int32 and the high word 0), computed here in NumPy and wrapped (`jax.random.wrap_key_data`
+    compiles nothing); ``jax.random.key`` compiles two small programs (about 60-100 ms in a fresh process). Other
+    default key implementations, and seeds >= 2**31 without x64, go through ``jax.random.key`` (tested equal)."""
+    x64 = bool(jax.config.jax_enable_x64)  # type: ignore[attr-defined]  # runtime config attribute
+    impl = str(jax.config.jax_default_prng_impl)  # type: ignore[attr-defined]  # runtime config attribute
+    if impl != "threefry2x32" or not (x64 or seed < 2**31):
+        return jax.random.key(seed)
+    data = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+    return jax.random.wrap_key_data(data)  # type: ignore[arg-type]  # a NumPy array is accepted (no eager program)
 
 
 def zero_point_loss(problem: UFM) -> float:
@@ -251,7 +275,7 @@ def _restart_at_zero_saddle(problem: UFM, sol: Solution, start, o, cfg, progress
     if int(sol.status) != ZERO_SADDLE or not float(start[1]) < RESTART_SCALE:
         return sol
     first = int(sol.num_steps)
-    sol = _solve_from(problem, (start[0], jnp.asarray(RESTART_SCALE, dt)), o, cfg, progress, dt, polish)
+    sol = _solve_from(problem, (start[0], host_array(RESTART_SCALE, dt)), o, cfg, progress, dt, polish)
     warnings.warn(
         f"ufm.solve: init_scale='auto' (s = {float(start[1]):.4g}) ended at the zero saddle after {first} steps; "
         f"restarted once from init_scale={RESTART_SCALE} (status {sol.status_name}; num_steps counts both runs, "
@@ -270,7 +294,7 @@ def _solve_from(problem: UFM, start, o: SolverOptions, cfg: Config, progress, dt
         sol = _polish(problem, sol, o)
         status = int(sol.status)
     if status in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
-        sol = sol._replace(status=jnp.asarray(ZERO_SADDLE, jnp.int32))
+        sol = sol._replace(status=jax.device_put(np.int32(ZERO_SADDLE)))
     return sol
 
 
@@ -286,7 +310,7 @@ def _start(problem: UFM, key, init, init_scale, dtype):
         a = np.asarray(init_scale)
         if a.ndim or not np.issubdtype(a.dtype, np.number) or not np.isfinite(a) or a < 0:
             raise ValueError(f"init_scale must be a finite number >= 0; got {init_scale!r}")
-    return (_key(key), jnp.asarray(init_scale, dt)), dt
+    return (_key(key), host_array(init_scale, dt)), dt
 
 
 def _progress_options(progress, progress_every, method):
@@ -333,7 +357,8 @@ def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
     (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
     else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
     dt = sol.value.dtype
-    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol))
+    cap = MAX_STEPS_FACTOR * o.max_steps
+    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol), cap)
     return apply_polish(sol, res)
 
 
@@ -342,10 +367,8 @@ def polish_problem(problem: UFM, dt) -> UFM:
     ``dt`` and lam_W one per layer (L,), so that both call the same compiled `ufm._kinks.polish_jit` (jit keys on
     leaf shapes and dtypes; a scalar lam_W is the same objective as L equal ones)."""
     p = _canonical(problem, dt)
-    return jax.tree_util.tree_unflatten(
-        jax.tree_util.tree_structure(p),
-        [p.lam_H, jnp.broadcast_to(p.lam_W, (problem.L,)), p.lam_b, p.label_smoothing],
-    )
+    lam_W = np.broadcast_to(p.lam_W, (problem.L,)) if is_concrete(p.lam_W) else jnp.broadcast_to(p.lam_W, (problem.L,))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(p), [p.lam_H, lam_W, p.lam_b, p.label_smoothing])
 
 
 def polish_batch(
