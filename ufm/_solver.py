@@ -16,7 +16,16 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._batch import member_problem, solve_lockstep, solve_slots, start_params
+from ._batch import (
+    RunQueue,
+    check_threads,
+    fan_out,
+    member_problem,
+    solve_lockstep,
+    solve_slots,
+    start_params,
+    thread_failed,
+)
 from ._driver import (
     Config,
     Throttle,
@@ -538,6 +547,7 @@ def solve_batch(
     segment: int | None = None,
     engine: str = "auto",
     polish: bool | None = None,
+    threads: int | None = None,
 ) -> Solution:
     """Solve a batch of B problems that share shapes: each run as `solve` would, in compiled batched programs.
 
@@ -574,6 +584,13 @@ def solve_batch(
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
       polish: the kink polish of `solve` on the runs that need it (`polish_batch`; default: True for ReLU models
         with L >= 2). Its program compiles only when some run of the batch needs it; not applied inside a trace.
+      threads: host threads that solve the batch at the same time (default None: `ufm._batch.default_threads`,
+        the usable CPU cores up to 8 on a CPU backend, 1 on an accelerator; 1: today's single-threaded engines).
+        Each thread drives its own lanes/slots ("lockstep", "slots") or parts of the batch ("map") over a shared
+        queue of runs; on a CPU the threads' calls of the compiled programs run at the same time, one core each.
+        Run i's result does not depend on the thread count (the lanes' arithmetic is independent); "vmap" and a
+        traced batch ignore it. An exception inside a thread is raised here, naming the runs it held
+        (`ufm._batch.ThreadFailed`); the other threads stop after their current cycle.
       **options: the other options, as in `solve`.
 
     Returns:
@@ -593,6 +610,7 @@ def solve_batch(
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    threads = check_threads(threads)
     keys = seed_keys(keys, seeds)
     init, dt = batch_init(problem, init, dtype)
     lam_W_b = batch_lam_W(problem, lam_W)
@@ -619,7 +637,7 @@ def solve_batch(
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
     polish = resolve_polish(problem, polish)
     cfg = _config(o, history)
-    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment)
+    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment, threads)
     if traced(inputs, o):  # inside a trace: no host-side polish, zero-saddle test or restart
         return sols
     sols = _polish_needed(problem, sols, o, inputs) if polish else sols
@@ -786,21 +804,60 @@ def traced(inputs, o: SolverOptions) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol)))
 
 
-def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment) -> Solution:
-    """Solve the batch ``inputs`` with ``engine`` (see `solve_batch`); inside a trace always one ``vmap``."""
+def run_engine(
+    engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment, threads: int = 1
+) -> Solution:
+    """Solve the batch ``inputs`` with ``engine`` on ``threads`` host threads (see `solve_batch`); inside a trace
+    always one ``vmap``."""
     if traced(inputs, o):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
         engine = auto_engine(cfg)
+    if engine == "lockstep" and not lockstep_applies(cfg):
+        engine = "map"
     if engine == "map":
-        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+        return map_threads(prob, inputs, o.tol, o.rtol, cfg, xdt, threads)
     if engine == "vmap":
         return batch_vmap_jit(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "lockstep":
-        if lockstep_applies(cfg):
-            return solve_lockstep(prob, inputs, o.tol, o.rtol, cfg, xdt, lanes=slots, ticks=segment)
-        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
-    return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment)
+        return solve_lockstep(prob, inputs, o.tol, o.rtol, cfg, xdt, lanes=slots, ticks=segment, threads=threads)
+    return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment, threads=threads)
+
+
+MAP_PARTS_PER_THREAD = 4  # engine "map" on n threads: 4n equal parts, handed out as threads free up
+
+
+def map_threads(problem: UFM, inputs, tol, rtol, cfg: Config, dtype, threads: int) -> Solution:
+    """Engine "map" on ``threads`` host threads: the B runs cut into n = `MAP_PARTS_PER_THREAD` x threads equal
+    contiguous parts of c = ceil(B / n) runs (the last one padded by repeating run B - 1: fewer than n extra runs),
+    each part one call of `batch_map_rows` (one compiled program), parts handed out in order to the threads as
+    they free up; the parts are joined in order (`join_parts`). One thread: `batch_map` of the whole batch."""
+    B = int(np.shape(inputs[1])[0])
+    if threads == 1 or B == 1:
+        return batch_map(problem, inputs, tol, rtol, cfg=cfg, dtype=dtype)
+    n = min(B, MAP_PARTS_PER_THREAD * threads)
+    c = -(-B // n)
+    n = -(-B // c)
+    queue = RunQueue(n)
+    parts: list = [None] * n
+
+    def work():
+        j = None
+        try:
+            while (j := queue.take()) is not None:
+                rows = jnp.asarray(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
+                parts[j] = jax.block_until_ready(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
+        except Exception as e:
+            raise thread_failed(e, [] if j is None else range(j * c, min(B, (j + 1) * c)), "map") from e
+
+    fan_out([work] * min(threads, n), queue)
+    return join_parts(tuple(parts), B)
+
+
+@functools.partial(jax.jit, static_argnames=("B",))
+def join_parts(parts: tuple, B: int) -> Solution:
+    """The first B rows of the parts' batched `Solution`s, concatenated in order."""
+    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:B], *parts)
 
 
 def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> Solution:
@@ -835,6 +892,13 @@ def batch_map(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
     start, lH, lW, lb, lrs, scales = inputs
     x0 = start_params(problem, start, scales, dtype)
     return jax.lax.map(lambda a: one_run(problem, a[0], a[1], a[2], a[3], a[4], tol, rtol, cfg), (x0, lH, lW, lb, lrs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def batch_map_rows(problem, inputs, rows, tol, rtol, *, cfg: Config, dtype) -> Solution:
+    """`batch_map` of the runs ``rows`` (indices into the batch ``inputs``): one compiled program per part size."""
+    take = functools.partial(jax.tree_util.tree_map, lambda x: x[rows])
+    return batch_map(problem, take(inputs), tol, rtol, cfg=cfg, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
