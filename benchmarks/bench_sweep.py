@@ -406,14 +406,37 @@ def plot(res, path) -> None:
 #     python -c "from benchmarks.bench_sweep import main_engines; main_engines(['--sizes', '16'])"
 
 
+def parse_variant(spec: str) -> dict:
+    """An engine variant of part B: ``ENGINE[-LANES][-tTHREADS]``, e.g. ``lockstep-32-t2`` (32 lanes per thread, 2
+    host threads), ``map-t1``, ``slots``; an absent field is solve_batch's default."""
+    parts = spec.split("-")
+    kw: dict = dict(engine=parts[0])
+    for p in parts[1:]:
+        if p.startswith("t"):
+            kw["threads"] = int(p[1:])
+        else:
+            kw["slots"] = int(p)
+    return kw
+
+
 def run_engines(
-    sizes=(64, 1000), out_dir=None, log=print, loop_subset: int = 40, engines=("lockstep", "map", "slots")
+    sizes=(64, 1000),
+    out_dir=None,
+    log=print,
+    loop_subset: int = 40,
+    engines=("lockstep", "map", "slots"),
+    name: str = "sweep_engines",
 ) -> dict:
-    """Times ``solve_batch(engine=e)`` for each engine and a loop of ``ufm.solve`` (a subset of ``loop_subset`` runs,
-    extrapolated) on B runs of part B's grid (spread over the lambdas), one interleaved round per size; compile
-    (first call) times; steps; the fraction of the subset's runs whose batched loss equals the single solve's
-    (1e-6 relative, the issue's criterion). A first call includes its solve: the compile is reported as the first
-    call minus the warm call of the same inputs (``compile_*_s``), the first call itself as ``first_*_s``."""
+    """Times ``solve_batch`` for each engine variant (`parse_variant`: engine, lanes, threads) and a loop of
+    ``ufm.solve`` (a subset of ``loop_subset`` runs, extrapolated) on B runs of part B's grid (spread over the
+    lambdas), one interleaved round per size; compile (first call) times; steps; the fraction of the subset's runs
+    whose batched loss equals the single solve's (1e-6 relative, the issue's criterion).
+
+    Warm-up, so that no variant pays a compile it shares with another: the loop's subset is solved once (the single
+    solve, its polish and `ufm.predict` compile there), and every variant is called once at the same B with
+    ``max_steps=2`` (the eager input conversions at size B, the threads' result merge; only the solver programs,
+    which depend on ``max_steps``, are left). A variant's first call then compiles its own programs only: its
+    compile is reported as that first call minus the warm call of the same inputs (``compile_*_s``)."""
     C.enable_x64()
     import jax
 
@@ -424,9 +447,11 @@ def run_engines(
     lam_all, seed_all, _ = _grid("full")
     p0 = ufm.UFM(**BASE, lam_H=1e-3, lam_W=1e-3)
     kw = dict(history=False)
+    variants = {e: parse_variant(e) for e in engines}
     res: dict = dict(
         benchmark="sweep_engines", machine=info, problem=p0.to_dict(), sizes=list(sizes), engines=list(engines)
     )
+    res["default_threads"] = ufm._batch.default_threads()
 
     def single(i):
         p = ufm.UFM(**BASE, lam_H=float(lam_all[i]), lam_W=float(lam_all[i]))
@@ -442,13 +467,17 @@ def run_engines(
         idx = np.linspace(0, len(lam_all) - 1, B).astype(int)
         lam, seed = lam_all[idx], seed_all[idx]
         sub = np.linspace(0, B - 1, min(B, loop_subset)).astype(int)
-        r: dict = dict(B=int(B), loop_subset=int(len(sub)))
+        r: dict = dict(B=int(B), loop_subset=int(len(sub)), load_before=C.load_average())
         out: dict = {}
 
-        def batch(e, lam=lam, seed=seed):
-            s = ufm.solve_batch(p0, seeds=seed, lam_H=lam, lam_W=lam, engine=e, **kw)
+        def batch(e, lam=lam, seed=seed, **extra):
+            s = ufm.solve_batch(p0, seeds=seed, lam_H=lam, lam_W=lam, **variants[e], **kw, **extra)
             return jax.block_until_ready(s)
 
+        for j in sub:  # warm-up: the single solve's programs (polish and predict included)
+            single(int(idx[j]))
+        for e in engines:
+            batch(e, max_steps=2)
         for e in engines:
             t = time.perf_counter()
             batch(e)
@@ -486,10 +515,14 @@ def run_engines(
         res[f"B{B}"] = r
         log(f"  B={B}: {r['seconds']}")
     md = markdown_engines(res)
-    paths = C.write_outputs("sweep_engines", res, out_dir, md)
+    paths = C.write_outputs(name, res, out_dir, md)
     res["paths"] = paths
     log(md)
     return res
+
+
+def _load1(la) -> str:
+    return "?" if la is None else f"{la[0]:.1f}"
 
 
 def markdown_engines(res) -> str:
@@ -502,7 +535,14 @@ def markdown_engines(res) -> str:
         f"{p['loss']}, float64, lambda on part B's grid, seeds 0..9; one interleaved round per size, compile "
         f"excluded from the times. Compile = first call minus warm call (the first call includes a solve). Single "
         f"solve: first call {C.fmt_time(res.get('first_single_s', res['compile_single_s']))}, compile "
-        f"{C.fmt_time(res['compile_single_s'])}. Load (uptime) after each size in the JSON (load_after).",
+        f"{C.fmt_time(res['compile_single_s'])}. Variants ENGINE-LANES-tTHREADS (lanes per thread; absent: the "
+        f"default; default threads here: {res.get('default_threads', '?')}). Load (uptime, 1 min) before / after "
+        "each size: "
+        + ", ".join(
+            f"B={B}: {_load1(res[f'B{B}'].get('load_before'))} / {_load1(res[f'B{B}'].get('load_after'))}"
+            for B in res["sizes"]
+        )
+        + ".",
         "",
     ]
     rows = []
@@ -514,7 +554,7 @@ def markdown_engines(res) -> str:
             rows.append(
                 [
                     f"B={B}",
-                    f'solve_batch(engine="{e}")',
+                    f"solve_batch {e}",
                     C.fmt_time(r["seconds"][e]),
                     C.fmt_ratio(r[f"speedup_{e}_over_loop"]),
                     C.fmt_time(r.get(f"first_{e}_s", r[f"compile_{e}_s"])),
@@ -560,10 +600,22 @@ def markdown_engines(res) -> str:
 def main_engines(argv=None):
     ap = argparse.ArgumentParser(description="solve_batch engines vs a loop of single solves (part B)")
     ap.add_argument("--sizes", default="64,1000", help="comma-separated batch sizes")
-    ap.add_argument("--engines", default="lockstep,map,slots")
+    ap.add_argument(
+        "--engines",
+        default="lockstep,map,slots",
+        help="comma-separated variants ENGINE[-LANES][-tTHREADS], e.g. lockstep-32-t2,map-t1 (parse_variant)",
+    )
+    ap.add_argument("--loop-subset", type=int, default=40, help="single solves timed per size (extrapolated)")
+    ap.add_argument("--name", default="sweep_engines", help="results file name")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    run_engines(tuple(int(s) for s in a.sizes.split(",")), out_dir=a.out, engines=tuple(a.engines.split(",")))
+    run_engines(
+        tuple(int(s) for s in a.sizes.split(",")),
+        out_dir=a.out,
+        engines=tuple(a.engines.split(",")),
+        loop_subset=a.loop_subset,
+        name=a.name,
+    )
 
 
 def main(argv=None):

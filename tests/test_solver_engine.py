@@ -257,7 +257,8 @@ def test_sweep_padding_slots_end_at_once():
 
     grid = dict(num_classes=2, n_per_class=2, widths=[3], lam_H=[1e-3, 1e-2, 1e-1], lam_W=1e-2, max_steps=200)
     rows = expand_grid(grid)
-    (sol,) = dispatch(rows, 8, jax.devices()[:1], engine="map")
+    (part,) = dispatch(rows, 8, jax.devices()[:1], engine="map")
+    sol = part.result()  # a Future: the chunk is solved in a background thread
     assert np.all(np.asarray(sol.num_steps)[3:] == 0) and np.all(np.asarray(sol.status)[3:] == 0)
     ref = ufm.solve_batch(
         ufm.UFM(num_classes=2, n_per_class=2, widths=(3,), lam_W=1e-2),

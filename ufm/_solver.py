@@ -367,6 +367,7 @@ def polish_batch(
     *,
     batch_size: int | None = None,
     need=None,
+    threads: int = 1,
 ) -> Solution:
     """The kink polish of a batch (`ufm.solve_batch`'s ``polish=``): run i is polished exactly as `ufm.solve`
     polishes it (`ufm._kinks.polish`: the compiled `ufm._kinks.polish_jit`, then `ufm._kinks.certify_close` on the
@@ -390,6 +391,8 @@ def polish_batch(
         sum of its polished runs' work (best on a CPU; the vmap is 8x slower there, measured in round 4).
       need: (B,) booleans, the runs to polish, when the caller has them (`ufm.solve_batch` does); None computes
         `ufm._kinks.needs_polish` of ``sols``.
+      threads: host threads polishing runs at the same time (one after the other in each; ``batch_size=None``
+        only). A run's polish does not depend on the thread that ran it.
 
     Returns:
       The batched `Solution` with the polished runs replaced and ``polish_steps`` (B,) set (0 where not polished).
@@ -406,7 +409,7 @@ def polish_batch(
         raise ValueError(f"need must have shape (B,) = ({B},); got {need.shape}")
     cp = polish_problem(problem, dt)
     if batch_size is None:
-        return _polish_each(cp, sols, o, need, (lH, lW, lb))
+        return _polish_each(cp, sols, o, need, (lH, lW, lb), threads)
     res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
     for i in np.flatnonzero(need & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
@@ -416,19 +419,37 @@ def polish_batch(
     return apply_polish(sols, res)
 
 
-def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams) -> Solution:
+def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams, threads: int = 1) -> Solution:
     """`polish_batch` run by run: `ufm._kinks.polish` (`solve`'s compiled program) of each run with ``need``, at its
-    own lambdas; the others keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an
-    eager ``.at[i].set`` would compile a scatter per field shape)."""
+    own lambdas, on ``threads`` host threads (the first run here: its call compiles the program once); the others
+    keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an eager ``.at[i].set`` would
+    compile a scatter per field shape); each run's row is written by one thread."""
     out = _host_rows(sols._replace(polish_steps=None))
     lams = [np.asarray(a) for a in lams]
     steps = np.zeros(need.shape[0], np.int32)
-    for i in np.flatnonzero(need):
-        one = jax.tree_util.tree_map(lambda a, i=i: a[i], out)  # NumPy rows: no eager slicing programs to compile
+    todo = np.flatnonzero(need)
+    queue = RunQueue(todo.size)
+
+    def polish_one(i: int) -> None:
+        one = jax.tree_util.tree_map(lambda a: a[i], out)  # NumPy rows: no eager slicing programs to compile
         p = member_problem(cp, *(a[i] for a in lams))
         done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
         steps[i] = int(np.asarray(done.polish_steps))
-        _put_row(out, int(i), done._replace(polish_steps=None))
+        _put_row(out, i, done._replace(polish_steps=None))
+
+    def work() -> None:
+        k = None
+        try:
+            while (k := queue.take()) is not None:
+                polish_one(int(todo[k]))
+        except Exception as e:
+            raise thread_failed(e, [] if k is None else [todo[k]], "polish") from e
+
+    if threads > 1 and todo.size > 1:
+        polish_one(int(todo[queue.take()]))  # type: ignore[index]  # the queue holds todo.size >= 2 runs
+        fan_out([work] * min(threads, todo.size - 1), queue)
+    else:
+        work()
     return jax.tree_util.tree_map(jnp.asarray, out)._replace(polish_steps=jnp.asarray(steps))
 
 
@@ -640,20 +661,20 @@ def solve_batch(
     sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment, threads)
     if traced(inputs, o):  # inside a trace: no host-side polish, zero-saddle test or restart
         return sols
-    sols = _polish_needed(problem, sols, o, inputs) if polish else sols
+    sols = _polish_needed(problem, sols, o, inputs, threads) if polish else sols
     sols = mark_zero_saddles(problem, sols, inputs)
     if init is None and isinstance(init_scale, str):
         sols = _restart_batch_at_zero_saddle(problem, sols, inputs, o, cfg, dt, polish)
     return sols
 
 
-def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs) -> Solution:
-    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it; else
-    ``sols`` (the polish program is compiled only when it has work)."""
+def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs, threads: int = 1) -> Solution:
+    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``, on ``threads`` host threads) when
+    one of them needs it; else ``sols`` (the polish program is compiled only when it has work)."""
     need = np.asarray(needs_polish(sols.status, sols.rel_grad))
     if not need.any():
         return sols
-    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3], need=need)
+    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3], need=need, threads=threads)
 
 
 def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
