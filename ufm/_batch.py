@@ -144,16 +144,21 @@ def thread_failed(e: Exception, runs, what: str) -> ThreadFailed:
     )
 
 
-@jax.jit
-def merge_rows(outs: tuple, owner):
-    """Row i of the result from ``outs[owner[i]]`` (each thread's (B,)-batched result holds only its own runs)."""
+def to_device(a: np.ndarray) -> jax.Array:
+    """A NumPy array on the default device, by ``jax.device_put`` (``jnp.asarray`` of a NumPy array compiles a
+    small program per shape and dtype on first use; a transfer does not)."""
+    return jax.device_put(np.asarray(a))
+
+
+def merge_rows(outs: Sequence, owner: np.ndarray):
+    """Row i of the result from ``outs[owner[i]]`` (each thread's (B,)-batched result holds only its own runs),
+    joined on the host: no program to compile."""
 
     def pick(*xs):
-        o = owner.reshape(owner.shape + (1,) * (xs[0].ndim - 1))
-        res = xs[0]
+        res = np.array(xs[0])
         for t in range(1, len(xs)):
-            res = jnp.where(o == t, xs[t], res)
-        return res
+            res[owner == t] = np.asarray(xs[t])[owner == t]
+        return to_device(res)
 
     return jax.tree_util.tree_map(pick, *outs)
 
@@ -299,23 +304,23 @@ def solve_slots(
     if seg < 1:
         raise ValueError(f"segment must be a positive integer; got {segment!r}")
     n, S = share(B, S, threads)
-    tol, rtol = jnp.asarray(tol, inputs[1].dtype), jnp.asarray(rtol, inputs[1].dtype)
+    tol, rtol = to_device(np.asarray(tol, inputs[1].dtype)), to_device(np.asarray(rtol, inputs[1].dtype))
     queue = RunQueue(B)
     cycle = functools.partial(_cycle, problem, inputs, tol=tol, rtol=rtol, cfg=cfg, dtype=dtype, segment=seg)
     first = []
     for _ in range(n):  # each thread's first S runs, loaded here (one compiled program, before any thread starts)
         load = np.asarray([queue.take() for _ in range(S)], object)
         run_of = np.asarray([-1 if r is None else r for r in load], np.int64)
-        ids = jnp.asarray(np.where(run_of >= 0, run_of, 0).astype(np.int32))
+        ids = to_device(np.where(run_of >= 0, run_of, 0).astype(np.int32))
         state, rec, nums = _fresh_jit(problem, inputs, ids, tol, rtol, cfg=cfg, dtype=dtype)
-        first.append((Slots(state, rec, nums, jnp.asarray(run_of.astype(np.int32))), run_of))
+        first.append((Slots(state, rec, nums, to_device(run_of.astype(np.int32))), run_of))
     if n == 1:
         return _drive_slots(cycle, cfg, B, queue, *first[0])[0]
     done = fan_out([functools.partial(_drive_slots, cycle, cfg, B, queue, *f) for f in first], queue)
     owner = np.zeros(B, np.int32)
     for t, (_, runs) in enumerate(done):
         owner[runs] = t
-    return merge_rows(tuple(o for o, _ in done), jnp.asarray(owner))
+    return merge_rows([o for o, _ in done], owner)
 
 
 def _drive_slots(cycle, cfg: Config, B: int, queue: RunQueue, sl: Slots, run_of: np.ndarray):
@@ -326,14 +331,14 @@ def _drive_slots(cycle, cfg: Config, B: int, queue: RunQueue, sl: Slots, run_of:
     load = np.full(run_of.shape, -1, np.int32)  # the first runs are loaded already
     try:
         while not queue.aborted:
-            sl, status = cycle(sl, jnp.asarray(load))
+            sl, status = cycle(sl, to_device(load))
             st = np.asarray(status)
             done = (st != RUNNING) & (run_of >= 0)
             load = np.full(run_of.shape, -1, np.int32)
             if done.any():
                 if out is None:
                     out = _allocate(sl, cfg, B)
-                out = _retire(out, sl, jnp.asarray(np.where(done, run_of, B).astype(np.int32)), cfg)
+                out = _retire(out, sl, to_device(np.where(done, run_of, B).astype(np.int32)), cfg)
                 runs += run_of[done].tolist()
                 for s in np.flatnonzero(done):
                     nxt = queue.take()
@@ -690,21 +695,20 @@ def solve_lockstep(
         raise ValueError(f"ticks must be a positive integer; got {ticks!r}")
     n, S = share(B, S, threads)
     dt = inputs[1].dtype
-    tol, rtol = jnp.asarray(tol, dt), jnp.asarray(rtol, dt)
+    tol, rtol = to_device(np.asarray(tol, dt)), to_device(np.asarray(rtol, dt))
     x0, nums, lns, outs = _lockstep_start(problem, inputs, cfg=cfg, dtype=dtype, S=S, copies=n)
     cycle = functools.partial(_lockstep_cycle, problem, x0, nums, tol=tol, rtol=rtol, cfg=cfg, ticks=T)
     queue = RunQueue(B)
     if n == 1:
         return _drive_lockstep(cycle, B, queue, lns[0], outs[0])[0]
     # compiled here, before the threads start: a cycle that retires and loads nothing runs zero iterations
-    idle = jnp.full((S,), -1, jnp.int32)
-    first = cycle(lns[0], outs[0], jnp.full((S,), B, jnp.int32), idle)
+    first = cycle(lns[0], outs[0], to_device(np.full(S, B, np.int32)), to_device(np.full(S, -1, np.int32)))
     lns, outs = (first[0],) + lns[1:], (first[1],) + outs[1:]
     done = fan_out([functools.partial(_drive_lockstep, cycle, B, queue, lns[t], outs[t]) for t in range(n)], queue)
     owner = np.zeros(B, np.int32)
     for t, (_, runs) in enumerate(done):
         owner[runs] = t
-    return merge_rows(tuple(o for o, _ in done), jnp.asarray(owner))
+    return merge_rows([o for o, _ in done], owner)
 
 
 def _drive_lockstep(cycle, B: int, queue: RunQueue, ln: Lanes, out: Solution):
@@ -724,9 +728,9 @@ def _drive_lockstep(cycle, B: int, queue: RunQueue, ln: Lanes, out: Solution):
                 load[s] = run_of[s] = nxt
             if (run_of < 0).all() or queue.aborted:
                 # a last cycle only to retire (no lane is loaded, none is live: zero iterations)
-                ln, out, _ = cycle(ln, out, jnp.asarray(where), jnp.asarray(np.full(S, -1, np.int32)))
+                ln, out, _ = cycle(ln, out, to_device(where), to_device(np.full(S, -1, np.int32)))
                 return out, runs
-            ln, out, status = cycle(ln, out, jnp.asarray(where), jnp.asarray(load))
+            ln, out, status = cycle(ln, out, to_device(where), to_device(load))
             st = np.asarray(status)
             done = (st != RUNNING) & (run_of >= 0)
             where = np.where(done, run_of, B).astype(np.int32)

@@ -25,6 +25,7 @@ from ._batch import (
     solve_slots,
     start_params,
     thread_failed,
+    to_device,
 )
 from ._driver import (
     Config,
@@ -446,11 +447,12 @@ def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, la
             raise thread_failed(e, [] if k is None else [todo[k]], "polish") from e
 
     if threads > 1 and todo.size > 1:
-        polish_one(int(todo[queue.take()]))  # type: ignore[index]  # the queue holds todo.size >= 2 runs
+        polish_one(int(todo[0]))
+        queue.take()  # run todo[0] is done
         fan_out([work] * min(threads, todo.size - 1), queue)
     else:
         work()
-    return jax.tree_util.tree_map(jnp.asarray, out)._replace(polish_steps=jnp.asarray(steps))
+    return jax.tree_util.tree_map(to_device, out)._replace(polish_steps=to_device(steps))
 
 
 def _host_rows(sols: Solution) -> Solution:
@@ -466,8 +468,10 @@ def _put_row(out: Solution, i: int, one: Solution) -> None:
 
 def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
     """(lam_H (B,), lam_W (B, L), lam_b (B,)) in ``dt``: the given ones (lam_W (B,) broadcast over the layers) or the
-    problem's, checked against the batch size B."""
-    lW = jnp.asarray(problem.lam_W if lam_W is None else batch_lam_W(problem, lam_W), dt)
+    problem's, checked against the batch size B. Concrete numbers are broadcast in NumPy and transferred (no eager
+    program to compile); traced ones with ``jnp``."""
+    xp = np if all(is_concrete(v) for v in (problem.lam_H, problem.lam_W, problem.lam_b, lam_H, lam_W, lam_b)) else jnp
+    lW = xp.asarray(problem.lam_W if lam_W is None else batch_lam_W(problem, lam_W), dt)
     lW = lW[:, None] if lam_W is not None and lW.ndim == 1 else lW
     out = []
     for name, v, default, shape in (
@@ -475,12 +479,12 @@ def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
         ("lam_W", lW, None, (B, problem.L)),
         ("lam_b", lam_b, problem.lam_b, (B,)),
     ):
-        a = jnp.asarray(default if v is None else v, dt)
+        a = xp.asarray(default if v is None else v, dt)
         try:
-            out.append(jnp.broadcast_to(a, shape))
+            out.append(xp.broadcast_to(a, shape))
         except ValueError:
             raise ValueError(f"{name} must broadcast to {shape} (B = {B} runs); got shape {a.shape}") from None
-    return tuple(out)
+    return tuple(to_device(np.array(a)) for a in out) if xp is np else tuple(out)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -584,9 +588,10 @@ def solve_batch(
     steps of `solve`); finished runs are retired and lanes refilled every ``segment`` iterations; ``"slots"``
     (`ufm._batch.solve_slots`): slots that run the driver's step with
     all 6 line-search trials every step; ``"vmap"``: one vmapped loop (B x the slowest run). ``"auto"``
-    (default, `auto_engine`): "map" on a CPU, the fastest measured there (benchmarks/README.md,
-    "Batched engine"), "lockstep" for L-BFGS on an accelerator (not measured), else "slots". Inside a trace
-    (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
+    (default, `auto_engine`): on a CPU "lockstep" for L-BFGS from `AUTO_LOCKSTEP_MIN_RUNS` (256) runs on and
+    "map" below or for other methods, the fastest measured there with ``threads`` on both cores
+    (benchmarks/README.md, "Batched engine"); on an accelerator "lockstep" for L-BFGS (not measured), else
+    "slots". Inside a trace (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
 
     Args:
       problem: the shared `ufm.UFM` (shapes, modes, and default lambdas).
@@ -737,7 +742,7 @@ def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
             one = one._replace(polish_steps=jnp.int32(0))
     out = _host_rows(sols)
     _put_row(out, i, one)
-    return jax.tree_util.tree_map(jnp.asarray, out)
+    return jax.tree_util.tree_map(to_device, out)
 
 
 def seed_keys(keys, seeds):
@@ -751,7 +756,11 @@ def seed_keys(keys, seeds):
         raise ValueError(
             f"seeds must be a 1-D sequence of B integers >= 0; got shape {seeds.shape}, dtype {seeds.dtype}"
         )
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    return keys_of_seeds(to_device(seeds))
+
+
+keys_of_seeds = jax.jit(jax.vmap(jax.random.key))
+"""``jax.random.key`` of each of B seeds, one compiled program (eager, it compiled two)."""
 
 
 def batch_keys(keys, init, B: int):
@@ -812,6 +821,8 @@ def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_
     run's lambdas)."""
 
     def bcast(v):
+        if is_concrete(v):  # NumPy, then one transfer: no eager program to compile
+            return to_device(np.broadcast_to(np.asarray(v, dt), (B,)))
         return jnp.broadcast_to(jnp.asarray(v, dt), (B,))
 
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
@@ -833,7 +844,7 @@ def run_engine(
     if traced(inputs, o):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
-        engine = auto_engine(cfg)
+        engine = auto_engine(cfg, int(np.shape(inputs[1])[0]))
     if engine == "lockstep" and not lockstep_applies(cfg):
         engine = "map"
     if engine == "map":
@@ -866,7 +877,7 @@ def map_threads(problem: UFM, inputs, tol, rtol, cfg: Config, dtype, threads: in
         j = None
         try:
             while (j := queue.take()) is not None:
-                rows = jnp.asarray(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
+                rows = to_device(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
                 parts[j] = jax.block_until_ready(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
         except Exception as e:
             raise thread_failed(e, [] if j is None else range(j * c, min(B, (j + 1) * c)), "map") from e
@@ -875,10 +886,10 @@ def map_threads(problem: UFM, inputs, tol, rtol, cfg: Config, dtype, threads: in
     return join_parts(tuple(parts), B)
 
 
-@functools.partial(jax.jit, static_argnames=("B",))
 def join_parts(parts: tuple, B: int) -> Solution:
-    """The first B rows of the parts' batched `Solution`s, concatenated in order."""
-    return jax.tree_util.tree_map(lambda *xs: jnp.concatenate(xs)[:B], *parts)
+    """The first B rows of the parts' batched `Solution`s, concatenated in order on the host (no program to
+    compile)."""
+    return jax.tree_util.tree_map(lambda *xs: to_device(np.concatenate([np.asarray(x) for x in xs])[:B]), *parts)
 
 
 def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> Solution:
@@ -892,18 +903,19 @@ def lockstep_applies(cfg: Config) -> bool:
 
 
 ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
-# engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU a vmapped step costs about the
-# sum of its lanes' work (and more: the L-BFGS memories of the lanes move every step), so the runs in sequence ("map")
-# are the fastest measured; on an accelerator S lanes cost about one
-AUTO_ENGINE = {"cpu": "map"}
+# engine="auto" on a CPU (measured, benchmarks/README.md "Batched engine", round 6, 2 cores, both used by threads):
+# "lockstep" (L-BFGS) from AUTO_LOCKSTEP_MIN_RUNS runs on: at 256 runs 4.2x a loop of single solves against map's
+# 2.3x, at 1,000 5.3x against 1.8x (16 lanes per thread, 2 threads); below, "map": at 64 runs the lockstep lanes'
+# tail (the slowest run alone keeps 16 lanes busy for its ~1,600 steps) made it 0.4-0.9x the loop, map 1-2x
+AUTO_LOCKSTEP_MIN_RUNS = 256
 
 
-def auto_engine(cfg: Config) -> str:
-    """The engine of ``engine="auto"``: `AUTO_ENGINE` of the default backend; on an accelerator "lockstep" for
-    L-BFGS with the trial line search, else "slots"."""
-    e = AUTO_ENGINE.get(jax.default_backend())
-    if e is not None:
-        return e
+def auto_engine(cfg: Config, B: int | None = None) -> str:
+    """The engine of ``engine="auto"`` for a batch of B runs. On a CPU: "lockstep" for L-BFGS with the trial line
+    search when B >= `AUTO_LOCKSTEP_MIN_RUNS`, else "map"; on an accelerator "lockstep" for L-BFGS with the trial
+    line search (not measured), else "slots"."""
+    if jax.default_backend() == "cpu":
+        return "lockstep" if lockstep_applies(cfg) and B is not None and B >= AUTO_LOCKSTEP_MIN_RUNS else "map"
     return "lockstep" if lockstep_applies(cfg) else "slots"
 
 
