@@ -426,6 +426,7 @@ def run_engines(
     loop_subset: int = 40,
     engines=("lockstep", "map", "slots"),
     name: str = "sweep_engines",
+    rounds: int = 1,
 ) -> dict:
     """Times ``solve_batch`` for each engine variant (`parse_variant`: engine, lanes, threads) and a loop of
     ``ufm.solve`` (a subset of ``loop_subset`` runs, extrapolated) on B runs of part B's grid (spread over the
@@ -436,7 +437,9 @@ def run_engines(
     solve, its polish and `ufm.predict` compile there), and every variant is called once at the same B with
     ``max_steps=2`` (the eager input conversions at size B, the threads' result merge; only the solver programs,
     which depend on ``max_steps``, are left). A variant's first call then compiles its own programs only: its
-    compile is reported as that first call minus the warm call of the same inputs (``compile_*_s``)."""
+    compile is reported as that first call minus the warm call of the same inputs (``compile_*_s``). With
+    ``rounds`` > 1 the times are the best of the interleaved rounds (the machine is shared: other jobs only ever
+    add time), all rounds in ``seconds_all``."""
     C.enable_x64()
     import jax
 
@@ -452,6 +455,7 @@ def run_engines(
         benchmark="sweep_engines", machine=info, problem=p0.to_dict(), sizes=list(sizes), engines=list(engines)
     )
     res["default_threads"] = ufm._batch.default_threads()
+    res["rounds"] = rounds
 
     def single(i):
         p = ufm.UFM(**BASE, lam_H=float(lam_all[i]), lam_W=float(lam_all[i]))
@@ -497,8 +501,9 @@ def run_engines(
             out["loop"] = [single(int(idx[j])) for j in sub]
             return (time.perf_counter() - t) * B / len(sub)
 
-        times = C.interleaved({**{e: m_batch(e) for e in engines}, "loop": m_loop}, 1)
-        r["seconds"] = {k: C.median(v) for k, v in times.items()}
+        times = C.interleaved({**{e: m_batch(e) for e in engines}, "loop": m_loop}, rounds)
+        r["seconds"] = {k: min(v) for k, v in times.items()}
+        r["seconds_all"] = times
         ref = np.array([float(s.value) for s in out["loop"]])
         r["loop_steps_median"] = float(np.median([int(s.num_steps) for s in out["loop"]]))
         for e in engines:
@@ -532,8 +537,9 @@ def markdown_engines(res) -> str:
         "",
         f"Machine: {C.machine_line(res['machine'])}.",
         f"Problem: K={p['num_classes']}, n={p['n_per_class']}, widths={tuple(p['widths'])}, {p['activation']}, "
-        f"{p['loss']}, float64, lambda on part B's grid, seeds 0..9; one interleaved round per size, compile "
-        f"excluded from the times. Compile = first call minus warm call (the first call includes a solve). Single "
+        f"{p['loss']}, float64, lambda on part B's grid, seeds 0..9; {res.get('rounds', 1)} interleaved round(s) per "
+        "size (times: the best round), compile excluded from the times. Compile = first call minus warm call (the "
+        "first call includes a solve). Single "
         f"solve: first call {C.fmt_time(res.get('first_single_s', res['compile_single_s']))}, compile "
         f"{C.fmt_time(res['compile_single_s'])}. Variants ENGINE-LANES-tTHREADS (lanes per thread; absent: the "
         f"default; default threads here: {res.get('default_threads', '?')}). Load (uptime, 1 min) before / after "
@@ -607,6 +613,7 @@ def main_engines(argv=None):
     )
     ap.add_argument("--loop-subset", type=int, default=40, help="single solves timed per size (extrapolated)")
     ap.add_argument("--name", default="sweep_engines", help="results file name")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (times: the best)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
     run_engines(
@@ -615,6 +622,7 @@ def main_engines(argv=None):
         engines=tuple(a.engines.split(",")),
         loop_subset=a.loop_subset,
         name=a.name,
+        rounds=a.rounds,
     )
 
 
@@ -644,7 +652,12 @@ if __name__ == "__main__":
 # warm. Cluster start-up is reported apart. Checked first: the two stores hold the same runs, losses <= 1e-10.
 
 
-def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
+def run_dask(
+    size: str = "full", workers: int = 2, log=print, to_answer: bool = False, chunk_size: int = 16, runs: int = 64
+) -> dict:
+    """Part D. ``to_answer``: the part-C problem instead (ufm's default L-BFGS to its default tolerance, lam x seed
+    grid of ``runs`` runs), in chunks of ``chunk_size``; in process, `solve_batch` uses its default host threads
+    (every core), each Dask worker one thread."""
     import os
     import tempfile
 
@@ -658,6 +671,8 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         return {"skipped": "distributed not installed"}
     info = C.machine_info()
     n_lam, n_seed = (4, 4) if size == "tiny" else (8, 8)
+    if to_answer:
+        n_lam, n_seed = runs // 10, 10
     grid = dict(
         K=BASE["num_classes"],
         n=BASE["n_per_class"],
@@ -670,12 +685,23 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         max_steps=300,
         tol=0.0,
     )
-    res: dict = {"machine": info, "runs": n_lam * n_seed, "workers": workers, "chunk_size": 16}
+    if to_answer:
+        for k in ("method", "lr", "max_steps", "tol"):
+            grid.pop(k)
+    res: dict = {
+        "machine": info,
+        "runs": n_lam * n_seed,
+        "workers": workers,
+        "chunk_size": chunk_size,
+        "to_answer": to_answer,
+        "threads_in_process": ufm._batch.default_threads(),
+        "load_before": C.load_average(),
+    }
     with tempfile.TemporaryDirectory() as d:
         t = {}
         for k in (1, 2):
             t0 = time.perf_counter()
-            here = ufm.sweep(grid, os.path.join(d, f"here{k}.jsonl"), chunk_size=16, metrics=False)
+            here = ufm.sweep(grid, os.path.join(d, f"here{k}.jsonl"), chunk_size=chunk_size, metrics=False)
             t[f"in_process_call{k}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
@@ -684,7 +710,7 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
                 for k in (1, 2):
                     t0 = time.perf_counter()
                     dask = ufm.sweep(
-                        grid, os.path.join(d, f"dask{k}.jsonl"), chunk_size=16, metrics=False, client=client
+                        grid, os.path.join(d, f"dask{k}.jsonl"), chunk_size=chunk_size, metrics=False, client=client
                     )
                     t[f"dask_call{k}_s"] = time.perf_counter() - t0
         a = {r["run"]: r["loss"] for r in here.records}
@@ -693,6 +719,7 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         res["max_rel_loss_diff"] = max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
         res.update(t)
     res["warm_speedup"] = res["in_process_call2_s"] / res["dask_call2_s"]
+    res["load_after"] = C.load_average()
     log(
         f"part D ({res['runs']} runs, {workers} Dask workers, {info.get('cores', '?')} cores, load "
         f"{os.getloadavg()[0]:.1f}): in process {res['in_process_call1_s']:.1f} s first / "
@@ -707,8 +734,13 @@ def main_dask(argv=None):
     ap = argparse.ArgumentParser(description="ufm.sweep on a Dask LocalCluster vs in process")
     ap.add_argument("--smoke", action="store_true", help="16 runs")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--to-answer", action="store_true", help="part C's problem: L-BFGS to the default tolerance")
+    ap.add_argument("--runs", type=int, default=64, help="with --to-answer: runs (lambdas x 10 seeds)")
+    ap.add_argument("--chunk-size", type=int, default=16)
     a = ap.parse_args(argv)
-    return run_dask("tiny" if a.smoke else "full", workers=a.workers)
+    return run_dask(
+        "tiny" if a.smoke else "full", workers=a.workers, to_answer=a.to_answer, chunk_size=a.chunk_size, runs=a.runs
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------
