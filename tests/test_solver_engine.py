@@ -319,18 +319,3 @@ def test_an_exception_in_a_thread_is_raised_naming_its_runs(engine, monkeypatch)
 def test_solve_batch_refuses_bad_threads(threads, exc):
     with pytest.raises(exc, match="threads must be"):
         ufm.solve_batch(SHALLOW, seeds=[0, 1], threads=threads)
-
-
-def test_auto_engine_on_a_cpu_is_lockstep_for_large_lbfgs_batches():
-    # the measured rule (benchmarks/README.md, "Batched engine", round 6): on a CPU, L-BFGS batches of at least
-    # AUTO_LOCKSTEP_MIN_RUNS runs use "lockstep", smaller ones and other methods "map"
-    from ufm._options import solver_options
-    from ufm._solver import AUTO_LOCKSTEP_MIN_RUNS, _config, auto_engine
-
-    if jax.default_backend() != "cpu":
-        pytest.skip("the CPU rule")
-    lbfgs = _config(solver_options("lbfgs", None, 100, None, None, 1, None, "float64"), False)
-    gd = _config(solver_options("gd", 0.1, 100, None, None, 1, None, "float64"), False)
-    assert auto_engine(lbfgs, AUTO_LOCKSTEP_MIN_RUNS) == "lockstep"
-    assert auto_engine(lbfgs, AUTO_LOCKSTEP_MIN_RUNS - 1) == "map"
-    assert auto_engine(gd, 10 * AUTO_LOCKSTEP_MIN_RUNS) == "map"

@@ -588,10 +588,10 @@ def solve_batch(
     steps of `solve`); finished runs are retired and lanes refilled every ``segment`` iterations; ``"slots"``
     (`ufm._batch.solve_slots`): slots that run the driver's step with
     all 6 line-search trials every step; ``"vmap"``: one vmapped loop (B x the slowest run). ``"auto"``
-    (default, `auto_engine`): on a CPU "lockstep" for L-BFGS from `AUTO_LOCKSTEP_MIN_RUNS` (256) runs on and
-    "map" below or for other methods, the fastest measured there with ``threads`` on both cores
-    (benchmarks/README.md, "Batched engine"); on an accelerator "lockstep" for L-BFGS (not measured), else
-    "slots". Inside a trace (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
+    (default, `auto_engine`): "map" on a CPU (with ``threads`` on every core; lockstep was not faster
+    robustly there: benchmarks/README.md, "Batched engine"), "lockstep" for L-BFGS on an accelerator (not
+    measured), else "slots". Inside a trace (``jit``/``shard_map`` of this function) the batch is one ``vmap``
+    of the driver.
 
     Args:
       problem: the shared `ufm.UFM` (shapes, modes, and default lambdas).
@@ -844,7 +844,7 @@ def run_engine(
     if traced(inputs, o):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
-        engine = auto_engine(cfg, int(np.shape(inputs[1])[0]))
+        engine = auto_engine(cfg)
     if engine == "lockstep" and not lockstep_applies(cfg):
         engine = "map"
     if engine == "map":
@@ -903,19 +903,20 @@ def lockstep_applies(cfg: Config) -> bool:
 
 
 ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
-# engine="auto" on a CPU (measured, benchmarks/README.md "Batched engine", round 6, 2 cores, both used by threads):
-# "lockstep" (L-BFGS) from AUTO_LOCKSTEP_MIN_RUNS runs on: at 256 runs 4.2x a loop of single solves against map's
-# 2.3x, at 1,000 5.3x against 1.8x (16 lanes per thread, 2 threads); below, "map": at 64 runs the lockstep lanes'
-# tail (the slowest run alone keeps 16 lanes busy for its ~1,600 steps) made it 0.4-0.9x the loop, map 1-2x
-AUTO_LOCKSTEP_MIN_RUNS = 256
+# engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU "map". Round 6 gave both engines
+# both cores (threads=2): lockstep (16 lanes) against map at 1,000 runs measured 3x faster, equal and 1.4x slower in
+# three runs on the shared machine, and the same CPU time within noise at 256 runs; map keeps the single solve's
+# arithmetic, compiles faster and has no tail (the lanes' slowest run), so it stays. On an accelerator S lanes cost
+# about one.
+AUTO_ENGINE = {"cpu": "map"}
 
 
-def auto_engine(cfg: Config, B: int | None = None) -> str:
-    """The engine of ``engine="auto"`` for a batch of B runs. On a CPU: "lockstep" for L-BFGS with the trial line
-    search when B >= `AUTO_LOCKSTEP_MIN_RUNS`, else "map"; on an accelerator "lockstep" for L-BFGS with the trial
-    line search (not measured), else "slots"."""
-    if jax.default_backend() == "cpu":
-        return "lockstep" if lockstep_applies(cfg) and B is not None and B >= AUTO_LOCKSTEP_MIN_RUNS else "map"
+def auto_engine(cfg: Config) -> str:
+    """The engine of ``engine="auto"``: `AUTO_ENGINE` of the default backend; on an accelerator "lockstep" for
+    L-BFGS with the trial line search, else "slots"."""
+    e = AUTO_ENGINE.get(jax.default_backend())
+    if e is not None:
+        return e
     return "lockstep" if lockstep_applies(cfg) else "slots"
 
 
