@@ -257,8 +257,7 @@ def test_sweep_padding_slots_end_at_once():
 
     grid = dict(num_classes=2, n_per_class=2, widths=[3], lam_H=[1e-3, 1e-2, 1e-1], lam_W=1e-2, max_steps=200)
     rows = expand_grid(grid)
-    (part,) = dispatch(rows, 8, jax.devices()[:1], engine="map")
-    sol = part.result()  # a Future: the chunk is solved in a background thread
+    (sol,) = dispatch(rows, 8, jax.devices()[:1], engine="map")
     assert np.all(np.asarray(sol.num_steps)[3:] == 0) and np.all(np.asarray(sol.status)[3:] == 0)
     ref = ufm.solve_batch(
         ufm.UFM(num_classes=2, n_per_class=2, widths=(3,), lam_W=1e-2),
@@ -319,3 +318,20 @@ def test_an_exception_in_a_thread_is_raised_naming_its_runs(engine, monkeypatch)
 def test_solve_batch_refuses_bad_threads(threads, exc):
     with pytest.raises(exc, match="threads must be"):
         ufm.solve_batch(SHALLOW, seeds=[0, 1], threads=threads)
+
+
+def test_an_exception_in_a_map_part_is_raised_naming_its_runs(monkeypatch):
+    # engine "map" on 2 threads: 8 runs in parts of 1 run; the part of run 5 fails before any compute
+    import ufm._batch as batch
+    import ufm._solver as solver
+
+    real = solver.batch_map_rows
+
+    def failing(problem, inputs, rows, *a, **k):
+        if 5 in np.asarray(rows):
+            raise FloatingPointError("injected")
+        return real(problem, inputs, rows, *a, **k)
+
+    monkeypatch.setattr(solver, "batch_map_rows", failing)
+    with pytest.raises(batch.ThreadFailed, match=r"map engine failed while solving runs \[5\]: FloatingPointError"):
+        ufm.solve_batch(DEEP, seeds=np.arange(8), lam_H=LAMS, lam_W=LAMS, engine="map", threads=2, max_steps=500)

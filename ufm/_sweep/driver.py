@@ -373,8 +373,9 @@ def sweep(
 
 
 def _run_here(job: PreparedSweep, commit, bar) -> None:
-    """In process: the next chunk is dispatched (solved in background threads, `dispatch`) before the current one is
-    summarised and written. The progress bar's "compiling" note stays until the first chunk of a shape returns."""
+    """In process: the next chunk is dispatched (asynchronously where the engine is: `dispatch`) before the current
+    one is summarised and written. The progress bar's "compiling" note stays until the first chunk of a shape
+    returns."""
     configs, ids, finished, settings = job.configs, job.ids, job.finished, job.settings
     pred_cache: dict = {}
     compiled: set = set()

@@ -8,8 +8,7 @@ choice applies: on a CPU ("auto" = "map") each run costs its own steps, not the 
 a chunk is cut into one equal, contiguous part per device, each part one `solve_batch` call on its device
 (``jax.default_device``) in its own thread, so the devices run at the same time; each call uses `chunk_threads`
 host threads (`ufm.solve_batch`'s ``threads``: the CPU cores shared among the devices, or a Dask worker's own
-thread count). With one device the chunk is solved in one background thread, so that the caller summarises the
-previous chunk meanwhile. The chunk layout (`plan`) depends
+thread count). The chunk layout (`plan`) depends
 only on the grid, ``chunk_size`` and the device count, never on which runs are finished, so a resumed or
 redistributed chunk runs with exactly the inputs of the uninterrupted sweep.
 """
@@ -148,9 +147,10 @@ def solve_rows(rows: Sequence[Mapping], device, engine: str, threads: int | None
 
 def dispatch(rows: Sequence[Mapping], size: int, devices: Sequence, engine: str = "auto") -> list:
     """Launch one chunk: padded to ``size``, cut into one equal part per device, each part one `solve_batch` call
-    on `chunk_threads` host threads, in its own thread (one device: a single background thread, so that the
-    caller can summarise the previous chunk while this one is solved). Returns the parts (each a `Future` of a
-    `Solution`), for `to_host`.
+    on `chunk_threads` host threads. One device: the part is solved here (asynchronously where the engine is);
+    several: each part in its own thread on its device. Returns the parts (a `Solution` or a `Future` of one),
+    for `to_host`. Solving a chunk in a background thread while the caller builds the previous chunk's records was
+    measured 2.5x slower on the 2-core CPU (benchmarks/README.md, "Batched engine", round 6), so it is not done.
 
     A padded slot repeats the chunk's last run with ``init_scale=0``: it starts at x = 0 (b = 0), where the gradient
     of every weight and feature vanishes (each is a product with a zero factor), so it ends at once (step 0, or a
@@ -160,6 +160,8 @@ def dispatch(rows: Sequence[Mapping], size: int, devices: Sequence, engine: str 
     m = size // len(devices)
     parts = [rows[d * m : (d + 1) * m] for d in range(len(devices))]
     threads = chunk_threads(len(devices))
+    if len(devices) == 1:
+        return [solve_rows(parts[0], devices[0], engine, threads)]
     pool = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="ufm-sweep")
     try:
         return [pool.submit(solve_rows, part, dev, engine, threads) for part, dev in zip(parts, devices, strict=True)]
