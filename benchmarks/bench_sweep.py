@@ -406,14 +406,40 @@ def plot(res, path) -> None:
 #     python -c "from benchmarks.bench_sweep import main_engines; main_engines(['--sizes', '16'])"
 
 
+def parse_variant(spec: str) -> dict:
+    """An engine variant of part B: ``ENGINE[-LANES][-tTHREADS]``, e.g. ``lockstep-32-t2`` (32 lanes per thread, 2
+    host threads), ``map-t1``, ``slots``; an absent field is solve_batch's default."""
+    parts = spec.split("-")
+    kw: dict = dict(engine=parts[0])
+    for p in parts[1:]:
+        if p.startswith("t"):
+            kw["threads"] = int(p[1:])
+        else:
+            kw["slots"] = int(p)
+    return kw
+
+
 def run_engines(
-    sizes=(64, 1000), out_dir=None, log=print, loop_subset: int = 40, engines=("lockstep", "map", "slots")
+    sizes=(64, 1000),
+    out_dir=None,
+    log=print,
+    loop_subset: int = 40,
+    engines=("lockstep", "map", "slots"),
+    name: str = "sweep_engines",
+    rounds: int = 1,
 ) -> dict:
-    """Times ``solve_batch(engine=e)`` for each engine and a loop of ``ufm.solve`` (a subset of ``loop_subset`` runs,
-    extrapolated) on B runs of part B's grid (spread over the lambdas), one interleaved round per size; compile
-    (first call) times; steps; the fraction of the subset's runs whose batched loss equals the single solve's
-    (1e-6 relative, the issue's criterion). A first call includes its solve: the compile is reported as the first
-    call minus the warm call of the same inputs (``compile_*_s``), the first call itself as ``first_*_s``."""
+    """Times ``solve_batch`` for each engine variant (`parse_variant`: engine, lanes, threads) and a loop of
+    ``ufm.solve`` (a subset of ``loop_subset`` runs, extrapolated) on B runs of part B's grid (spread over the
+    lambdas), one interleaved round per size; compile (first call) times; steps; the fraction of the subset's runs
+    whose batched loss equals the single solve's (1e-6 relative, the issue's criterion).
+
+    Warm-up, so that no variant pays a compile it shares with another: the loop's subset is solved once (the single
+    solve, its polish and `ufm.predict` compile there), and every variant is called once at the same B with
+    ``max_steps=2`` (the eager input conversions at size B, the threads' result merge; only the solver programs,
+    which depend on ``max_steps``, are left). A variant's first call then compiles its own programs only: its
+    compile is reported as that first call minus the warm call of the same inputs (``compile_*_s``). With
+    ``rounds`` > 1 the times are the best of the interleaved rounds (the machine is shared: other jobs only ever
+    add time), all rounds in ``seconds_all``."""
     C.enable_x64()
     import jax
 
@@ -424,9 +450,12 @@ def run_engines(
     lam_all, seed_all, _ = _grid("full")
     p0 = ufm.UFM(**BASE, lam_H=1e-3, lam_W=1e-3)
     kw = dict(history=False)
+    variants = {e: parse_variant(e) for e in engines}
     res: dict = dict(
         benchmark="sweep_engines", machine=info, problem=p0.to_dict(), sizes=list(sizes), engines=list(engines)
     )
+    res["default_threads"] = ufm._batch.default_threads()
+    res["rounds"] = rounds
 
     def single(i):
         p = ufm.UFM(**BASE, lam_H=float(lam_all[i]), lam_W=float(lam_all[i]))
@@ -442,13 +471,17 @@ def run_engines(
         idx = np.linspace(0, len(lam_all) - 1, B).astype(int)
         lam, seed = lam_all[idx], seed_all[idx]
         sub = np.linspace(0, B - 1, min(B, loop_subset)).astype(int)
-        r: dict = dict(B=int(B), loop_subset=int(len(sub)))
+        r: dict = dict(B=int(B), loop_subset=int(len(sub)), load_before=C.load_average())
         out: dict = {}
 
-        def batch(e, lam=lam, seed=seed):
-            s = ufm.solve_batch(p0, seeds=seed, lam_H=lam, lam_W=lam, engine=e, **kw)
+        def batch(e, lam=lam, seed=seed, **extra):
+            s = ufm.solve_batch(p0, seeds=seed, lam_H=lam, lam_W=lam, **variants[e], **kw, **extra)
             return jax.block_until_ready(s)
 
+        for j in sub:  # warm-up: the single solve's programs (polish and predict included)
+            single(int(idx[j]))
+        for e in engines:
+            batch(e, max_steps=2)
         for e in engines:
             t = time.perf_counter()
             batch(e)
@@ -468,8 +501,9 @@ def run_engines(
             out["loop"] = [single(int(idx[j])) for j in sub]
             return (time.perf_counter() - t) * B / len(sub)
 
-        times = C.interleaved({**{e: m_batch(e) for e in engines}, "loop": m_loop}, 1)
-        r["seconds"] = {k: C.median(v) for k, v in times.items()}
+        times = C.interleaved({**{e: m_batch(e) for e in engines}, "loop": m_loop}, rounds)
+        r["seconds"] = {k: min(v) for k, v in times.items()}
+        r["seconds_all"] = times
         ref = np.array([float(s.value) for s in out["loop"]])
         r["loop_steps_median"] = float(np.median([int(s.num_steps) for s in out["loop"]]))
         for e in engines:
@@ -486,10 +520,14 @@ def run_engines(
         res[f"B{B}"] = r
         log(f"  B={B}: {r['seconds']}")
     md = markdown_engines(res)
-    paths = C.write_outputs("sweep_engines", res, out_dir, md)
+    paths = C.write_outputs(name, res, out_dir, md)
     res["paths"] = paths
     log(md)
     return res
+
+
+def _load1(la) -> str:
+    return "?" if la is None else f"{la[0]:.1f}"
 
 
 def markdown_engines(res) -> str:
@@ -499,10 +537,18 @@ def markdown_engines(res) -> str:
         "",
         f"Machine: {C.machine_line(res['machine'])}.",
         f"Problem: K={p['num_classes']}, n={p['n_per_class']}, widths={tuple(p['widths'])}, {p['activation']}, "
-        f"{p['loss']}, float64, lambda on part B's grid, seeds 0..9; one interleaved round per size, compile "
-        f"excluded from the times. Compile = first call minus warm call (the first call includes a solve). Single "
+        f"{p['loss']}, float64, lambda on part B's grid, seeds 0..9; {res.get('rounds', 1)} interleaved round(s) per "
+        "size (times: the best round), compile excluded from the times. Compile = first call minus warm call (the "
+        "first call includes a solve). Single "
         f"solve: first call {C.fmt_time(res.get('first_single_s', res['compile_single_s']))}, compile "
-        f"{C.fmt_time(res['compile_single_s'])}. Load (uptime) after each size in the JSON (load_after).",
+        f"{C.fmt_time(res['compile_single_s'])}. Variants ENGINE-LANES-tTHREADS (lanes per thread; absent: the "
+        f"default; default threads here: {res.get('default_threads', '?')}). Load (uptime, 1 min) before / after "
+        "each size: "
+        + ", ".join(
+            f"B={B}: {_load1(res[f'B{B}'].get('load_before'))} / {_load1(res[f'B{B}'].get('load_after'))}"
+            for B in res["sizes"]
+        )
+        + ".",
         "",
     ]
     rows = []
@@ -514,7 +560,7 @@ def markdown_engines(res) -> str:
             rows.append(
                 [
                     f"B={B}",
-                    f'solve_batch(engine="{e}")',
+                    f"solve_batch {e}",
                     C.fmt_time(r["seconds"][e]),
                     C.fmt_ratio(r[f"speedup_{e}_over_loop"]),
                     C.fmt_time(r.get(f"first_{e}_s", r[f"compile_{e}_s"])),
@@ -560,10 +606,24 @@ def markdown_engines(res) -> str:
 def main_engines(argv=None):
     ap = argparse.ArgumentParser(description="solve_batch engines vs a loop of single solves (part B)")
     ap.add_argument("--sizes", default="64,1000", help="comma-separated batch sizes")
-    ap.add_argument("--engines", default="lockstep,map,slots")
+    ap.add_argument(
+        "--engines",
+        default="lockstep,map,slots",
+        help="comma-separated variants ENGINE[-LANES][-tTHREADS], e.g. lockstep-32-t2,map-t1 (parse_variant)",
+    )
+    ap.add_argument("--loop-subset", type=int, default=40, help="single solves timed per size (extrapolated)")
+    ap.add_argument("--name", default="sweep_engines", help="results file name")
+    ap.add_argument("--rounds", type=int, default=1, help="interleaved rounds (times: the best)")
     ap.add_argument("--out", default=None)
     a = ap.parse_args(argv)
-    run_engines(tuple(int(s) for s in a.sizes.split(",")), out_dir=a.out, engines=tuple(a.engines.split(",")))
+    run_engines(
+        tuple(int(s) for s in a.sizes.split(",")),
+        out_dir=a.out,
+        engines=tuple(a.engines.split(",")),
+        loop_subset=a.loop_subset,
+        name=a.name,
+        rounds=a.rounds,
+    )
 
 
 def main(argv=None):
@@ -592,7 +652,12 @@ if __name__ == "__main__":
 # warm. Cluster start-up is reported apart. Checked first: the two stores hold the same runs, losses <= 1e-10.
 
 
-def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
+def run_dask(
+    size: str = "full", workers: int = 2, log=print, to_answer: bool = False, chunk_size: int = 16, runs: int = 64
+) -> dict:
+    """Part D. ``to_answer``: the part-C problem instead (ufm's default L-BFGS to its default tolerance, lam x seed
+    grid of ``runs`` runs), in chunks of ``chunk_size``; in process, `solve_batch` uses its default host threads
+    (every core), each Dask worker one thread."""
     import os
     import tempfile
 
@@ -606,6 +671,8 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         return {"skipped": "distributed not installed"}
     info = C.machine_info()
     n_lam, n_seed = (4, 4) if size == "tiny" else (8, 8)
+    if to_answer:
+        n_lam, n_seed = runs // 10, 10
     grid = dict(
         K=BASE["num_classes"],
         n=BASE["n_per_class"],
@@ -618,12 +685,23 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         max_steps=300,
         tol=0.0,
     )
-    res: dict = {"machine": info, "runs": n_lam * n_seed, "workers": workers, "chunk_size": 16}
+    if to_answer:
+        for k in ("method", "lr", "max_steps", "tol"):
+            grid.pop(k)
+    res: dict = {
+        "machine": info,
+        "runs": n_lam * n_seed,
+        "workers": workers,
+        "chunk_size": chunk_size,
+        "to_answer": to_answer,
+        "threads_in_process": ufm._batch.default_threads(),
+        "load_before": C.load_average(),
+    }
     with tempfile.TemporaryDirectory() as d:
         t = {}
         for k in (1, 2):
             t0 = time.perf_counter()
-            here = ufm.sweep(grid, os.path.join(d, f"here{k}.jsonl"), chunk_size=16, metrics=False)
+            here = ufm.sweep(grid, os.path.join(d, f"here{k}.jsonl"), chunk_size=chunk_size, metrics=False)
             t[f"in_process_call{k}_s"] = time.perf_counter() - t0
         t0 = time.perf_counter()
         with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as lc:
@@ -632,7 +710,7 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
                 for k in (1, 2):
                     t0 = time.perf_counter()
                     dask = ufm.sweep(
-                        grid, os.path.join(d, f"dask{k}.jsonl"), chunk_size=16, metrics=False, client=client
+                        grid, os.path.join(d, f"dask{k}.jsonl"), chunk_size=chunk_size, metrics=False, client=client
                     )
                     t[f"dask_call{k}_s"] = time.perf_counter() - t0
         a = {r["run"]: r["loss"] for r in here.records}
@@ -641,6 +719,7 @@ def run_dask(size: str = "full", workers: int = 2, log=print) -> dict:
         res["max_rel_loss_diff"] = max(abs(a[k] - b[k]) / abs(a[k]) for k in a)
         res.update(t)
     res["warm_speedup"] = res["in_process_call2_s"] / res["dask_call2_s"]
+    res["load_after"] = C.load_average()
     log(
         f"part D ({res['runs']} runs, {workers} Dask workers, {info.get('cores', '?')} cores, load "
         f"{os.getloadavg()[0]:.1f}): in process {res['in_process_call1_s']:.1f} s first / "
@@ -655,8 +734,13 @@ def main_dask(argv=None):
     ap = argparse.ArgumentParser(description="ufm.sweep on a Dask LocalCluster vs in process")
     ap.add_argument("--smoke", action="store_true", help="16 runs")
     ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--to-answer", action="store_true", help="part C's problem: L-BFGS to the default tolerance")
+    ap.add_argument("--runs", type=int, default=64, help="with --to-answer: runs (lambdas x 10 seeds)")
+    ap.add_argument("--chunk-size", type=int, default=16)
     a = ap.parse_args(argv)
-    return run_dask("tiny" if a.smoke else "full", workers=a.workers)
+    return run_dask(
+        "tiny" if a.smoke else "full", workers=a.workers, to_answer=a.to_answer, chunk_size=a.chunk_size, runs=a.runs
+    )
 
 
 # ----------------------------------------------------------------------------------------------------------------

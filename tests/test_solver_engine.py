@@ -268,3 +268,70 @@ def test_sweep_padding_slots_end_at_once():
         engine="map",
     )
     np.testing.assert_allclose(np.asarray(sol.value)[:3], ref.value, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Host threads (solve_batch(threads=)): each thread drives its own lanes/slots/parts over a shared queue of runs.
+
+
+@pytest.mark.parametrize("engine", ["lockstep", "map", "slots"])
+def test_threads_do_not_change_any_run(engine):
+    # run i's arithmetic does not depend on the lane, slot or part it runs in, nor on the other runs, so one thread
+    # and two must give each run the same result: losses to 1e-10 relative (measured: bit for bit), the same step
+    # count and status. 8 runs on 3 lanes/slots per thread, refilled every 5 iterations: with two threads the runs
+    # are handed out as threads free up, so lane composition differs from the one-thread order.
+    kw = dict(seeds=np.arange(8), lam_H=LAMS, lam_W=LAMS, engine=engine, slots=3, segment=5, max_steps=500)
+    one = ufm.solve_batch(DEEP, threads=1, **kw)
+    two = ufm.solve_batch(DEEP, threads=2, **kw)
+    np.testing.assert_allclose(two.value, one.value, rtol=1e-10)
+    np.testing.assert_array_equal(two.num_steps, one.num_steps)
+    np.testing.assert_array_equal(two.status, one.status)
+    np.testing.assert_allclose(two.params.H, one.params.H, rtol=1e-8, atol=1e-12)
+    # every run was solved by one of the threads: its stored value is the objective at its stored parameters
+    for i in (0, 7):
+        q = DEEP.replace(lam_H=float(LAMS[i]), lam_W=float(LAMS[i]))
+        np.testing.assert_allclose(ufm.objective(q, two.take(i).params), two.value[i], rtol=1e-12)
+
+
+@pytest.mark.parametrize("engine", ["lockstep", "slots"])
+def test_an_exception_in_a_thread_is_raised_naming_its_runs(engine, monkeypatch):
+    # a failure inside a host thread must not be swallowed (nor leave a silent zero row): it is raised by
+    # solve_batch as ThreadFailed naming the runs that thread held, and the other thread stops
+    import ufm._batch as batch
+
+    name = "_lockstep_cycle" if engine == "lockstep" else "_cycle"
+    real = getattr(batch, name)
+
+    def failing(*a, **k):
+        load = np.asarray(a[6] if engine == "lockstep" else a[3])
+        if (load == 7).any():  # run 7 is loaded by a refill (runs 0-5 fill the slots first)
+            raise FloatingPointError("injected")
+        return real(*a, **k)
+
+    monkeypatch.setattr(batch, name, failing)
+    kw = dict(seeds=np.arange(8), lam_H=LAMS, lam_W=LAMS, engine=engine, slots=3, segment=5, max_steps=500)
+    with pytest.raises(batch.ThreadFailed, match=r"runs \[.*7.*\]: FloatingPointError: injected"):
+        ufm.solve_batch(DEEP, threads=2, **kw)
+
+
+@pytest.mark.parametrize("threads,exc", [(0, ValueError), (-1, ValueError), (1.5, TypeError), (True, TypeError)])
+def test_solve_batch_refuses_bad_threads(threads, exc):
+    with pytest.raises(exc, match="threads must be"):
+        ufm.solve_batch(SHALLOW, seeds=[0, 1], threads=threads)
+
+
+def test_an_exception_in_a_map_part_is_raised_naming_its_runs(monkeypatch):
+    # engine "map" on 2 threads: 8 runs in parts of 1 run; the part of run 5 fails before any compute
+    import ufm._batch as batch
+    import ufm._solver as solver
+
+    real = solver.batch_map_rows
+
+    def failing(problem, inputs, rows, *a, **k):
+        if 5 in np.asarray(rows):
+            raise FloatingPointError("injected")
+        return real(problem, inputs, rows, *a, **k)
+
+    monkeypatch.setattr(solver, "batch_map_rows", failing)
+    with pytest.raises(batch.ThreadFailed, match=r"map engine failed while solving runs \[5\]: FloatingPointError"):
+        ufm.solve_batch(DEEP, seeds=np.arange(8), lam_H=LAMS, lam_W=LAMS, engine="map", threads=2, max_steps=500)

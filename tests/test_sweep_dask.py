@@ -189,3 +189,15 @@ def test_cli_workers_and_bad_cluster_options(tmp_path, capsys):
     assert len(err) == 3 and all(line.startswith("ufm sweep: error:") for line in err)
     assert "--workers must be >= 1" in err[0] and "not allowed with argument" in err[1]
     assert not (tmp_path / "g.jsonl").exists()
+
+
+def test_a_worker_solves_on_its_own_thread_count(cluster):
+    # in process a chunk uses solve_batch's default host threads (the CPU's cores shared among the devices); on a
+    # Dask worker the worker's own thread count, so 2 single-threaded workers on 2 cores do not run 4 threads
+    from ufm._batch import default_threads
+    from ufm._sweep.runner import chunk_threads
+
+    _, client = cluster
+    assert client.submit(chunk_threads, 1, pure=False).result() == 1
+    assert chunk_threads(1) == default_threads()
+    assert chunk_threads(2 * default_threads()) == 1

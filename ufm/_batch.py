@@ -20,6 +20,10 @@ from __future__ import annotations
 
 import functools
 import inspect
+import os
+import threading
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import jax
@@ -58,6 +62,112 @@ from ._solution import (
 
 DEFAULT_SLOTS = 64
 DEFAULT_SEGMENT = {"lbfgs": 25, "gd": 500, "momentum": 500, "adam": 500}
+
+
+MAX_THREADS = 8  # host threads of a batch at most (`default_threads`)
+
+
+def default_threads() -> int:
+    """Host threads of ``solve_batch(threads=None)``: on a CPU backend the cores this process may use
+    (``os.sched_getaffinity``, else ``os.cpu_count()``), at most `MAX_THREADS`; 1 on an accelerator (its programs
+    already run on the device's own cores). Measured on the 2-core CPU: two threads that call the same compiled
+    program run at the same time (XLA's CPU client executes each call on the calling thread), so a batch's engine
+    cycles driven from two threads use both cores (benchmarks/README.md, "Batched engine")."""
+    if jax.default_backend() != "cpu":
+        return 1
+    try:
+        n = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(MAX_THREADS, n))
+
+
+def check_threads(threads) -> int:
+    """``threads`` of `ufm.solve_batch`: None (`default_threads`) or a positive integer; TypeError/ValueError
+    naming it otherwise."""
+    if threads is None:
+        return default_threads()
+    if isinstance(threads, bool) or not isinstance(threads, (int, np.integer)):
+        raise TypeError(f"threads must be None or a positive integer (host threads of the batch); got {threads!r}")
+    if threads < 1:
+        raise ValueError(f"threads must be a positive integer (host threads of the batch); got {threads!r}")
+    return int(threads)
+
+
+class RunQueue:
+    """The pending runs 0..B-1 of a batch, shared by its host threads: `take` hands each run out exactly once,
+    in order; `abort` makes every later `take` return None (a thread failed, or the caller was interrupted)."""
+
+    def __init__(self, B: int):
+        self._next = 0
+        self._B = B
+        self._lock = threading.Lock()
+        self.aborted = False
+
+    def take(self) -> int | None:
+        """The next pending run, or None when none is left or the batch was aborted."""
+        with self._lock:
+            if self.aborted or self._next >= self._B:
+                return None
+            i = self._next
+            self._next += 1
+            return i
+
+    def abort(self) -> None:
+        with self._lock:
+            self.aborted = True
+
+
+class ThreadFailed(RuntimeError):
+    """An exception inside one of a batch's host threads, with the runs that thread was solving."""
+
+
+def fan_out(work: Sequence[Callable[[], Any]], queue: RunQueue) -> list:
+    """Call each of ``work`` in its own host thread (`ThreadPoolExecutor`) and return their results in order. The
+    first exception of a thread (re-raised here, with its runs named when the thread said them: `ThreadFailed`), or
+    an interrupt of the caller, aborts ``queue``: the other threads stop after their current cycle, then it is
+    raised."""
+    with ThreadPoolExecutor(max_workers=len(work), thread_name_prefix="ufm-batch") as pool:
+        futures = [pool.submit(w) for w in work]
+        try:
+            return [f.result() for f in futures]
+        except BaseException:
+            queue.abort()
+            raise
+
+
+def thread_failed(e: Exception, runs, what: str) -> ThreadFailed:
+    """The `ThreadFailed` of exception ``e`` raised in a host thread of ``what`` while it held ``runs``."""
+    return ThreadFailed(
+        f"ufm.solve_batch: a host thread of the {what} engine failed while solving runs "
+        f"{sorted(int(r) for r in runs if r >= 0)}: {type(e).__name__}: {e}"
+    )
+
+
+def to_device(a: np.ndarray) -> jax.Array:
+    """A NumPy array on the default device, by ``jax.device_put`` (``jnp.asarray`` of a NumPy array compiles a
+    small program per shape and dtype on first use; a transfer does not)."""
+    return jax.device_put(np.asarray(a))
+
+
+def merge_rows(outs: Sequence, owner: np.ndarray):
+    """Row i of the result from ``outs[owner[i]]`` (each thread's (B,)-batched result holds only its own runs),
+    joined on the host: no program to compile."""
+
+    def pick(*xs):
+        res = np.array(xs[0])
+        for t in range(1, len(xs)):
+            res[owner == t] = np.asarray(xs[t])[owner == t]
+        return to_device(res)
+
+    return jax.tree_util.tree_map(pick, *outs)
+
+
+def share(B: int, S: int, threads: int) -> tuple[int, int]:
+    """(threads, lanes per thread) of a batch of B runs: at most B threads, each with min(S, ceil(B / threads))
+    lanes, so that the first loads use every thread."""
+    n = max(1, min(threads, B))
+    return n, max(1, min(S, -(-B // n)))
 
 
 class Slots(NamedTuple):
@@ -169,50 +279,78 @@ def compiled_programs() -> int:
 
 
 def solve_slots(
-    problem, inputs, tol, rtol, cfg: Config, dtype, *, slots: int | None = None, segment: int | None = None
+    problem,
+    inputs,
+    tol,
+    rtol,
+    cfg: Config,
+    dtype,
+    *,
+    slots: int | None = None,
+    segment: int | None = None,
+    threads: int = 1,
 ) -> Solution:
-    """Solve the B runs of ``inputs = (start, lam_H, lam_W, lam_b, lr, init_scale)`` (see module docstring)."""
+    """Solve the B runs of ``inputs = (start, lam_H, lam_W, lam_b, lr, init_scale)`` (see module docstring).
+
+    ``threads`` host threads each drive their own S slots (``slots``, default `DEFAULT_SLOTS`, at most
+    ceil(B / threads)) over a shared queue of runs (`RunQueue`); each thread retires into its own (B,) result and
+    `merge_rows` joins them. A run's arithmetic does not depend on its slot or thread."""
     B = int(np.shape(inputs[1])[0])
-    S = min(B, DEFAULT_SLOTS if slots is None else int(slots))
+    S = DEFAULT_SLOTS if slots is None else int(slots)
     if S < 1:
         raise ValueError(f"slots must be a positive integer; got {slots!r}")
     key = cfg.method if isinstance(cfg.method, str) else "adam"
     seg = DEFAULT_SEGMENT[key] if segment is None else int(segment)
     if seg < 1:
         raise ValueError(f"segment must be a positive integer; got {segment!r}")
-    tol, rtol = jnp.asarray(tol, inputs[1].dtype), jnp.asarray(rtol, inputs[1].dtype)
-    run_of = np.full(S, -1, np.int64)
-    load = np.arange(S, dtype=np.int32)
-    run_of[:] = load
-    nxt = S
-    # slot contents before the first load: a copy of the first S runs (every slot is loaded by the first cycle)
-    state, rec, nums = _fresh_jit(problem, inputs, jnp.asarray(load), tol, rtol, cfg=cfg, dtype=dtype)
-    sl = Slots(state, rec, nums, jnp.asarray(load))
-    load = np.full(S, -1, np.int32)  # already loaded
+    n, S = share(B, S, threads)
+    tol, rtol = to_device(np.asarray(tol, inputs[1].dtype)), to_device(np.asarray(rtol, inputs[1].dtype))
+    queue = RunQueue(B)
+    cycle = functools.partial(_cycle, problem, inputs, tol=tol, rtol=rtol, cfg=cfg, dtype=dtype, segment=seg)
+    first = []
+    for _ in range(n):  # each thread's first S runs, loaded here (one compiled program, before any thread starts)
+        load = np.asarray([queue.take() for _ in range(S)], object)
+        run_of = np.asarray([-1 if r is None else r for r in load], np.int64)
+        ids = to_device(np.where(run_of >= 0, run_of, 0).astype(np.int32))
+        state, rec, nums = _fresh_jit(problem, inputs, ids, tol, rtol, cfg=cfg, dtype=dtype)
+        first.append((Slots(state, rec, nums, to_device(run_of.astype(np.int32))), run_of))
+    if n == 1:
+        return _drive_slots(cycle, cfg, B, queue, *first[0])[0]
+    done = fan_out([functools.partial(_drive_slots, cycle, cfg, B, queue, *f) for f in first], queue)
+    owner = np.zeros(B, np.int32)
+    for t, (_, runs) in enumerate(done):
+        owner[runs] = t
+    return merge_rows([o for o, _ in done], owner)
+
+
+def _drive_slots(cycle, cfg: Config, B: int, queue: RunQueue, sl: Slots, run_of: np.ndarray):
+    """One host thread of `solve_slots`: cycles of its slots ``sl`` (holding runs ``run_of``, -1: none) until the
+    queue is empty and its slots are retired. Returns its (B,) result and the runs it solved."""
     out = None
-    while True:
-        sl, status = _cycle(problem, inputs, sl, jnp.asarray(load), tol, rtol, cfg=cfg, dtype=dtype, segment=seg)
-        st = np.asarray(status)
-        done = (st != RUNNING) & (run_of >= 0)
-        load = np.full(S, -1, np.int32)
-        if done.any():
-            if out is None:
-                out = _allocate(sl, cfg, B)
-            where = np.where(done, run_of, B).astype(np.int32)
-            out = _retire(out, sl, jnp.asarray(where), cfg)
-            for s in np.flatnonzero(done):
-                if nxt < B:
-                    load[s] = nxt
-                    run_of[s] = nxt
-                    nxt += 1
-                else:
-                    run_of[s] = -1
-        if (run_of < 0).all():
-            assert out is not None  # every run was retired into out
-            return out
-        if not (load >= 0).any() and not (st[run_of >= 0] == RUNNING).any():
-            assert out is not None  # no slot is running, so each was retired into out
-            return out
+    runs: list[int] = []
+    load = np.full(run_of.shape, -1, np.int32)  # the first runs are loaded already
+    try:
+        while not queue.aborted:
+            sl, status = cycle(sl, to_device(load))
+            st = np.asarray(status)
+            done = (st != RUNNING) & (run_of >= 0)
+            load = np.full(run_of.shape, -1, np.int32)
+            if done.any():
+                if out is None:
+                    out = _allocate(sl, cfg, B)
+                out = _retire(out, sl, to_device(np.where(done, run_of, B).astype(np.int32)), cfg)
+                runs += run_of[done].tolist()
+                for s in np.flatnonzero(done):
+                    nxt = queue.take()
+                    run_of[s] = -1 if nxt is None else nxt
+                    load[s] = run_of[s]
+            if (run_of < 0).all():
+                break
+    except Exception as e:
+        raise thread_failed(e, run_of, "slots") from e
+    if out is None:  # a thread with no run (aborted before its first retire)
+        out = _allocate(sl, cfg, B)
+    return out, runs
 
 
 # --- the lockstep engine: L-BFGS with one trial evaluation per slot per iteration ---------------------------------
@@ -499,67 +637,105 @@ def _lockstep_cycle(problem, x0, nums, lanes: Lanes, out: Solution, where, load,
     return lanes, out, jnp.where(live(lanes), RUNNING, lanes.status)
 
 
-@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "S"))
-def _lockstep_start(problem, inputs, *, cfg: Config, dtype, S: int):
-    """The flat start points (B, P) of a batch, its numbers, empty lanes and an empty result."""
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype", "S", "copies"))
+def _lockstep_start(problem, inputs, *, cfg: Config, dtype, S: int, copies: int = 1):
+    """The flat start points (B, P) of a batch, its numbers, and ``copies`` sets of empty lanes and empty results
+    (one per host thread: each is donated to its own cycles)."""
     start, lH, lW, lb, lrs, scales = inputs
     x0 = start_params(problem, start, scales, dtype)
     x0 = jax.vmap(lambda p: ravel_pytree(p)[0])(x0)
     nums = (lH, lW, lb, lrs)
     unravel = unraveler(problem, x0.dtype)
-    lanes = _load(problem, x0, nums, None, jnp.arange(S, dtype=jnp.int32) % x0.shape[0], cfg, unravel)
-    lanes = lanes._replace(run=jnp.full((S,), -1, jnp.int32), status=jnp.full((S,), MAX_STEPS, jnp.int32))
-    sol = _finish_lanes(problem, lanes, cfg, unravel)
-    out = jax.tree_util.tree_map(lambda a: jnp.zeros((x0.shape[0],) + a.shape[1:], a.dtype), sol)
-    return x0, nums, lanes, out
+    lanes, outs = [], []
+    for c in range(copies):
+        ln = _load(problem, x0, nums, None, (jnp.arange(S, dtype=jnp.int32) + c) % x0.shape[0], cfg, unravel)
+        ln = ln._replace(run=jnp.full((S,), -1, jnp.int32), status=jnp.full((S,), MAX_STEPS, jnp.int32))
+        sol = _finish_lanes(problem, ln, cfg, unravel)
+        lanes.append(ln)
+        outs.append(jax.tree_util.tree_map(lambda a: jnp.zeros((x0.shape[0],) + a.shape[1:], a.dtype), sol))
+    return x0, nums, tuple(lanes), tuple(outs)
 
 
 def solve_lockstep(
-    problem, inputs, tol, rtol, cfg: Config, dtype, *, lanes: int | None = None, ticks: int | None = None
+    problem,
+    inputs,
+    tol,
+    rtol,
+    cfg: Config,
+    dtype,
+    *,
+    lanes: int | None = None,
+    ticks: int | None = None,
+    threads: int = 1,
 ) -> Solution:
     """Solve the B runs of ``inputs = (start, lam_H, lam_W, lam_b, lr, init_scale)`` with L-BFGS in lockstep.
 
-    S lanes (``lanes``, default min(B, `DEFAULT_LANES`)) hold one run each. Every iteration evaluates f and its
-    gradient ONCE per lane, for all lanes in one ``vmap`` (batched matrix products), and advances each lane's state
-    machine: a fresh lane evaluates x_0 (the driver's ``init``); a searching lane evaluates its next trial step
-    a0 r^j of the trial line search (`ufm._linesearch`, the same acceptance rule: the first acceptable trial in
-    the order a0, a0 r, ..., else after M trials the largest with a sufficient decrease, else no step), and on
-    acceptance takes the step, applies the driver's stopping rule (`ufm._driver`, with its ``rel_grad``) and
-    computes the next L-BFGS direction. A run thus takes the steps of `ufm.solve`, at one evaluation per
-    iteration instead of a nested loop. Between segments of ``ticks`` iterations (default `DEFAULT_TICKS`) the
-    host reads the S statuses, retires finished runs into the (B,) result and loads pending runs into their lanes;
-    only S statuses and indices cross between host and device.
+    S lanes (``lanes``, default `DEFAULT_LANES`, at most ceil(B / threads)) hold one run each. Every iteration
+    evaluates f and its gradient ONCE per lane, for all lanes in one ``vmap`` (batched matrix products), and
+    advances each lane's state machine: a fresh lane evaluates x_0 (the driver's ``init``); a searching lane
+    evaluates its next trial step a0 r^j of the trial line search (`ufm._linesearch`, the same acceptance rule: the
+    first acceptable trial in the order a0, a0 r, ..., else after M trials the largest with a sufficient decrease,
+    else no step), and on acceptance takes the step, applies the driver's stopping rule (`ufm._driver`, with its
+    ``rel_grad``) and computes the next L-BFGS direction. A run thus takes the steps of `ufm.solve`, at one
+    evaluation per iteration instead of a nested loop. Between segments of ``ticks`` iterations (default
+    `DEFAULT_TICKS`) the host reads the S statuses, retires finished runs into the (B,) result and loads pending
+    runs into their lanes; only S statuses and indices cross between host and device.
+
+    ``threads`` host threads each drive their own S lanes over a shared queue of runs (`RunQueue`), at the same
+    time on a CPU (each thread's call of the compiled cycle runs on that thread); each retires into its own (B,)
+    result and `merge_rows` joins them. A lane's arithmetic does not depend on the other lanes, so run i's result
+    does not depend on the thread count.
     """
     B = int(np.shape(inputs[1])[0])
-    S = min(B, DEFAULT_LANES if lanes is None else int(lanes))
+    S = DEFAULT_LANES if lanes is None else int(lanes)
     T = DEFAULT_TICKS if ticks is None else int(ticks)
     if S < 1:
         raise ValueError(f"lanes must be a positive integer; got {lanes!r}")
     if T < 1:
         raise ValueError(f"ticks must be a positive integer; got {ticks!r}")
+    n, S = share(B, S, threads)
     dt = inputs[1].dtype
-    tol, rtol = jnp.asarray(tol, dt), jnp.asarray(rtol, dt)
-    x0, nums, ln, out = _lockstep_start(problem, inputs, cfg=cfg, dtype=dtype, S=S)
+    tol, rtol = to_device(np.asarray(tol, dt)), to_device(np.asarray(rtol, dt))
+    x0, nums, lns, outs = _lockstep_start(problem, inputs, cfg=cfg, dtype=dtype, S=S, copies=n)
+    cycle = functools.partial(_lockstep_cycle, problem, x0, nums, tol=tol, rtol=rtol, cfg=cfg, ticks=T)
+    queue = RunQueue(B)
+    if n == 1:
+        return _drive_lockstep(cycle, B, queue, lns[0], outs[0])[0]
+    # compiled here, before the threads start: a cycle that retires and loads nothing runs zero iterations
+    first = cycle(lns[0], outs[0], to_device(np.full(S, B, np.int32)), to_device(np.full(S, -1, np.int32)))
+    lns, outs = (first[0],) + lns[1:], (first[1],) + outs[1:]
+    done = fan_out([functools.partial(_drive_lockstep, cycle, B, queue, lns[t], outs[t]) for t in range(n)], queue)
+    owner = np.zeros(B, np.int32)
+    for t, (_, runs) in enumerate(done):
+        owner[runs] = t
+    return merge_rows([o for o, _ in done], owner)
+
+
+def _drive_lockstep(cycle, B: int, queue: RunQueue, ln: Lanes, out: Solution):
+    """One host thread of `solve_lockstep`: cycles of its lanes ``ln`` until the queue is empty and every lane is
+    retired into its (B,) result ``out``. Returns ``out`` and the runs it solved."""
+    S = ln.run.shape[0]
     run_of = np.full(S, -1, np.int64)
     where = np.full(S, B, np.int32)
     load = np.full(S, -1, np.int32)
-    nxt = 0
-    while True:
-        for s in np.flatnonzero(run_of < 0):
-            if nxt < B:
+    runs: list[int] = []
+    try:
+        while True:
+            for s in np.flatnonzero(run_of < 0):
+                nxt = queue.take()
+                if nxt is None:
+                    break
                 load[s] = run_of[s] = nxt
-                nxt += 1
-        if (run_of < 0).all():
-            # a last cycle only to retire (no lane is loaded, none is live: zero iterations)
-            ln, out, _ = _lockstep_cycle(
-                problem, x0, nums, ln, out, jnp.asarray(where), jnp.asarray(load), tol, rtol, cfg=cfg, ticks=T
-            )
-            return out
-        ln, out, status = _lockstep_cycle(
-            problem, x0, nums, ln, out, jnp.asarray(where), jnp.asarray(load), tol, rtol, cfg=cfg, ticks=T
-        )
-        st = np.asarray(status)
-        done = (st != RUNNING) & (run_of >= 0)
-        where = np.where(done, run_of, B).astype(np.int32)
-        load = np.full(S, -1, np.int32)
-        run_of[done] = -1
+            if (run_of < 0).all() or queue.aborted:
+                # a last cycle only to retire (no lane is loaded, none is live: zero iterations)
+                ln, out, _ = cycle(ln, out, to_device(where), to_device(np.full(S, -1, np.int32)))
+                return out, runs
+            ln, out, status = cycle(ln, out, to_device(where), to_device(load))
+            st = np.asarray(status)
+            done = (st != RUNNING) & (run_of >= 0)
+            where = np.where(done, run_of, B).astype(np.int32)
+            runs += run_of[done].tolist()
+            load = np.full(S, -1, np.int32)
+            run_of[done] = -1
+    except Exception as e:
+        raise thread_failed(e, run_of, "lockstep") from e

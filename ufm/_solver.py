@@ -16,7 +16,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ._batch import member_problem, solve_lockstep, solve_slots, start_params
+from ._batch import (
+    RunQueue,
+    check_threads,
+    fan_out,
+    member_problem,
+    solve_lockstep,
+    solve_slots,
+    start_params,
+    thread_failed,
+    to_device,
+)
 from ._driver import (
     Config,
     Throttle,
@@ -381,6 +391,7 @@ def polish_batch(
     *,
     batch_size: int | None = None,
     need=None,
+    threads: int = 1,
 ) -> Solution:
     """The kink polish of a batch (`ufm.solve_batch`'s ``polish=``): run i is polished exactly as `ufm.solve`
     polishes it (`ufm._kinks.polish`: the compiled `ufm._kinks.polish_jit`, then `ufm._kinks.certify_close` on the
@@ -404,6 +415,8 @@ def polish_batch(
         sum of its polished runs' work (best on a CPU; the vmap is 8x slower there, measured in round 4).
       need: (B,) booleans, the runs to polish, when the caller has them (`ufm.solve_batch` does); None computes
         `ufm._kinks.needs_polish` of ``sols``.
+      threads: host threads polishing runs at the same time (one after the other in each; ``batch_size=None``
+        only). A run's polish does not depend on the thread that ran it.
 
     Returns:
       The batched `Solution` with the polished runs replaced and ``polish_steps`` (B,) set (0 where not polished).
@@ -420,7 +433,7 @@ def polish_batch(
         raise ValueError(f"need must have shape (B,) = ({B},); got {need.shape}")
     cp = polish_problem(problem, dt)
     if batch_size is None:
-        return _polish_each(cp, sols, o, need, (lH, lW, lb))
+        return _polish_each(cp, sols, o, need, (lH, lW, lb), threads)
     res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
     for i in np.flatnonzero(need & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
@@ -430,20 +443,39 @@ def polish_batch(
     return apply_polish(sols, res)
 
 
-def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams) -> Solution:
+def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams, threads: int = 1) -> Solution:
     """`polish_batch` run by run: `ufm._kinks.polish` (`solve`'s compiled program) of each run with ``need``, at its
-    own lambdas; the others keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an
-    eager ``.at[i].set`` would compile a scatter per field shape)."""
+    own lambdas, on ``threads`` host threads (the first run here: its call compiles the program once); the others
+    keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an eager ``.at[i].set`` would
+    compile a scatter per field shape); each run's row is written by one thread."""
     out = _host_rows(sols._replace(polish_steps=None))
     lams = [np.asarray(a) for a in lams]
     steps = np.zeros(need.shape[0], np.int32)
-    for i in np.flatnonzero(need):
-        one = jax.tree_util.tree_map(lambda a, i=i: a[i], out)  # NumPy rows: no eager slicing programs to compile
+    todo = np.flatnonzero(need)
+    queue = RunQueue(todo.size)
+
+    def polish_one(i: int) -> None:
+        one = jax.tree_util.tree_map(lambda a: a[i], out)  # NumPy rows: no eager slicing programs to compile
         p = member_problem(cp, *(a[i] for a in lams))
         done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
         steps[i] = int(np.asarray(done.polish_steps))
-        _put_row(out, int(i), done._replace(polish_steps=None))
-    return jax.tree_util.tree_map(jnp.asarray, out)._replace(polish_steps=jnp.asarray(steps))
+        _put_row(out, i, done._replace(polish_steps=None))
+
+    def work() -> None:
+        k = None
+        try:
+            while (k := queue.take()) is not None:
+                polish_one(int(todo[k]))
+        except Exception as e:
+            raise thread_failed(e, [] if k is None else [todo[k]], "polish") from e
+
+    if threads > 1 and todo.size > 1:
+        polish_one(int(todo[0]))
+        queue.take()  # run todo[0] is done
+        fan_out([work] * min(threads, todo.size - 1), queue)
+    else:
+        work()
+    return jax.tree_util.tree_map(to_device, out)._replace(polish_steps=to_device(steps))
 
 
 def _host_rows(sols: Solution) -> Solution:
@@ -459,8 +491,10 @@ def _put_row(out: Solution, i: int, one: Solution) -> None:
 
 def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
     """(lam_H (B,), lam_W (B, L), lam_b (B,)) in ``dt``: the given ones (lam_W (B,) broadcast over the layers) or the
-    problem's, checked against the batch size B."""
-    lW = jnp.asarray(problem.lam_W if lam_W is None else batch_lam_W(problem, lam_W), dt)
+    problem's, checked against the batch size B. Concrete numbers are broadcast in NumPy and transferred (no eager
+    program to compile); traced ones with ``jnp``."""
+    xp = np if all(is_concrete(v) for v in (problem.lam_H, problem.lam_W, problem.lam_b, lam_H, lam_W, lam_b)) else jnp
+    lW = xp.asarray(problem.lam_W if lam_W is None else batch_lam_W(problem, lam_W), dt)
     lW = lW[:, None] if lam_W is not None and lW.ndim == 1 else lW
     out = []
     for name, v, default, shape in (
@@ -468,12 +502,12 @@ def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
         ("lam_W", lW, None, (B, problem.L)),
         ("lam_b", lam_b, problem.lam_b, (B,)),
     ):
-        a = jnp.asarray(default if v is None else v, dt)
+        a = xp.asarray(default if v is None else v, dt)
         try:
-            out.append(jnp.broadcast_to(a, shape))
+            out.append(xp.broadcast_to(a, shape))
         except ValueError:
             raise ValueError(f"{name} must broadcast to {shape} (B = {B} runs); got shape {a.shape}") from None
-    return tuple(out)
+    return tuple(to_device(np.array(a)) for a in out) if xp is np else tuple(out)
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
@@ -561,6 +595,7 @@ def solve_batch(
     segment: int | None = None,
     engine: str = "auto",
     polish: bool | None = None,
+    threads: int | None = None,
 ) -> Solution:
     """Solve a batch of B problems that share shapes: each run as `solve` would, in compiled batched programs.
 
@@ -576,9 +611,10 @@ def solve_batch(
     steps of `solve`); finished runs are retired and lanes refilled every ``segment`` iterations; ``"slots"``
     (`ufm._batch.solve_slots`): slots that run the driver's step with
     all 6 line-search trials every step; ``"vmap"``: one vmapped loop (B x the slowest run). ``"auto"``
-    (default, `auto_engine`): "map" on a CPU, the fastest measured there (benchmarks/README.md,
-    "Batched engine"), "lockstep" for L-BFGS on an accelerator (not measured), else "slots". Inside a trace
-    (``jit``/``shard_map`` of this function) the batch is one ``vmap`` of the driver.
+    (default, `auto_engine`): "map" on a CPU (with ``threads`` on every core; lockstep was not faster
+    robustly there: benchmarks/README.md, "Batched engine"), "lockstep" for L-BFGS on an accelerator (not
+    measured), else "slots". Inside a trace (``jit``/``shard_map`` of this function) the batch is one ``vmap``
+    of the driver.
 
     Args:
       problem: the shared `ufm.UFM` (shapes, modes, and default lambdas).
@@ -597,6 +633,13 @@ def solve_batch(
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
       polish: the kink polish of `solve` on the runs that need it (`polish_batch`; default: True for ReLU models
         with L >= 2). Its program compiles only when some run of the batch needs it; not applied inside a trace.
+      threads: host threads that solve the batch at the same time (default None: `ufm._batch.default_threads`,
+        the usable CPU cores up to 8 on a CPU backend, 1 on an accelerator; 1: today's single-threaded engines).
+        Each thread drives its own lanes/slots ("lockstep", "slots") or parts of the batch ("map") over a shared
+        queue of runs; on a CPU the threads' calls of the compiled programs run at the same time, one core each.
+        Run i's result does not depend on the thread count (the lanes' arithmetic is independent); "vmap" and a
+        traced batch ignore it. An exception inside a thread is raised here, naming the runs it held
+        (`ufm._batch.ThreadFailed`); the other threads stop after their current cycle.
       **options: the other options, as in `solve`.
 
     Returns:
@@ -616,6 +659,7 @@ def solve_batch(
         raise TypeError(f"problem must be a ufm.UFM; got {type(problem).__name__}")
     if engine not in ENGINES:
         raise ValueError(f"engine must be one of {ENGINES}; got {engine!r}")
+    threads = check_threads(threads)
     keys = seed_keys(keys, seeds)
     init, dt = batch_init(problem, init, dtype)
     lam_W_b = batch_lam_W(problem, lam_W)
@@ -642,23 +686,23 @@ def solve_batch(
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
     polish = resolve_polish(problem, polish)
     cfg = _config(o, history)
-    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment)
+    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment, threads)
     if traced(inputs, o):  # inside a trace: no host-side polish, zero-saddle test or restart
         return sols
-    sols = _polish_needed(problem, sols, o, inputs) if polish else sols
+    sols = _polish_needed(problem, sols, o, inputs, threads) if polish else sols
     sols = mark_zero_saddles(problem, sols, inputs)
     if init is None and isinstance(init_scale, str):
         sols = _restart_batch_at_zero_saddle(problem, sols, inputs, o, cfg, dt, polish)
     return sols
 
 
-def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs) -> Solution:
-    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``) when one of them needs it; else
-    ``sols`` (the polish program is compiled only when it has work)."""
+def _polish_needed(problem: UFM, sols: Solution, o: SolverOptions, inputs, threads: int = 1) -> Solution:
+    """`polish_batch` of a batch's runs (each at its own lambdas, ``inputs[1:4]``, on ``threads`` host threads) when
+    one of them needs it; else ``sols`` (the polish program is compiled only when it has work)."""
     need = np.asarray(needs_polish(sols.status, sols.rel_grad))
     if not need.any():
         return sols
-    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3], need=need)
+    return polish_batch(problem, sols, o, inputs[1], inputs[2], inputs[3], need=need, threads=threads)
 
 
 def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
@@ -721,7 +765,7 @@ def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
             one = one._replace(polish_steps=jnp.int32(0))
     out = _host_rows(sols)
     _put_row(out, i, one)
-    return jax.tree_util.tree_map(jnp.asarray, out)
+    return jax.tree_util.tree_map(to_device, out)
 
 
 def seed_keys(keys, seeds):
@@ -735,7 +779,11 @@ def seed_keys(keys, seeds):
         raise ValueError(
             f"seeds must be a 1-D sequence of B integers >= 0; got shape {seeds.shape}, dtype {seeds.dtype}"
         )
-    return jax.vmap(jax.random.key)(jnp.asarray(seeds))
+    return keys_of_seeds(to_device(seeds))
+
+
+keys_of_seeds = jax.jit(jax.vmap(jax.random.key))
+"""``jax.random.key`` of each of B seeds, one compiled program (eager, it compiled two)."""
 
 
 def batch_keys(keys, init, B: int):
@@ -796,6 +844,8 @@ def batch_inputs(problem: UFM, dt, B: int, start, lam_H, lam_W, lam_b, lr, init_
     run's lambdas)."""
 
     def bcast(v):
+        if is_concrete(v):  # NumPy, then one transfer: no eager program to compile
+            return to_device(np.broadcast_to(np.asarray(v, dt), (B,)))
         return jnp.broadcast_to(jnp.asarray(v, dt), (B,))
 
     lH, lW, lb = _batch_lambdas(problem, dt, B, lam_H, lam_W, lam_b)
@@ -809,21 +859,60 @@ def traced(inputs, o: SolverOptions) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree_util.tree_leaves((inputs, o.tol, o.rtol)))
 
 
-def run_engine(engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment) -> Solution:
-    """Solve the batch ``inputs`` with ``engine`` (see `solve_batch`); inside a trace always one ``vmap``."""
+def run_engine(
+    engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment, threads: int = 1
+) -> Solution:
+    """Solve the batch ``inputs`` with ``engine`` on ``threads`` host threads (see `solve_batch`); inside a trace
+    always one ``vmap``."""
     if traced(inputs, o):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
         engine = auto_engine(cfg)
+    if engine == "lockstep" and not lockstep_applies(cfg):
+        engine = "map"
     if engine == "map":
-        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
+        return map_threads(prob, inputs, o.tol, o.rtol, cfg, xdt, threads)
     if engine == "vmap":
         return batch_vmap_jit(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "lockstep":
-        if lockstep_applies(cfg):
-            return solve_lockstep(prob, inputs, o.tol, o.rtol, cfg, xdt, lanes=slots, ticks=segment)
-        return batch_map(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
-    return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment)
+        return solve_lockstep(prob, inputs, o.tol, o.rtol, cfg, xdt, lanes=slots, ticks=segment, threads=threads)
+    return solve_slots(prob, inputs, o.tol, o.rtol, cfg, xdt, slots=slots, segment=segment, threads=threads)
+
+
+MAP_PARTS_PER_THREAD = 4  # engine "map" on n threads: 4n equal parts, handed out as threads free up
+
+
+def map_threads(problem: UFM, inputs, tol, rtol, cfg: Config, dtype, threads: int) -> Solution:
+    """Engine "map" on ``threads`` host threads: the B runs cut into n = `MAP_PARTS_PER_THREAD` x threads equal
+    contiguous parts of c = ceil(B / n) runs (the last one padded by repeating run B - 1: fewer than n extra runs),
+    each part one call of `batch_map_rows` (one compiled program), parts handed out in order to the threads as
+    they free up; the parts are joined in order (`join_parts`). One thread: `batch_map` of the whole batch."""
+    B = int(np.shape(inputs[1])[0])
+    if threads == 1 or B == 1:
+        return batch_map(problem, inputs, tol, rtol, cfg=cfg, dtype=dtype)
+    n = min(B, MAP_PARTS_PER_THREAD * threads)
+    c = -(-B // n)
+    n = -(-B // c)
+    queue = RunQueue(n)
+    parts: list = [None] * n
+
+    def work():
+        j = None
+        try:
+            while (j := queue.take()) is not None:
+                rows = to_device(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
+                parts[j] = jax.block_until_ready(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
+        except Exception as e:
+            raise thread_failed(e, [] if j is None else range(j * c, min(B, (j + 1) * c)), "map") from e
+
+    fan_out([work] * min(threads, n), queue)
+    return join_parts(tuple(parts), B)
+
+
+def join_parts(parts: tuple, B: int) -> Solution:
+    """The first B rows of the parts' batched `Solution`s, concatenated in order on the host (no program to
+    compile)."""
+    return jax.tree_util.tree_map(lambda *xs: to_device(np.concatenate([np.asarray(x) for x in xs])[:B]), *parts)
 
 
 def one_run(problem: UFM, params0, lH, lW, lb, lr, tol, rtol, cfg: Config) -> Solution:
@@ -837,9 +926,11 @@ def lockstep_applies(cfg: Config) -> bool:
 
 
 ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
-# engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU a vmapped step costs about the
-# sum of its lanes' work (and more: the L-BFGS memories of the lanes move every step), so the runs in sequence ("map")
-# are the fastest measured; on an accelerator S lanes cost about one
+# engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU "map". Round 6 gave both engines
+# both cores (threads=2): lockstep (16 lanes) against map at 1,000 runs measured 3x faster, equal and 1.4x slower in
+# three runs on the shared machine, and the same CPU time within noise at 256 runs; map keeps the single solve's
+# arithmetic, compiles faster and has no tail (the lanes' slowest run), so it stays. On an accelerator S lanes cost
+# about one.
 AUTO_ENGINE = {"cpu": "map"}
 
 
@@ -858,6 +949,13 @@ def batch_map(problem, inputs, tol, rtol, *, cfg: Config, dtype) -> Solution:
     start, lH, lW, lb, lrs, scales = inputs
     x0 = start_params(problem, start, scales, dtype)
     return jax.lax.map(lambda a: one_run(problem, a[0], a[1], a[2], a[3], a[4], tol, rtol, cfg), (x0, lH, lW, lb, lrs))
+
+
+@functools.partial(jax.jit, static_argnames=("cfg", "dtype"))
+def batch_map_rows(problem, inputs, rows, tol, rtol, *, cfg: Config, dtype) -> Solution:
+    """`batch_map` of the runs ``rows`` (indices into the batch ``inputs``): one compiled program per part size."""
+    take = functools.partial(jax.tree_util.tree_map, lambda x: x[rows])
+    return batch_map(problem, take(inputs), tol, rtol, cfg=cfg, dtype=dtype)
 
 
 @functools.partial(jax.jit, static_argnames=("cfg", "dtype"))

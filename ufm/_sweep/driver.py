@@ -373,12 +373,13 @@ def sweep(
 
 
 def _run_here(job: PreparedSweep, commit, bar) -> None:
-    """In process: the next chunk is dispatched (asynchronously where the engine is) before the current one is
-    summarised and written."""
+    """In process: the next chunk is dispatched (asynchronously where the engine is: `dispatch`) before the current
+    one is summarised and written. The progress bar's "compiling" note stays until the first chunk of a shape
+    returns."""
     configs, ids, finished, settings = job.configs, job.ids, job.finished, job.settings
     pred_cache: dict = {}
     compiled: set = set()
-    pending = None  # (indices, dispatched parts, t0)
+    pending = None  # (indices, dispatched parts, t0, first of its shape)
     for k in range(len(job.chunks) + 1):
         nxt = None
         if k < len(job.chunks):
@@ -387,14 +388,14 @@ def _run_here(job: PreparedSweep, commit, bar) -> None:
             if first:  # the first call of a shape compiles
                 c = configs[idx[0]]
                 bar.note(f"compiling K={c['num_classes']} widths={tuple(c['widths'])} {c['method']} batch {size}")
-            parts = dispatch([configs[i] for i in idx], size, job.devices, settings["engine"])
-            nxt = (idx, parts, time.perf_counter())
-            if first:
                 compiled.add((key, size))
-                bar.note("")
+            parts = dispatch([configs[i] for i in idx], size, job.devices, settings["engine"])
+            nxt = (idx, parts, time.perf_counter(), first)
         if pending is not None:
-            idx, parts, t0 = pending
+            idx, parts, t0, was_first = pending
             host = to_host(parts, len(idx))
+            if was_first:
+                bar.note("")
             wall = (time.perf_counter() - t0) / len(idx)
             todo = np.asarray([j for j, i in enumerate(idx) if not finished[i]], int)  # finished runs: not again
             host = jax.tree_util.tree_map(lambda a, todo=todo: a[todo], host)

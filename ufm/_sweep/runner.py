@@ -6,7 +6,9 @@ label_smoothing) form a group; a group runs in chunks of a fixed size with batch
 init_scale / seeds, so new numbers never recompile. `ufm.solve_batch` is called outside any trace, so its engine
 choice applies: on a CPU ("auto" = "map") each run costs its own steps, not the slowest run's. With several devices
 a chunk is cut into one equal, contiguous part per device, each part one `solve_batch` call on its device
-(``jax.default_device``) in its own thread, so the devices run at the same time. The chunk layout (`plan`) depends
+(``jax.default_device``) in its own thread, so the devices run at the same time; each call uses `chunk_threads`
+host threads (`ufm.solve_batch`'s ``threads``: the CPU cores shared among the devices, or a Dask worker's own
+thread count). The chunk layout (`plan`) depends
 only on the grid, ``chunk_size`` and the device count, never on which runs are finished, so a resumed or
 redistributed chunk runs with exactly the inputs of the uninterrupted sweep.
 """
@@ -22,6 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import jax
 import numpy as np
 
+from .._batch import default_threads
 from .._solver import ENGINES, solve_batch
 from .grid import is_int, problem_of
 
@@ -97,10 +100,24 @@ def check_engine(engine) -> str:
     return engine
 
 
-def solve_rows(rows: Sequence[Mapping], device, engine: str):
+def chunk_threads(ndev: int) -> int:
+    """Host threads of each `solve_batch` call of a chunk cut over ``ndev`` devices: `ufm.solve_batch`'s default
+    (the usable CPU cores on a CPU) shared among the devices' parts; on a Dask worker, the worker's own thread
+    count (a ``LocalCluster(n_workers=N, threads_per_worker=1)`` already uses one core per worker process)."""
+    try:
+        from distributed import get_worker
+
+        return max(1, int(get_worker().state.nthreads))
+    except (ImportError, ValueError, AttributeError):
+        pass
+    return max(1, default_threads() // ndev)
+
+
+def solve_rows(rows: Sequence[Mapping], device, engine: str, threads: int | None = None):
     """`ufm.solve_batch` of one part of a chunk on ``device``: per-run lam_H, lam_W (B, L), lam_b, lr, init_scale
-    and seed (key ``jax.random.key(seed)``), the static options of ``rows[0]``; no history. Returns the device
-    `Solution` (asynchronous where the engine is)."""
+    and seed (key ``jax.random.key(seed)``), the static options of ``rows[0]``; no history; ``threads`` host
+    threads (None: `ufm.solve_batch`'s default). Returns the device `Solution` (asynchronous where the engine
+    is)."""
     c0 = rows[0]
     fdt = np.float64 if c0["dtype"] == "float64" else np.float32
     L = len(c0["widths"])
@@ -124,13 +141,16 @@ def solve_rows(rows: Sequence[Mapping], device, engine: str):
             patience=c0["patience"],
             history=False,
             engine=engine,
+            threads=threads,
         )
 
 
 def dispatch(rows: Sequence[Mapping], size: int, devices: Sequence, engine: str = "auto") -> list:
-    """Launch one chunk: padded to ``size``, cut into one equal part per device. One device: the part is solved
-    here (asynchronously where the engine is); several: each part in its own thread on its device. Returns the
-    parts (a `Solution` or a `Future` of one), for `to_host`.
+    """Launch one chunk: padded to ``size``, cut into one equal part per device, each part one `solve_batch` call
+    on `chunk_threads` host threads. One device: the part is solved here (asynchronously where the engine is);
+    several: each part in its own thread on its device. Returns the parts (a `Solution` or a `Future` of one),
+    for `to_host`. Solving a chunk in a background thread while the caller builds the previous chunk's records was
+    measured 2.5x slower on the 2-core CPU (benchmarks/README.md, "Batched engine", round 6), so it is not done.
 
     A padded slot repeats the chunk's last run with ``init_scale=0``: it starts at x = 0 (b = 0), where the gradient
     of every weight and feature vanishes (each is a product with a zero factor), so it ends at once (step 0, or a
@@ -139,11 +159,12 @@ def dispatch(rows: Sequence[Mapping], size: int, devices: Sequence, engine: str 
     rows = list(rows) + [pad] * (size - len(rows))
     m = size // len(devices)
     parts = [rows[d * m : (d + 1) * m] for d in range(len(devices))]
+    threads = chunk_threads(len(devices))
     if len(devices) == 1:
-        return [solve_rows(parts[0], devices[0], engine)]
+        return [solve_rows(parts[0], devices[0], engine, threads)]
     pool = ThreadPoolExecutor(max_workers=len(devices), thread_name_prefix="ufm-sweep")
     try:
-        return [pool.submit(solve_rows, part, dev, engine) for part, dev in zip(parts, devices, strict=True)]
+        return [pool.submit(solve_rows, part, dev, engine, threads) for part, dev in zip(parts, devices, strict=True)]
     finally:
         pool.shutdown(wait=False)  # the threads end with their part
 
