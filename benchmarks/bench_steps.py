@@ -648,7 +648,9 @@ def _product_variants(blocks):
 
     ``W H`` is the forward product, ``W^T G`` the backward's dH (``barrier``: W^T materialised first, what
     `ufm._model.layer_matmul` does in float64), ``G H^T`` the backward's dW. ``N/B`` variants split the N columns
-    into blocks of B (concatenated for W H; for G H^T the per-block products summed, as one batched dot).
+    into blocks of B (concatenated for W H; for G H^T the per-block products summed, as one batched dot). ``blas``
+    variants call SciPy's dgemm/sgemm through `benchmarks.blas_ffi` (an XLA FFI custom call), timed with one BLAS
+    thread.
     """
     import jax
     from jax import lax
@@ -664,6 +666,12 @@ def _product_variants(blocks):
         "G H^T": lambda W, H, G: G @ H.T,
         "(H G^T)^T": lambda W, H, G: (H @ G.T).T,
     }
+    from . import blas_ffi
+
+    if blas_ffi.available():  # SciPy's BLAS through the XLA FFI custom call (one BLAS thread: see `kernel_rates`)
+        v["W H blas"] = lambda W, H, G: blas_ffi.gemm(W, H)
+        v["W^T G blas"] = lambda W, H, G: blas_ffi.gemm(W, G, trans_a=True)
+        v["G H^T blas"] = lambda W, H, G: blas_ffi.gemm(G, H, trans_b=True)
     for B in blocks:
         v[f"W H, N/{B}"] = lambda W, H, G, B=B: jax.numpy.concatenate(
             [W @ H[:, i : i + B] for i in range(0, H.shape[1], B)], axis=1
@@ -699,13 +707,13 @@ def _kernel_measures(d: int, N: int, dtype: str, blocks, clock, numpy_threads: b
     for name, f in _product_variants(tuple(b for b in blocks if N % b == 0 and b < N)).items():
         jf = jax.jit(f)
         run = functools.partial(lambda jf: jax.block_until_ready(jf(*args)), jf)
-        ref = expected[name.split(",")[0].removesuffix(" barrier")]
+        ref = expected[name.split(",")[0].removesuffix(" barrier").removesuffix(" blas")]
         got = np.asarray(jf(*args))
         got = got.T if name.endswith("(N x d) out") else got  # that variant returns (W H)^T
         # same work: every variant is the same product (sums of d or N terms of O(1) entries; rounding ~ eps sqrt(N))
         if not np.allclose(got, ref, rtol=0, atol=100 * np.finfo(dtype).eps * np.sqrt(max(d, N)) * np.abs(ref).max()):
             raise AssertionError(f"{name} ({d} x {N} {dtype}) does not compute {name.split(',')[0]}")
-        measures[f"jax {name}"] = functools.partial(rate, run)
+        measures[f"jax {name}"] = functools.partial(rate, run, name.endswith(" blas"))
     for name, f in numpy_products.items():
         measures[f"numpy 1thr {name}"] = functools.partial(rate, f, True)
         if numpy_threads:
