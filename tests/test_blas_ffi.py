@@ -3,12 +3,19 @@ primitive with bilinear JVP and transpose rules) against NumPy's products, plain
 differences: values in the four layouts and both dtypes, ``grad`` and ``jvp(grad)`` (Hessian-vector products),
 ``vmap`` against a loop (issue 20). Small shapes: a handful of compiles."""
 
+import sys
+from pathlib import Path
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from benchmarks import blas_ffi
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # the benchmarks package lives at the repository root (as in test_benchmarks_smoke)
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import blas_ffi  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not blas_ffi.available(), reason="SciPy's Cython BLAS or XLA's FFI not available")
 
