@@ -93,3 +93,13 @@ def test_vmap_matches_a_loop_and_float32_stays_float32():
     # the gradient in a W shared by the lanes sums the lanes' G_i H_i^T (the transpose rule under vmap)
     dW = jax.jit(jax.grad(lambda W: jnp.sum(jax.vmap(lambda h: blas_ffi.matmul(W, h))(H) * G)))(W[0])
     np.testing.assert_allclose(dW, sum(G[i] @ H[i].T for i in range(2)), rtol=0, atol=1e-5)
+
+
+def test_step_benchmark_blas_variant_follows_ufms_gd_steps():
+    # bench_steps --variants at the tiny size: 3 GD steps of the objective with every product through BLAS land on
+    # ufm.solve's objective's steps (XLA's dot); same sums in another order: float64 rounding ~1e-16 relative
+    from benchmarks import bench_steps
+
+    (row,) = bench_steps.product_variants(bench_steps.TINY_SIZES, dtypes=("float64",), rounds=1, log=lambda *a: None)
+    assert row["max_rel_diff_3_steps"]["blas"] <= 1e-12
+    assert row["blas_ms"] > 0
