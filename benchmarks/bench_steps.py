@@ -156,7 +156,8 @@ def run_config(
         return ufm.solve(p, init=x0, method="gd", lr=LR, max_steps=S, tol=0.0, history=False, patience=10 * S + 10)
 
     # --- same-trajectory check (n_check steps from x0; the tiny run reuses its timed program) ---
-    S = 300 if name == "tiny" else max(2, min(20_000, int(target_s * 30e9 / flops)))  # ~target_s at 30 GFLOP/s
+    # ~target_s at 30 GFLOP/s; at least 4 steps (the large size: S = 2 gave +-30% per round, one round 2.7x the others)
+    S = 300 if name == "tiny" else max(4, min(20_000, int(target_s * 30e9 / flops)))
     n_check = S if name == "tiny" else 3
     ref = ufm_solve(n_check)
     ref_P = params_to_numpy(ref.params, dtype)
@@ -518,70 +519,128 @@ def step_breakdown(
     return rows
 
 
-def _plain_objective(p, x):
+def _plain_objective(p, x, mm=None):
     """The benchmark's objective (deep ReLU MSE, bias-free, THEORY.md §4) with plain ``W @ H`` products: what
-    autodiff gives without `ufm._model.layer_matmul`."""
+    autodiff gives without `ufm._model.layer_matmul`; ``mm`` replaces the product (`blas_ffi.matmul` for the BLAS
+    variant)."""
     import jax
     import jax.numpy as jnp
 
+    mm = mm or jnp.matmul
     h = x.H
     for W in x.Ws[:-1]:
-        h = jax.nn.relu(W @ h)
-    out = x.Ws[-1] @ h
+        h = jax.nn.relu(mm(W, h))
+    out = mm(x.Ws[-1], h)
     Y = jax.nn.one_hot(jnp.asarray(p.labels()), p.num_classes, dtype=out.dtype, axis=0)
     reg = LAM / 2 * (sum(jnp.sum(W**2) for W in x.Ws) + jnp.sum(x.H**2))
     return jnp.sum((out - Y) ** 2) / (2 * p.N) + reg
 
 
+def _variant_programs(p, x0) -> dict:
+    """Compiled GD-step loops ``(params, k) -> params`` of the three objectives of `product_variants`."""
+    import jax
+
+    import ufm
+
+    from . import blas_ffi
+
+    progs = {}
+    for key, f in (
+        ("ufm", functools.partial(ufm.objective, p)),
+        ("plain", functools.partial(_plain_objective, p)),
+        ("blas", functools.partial(_plain_objective, p, mm=blas_ffi.matmul)),
+    ):
+        vg = jax.value_and_grad(f)
+
+        def gd(i, x, vg=vg):
+            return jax.tree.map(lambda u, g: u - LR * g, x, vg(x)[1])
+
+        progs[key] = jax.jit(lambda x, k, gd=gd: jax.lax.fori_loop(0, k, gd, x))
+        jax.block_until_ready(progs[key](x0, 1))
+    return progs
+
+
+def _max_rel_diff(x, ref) -> float:
+    import jax
+
+    return max(
+        float(np.max(np.abs(u - w)) / np.max(np.abs(w))) for u, w in zip(jax.tree.leaves(x), jax.tree.leaves(ref))
+    )
+
+
 def product_variants(sizes=None, dtypes=("float32", "float64"), rounds: int = 9, cpu_time: bool = True, log=print):
     """GD-step loops of ``ufm.objective`` (layer products of `ufm._model.layer_product`) against the same objective
-    with plain ``W @ H`` autodiff (`_plain_objective`), interleaved in one process.
+    with plain ``W @ H`` autodiff (`_plain_objective`) and with every product (forward and backward) through
+    SciPy's BLAS as an XLA FFI custom call (``blas``, `benchmarks.blas_ffi`; one BLAS thread, threadpoolctl),
+    interleaved in one process.
 
     ``cpu_time=True`` times with ``time.process_time`` (the CPU seconds of this process, all its threads): on a
     machine shared with other jobs it measures the work of each variant rather than the scheduler; run with
-    ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` so that no thread spins at a barrier. Returns per size and
-    dtype the median ms per step and the median of the per-round ratios plain / ufm (> 1: ufm's products win)."""
+    ``XLA_FLAGS=--xla_cpu_multi_thread_eigen=false`` so that no thread spins at a barrier. Before timing, 3 steps of
+    each variant must land on ufm's point (relative difference <= 1e-10 in float64, 1e-4 in float32). Returns per
+    size and dtype the median ms per step and the medians of the per-round time ratios plain / ufm and blas / ufm
+    (> 1: ufm's products win)."""
     import jax
 
     import ufm
 
     C.enable_x64()
+    one_blas_thread = _numpy_threads_ctx(1) or contextlib.nullcontext
     clock = time.process_time if cpu_time else time.perf_counter
     rows = []
     for name, (K, n, d, L) in (sizes or SIZES).items():
         for dtype in dtypes:
             p = _problem(K, n, d, L)
             x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
-            flops = C.gd_step_flops(K, p.N, p.widths)
-            S = max(2, min(2000, int(0.1 * 20e9 / flops)))
-            progs = {}
-            for key, f in (
-                ("ufm", functools.partial(ufm.objective, p)),
-                ("plain", functools.partial(_plain_objective, p)),
-            ):
-                vg = jax.value_and_grad(f)
-
-                def gd(i, x, vg=vg):
-                    return jax.tree.map(lambda a, b: a - LR * b, x, vg(x)[1])
-
-                progs[key] = jax.jit(lambda x, k, gd=gd: jax.lax.fori_loop(0, k, gd, x))
-                jax.block_until_ready(progs[key](x0, 1))
+            S = max(2, min(2000, int(0.1 * 20e9 / C.gd_step_flops(K, p.N, p.widths))))
+            progs = _variant_programs(p, x0)
 
             def per_step(prog, x0=x0, S=S):
-                t0 = clock()
-                jax.block_until_ready(prog(x0, S))
-                t1 = clock()
-                jax.block_until_ready(prog(x0, 2 * S))
-                return ((clock() - t1) - (t1 - t0)) / S
+                with one_blas_thread():
+                    t0 = clock()
+                    jax.block_until_ready(prog(x0, S))
+                    t1 = clock()
+                    jax.block_until_ready(prog(x0, 2 * S))
+                    return ((clock() - t1) - (t1 - t0)) / S
 
-            t = C.interleaved({k: functools.partial(per_step, v) for k, v in progs.items()}, rounds)
             row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, clock="process_time" if cpu_time else "wall")
+            ref = progs["ufm"](x0, 3)
+            row["max_rel_diff_3_steps"] = {k: _max_rel_diff(v(x0, 3), ref) for k, v in progs.items() if k != "ufm"}
+            if max(row["max_rel_diff_3_steps"].values()) > (1e-10 if dtype == "float64" else 1e-4):
+                raise AssertionError(f"{name} {dtype}: the variants do not follow ufm's steps: {row}")
+            t = C.interleaved({k: functools.partial(per_step, v) for k, v in progs.items()}, rounds)
             row.update({f"{k}_ms": 1e3 * C.median(v) for k, v in t.items()})
             row["plain_over_ufm"] = C.median(C.per_round_ratios(t["plain"], t["ufm"]))
+            row["blas_over_ufm"] = C.median(C.per_round_ratios(t["blas"], t["ufm"]))
             row["load"] = C.load_average()
             log(row)
             rows.append(row)
     return rows
+
+
+def _load1(row) -> str:
+    return "?" if row.get("load") is None else f"{row['load'][0]:.1f}"
+
+
+def variants_markdown(rows, machine: dict) -> str:
+    head = ["size (K, n, d, L)", "dtype", "ufm ms/step", "plain ms/step", "blas ms/step", "plain / ufm", "blas / ufm"]
+    body = [
+        [f"{r['size']} ({r['K']}, {r['n']}, {r['d']}, {r['L']})", r["dtype"]]
+        + [f"{r[k]:.3f}" for k in ("ufm_ms", "plain_ms", "blas_ms")]
+        + [f"{r['plain_over_ufm']:.2f}", f"{r['blas_over_ufm']:.2f}"]
+        for r in rows
+    ]
+    return "\n".join(
+        [
+            "### GD-step loops: ufm's layer products, plain `W @ H`, and BLAS through an FFI custom call",
+            "",
+            f"Machine: {C.machine_line(machine)}. Clock: {rows[0]['clock']}; medians over interleaved rounds; "
+            f"load {_load1(rows[0])} at the first size, {_load1(rows[-1])} at the last. Ratios: time over ufm's "
+            "(> 1: ufm faster).",
+            "",
+            C.md_table(head, body),
+        ]
+    )
 
 
 def _product_variants(blocks):
@@ -589,7 +648,9 @@ def _product_variants(blocks):
 
     ``W H`` is the forward product, ``W^T G`` the backward's dH (``barrier``: W^T materialised first, what
     `ufm._model.layer_matmul` does in float64), ``G H^T`` the backward's dW. ``N/B`` variants split the N columns
-    into blocks of B (concatenated for W H; for G H^T the per-block products summed, as one batched dot).
+    into blocks of B (concatenated for W H; for G H^T the per-block products summed, as one batched dot). ``blas``
+    variants call SciPy's dgemm/sgemm through `benchmarks.blas_ffi` (an XLA FFI custom call), timed with one BLAS
+    thread.
     """
     import jax
     from jax import lax
@@ -605,6 +666,12 @@ def _product_variants(blocks):
         "G H^T": lambda W, H, G: G @ H.T,
         "(H G^T)^T": lambda W, H, G: (H @ G.T).T,
     }
+    from . import blas_ffi
+
+    if blas_ffi.available():  # SciPy's BLAS through the XLA FFI custom call (one BLAS thread: see `kernel_rates`)
+        v["W H blas"] = lambda W, H, G: blas_ffi.gemm(W, H)
+        v["W^T G blas"] = lambda W, H, G: blas_ffi.gemm(W, G, trans_a=True)
+        v["G H^T blas"] = lambda W, H, G: blas_ffi.gemm(G, H, trans_b=True)
     for B in blocks:
         v[f"W H, N/{B}"] = lambda W, H, G, B=B: jax.numpy.concatenate(
             [W @ H[:, i : i + B] for i in range(0, H.shape[1], B)], axis=1
@@ -640,13 +707,13 @@ def _kernel_measures(d: int, N: int, dtype: str, blocks, clock, numpy_threads: b
     for name, f in _product_variants(tuple(b for b in blocks if N % b == 0 and b < N)).items():
         jf = jax.jit(f)
         run = functools.partial(lambda jf: jax.block_until_ready(jf(*args)), jf)
-        ref = expected[name.split(",")[0].removesuffix(" barrier")]
+        ref = expected[name.split(",")[0].removesuffix(" barrier").removesuffix(" blas")]
         got = np.asarray(jf(*args))
         got = got.T if name.endswith("(N x d) out") else got  # that variant returns (W H)^T
         # same work: every variant is the same product (sums of d or N terms of O(1) entries; rounding ~ eps sqrt(N))
         if not np.allclose(got, ref, rtol=0, atol=100 * np.finfo(dtype).eps * np.sqrt(max(d, N)) * np.abs(ref).max()):
             raise AssertionError(f"{name} ({d} x {N} {dtype}) does not compute {name.split(',')[0]}")
-        measures[f"jax {name}"] = functools.partial(rate, run)
+        measures[f"jax {name}"] = functools.partial(rate, run, name.endswith(" blas"))
     for name, f in numpy_products.items():
         measures[f"numpy 1thr {name}"] = functools.partial(rate, f, True)
         if numpy_threads:
@@ -774,7 +841,17 @@ def main(argv=None):
         print(md)
         return
     if a.variants:
-        product_variants(TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9))
+        C.enable_x64()
+        info = C.machine_info()
+        rows = product_variants(
+            TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9), cpu_time=a.cpu_time
+        )
+        md = variants_markdown(rows, info)
+        name = "steps_variants" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
+        C.write_outputs(
+            name + ("_tiny" if a.smoke else ""), dict(machine=info, one_core=a.one_core, rows=rows), a.out, md
+        )
+        print(md)
         return
     if a.breakdown:
         C.enable_x64()
