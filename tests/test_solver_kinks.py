@@ -218,6 +218,12 @@ def test_polish_step_cap_is_a_status():
     capped = ufm.solve(p, init=bare.params, max_steps=60)
     assert capped.status_name == "max_steps" and int(capped.polish_steps) == MAX_STEPS_FACTOR * 60
     assert float(capped.value) <= float(bare.value) * (1 + 1e-8)
+    # the batched polish caps each run as solve does (MAX_STEPS_FACTOR x the batch's max_steps), with solve's
+    # program: the stalled run as a batch of one, options with max_steps = 60
+    o60 = solver_options("lbfgs", None, 60, None, None, 1, None, jnp.dtype("float64"))
+    one = jax.tree_util.tree_map(lambda a: jnp.asarray(a)[None], bare)
+    got = polish_batch(p, one, o60, need=np.ones(1, bool))
+    assert int(got.polish_steps[0]) == MAX_STEPS_FACTOR * 60 and int(got.status[0]) == int(capped.status)
 
 
 # the 16 runs (seeds 0-7, lam_H = 0.004 and 0.0041): seed 6 at 0.004 ends at max_steps near a kink, the

@@ -434,7 +434,8 @@ def polish_batch(
     cp = polish_problem(problem, dt)
     if batch_size is None:
         return _polish_each(cp, sols, o, need, (lH, lW, lb), threads)
-    res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, batch_size)
+    cap = np.int32(min(MAX_STEPS_FACTOR * o.max_steps, np.iinfo(np.int32).max))
+    res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, cap, batch_size)
     for i in np.flatnonzero(need & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
         fixed = certify_close(member_problem(cp, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
@@ -457,7 +458,8 @@ def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, la
     def polish_one(i: int) -> None:
         one = jax.tree_util.tree_map(lambda a: a[i], out)  # NumPy rows: no eager slicing programs to compile
         p = member_problem(cp, *(a[i] for a in lams))
-        done = apply_polish(one, polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol)))
+        res = polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol), MAX_STEPS_FACTOR * o.max_steps)
+        done = apply_polish(one, res)
         steps[i] = int(np.asarray(done.polish_steps))
         _put_row(out, i, done._replace(polish_steps=None))
 
@@ -511,13 +513,15 @@ def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
 
 
 @functools.partial(jax.jit, static_argnames=("batch_size",))
-def polish_map(problem, params, value, need, lH, lW, lb, rtol, tol, batch_size):
+def polish_map(problem, params, value, need, lH, lW, lb, rtol, tol, cap, batch_size):
     """`ufm._kinks.polish_run` over a batch (leading axis B on ``params``, ``value``, ``need`` and the lambdas), in one
-    compiled program per problem shape, dtype and ``batch_size`` (``jax.lax.map``); returns a batched `Polish`."""
+    compiled program per problem shape, dtype and ``batch_size`` (``jax.lax.map``), each run's polish capped at
+    ``cap`` L-BFGS steps (dynamic; `solve` uses `ufm._kinks.MAX_STEPS_FACTOR` x its ``max_steps``); returns a
+    batched `Polish`."""
 
     def one(a):
         x, v, nd, h, w, b = a
-        return polish_run(member_problem(problem, h, w, b), x, v, rtol, tol, nd)  # problem: leaves in the dtype
+        return polish_run(member_problem(problem, h, w, b), x, v, rtol, tol, nd, cap)  # problem: leaves in the dtype
 
     return jax.lax.map(one, (params, value, need, lH, lW, lb), batch_size=batch_size)
 
