@@ -150,9 +150,13 @@ def to_device(a: np.ndarray) -> jax.Array:
     return jax.device_put(np.asarray(a))
 
 
-def merge_rows(outs: Sequence, owner: np.ndarray):
-    """Row i of the result from ``outs[owner[i]]`` (each thread's (B,)-batched result holds only its own runs),
+def merge_rows(done: Sequence[tuple[Any, Sequence[int]]], B: int):
+    """The (B,)-batched result of a batch's host threads, from ``done`` = [(a thread's (B,)-batched result, the
+    runs it solved), ...]: row i from the thread that solved run i (each thread's result holds only its own runs),
     joined on the host: no program to compile."""
+    owner = np.zeros(B, np.int32)
+    for t, (_, runs) in enumerate(done):
+        owner[list(runs)] = t
 
     def pick(*xs):
         res = np.array(xs[0])
@@ -160,7 +164,18 @@ def merge_rows(outs: Sequence, owner: np.ndarray):
             res[owner == t] = np.asarray(xs[t])[owner == t]
         return to_device(res)
 
-    return jax.tree_util.tree_map(pick, *outs)
+    return jax.tree_util.tree_map(pick, *(o for o, _ in done))
+
+
+def drain(queue: RunQueue, do: Callable[[int], Any], held: Callable[[int], Sequence[int]], what: str) -> None:
+    """One host thread's loop over ``queue``: ``do(k)`` for every item k it takes, until the queue is empty or
+    aborted; an exception becomes the `ThreadFailed` of ``what`` naming the runs ``held(k)`` of the item at hand."""
+    k = None
+    try:
+        while (k := queue.take()) is not None:
+            do(k)
+    except Exception as e:
+        raise thread_failed(e, [] if k is None else held(k), what) from e
 
 
 def share(B: int, S: int, threads: int) -> tuple[int, int]:
@@ -317,10 +332,7 @@ def solve_slots(
     if n == 1:
         return _drive_slots(cycle, cfg, B, queue, *first[0])[0]
     done = fan_out([functools.partial(_drive_slots, cycle, cfg, B, queue, *f) for f in first], queue)
-    owner = np.zeros(B, np.int32)
-    for t, (_, runs) in enumerate(done):
-        owner[runs] = t
-    return merge_rows([o for o, _ in done], owner)
+    return merge_rows(done, B)
 
 
 def _drive_slots(cycle, cfg: Config, B: int, queue: RunQueue, sl: Slots, run_of: np.ndarray):
@@ -705,10 +717,7 @@ def solve_lockstep(
     first = cycle(lns[0], outs[0], to_device(np.full(S, B, np.int32)), to_device(np.full(S, -1, np.int32)))
     lns, outs = (first[0],) + lns[1:], (first[1],) + outs[1:]
     done = fan_out([functools.partial(_drive_lockstep, cycle, B, queue, lns[t], outs[t]) for t in range(n)], queue)
-    owner = np.zeros(B, np.int32)
-    for t, (_, runs) in enumerate(done):
-        owner[runs] = t
-    return merge_rows([o for o, _ in done], owner)
+    return merge_rows(done, B)
 
 
 def _drive_lockstep(cycle, B: int, queue: RunQueue, ln: Lanes, out: Solution):

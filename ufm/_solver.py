@@ -19,12 +19,12 @@ import optax
 from ._batch import (
     RunQueue,
     check_threads,
+    drain,
     fan_out,
     member_problem,
     solve_lockstep,
     solve_slots,
     start_params,
-    thread_failed,
     to_device,
 )
 from ._driver import (
@@ -463,14 +463,7 @@ def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, la
         steps[i] = int(np.asarray(done.polish_steps))
         _put_row(out, i, done._replace(polish_steps=None))
 
-    def work() -> None:
-        k = None
-        try:
-            while (k := queue.take()) is not None:
-                polish_one(int(todo[k]))
-        except Exception as e:
-            raise thread_failed(e, [] if k is None else [todo[k]], "polish") from e
-
+    work = functools.partial(drain, queue, lambda k: polish_one(int(todo[k])), lambda k: [todo[k]], "polish")
     if threads > 1 and todo.size > 1:
         polish_one(int(todo[0]))
         queue.take()  # run todo[0] is done
@@ -900,15 +893,11 @@ def map_threads(problem: UFM, inputs, tol, rtol, cfg: Config, dtype, threads: in
     queue = RunQueue(n)
     parts: list = [None] * n
 
-    def work():
-        j = None
-        try:
-            while (j := queue.take()) is not None:
-                rows = to_device(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
-                parts[j] = jax.block_until_ready(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
-        except Exception as e:
-            raise thread_failed(e, [] if j is None else range(j * c, min(B, (j + 1) * c)), "map") from e
+    def part(j: int) -> None:
+        rows = to_device(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
+        parts[j] = jax.block_until_ready(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
 
+    work = functools.partial(drain, queue, part, lambda j: range(j * c, min(B, (j + 1) * c)), "map")
     fan_out([work] * min(threads, n), queue)
     return join_parts(tuple(parts), B)
 
