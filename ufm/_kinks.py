@@ -99,6 +99,8 @@ __all__ = [
     "polish_piece",
     "polish_run",
     "slope_gradient",
+    "solve_cap",
+    "step_cap",
     "traced_kink_masks",
 ]
 
@@ -627,7 +629,20 @@ def apply_polish(sol: Solution, res: Polish) -> Solution:
     )
 
 
-def polish(problem: UFM, params: Params, value, rtol: float, tol: float = 0.0, max_steps: int | None = None) -> Polish:
+def step_cap(max_steps: int | np.integer | None = None) -> np.int32:
+    """The polish's cap on L-BFGS steps as `polish_run` takes it: ``max_steps`` (None: `POLISH_MAX_STEPS`), clipped
+    to int32."""
+    return np.int32(min(POLISH_MAX_STEPS if max_steps is None else int(max_steps), np.iinfo(np.int32).max))
+
+
+def solve_cap(solve_max_steps: int) -> np.int32:
+    """The polish's cap in `ufm.solve` and `ufm.solve_batch`: `MAX_STEPS_FACTOR` x their ``max_steps``."""
+    return step_cap(MAX_STEPS_FACTOR * int(solve_max_steps))
+
+
+def polish(
+    problem: UFM, params: Params, value, rtol: float, tol: float = 0.0, max_steps: int | np.integer | None = None
+) -> Polish:
     """The kink polish of one run (`polish_run`, compiled once per problem shape and dtype, then `certify_close`).
 
     Args:
@@ -639,6 +654,5 @@ def polish(problem: UFM, params: Params, value, rtol: float, tol: float = 0.0, m
     Returns:
       A `Polish` (``accepted`` says whether the point is kink-aware stationary to tolerance).
     """
-    cap = np.int32(min(POLISH_MAX_STEPS if max_steps is None else int(max_steps), np.iinfo(np.int32).max))
-    res = polish_jit(problem, params, value, rtol, tol, True, cap)
+    res = polish_jit(problem, params, value, rtol, tol, True, step_cap(max_steps))
     return certify_close(problem, res, rtol, tol)

@@ -37,7 +37,7 @@ from ._driver import (
     run_jit,
     unregister_progress,
 )
-from ._kinks import MAX_STEPS_FACTOR, apply_polish, certify_close, needs_polish, polish_run
+from ._kinks import apply_polish, certify_close, needs_polish, polish_run, solve_cap
 from ._kinks import polish as polish_kinks
 from ._model import Params, check_params
 from ._options import (
@@ -367,7 +367,7 @@ def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
     (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
     else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
     dt = sol.value.dtype
-    cap = MAX_STEPS_FACTOR * o.max_steps
+    cap = solve_cap(o.max_steps)
     res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol), cap)
     return apply_polish(sol, res)
 
@@ -434,8 +434,7 @@ def polish_batch(
     cp = polish_problem(problem, dt)
     if batch_size is None:
         return _polish_each(cp, sols, o, need, (lH, lW, lb), threads)
-    cap = np.int32(min(MAX_STEPS_FACTOR * o.max_steps, np.iinfo(np.int32).max))
-    res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, cap, batch_size)
+    res = polish_map(cp, sols.params, sols.value, need, lH, lW, lb, o.rtol, o.tol, solve_cap(o.max_steps), batch_size)
     for i in np.flatnonzero(need & ~np.asarray(res.accepted)):
         one = jax.tree_util.tree_map(lambda a, i=i: a[i], res)
         fixed = certify_close(member_problem(cp, lH[i], lW[i], lb[i]), one, float(o.rtol), float(o.tol))
@@ -458,7 +457,7 @@ def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, la
     def polish_one(i: int) -> None:
         one = jax.tree_util.tree_map(lambda a: a[i], out)  # NumPy rows: no eager slicing programs to compile
         p = member_problem(cp, *(a[i] for a in lams))
-        res = polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol), MAX_STEPS_FACTOR * o.max_steps)
+        res = polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol), solve_cap(o.max_steps))
         done = apply_polish(one, res)
         steps[i] = int(np.asarray(done.polish_steps))
         _put_row(out, i, done._replace(polish_steps=None))
@@ -509,7 +508,7 @@ def _batch_lambdas(problem: UFM, dt, B: int, lam_H, lam_W, lam_b):
 def polish_map(problem, params, value, need, lH, lW, lb, rtol, tol, cap, batch_size):
     """`ufm._kinks.polish_run` over a batch (leading axis B on ``params``, ``value``, ``need`` and the lambdas), in one
     compiled program per problem shape, dtype and ``batch_size`` (``jax.lax.map``), each run's polish capped at
-    ``cap`` L-BFGS steps (dynamic; `solve` uses `ufm._kinks.MAX_STEPS_FACTOR` x its ``max_steps``); returns a
+    ``cap`` L-BFGS steps (dynamic; `solve` uses `ufm._kinks.solve_cap` of its ``max_steps``); returns a
     batched `Polish`."""
 
     def one(a):
