@@ -290,13 +290,12 @@ def unraveler(problem, dtype) -> Callable[[jax.Array], Params]:
     return ravel_pytree(z)[1]
 
 
-def lbfgs_init(problem, params: Params, lr, memory_size: int, rule: TrialRule = DEFAULT_RULE) -> SolverState:
+def lbfgs_init(problem, params: Params, memory_size: int, rule: TrialRule = DEFAULT_RULE) -> SolverState:
     """The state before x_0 is evaluated (``fresh``; status RUNNING): `lbfgs_step` evaluates it first, so the
     compiled program holds ONE copy of value-and-gradient (init, first trial and fallback trials share it).
 
     The state's ``params`` and ``grad`` are FLAT vectors (P,) in the ravelled order of ``params`` (no ravel or
     unravel per iteration); `run` unravels them for the records and the result."""
-    del lr
     xf = ravel_pytree(params)[0]
     dt = xf.dtype
     inf = jnp.asarray(jnp.inf, dt)
@@ -331,7 +330,7 @@ def _evaluate_trial(problem, state: SolverState, rule: TrialRule, unravel):
 
 
 def lbfgs_step(
-    problem, state: SolverState, lr, tol, rtol, patience: int, memory_size: int = 10, rule: TrialRule = DEFAULT_RULE
+    problem, state: SolverState, lr, tol, rtol, patience: int, rule: TrialRule = DEFAULT_RULE
 ) -> SolverState:
     """One loop iteration of L-BFGS with the trial line search (`ufm._linesearch`): evaluate ONE trial point.
 
@@ -340,9 +339,8 @@ def lbfgs_step(
     the largest trial that had a sufficient decrease, else with no step. Only then is a step counted (k + 1), the
     L-BFGS memory and direction updated (`ufm._lbfgs.update`, two-loop) and the stopping rule of `step` applied;
     in between, the state keeps x_k and records the search. The fresh start evaluates x_0 and applies the rule of
-    `init`. ``state.params`` and ``state.grad`` are flat (`lbfgs_init`); ``memory_size`` is the memory's.
+    `init`. ``state.params`` and ``state.grad`` are flat and the memory size is the memory's (`lbfgs_init`).
     """
-    del memory_size  # fixed by the memory's shape (`lbfgs_init`)
     ts = state.opt_state
     xf = state.params
     dt = xf.dtype
@@ -589,11 +587,11 @@ def run(problem, params0: Params, lr, tol, rtol, cfg: Config, handle=None) -> So
     dtype = params0.H.dtype
     tol, rtol = jnp.asarray(tol, dtype), jnp.asarray(rtol, dtype)
     if uses_trial_machine(cfg.method):
-        state0 = lbfgs_init(problem, params0, jnp.asarray(lr, dtype), cfg.memory_size)
+        state0 = lbfgs_init(problem, params0, cfg.memory_size)
         unravel = unraveler(problem, dtype)
 
         def advance(state):
-            return lbfgs_step(problem, state, lr, tol, rtol, cfg.patience, cfg.memory_size)
+            return lbfgs_step(problem, state, lr, tol, rtol, cfg.patience)
 
         def view(state):  # the state with Params (its params and grad are flat in the loop)
             return state._replace(params=unravel(state.params), grad=unravel(state.grad))
