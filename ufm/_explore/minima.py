@@ -129,16 +129,7 @@ class Ledger:
             if same_minimum(m, value, st["gram_spectra"], self.loss_rtol, self.spec_rtol, converged=status == 0):
                 m = m._replace(count=m.count + 1)
                 if m.status != 0 and (status == 0 or value < m.value):
-                    m = m._replace(
-                        value=value,
-                        status=status,
-                        grad_norm=grad_norm,
-                        ranks=st["ranks"],
-                        ranks_Z=st["ranks_Z"],
-                        gram_spectra=st["gram_spectra"],
-                        description=st["description"],
-                        params=params,
-                    )
+                    m = moved(m, params, value, status, grad_norm, st)
                 self.minima[i] = m
                 break
         else:
@@ -229,11 +220,16 @@ def polish_minimum(problem: UFM, m: Minimum, rtol: float) -> Minimum:
     f: Any = np.asarray  # NumPy arrays in Params, as the search keeps them (starts.as_numpy)
     q = res.params
     params = Params(f(q.H), tuple(f(W) for W in q.Ws), None if q.b is None else f(q.b))
-    st = structure(problem, params)
+    return moved(m, params, value, 0 if accepted else m.status, float(res.grad_norm), structure(problem, params))
+
+
+def moved(m: Minimum, params: Params, value: float, status: int, grad_norm: float, st: dict) -> Minimum:
+    """``m`` represented by another point ``params`` (its loss, solver status, gradient norm and `structure` ``st``);
+    count, first finder and time kept."""
     return m._replace(
         value=value,
-        status=0 if accepted else m.status,
-        grad_norm=float(res.grad_norm),
+        status=status,
+        grad_norm=grad_norm,
         ranks=st["ranks"],
         ranks_Z=st["ranks_Z"],
         gram_spectra=st["gram_spectra"],
