@@ -823,45 +823,29 @@ def main(argv=None):
         import os
 
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
-    if a.kernels:
+    if a.kernels or a.variants or a.breakdown:
         C.enable_x64()
         info = C.machine_info()
-        shapes = ((8, 100),) if a.smoke else ((128, 1000), (256, 5000))
-        rows = kernel_rates(
-            shapes,
-            blocks=(50,) if a.smoke else (250, 1000),
-            rounds=a.rounds or (2 if a.smoke else 7),
-            cpu_time=a.cpu_time,
-            numpy_threads=not a.one_core,
-        )
-        md = kernels_markdown(rows, info)
-        name = "steps_kernels" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
-        name += "_tiny" if a.smoke else ""
-        C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
-        print(md)
-        return
-    if a.variants:
-        C.enable_x64()
-        info = C.machine_info()
-        rows = product_variants(
-            TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 9), cpu_time=a.cpu_time
-        )
-        md = variants_markdown(rows, info)
-        name = "steps_variants" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
-        C.write_outputs(
-            name + ("_tiny" if a.smoke else ""), dict(machine=info, one_core=a.one_core, rows=rows), a.out, md
-        )
-        print(md)
-        return
-    if a.breakdown:
-        C.enable_x64()
-        info = C.machine_info()
-        rows = step_breakdown(
-            TINY_SIZES if a.smoke else SIZES, rounds=a.rounds or (2 if a.smoke else 7), cpu_time=a.cpu_time
-        )
-        md = breakdown_markdown(rows, info)
-        name = "steps_breakdown" + ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "")
-        name += "_tiny" if a.smoke else ""
+        sizes = TINY_SIZES if a.smoke else SIZES
+        if a.kernels:
+            name = "steps_kernels"
+            rows = kernel_rates(
+                ((8, 100),) if a.smoke else ((128, 1000), (256, 5000)),
+                blocks=(50,) if a.smoke else (250, 1000),
+                rounds=a.rounds or (2 if a.smoke else 7),
+                cpu_time=a.cpu_time,
+                numpy_threads=not a.one_core,
+            )
+            md = kernels_markdown(rows, info)
+        elif a.variants:
+            name = "steps_variants"
+            rows = product_variants(sizes, rounds=a.rounds or (2 if a.smoke else 9), cpu_time=a.cpu_time)
+            md = variants_markdown(rows, info)
+        else:
+            name = "steps_breakdown"
+            rows = step_breakdown(sizes, rounds=a.rounds or (2 if a.smoke else 7), cpu_time=a.cpu_time)
+            md = breakdown_markdown(rows, info)
+        name += ("_one_core" if a.one_core else "") + ("_cpu" if a.cpu_time else "") + ("_tiny" if a.smoke else "")
         C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
         print(md)
         return

@@ -129,16 +129,7 @@ def test_expand_grid_init_scale_is_solves_auto_rule():
     scales = []
     for g in grids:
         (r,) = S.expand_grid(g)
-        p = ufm.UFM(
-            num_classes=r["num_classes"],
-            n_per_class=r["n_per_class"],
-            widths=tuple(r["widths"]),
-            activation=r["activation"],
-            loss=r["loss"],
-            lam_H=r["lam_H"],
-            lam_W=r["lam_W"],
-            label_smoothing=r["label_smoothing"],
-        )
+        p = S.problem_of(r)  # the run's ufm.UFM, as the sweep builds it
         assert r["init_scale"] == pytest.approx(float(auto_init_scale(p)), rel=1e-12)
         scales.append(r["init_scale"])
     assert scales[0] > 0.2 and scales[2] == 1.0  # not the depth rule's 0.2 (every start at the zero saddle there)
