@@ -799,6 +799,26 @@ def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
     )
 
 
+def _pieces_main(a) -> None:
+    """``--pieces``: XLA must dump its optimised modules (the pieces' HLO), so XLA_FLAGS is set before JAX starts."""
+    import os
+    import tempfile
+
+    from . import step_pieces
+
+    with tempfile.TemporaryDirectory() as dump:
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + step_pieces.dump_flags(dump)).strip()
+        C.enable_x64()
+        info = C.machine_info()
+        sizes = TINY_SIZES if a.smoke else {k: SIZES[k] for k in ("medium", "large")}
+        dtypes = ("float64",) if a.smoke else ("float32", "float64")
+        rows = step_pieces.step_pieces(sizes, dtypes, dump_dir=dump, rounds=a.rounds or (2 if a.smoke else 3))
+    md = step_pieces.pieces_markdown(rows, info)
+    name = "steps_pieces" + ("_one_core" if a.one_core else "") + ("_tiny" if a.smoke else "")
+    C.write_outputs(name, dict(machine=info, one_core=a.one_core, rows=rows), a.out, md)
+    print(md)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument(
@@ -814,6 +834,9 @@ def main(argv=None):
     )
     ap.add_argument("--cpu-time", action="store_true", help="time with process_time, not the wall clock")
     ap.add_argument("--breakdown", action="store_true", help="only the per-step breakdown (forward, backward, ...)")
+    ap.add_argument(
+        "--pieces", action="store_true", help="only the per-piece account of a step, XLA (profiler) against NumPy"
+    )
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
@@ -823,6 +846,9 @@ def main(argv=None):
         import os
 
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
+    if a.pieces:
+        _pieces_main(a)
+        return
     if a.kernels or a.variants or a.breakdown:
         C.enable_x64()
         info = C.machine_info()
