@@ -26,8 +26,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import math
+import os
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -46,8 +51,10 @@ LR = 0.1
 # threads spin on the one core and slow the measures after them (bench_steps --kernels: NumPy 1 thread W^T G
 # fell from 37 to 13 GFLOP/s in float64 when NumPy at default threads ran in the same rounds)
 THREADED_PEERS = ("numpy", "torch eager 2thr", "torch compiled 2thr")
+FLAGS_ROW = "ufm XLA_FLAGS"  # ufm in a subprocess started with --xla-flags' XLA_FLAGS (FlagsWorker)
 IMPLS = (
     "ufm",
+    FLAGS_ROW,
     "torch eager 2thr",
     "torch eager 1thr",
     "torch compiled 2thr",
@@ -127,18 +134,32 @@ def _summarise(res: dict, rates: dict, rounds: int, flops: int) -> None:
     res["rates_per_round"] = rates
     res["median_steps_per_s"] = {k: C.median(v) for k, v in rates.items()}
     res["ratio_ufm_over"] = {k: C.median(C.per_round_ratios(rates["ufm"], v)) for k, v in rates.items() if k != "ufm"}
-    peers = {k: v for k, v in res["median_steps_per_s"].items() if k != "ufm"}
+    peers = {k: v for k, v in res["median_steps_per_s"].items() if not k.startswith("ufm")}
     if peers:
         best = max(peers, key=lambda k: peers[k])
         # strongest peer per round, then the ratio per round
         best_per_round = [max(rates[k][r] for k in peers if np.isfinite(rates[k][r])) for r in range(rounds)]
         res["strongest_peer"] = best
         res["ratio_ufm_over_strongest"] = C.median(C.per_round_ratios(rates["ufm"], best_per_round))
+        if FLAGS_ROW in rates:  # the --xla-flags row against the same rounds' strongest peer
+            res["ratio_flags_over_strongest"] = C.median(C.per_round_ratios(rates[FLAGS_ROW], best_per_round))
     res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
 
 
 def run_config(
-    name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock=time.perf_counter, threaded_peers=True, log=print
+    name,
+    K,
+    n,
+    d,
+    L,
+    dtype,
+    rounds,
+    target_s,
+    torch_compile,
+    clock=time.perf_counter,
+    threaded_peers=True,
+    log=print,
+    flags_worker=None,
 ) -> dict:
     import jax
 
@@ -198,13 +219,102 @@ def run_config(
 
     peer_measures, res["peer_steps_per_measure"] = _peer_measures(impls, target_s, clock, threaded_peers)
     measures = {"ufm": m_ufm, **peer_measures}
+    if flags_worker is not None:  # ufm again, in a process started with other XLA_FLAGS (--xla-flags)
+        res["flags_worker_setup"] = flags_worker.setup(
+            name, dtype, S, "process_time" if clock is time.process_time else "wall"
+        )
+        measures[FLAGS_ROW] = flags_worker.measure
     log(f"  {name} {dtype}: timing {list(measures)} x {rounds} rounds (ufm S={S})")
     rates = C.interleaved(measures, rounds)
     res["ufm_num_steps_ok"] = all(a == S and b == 2 * S for a, b in steps_done)
+    if flags_worker is not None:
+        res["flags_cpu_over_wall"] = C.median(flags_worker.cpu_over_wall)
+        flags_worker.cpu_over_wall.clear()
     _summarise(res, rates, rounds, flops)
     if torch is None:
         res["torch_skipped"] = why_no_torch
     return res
+
+
+class FlagsWorker:
+    """``ufm``'s row in a second process started with other ``XLA_FLAGS`` (``--xla-flags``), driven round by round.
+
+    XLA reads ``XLA_FLAGS`` once, when JAX starts its CPU client, so a different thread setting (e.g.
+    ``--xla_cpu_multi_thread_eigen=false``: XLA's dots and fusions on the calling thread only) needs its own process.
+    The worker (``python -m benchmarks.bench_steps --flags-worker``) compiles ``ufm.solve`` at S and 2S steps for a
+    configuration (`setup`) and answers each `measure` with S / (t(2S) - t(S)) on the same clock as the main
+    process, so it joins the interleaved rounds like any peer. It also reports its CPU time over wall time per
+    measure (`cpu_over_wall`: ~1 with one XLA thread, up to the core count with XLA's thread pool busy), which shows
+    whether the flag took effect. The process inherits the CPU affinity of ``--one-core``."""
+
+    def __init__(self, flags: str):
+        env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") + " " + flags).strip())
+        cmd = [sys.executable, "-m", "benchmarks.bench_steps", "--flags-worker"]
+        root = str(Path(__file__).resolve().parent.parent)
+        self.proc = subprocess.Popen(cmd, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env, cwd=root)
+        self.flags = env["XLA_FLAGS"]
+        self.cpu_over_wall: list[float] = []
+
+    def _ask(self, msg: dict) -> dict:
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        self.proc.stdin.flush()
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"the --xla-flags worker ({self.flags}) exited (code {self.proc.poll()})")
+        return json.loads(line)
+
+    def setup(self, name: str, dtype: str, S: int, clock: str) -> dict:
+        return self._ask(dict(size=name, dtype=dtype, S=S, clock=clock))
+
+    def measure(self) -> float:
+        r = self._ask(dict(measure=True))
+        self.cpu_over_wall.append(r["cpu_over_wall"])
+        return r["rate"]
+
+    def close(self) -> None:
+        if self.proc.stdin is not None:
+            self.proc.stdin.close()
+        self.proc.wait(timeout=60)
+
+
+def _flags_worker_main() -> None:
+    """The `FlagsWorker` process: one JSON request per stdin line, one JSON answer per stdout line."""
+    import jax
+
+    import ufm
+
+    C.enable_x64()
+    state: dict = {}
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if "size" in msg:
+            p = _problem(*(SIZES | TINY_SIZES)[msg["size"]])
+            x0 = ufm.init_params(p, jax.random.key(0), dtype=msg["dtype"])
+            S = msg["S"]
+
+            def solve(k, p=p, x0=x0, S=S):
+                r = ufm.solve(p, init=x0, method="gd", lr=LR, max_steps=k, tol=0.0, history=False, patience=10 * S + 10)
+                r.value.block_until_ready()
+
+            solve(S)
+            solve(2 * S)
+            clock = time.process_time if msg["clock"] == "process_time" else time.perf_counter
+            state = dict(solve=solve, S=S, clock=clock)
+            out = dict(ok=True, xla_flags=os.environ.get("XLA_FLAGS", ""))
+        else:
+            solve, S, clock = state["solve"], state["S"], state["clock"]
+            w0, c0 = time.perf_counter(), time.process_time()
+            t0 = clock()
+            solve(S)
+            t1 = clock()
+            solve(2 * S)
+            t2 = clock()
+            d_ = (t2 - t1) - (t1 - t0)
+            cpu_over_wall = (time.process_time() - c0) / (time.perf_counter() - w0)
+            out = dict(rate=S / d_ if d_ > 0 else float("nan"), cpu_over_wall=cpu_over_wall)
+        sys.stdout.write(json.dumps(out) + "\n")
+        sys.stdout.flush()
 
 
 def _cpu_matmul_peak(sizes=(1024, 2048), repeat: int = 5) -> dict:
@@ -251,6 +361,7 @@ def run(
     one_core: bool = False,
     cpu_time: bool = False,
     log=print,
+    xla_flags: str | None = None,
 ) -> dict:
     """Run the benchmark; ``size="tiny"`` is the smoke test. Returns the result dict (also written as JSON).
 
@@ -258,7 +369,8 @@ def run(
     ``--one-core``'s, done before JAX starts its thread pool. ``cpu_time`` times every implementation with
     ``time.process_time`` (the CPU seconds of this process, all its threads) instead of the wall clock: with
     ``one_core`` on a machine shared with other jobs, it measures each implementation's work on the one core rather
-    than its share of the scheduler."""
+    than its share of the scheduler. ``xla_flags`` adds the row `FLAGS_ROW`: ``ufm`` in a `FlagsWorker` process
+    started with these XLA_FLAGS, in the same interleaved rounds."""
     C.enable_x64()
     if torch_compile is None:  # torch.compile costs 10-30 s per shape: not in the smoke test
         torch_compile = size != "tiny"
@@ -272,11 +384,14 @@ def run(
     matmul_peak = _cpu_matmul_peak if cpu_time else C.matmul_peak
     peak0 = matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
     configs = []
+    worker = FlagsWorker(xla_flags) if xla_flags else None
     for name, (K, n, d, L) in sizes.items():
         for dtype in ("float64",) if size == "tiny" else ("float32", "float64"):
             configs.append(
-                run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock, not one_core, log)
+                run_config(name, K, n, d, L, dtype, rounds, target_s, torch_compile, clock, not one_core, log, worker)
             )
+    if worker is not None:
+        worker.close()
     peak1 = matmul_peak(peak_sizes, repeat=2 if size == "tiny" else 5)
     peak = {
         dt: {"start": peak0[dt], "end": peak1[dt], "peak": max(peak0[dt]["peak"], peak1[dt]["peak"])} for dt in peak0
@@ -285,6 +400,7 @@ def run(
         c["fraction_of_peak"] = {k: v / peak[c["dtype"]]["peak"] for k, v in c["gflops"].items()}
     result = dict(benchmark="steps", size=size, rounds=rounds, machine=info, peak_gflops=peak, configs=configs)
     result["one_core"] = one_core
+    result["xla_flags_row"] = worker.flags if worker is not None else None
     result["clock"] = "process_time" if cpu_time else "wall"
     result["targets"] = _targets(configs)
     md = markdown(result)
@@ -377,6 +493,14 @@ def markdown(result) -> str:
         v = t["value"]
         vs = "—" if v is None else (f"{100 * v:.0f}%" if "peak" in t["target"] else C.fmt_ratio(v))
         lines.append(f"- {t['target']}: {vs} — {'met' if t['met'] else 'MISSED' if t['met'] is not None else 'n/a'}")
+    if result.get("xla_flags_row"):
+        lines += ["", f"`{FLAGS_ROW}`: ufm in a second process started with `XLA_FLAGS={result['xla_flags_row']}`:"]
+        for c in result["configs"]:
+            lines.append(
+                f"- {c['size']} {c['dtype']}: {C.fmt_ratio(1 / c['ratio_ufm_over'][FLAGS_ROW])} ufm's default rate, "
+                f"{C.fmt_ratio(c.get('ratio_flags_over_strongest'))} the strongest peer; its CPU time / wall time "
+                f"{c['flags_cpu_over_wall']:.2f}"
+            )
     if any("torch_skipped" in c for c in result["configs"]):
         lines.append(f"- torch columns skipped: {result['configs'][0]['torch_skipped']}")
     return "\n".join(lines)
@@ -801,7 +925,6 @@ def breakdown_markdown(rows, machine: dict, peak: dict | None = None) -> str:
 
 def _pieces_main(a) -> None:
     """``--pieces``: XLA must dump its optimised modules (the pieces' HLO), so XLA_FLAGS is set before JAX starts."""
-    import os
     import tempfile
 
     from . import step_pieces
@@ -837,14 +960,22 @@ def main(argv=None):
     ap.add_argument(
         "--pieces", action="store_true", help="only the per-piece account of a step, XLA (profiler) against NumPy"
     )
+    ap.add_argument(
+        "--xla-flags",
+        default=None,
+        help="add a row: ufm in a second process started with these XLA_FLAGS (e.g. "
+        "'--xla_cpu_multi_thread_eigen=false': XLA on one thread), in the same interleaved rounds",
+    )
+    ap.add_argument("--flags-worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true", help="tiny sizes (seconds)")
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default benchmarks/results)")
     ap.add_argument("--no-torch-compile", action="store_true", help="skip torch.compile peers (saves compile time)")
     a = ap.parse_args(argv)
+    if a.flags_worker:
+        _flags_worker_main()
+        return
     if a.one_core:
-        import os
-
         os.sched_setaffinity(0, {min(os.sched_getaffinity(0))})
     if a.pieces:
         _pieces_main(a)
@@ -883,6 +1014,7 @@ def main(argv=None):
         torch_compile=tc,
         one_core=a.one_core,
         cpu_time=a.cpu_time,
+        xla_flags=a.xla_flags,
     )
 
 
