@@ -76,10 +76,8 @@ def hlo_instructions(text: str) -> dict:
     return {"instrs": instrs, "comps": dict(comps)}
 
 
-def _contains(hlo: dict, comp: str | None, opcode: str, depth: int = 0) -> bool:
-    if comp is None or depth > 4:
-        return False
-    return opcode in hlo["comps"].get(comp, ())
+def _contains(hlo: dict, comp: str | None, opcode: str) -> bool:
+    return comp is not None and opcode in hlo["comps"].get(comp, ())
 
 
 def classify(hlo: dict, op: str, N: int) -> str | None:
