@@ -6,10 +6,14 @@
   executed HLO op of the solve's loop is an event with its duration (XLA:CPU's thunk executor records one per op).
   Per op, the **median** duration over the S iterations (robust to a preemption by another job); the ops are
   sorted into pieces with the optimised HLO that XLA dumps (``--xla_dump_to``, set before JAX starts):
-  *products* (a fusion or op containing a ``dot``; forward ``W_l H_l``, backward ``dW_l = G H_l^T`` (output
-  d_{l+1} x d_l) and ``dH_l = W_l^T G`` (output d_l x N)), *reductions* (sums: the loss value, the regulariser,
-  the solver's norms), *copies/transposes* (``copy``/``transpose`` ops and fusions named so), *elementwise*
-  (everything else: ReLU, its mask, the residual, the update, the solver's bookkeeping).
+  *ravel/unravel* (ops whose op_name ends in ``concatenate``/``split``/``slice``: the solver carries x as one flat
+  vector, so every step concatenates x's and g's leaves and slices x back into H and the W_l), *update and solver
+  loop* (every other op outside ``value_and_grad(objective)``, i.e. without ``jvp(`` in its op_name: the update,
+  the driver's norms, stopping rule and best-so-far); then, inside the objective, *products* (a fusion or op
+  containing a ``dot``; forward ``W_l H_l``, backward ``dW_l = G H_l^T`` (output d_{l+1} x d_l) and
+  ``dH_l = W_l^T G`` (output d_l x N)), *reductions* (the loss value, the regulariser), *copies/transposes*
+  (``copy``/``transpose`` ops and fusions named so: W^T behind `ufm._model.layer_matmul`'s barrier), *elementwise*
+  (the rest: ReLU, its mask, the residual, the regulariser's gradient).
 * **NumPy** (`benchmarks.peers.NumpyGD`, OpenBLAS with one thread): the same step written line by line
   (`numpy_step_lines`, the same statements as ``NumpyGD._grads`` and ``run``), each line timed with
   ``time.process_time``; per line, the median over repeats. NumPy computes no loss value and no stopping rule.
@@ -42,6 +46,7 @@ PIECES = (
     "elementwise",
     "reductions",
     "copies/transposes",
+    "ravel/unravel of x and g",
     "update and solver loop",
 )
 
@@ -88,6 +93,8 @@ def classify(hlo: dict, op: str, N: int) -> str | None:
     dims = tuple(int(x) for x in re.findall(r"\d+", shape.split("[", 1)[1])) if "[" in shape else ()
     if opcode in ("while", "conditional", "call", "tuple", "parameter", "get-tuple-element", "constant"):
         return None
+    if opname.rsplit("/", 1)[-1] in ("concatenate", "split", "slice"):  # the driver's flat x: ravel_pytree, unravel
+        return "ravel/unravel of x and g"
     if "jvp(" not in opname:  # not from value_and_grad(objective): the update, the driver's norms and stopping rule
         return "update and solver loop"
     if opcode == "dot" or _contains(hlo, calls, "dot"):

@@ -45,6 +45,8 @@ HLO = """
   %ynn_fusion.5 = f64[128,128]{1,0} fusion(%compare_select_fusion, %get-tuple-element.1), kind=kCustom, calls=%fused_computation.5, metadata={op_name="jit(run_jit)/while/body/transpose(jvp(jvp()))/dot_general"}
   %ynn_fusion.11 = f64[] fusion(%constant.163, %get-tuple-element.1), kind=kCustom, calls=%fused_computation.11, metadata={op_name="jit(run_jit)/while/body/jvp()/reduce_sum"}
   %ynn_fusion.1 = f64[] fusion(%constant.163, %add_multiply_fusion, %add_multiply_fusion), kind=kCustom, calls=%fused_computation.1, metadata={op_name="jit(run_jit)/while/body/dot_general"}
+  %bitcast_concatenate_fusion = f64[162048]{0} fusion(%compare_select_fusion, %ynn_fusion.5), kind=kLoop, calls=%fused_computation.37, metadata={op_name="jit(run_jit)/while/body/transpose(jvp())/concatenate"}
+  %slice_bitcast_fusion.3 = f64[128,1000]{1,0} fusion(%add_multiply_fusion), kind=kLoop, calls=%fused_computation.55, metadata={op_name="jit(run_jit)/while/body/split"}
   ROOT %tuple.9 = (f64[128,1000]{1,0}, f64[128,128]{1,0}) tuple(%compare_select_fusion, %ynn_fusion.5)
 }
 """
@@ -53,8 +55,9 @@ HLO = """
 def test_a_steps_ops_sort_into_their_pieces():
     """Each op of the excerpt lands in the piece its HLO says: a fusion around a dot is a product (forward when
     its op_name is the JVP's, dW when its d x d output has no N = 1000 axis, dH otherwise), a fusion around a
-    reduce is a reduction, a transpose fusion a copy, an op outside value_and_grad (no "jvp(" in its op_name:
-    the driver's flat update and norms) the solver loop, and a loop's bookkeeping ops no piece at all."""
+    reduce is a reduction, a transpose fusion a copy, a concatenate or split the driver's flat x (ravel/unravel,
+    inside value_and_grad or not), an op outside value_and_grad (no "jvp(" in its op_name: the driver's flat update
+    and norms) the solver loop, and a loop's bookkeeping ops no piece at all."""
     hlo = hlo_instructions(HLO)
     assert hlo["instrs"]["ynn_fusion.15"][:3] == ("f64[128,1000]", "fusion", "fused_computation.15")
     expected = {
@@ -66,6 +69,8 @@ def test_a_steps_ops_sort_into_their_pieces():
         "compare_select_fusion": "elementwise",
         "add_multiply_fusion": "update and solver loop",
         "ynn_fusion.1": "update and solver loop",
+        "bitcast_concatenate_fusion": "ravel/unravel of x and g",
+        "slice_bitcast_fusion.3": "ravel/unravel of x and g",
         "get-tuple-element.1": None,
         "tuple.9": None,
         "not_an_op": None,
