@@ -129,12 +129,18 @@ def _solve(p, x0, S: int, lr: float) -> None:
 
 
 def xla_trace(p, x0, S: int, lr: float) -> dict:
-    """``{(module, op): [duration ns per run]}`` of every HLO op of one traced ``ufm.solve`` of S GD steps."""
+    """``{(module, op): [CPU ns per run]}`` of every HLO op of one traced ``ufm.solve`` of S GD steps.
+
+    The profiler gives each op's wall-clock duration; on a core shared with other jobs that counts their time too.
+    Each duration is scaled by the traced solve's CPU time over its wall time (the share of the core this process
+    got, assumed even over the run), so the pieces are CPU time like NumPy's lines."""
     import jax
 
     with tempfile.TemporaryDirectory() as tdir:
         with jax.profiler.trace(tdir):
+            w0, c0 = time.perf_counter(), time.process_time()
             _solve(p, x0, S, lr)
+            share = min(1.0, (time.process_time() - c0) / (time.perf_counter() - w0))
         pb = glob.glob(os.path.join(tdir, "**", "*.xplane.pb"), recursive=True)[0]
         data = jax.profiler.ProfileData.from_file(pb)
     durations: dict = collections.defaultdict(list)
@@ -143,7 +149,8 @@ def xla_trace(p, x0, S: int, lr: float) -> dict:
             for e in line.events:
                 stats = dict(e.stats)
                 if "hlo_op" in stats and "hlo_module" in stats:
-                    durations[(stats["hlo_module"], stats["hlo_op"])].append(e.duration_ns)
+                    durations[(stats["hlo_module"], stats["hlo_op"])].append(e.duration_ns * share)
+    durations[("", "core share")] = [share]
     return durations
 
 
@@ -291,11 +298,13 @@ def step_pieces(sizes: dict, dtypes=("float32", "float64"), dump_dir: str = "", 
             faults: list = []
             t = C.interleaved(_round_measures(p, x0, g, S, traces, samples, faults), rounds)
             merged: dict = collections.defaultdict(list)
+            shares = [tr.pop(("", "core share"))[0] for tr in traces]
             for tr in traces:
                 for key, v in tr.items():
                     merged[key].extend(v)
             x = xla_summary(merged, functools.partial(_module_text, dump_dir), S * len(traces), p.N)
             x["measured_ms"] = C.median(t["ufm step"])
+            x["core_share"] = shares
             nump = numpy_summary(samples)
             nump["measured_ms"] = C.median(t["numpy step"])
             nump["minor_faults_per_step"] = C.median(faults)
@@ -347,9 +356,10 @@ def pieces_markdown(rows: list[dict], machine: dict) -> str:
             "### One GD step, piece by piece: XLA (`ufm.solve`'s loop, profiler) against NumPy (line by line)",
             "",
             f"Machine: {C.machine_line(machine)}. {rows[0]['rounds']} interleaved rounds. XLA: per HLO op of the "
-            "solve's loop body, the median duration over the traced steps of all rounds (the profiler's wall clock "
-            "of the op; the process on one core); NumPy: per line, the median of `time.process_time` over as many "
-            "steps (one BLAS thread). Whole step: CPU time, medians over the rounds (ufm: (t(2S) - t(S)) / S). "
+            "solve's loop body, the median duration over the traced steps of all rounds (the profiler's wall "
+            "clock of the op times the traced solve's CPU time / wall time: the process on one core, CPU time); "
+            "NumPy: per line, the median of `time.process_time` over as many steps (one BLAS thread). "
+            "Whole step: CPU time, medians over the rounds (ufm: (t(2S) - t(S)) / S). "
             f"NumPy minor page faults per step: {faults}.",
             "",
             C.md_table(head, body),
