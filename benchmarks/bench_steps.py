@@ -146,6 +146,28 @@ def _summarise(res: dict, rates: dict, rounds: int, flops: int) -> None:
     res["gflops"] = {k: v * flops / 1e9 for k, v in res["median_steps_per_s"].items()}
 
 
+def _check_same_trajectory(res: dict, impls: dict, ref, n_check: int, log) -> None:
+    """Run every peer ``n_check`` GD steps from x0 and record (into ``res``) its distance to ufm's point ``ref``
+    (relative, <= 1e-4 in float32, <= 1e-10 in float64), and torch.compile's compile time."""
+    from .peers import max_rel_diff, params_to_numpy
+
+    dtype = res["dtype"]
+    ref_P = params_to_numpy(ref.params, dtype)
+    tol = 1e-4 if dtype == "float32" else 1e-10
+    check = {}
+    for k, impl in impls.items():
+        t = time.perf_counter()
+        impl.run(n_check)
+        check[k] = max_rel_diff(impl.params(), ref_P)
+        if "compiled" in k and "2thr" in k:
+            res["torch_compile_s"] = time.perf_counter() - t
+    res["same_trajectory_rel_diff"] = check
+    res["same_trajectory_tol"] = tol
+    res["same_trajectory_ok"] = all(v <= tol for v in check.values())
+    if not res["same_trajectory_ok"]:
+        log(f"  WARNING {res['size']} {dtype}: implementations disagree after {n_check} steps: {check}")
+
+
 def run_config(
     name,
     K,
@@ -165,8 +187,6 @@ def run_config(
 
     import ufm
 
-    from .peers import max_rel_diff, params_to_numpy
-
     p = _problem(K, n, d, L)
     x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
     flops = C.gd_step_flops(K, p.N, p.widths)
@@ -179,23 +199,8 @@ def run_config(
     # --- same-trajectory check (n_check steps from x0; the tiny run reuses its timed program) ---
     # ~target_s at 30 GFLOP/s; at least 4 steps (the large size: S = 2 gave +-30% per round, one round 2.7x the others)
     S = 300 if name == "tiny" else max(4, min(20_000, int(target_s * 30e9 / flops)))
-    n_check = S if name == "tiny" else 3
-    ref = ufm_solve(n_check)
-    ref_P = params_to_numpy(ref.params, dtype)
-    tol = 1e-4 if dtype == "float32" else 1e-10
     impls = _peer_impls(p, x0, dtype, torch is not None, torch_compile)
-    check = {}
-    for k, impl in impls.items():
-        t = time.perf_counter()
-        impl.run(n_check)
-        check[k] = max_rel_diff(impl.params(), ref_P)
-        if "compiled" in k and "2thr" in k:
-            res["torch_compile_s"] = time.perf_counter() - t
-    res["same_trajectory_rel_diff"] = check
-    res["same_trajectory_tol"] = tol
-    res["same_trajectory_ok"] = all(v <= tol for v in check.values())
-    if not res["same_trajectory_ok"]:
-        log(f"  WARNING {name} {dtype}: implementations disagree after 3 steps: {check}")
+    _check_same_trajectory(res, impls, ufm_solve(S if name == "tiny" else 3), S if name == "tiny" else 3, log)
 
     # --- ufm: compile S and 2S, steady-state rate from the difference ---
     t = time.perf_counter()
