@@ -128,8 +128,8 @@ def _solve(p, x0, S: int, lr: float) -> None:
     jax.block_until_ready(r.value)
 
 
-def xla_trace(p, x0, S: int, lr: float) -> dict:
-    """``{(module, op): [CPU ns per run]}`` of every HLO op of one traced ``ufm.solve`` of S GD steps.
+def xla_trace(run) -> dict:
+    """``{(module, op): [CPU ns per run]}`` of every HLO op of one traced ``run()`` (S GD steps, blocking).
 
     The profiler gives each op's wall-clock duration; on a core shared with other jobs that counts their time too.
     Each duration is scaled by the traced solve's CPU time over its wall time (the share of the core this process
@@ -139,7 +139,7 @@ def xla_trace(p, x0, S: int, lr: float) -> dict:
     with tempfile.TemporaryDirectory() as tdir:
         with jax.profiler.trace(tdir):
             w0, c0 = time.perf_counter(), time.process_time()
-            _solve(p, x0, S, lr)
+            run()
             share = min(1.0, (time.process_time() - c0) / (time.perf_counter() - w0))
         pb = glob.glob(os.path.join(tdir, "**", "*.xplane.pb"), recursive=True)[0]
         data = jax.profiler.ProfileData.from_file(pb)
@@ -236,17 +236,30 @@ def numpy_summary(samples: dict) -> dict:
     return dict(pieces=pieces, total=sum(pieces.values()))
 
 
-def _round_measures(p, x0, g, S: int, hlo_traces: list, np_samples: dict, faults: list) -> dict:
-    """``{name: () -> float}`` for one configuration's interleaved rounds: the traced solve (durations into
-    ``hlo_traces``), NumPy's timed lines (into ``np_samples``, minor page faults into ``faults``), and the untraced
+def _round_measures(p, x0, g, S: int, traces: dict, np_samples: dict, faults: list) -> dict:
+    """``{name: () -> float}`` for one configuration's interleaved rounds: the traced solve and the traced bare GD
+    loop (durations into ``traces["xla"]``, ``traces["bare"]``), NumPy's timed lines (into ``np_samples``, minor
+    page faults into ``faults``), and the untraced
     whole steps in CPU ms (ufm.solve as (t(2S) - t(S)) / S, NumPy's ``run``)."""
     from .bench_steps import LR, _numpy_threads_ctx
 
     one = _numpy_threads_ctx(1) or contextlib.nullcontext
     clock = time.process_time
 
+    import jax
+
+    from .bench_steps import _loop_programs
+
+    bare = _loop_programs(p, LR)["bare GD"]
+    zero = np.zeros((), x0.H.dtype)
+    jax.block_until_ready(bare(x0, S, zero))  # compile
+
     def traced():
-        hlo_traces.append(xla_trace(p, x0, S, LR))
+        traces["xla"].append(xla_trace(functools.partial(_solve, p, x0, S, LR)))
+        return 0.0
+
+    def traced_bare():
+        traces["bare"].append(xla_trace(lambda: jax.block_until_ready(bare(x0, S, zero))))
         return 0.0
 
     def lines():
@@ -268,7 +281,8 @@ def _round_measures(p, x0, g, S: int, hlo_traces: list, np_samples: dict, faults
             g.run(S)
             return 1e3 * (clock() - t0) / S
 
-    return {"xla traced": traced, "numpy lines": lines, "ufm step": ufm_step, "numpy step": numpy_step}
+    measures = {"xla traced": traced, "bare traced": traced_bare, "numpy lines": lines, "ufm step": ufm_step}
+    return measures | {"numpy step": numpy_step}
 
 
 def step_pieces(sizes: dict, dtypes=("float32", "float64"), dump_dir: str = "", rounds: int = 3, log=print) -> list:
@@ -293,23 +307,17 @@ def step_pieces(sizes: dict, dtypes=("float32", "float64"), dump_dir: str = "", 
             for k in (S, 2 * S):  # compile; NumPy's temporaries then stay on malloc's heap (see the module)
                 _solve(p, x0, k, LR)
             g = NumpyGD(p, x0, dtype, LR)
-            traces: list = []
+            traces: dict = {"xla": [], "bare": []}
             samples: dict = collections.defaultdict(list)
             faults: list = []
             t = C.interleaved(_round_measures(p, x0, g, S, traces, samples, faults), rounds)
-            merged: dict = collections.defaultdict(list)
-            shares = [tr.pop(("", "core share"))[0] for tr in traces]
-            for tr in traces:
-                for key, v in tr.items():
-                    merged[key].extend(v)
-            x = xla_summary(merged, functools.partial(_module_text, dump_dir), S * len(traces), p.N)
+            x, bare = (_merged_summary(traces[k], dump_dir, S, p.N) for k in ("xla", "bare"))
             x["measured_ms"] = C.median(t["ufm step"])
-            x["core_share"] = shares
             nump = numpy_summary(samples)
             nump["measured_ms"] = C.median(t["numpy step"])
             nump["minor_faults_per_step"] = C.median(faults)
             row = dict(size=name, K=K, n=n, d=d, L=L, dtype=dtype, steps=S, rounds=rounds, flops_per_step=flops)
-            row.update(load=C.load_average(), xla=x, numpy=nump)
+            row.update(load=C.load_average(), xla=x, bare=bare, numpy=nump)
             top = sorted(x["ops"].items(), key=lambda kv: -kv[1]["ms"])[:12]
             log("    " + "; ".join(f"{k} {v['shape']} {v['piece']} {v['ms']:.3f}" for k, v in top))
             log(
@@ -319,6 +327,18 @@ def step_pieces(sizes: dict, dtypes=("float32", "float64"), dump_dir: str = "", 
             )
             rows.append(row)
     return rows
+
+
+def _merged_summary(traces: list, dump_dir: str, S: int, N: int) -> dict:
+    """`xla_summary` of the rounds' traces (S steps each) together, with each round's core share."""
+    merged: dict = collections.defaultdict(list)
+    shares = [tr.pop(("", "core share"))[0] for tr in traces]
+    for tr in traces:
+        for key, v in tr.items():
+            merged[key].extend(v)
+    out = xla_summary(merged, functools.partial(_module_text, dump_dir), S * len(traces), N)
+    out["core_share"] = shares
+    return out
 
 
 def _piece_flops(row: dict, piece: str) -> float:
@@ -333,27 +353,32 @@ def _gflops(flops: float, ms: float) -> str:
 def pieces_markdown(rows: list[dict], machine: dict) -> str:
     from . import _common as C
 
-    head = ["size (K, n, d, L)", "dtype", "piece", "XLA ms/step", "NumPy ms/step", "XLA / NumPy", "XLA GFLOP/s"]
-    head.append("NumPy GFLOP/s")
+    head = ["size (K, n, d, L)", "dtype", "piece", "XLA ms/step", "bare GD loop ms/step", "NumPy ms/step"]
+    head += ["XLA / NumPy", "bare / NumPy", "XLA GFLOP/s", "NumPy GFLOP/s"]
     body = []
     for r in rows:
         label = f"{r['size']} ({r['K']}, {r['n']}, {r['d']}, {r['L']})"
         for k in (*PIECES, "sum of the pieces", "whole step, measured"):
-            a, b = (
+            a, c, b = (
                 r[s]["total"]
                 if k == "sum of the pieces"
-                else r[s]["measured_ms"]
+                else r[s].get("measured_ms", float("nan"))
                 if k.startswith("whole")
                 else r[s]["pieces"][k]
-                for s in ("xla", "numpy")
+                for s in ("xla", "bare", "numpy")
             )
             f = r["flops_per_step"] if k in ("sum of the pieces", "whole step, measured") else _piece_flops(r, k)
-            ratio = f"{a / b:.2f}" if b > 0 else "—"
-            body.append([label, r["dtype"], k, f"{a:.3f}", f"{b:.3f}", ratio, _gflops(f, a), _gflops(f, b)])
+            ratios = [f"{u / b:.2f}" if b > 0 and np.isfinite(u) else "—" for u in (a, c)]
+            cells = [f"{u:.3f}" if np.isfinite(u) else "—" for u in (a, c, b)]
+            body.append([label, r["dtype"], k, *cells, *ratios, _gflops(f, a), _gflops(f, b)])
     faults = ", ".join(f"{r['size']} {r['dtype']} {r['numpy']['minor_faults_per_step']:.0f}" for r in rows)
     return "\n".join(
         [
             "### One GD step, piece by piece: XLA (`ufm.solve`'s loop, profiler) against NumPy (line by line)",
+            "",
+            "*bare GD loop*: the same objective's `value_and_grad` and the update x - lr g in a `fori_loop` over "
+            "the parameter tree (`bench_steps._loop_programs`), traced the same way: a step without the solver's "
+            "flat x, norms, stopping rule and best-so-far.",
             "",
             f"Machine: {C.machine_line(machine)}. {rows[0]['rounds']} interleaved rounds. XLA: per HLO op of the "
             "solve's loop body, the median duration over the traced steps of all rounds (the profiler's wall "
