@@ -4,8 +4,9 @@
 
 * **XLA**: ``ufm.solve(method="gd", tol=0, history=False)`` runs S steps under ``jax.profiler.trace``; every
   executed HLO op of the solve's loop is an event with its duration (XLA:CPU's thunk executor records one per op).
-  Per op, the **median** duration over the S iterations (robust to a preemption by another job); the ops are
-  sorted into pieces with the optimised HLO that XLA dumps (``--xla_dump_to``, set before JAX starts):
+  Per op, the **median** duration over the rounds' traced steps (robust to a preemption by another job), scaled
+  to CPU time by the traced run's CPU time / wall time; the ops are sorted into pieces with the optimised HLO that
+  XLA dumps (``--xla_dump_to``, set before JAX starts):
   *ravel/unravel* (ops whose op_name ends in ``concatenate``/``split``/``slice``: the solver carries x as one flat
   vector, so every step concatenates x's and g's leaves and slices x back into H and the W_l), *update and solver
   loop* (every other op outside ``value_and_grad(objective)``, i.e. without ``jvp(`` in its op_name: the update,
@@ -13,7 +14,8 @@
   containing a ``dot``; forward ``W_l H_l``, backward ``dW_l = G H_l^T`` (output d_{l+1} x d_l) and
   ``dH_l = W_l^T G`` (output d_l x N)), *reductions* (the loss value, the regulariser), *copies/transposes*
   (``copy``/``transpose`` ops and fusions named so: W^T behind `ufm._model.layer_matmul`'s barrier), *elementwise*
-  (the rest: ReLU, its mask, the residual, the regulariser's gradient).
+  (the rest: ReLU, its mask, the residual, the regulariser's gradient). The *bare GD loop* (``value_and_grad`` and
+  the update in a ``fori_loop`` over the parameter tree) is traced the same way: a step without the solver.
 * **NumPy** (`benchmarks.peers.NumpyGD`, OpenBLAS with one thread): the same step written line by line
   (`numpy_step_lines`, the same statements as ``NumpyGD._grads`` and ``run``), each line timed with
   ``time.process_time``; per line, the median over repeats. NumPy computes no loss value and no stopping rule.
@@ -113,7 +115,7 @@ def classify(hlo: dict, op: str, N: int) -> str | None:
 
 
 def _module_text(dump_dir: str, module: str) -> str:
-    paths = sorted(glob.glob(os.path.join(dump_dir, f"*{module}*after_optimizations.txt")))
+    paths = sorted(glob.glob(os.path.join(dump_dir, f"*{module}.*after_optimizations.txt")))
     if not paths:
         raise FileNotFoundError(f"no optimised HLO dump for module {module!r} in {dump_dir} (XLA_FLAGS unset?)")
     return open(paths[-1]).read()
@@ -149,7 +151,10 @@ def xla_trace(run) -> dict:
             for e in line.events:
                 stats = dict(e.stats)
                 if "hlo_op" in stats and "hlo_module" in stats:
-                    durations[(stats["hlo_module"], stats["hlo_op"])].append(e.duration_ns * share)
+                    # the dump's file name: module_<program id>.<module name> (two jit(lambda)s share a name)
+                    pid = stats.get("program_id")
+                    module = stats["hlo_module"] if pid is None else f"module_{int(pid):04d}.{stats['hlo_module']}"
+                    durations[(module, stats["hlo_op"])].append(e.duration_ns * share)
     durations[("", "core share")] = [share]
     return durations
 
