@@ -532,6 +532,17 @@ def _load1(la) -> str:
     return "?" if la is None else f"{la[0]:.1f}"
 
 
+def round_ratios(r: dict, e: str) -> str:
+    """The loop's time over variant ``e``'s in each interleaved round (both timed in the same round, so a load
+    that lasts the round slows both): min / median / max, less sensitive to the load than the best times'
+    ratio."""
+    loop, mine = r.get("seconds_all", {}).get("loop"), r.get("seconds_all", {}).get(e)
+    if not loop or not mine:
+        return ""
+    q = np.asarray(C.per_round_ratios(loop, mine))
+    return f"{q.min():.2f}x / {np.median(q):.2f}x / {q.max():.2f}x"
+
+
 def markdown_engines(res) -> str:
     p = res["problem"]
     lines = [
@@ -556,7 +567,7 @@ def markdown_engines(res) -> str:
     rows = []
     for B in res["sizes"]:
         r = res[f"B{B}"]
-        rows.append([f"B={B}", "loop of ufm.solve", C.fmt_time(r["seconds"]["loop"]), "1", "", "", "", "", ""])
+        rows.append([f"B={B}", "loop of ufm.solve", C.fmt_time(r["seconds"]["loop"]), "1", "", "", "", "", "", ""])
         for e in res["engines"]:
             st = r[f"{e}_steps"]
             rows.append(
@@ -565,6 +576,7 @@ def markdown_engines(res) -> str:
                     f"solve_batch {e}",
                     C.fmt_time(r["seconds"][e]),
                     C.fmt_ratio(r[f"speedup_{e}_over_loop"]),
+                    round_ratios(r, e),
                     C.fmt_time(r.get(f"first_{e}_s", r[f"compile_{e}_s"])),
                     f"{C.fmt_time(r[f'compile_{e}_s'])} ({r[f'compile_ratio_{e}']:.2f}x single)",
                     f"{st['median']:.0f} / {st['max']} / {st['total']}",
@@ -579,6 +591,7 @@ def markdown_engines(res) -> str:
                 "implementation",
                 "time",
                 "speed-up over the loop",
+                "same-round speed-up min / median / max",
                 "first call (compile + solve)",
                 "compile",
                 "steps median / max / total",
