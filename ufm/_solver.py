@@ -791,15 +791,14 @@ def _restart_batch_at_zero_saddle(problem: UFM, sols: Solution, inputs, o, cfg: 
 
 def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
     """``sols`` with run ``i`` replaced by the single-run `Solution` ``one`` (``polish_steps`` 0 where unset)."""
-    if (sols.polish_steps is None) != (one.polish_steps is None):
-        B = np.shape(sols.value)[0]
-        if sols.polish_steps is None:
-            sols = sols._replace(polish_steps=jnp.zeros(B, jnp.int32))
-        else:
-            one = one._replace(polish_steps=jnp.int32(0))
-    out = _host_rows(sols)
-    _put_row(out, i, one)
-    return jax.tree_util.tree_map(to_device, out)
+    out = _host_rows(sols._replace(polish_steps=None))  # NumPy: the row and the steps are set on the host
+    _put_row(out, i, one._replace(polish_steps=None))
+    res = jax.tree_util.tree_map(to_device, out)
+    if sols.polish_steps is None and one.polish_steps is None:
+        return res
+    steps = np.zeros(np.shape(sols.value)[0], np.int32) if sols.polish_steps is None else np.array(sols.polish_steps)
+    steps[i] = 0 if one.polish_steps is None else int(np.asarray(one.polish_steps))
+    return res._replace(polish_steps=to_device(steps))
 
 
 def seed_keys(keys, seeds):
