@@ -1000,8 +1000,11 @@ ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
 # engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU "map". Round 6 gave both engines
 # both cores (threads=2): lockstep (16 lanes) against map at 1,000 runs measured 3x faster, equal and 1.4x slower in
 # three runs on the shared machine, and the same CPU time within noise at 256 runs; map keeps the single solve's
-# arithmetic, compiles faster and has no tail (the lanes' slowest run), so it stays. On an accelerator S lanes cost
-# about one.
+# arithmetic, compiles faster and has no tail (the lanes' slowest run), so it stays. Round 7 measured why lockstep
+# cannot lead on this CPU even without its tail: a lockstep iteration costs about 48 us for 1 lane, 127 us for 4,
+# 521 us for 16 and 693 us for 32 (22-33 us a lane, one evaluation each), while a map step (6 trial evaluations)
+# costs about 22-25 us of CPU; shrinking the lanes at the tail would only bring lockstep up to map. On an
+# accelerator S lanes cost about one.
 AUTO_ENGINE = {"cpu": "map"}
 
 
