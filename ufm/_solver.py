@@ -661,6 +661,8 @@ def solve_batch(
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
       polish: the kink polish of `solve` on the runs that need it (`polish_batch`; default: True for ReLU models
         with L >= 2). Its program compiles only when some run of the batch needs it; not applied inside a trace.
+        With "map" on several threads a finished part's runs are polished on the threads before the next part
+        (`map_threads`); the result is the same.
       threads: host threads that solve the batch at the same time (default None: `ufm._batch.default_threads`,
         the usable CPU cores up to 8 on a CPU backend, 1 on an accelerator; 1: today's single-threaded engines).
         Each thread drives its own lanes/slots ("lockstep", "slots") or parts of the batch ("map") over a shared
