@@ -393,3 +393,18 @@ def test_an_exception_in_a_polish_task_is_raised_naming_its_run(monkeypatch):
     lams = np.r_[LAMS[:7], 0.005179474679231213]
     with pytest.raises(batch.ThreadFailed, match=r"map engine failed while solving runs \[7\]: FloatingPointError"):
         ufm.solve_batch(DEEP, seeds=np.r_[0:7, 15], lam_H=lams, lam_W=lams, engine="map", threads=2, max_steps=500)
+
+
+def test_solve_batch_checks_init_rows_before_compute():
+    # batched init: run i's shapes are checked (on a row made on the host, no eager slicing) and a bad one is named
+    # in the papers' symbols; NumPy leaves are accepted; a leaf without the batch axis is refused, not an IndexError
+    hs, ws, _ = DEEP.param_shapes()
+    H, Ws = np.zeros((4,) + hs), tuple(np.zeros((4,) + s) for s in ws)
+    with pytest.raises(ValueError, match=r"init\[i\]\.H must have shape d_1 x N = \(3, 4\); got \(3, 3\)"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H[:, :, :3], Ws, None))
+    with pytest.raises(ValueError, match=r"init\[i\]\.Ws\[0\] \(W_1\) must have shape d_2 x d_1 = \(3, 3\) .*got \(\)"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H, (np.float64(0.0), Ws[1]), None))
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H[:3], Ws, None))
+    with pytest.raises(TypeError, match="one floating dtype"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H.astype(np.float32), Ws, None))

@@ -839,8 +839,13 @@ def batch_init(problem: UFM, init, dtype):
     leaves = jax.tree_util.tree_leaves(init)
     if not np.ndim(leaves[0]):
         raise ValueError("init must have a leading batch axis B on every leaf")
-    check_params(problem, jax.tree_util.tree_map(lambda x: x[0], init), "init[i]")
-    init = jax.tree_util.tree_map(jnp.asarray, init)
+    # NumPy leaves go to the device by one transfer (jnp.asarray compiles a small program per shape and dtype); run
+    # i's shapes are checked on a zero row made on the host (an eager x[0] compiles a slice and a squeeze per leaf)
+    init = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else to_device(np.asarray(x)), init)
+    row = jax.tree_util.tree_map(
+        lambda x: x[0] if isinstance(x, jax.core.Tracer) else to_device(np.zeros(np.shape(x)[1:], x.dtype)), init
+    )
+    check_params(problem, row, "init[i]")
     sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(init)}
     if len(sizes) != 1:
         raise ValueError(f"init leaves disagree on the batch size: {sorted(sizes)}")
