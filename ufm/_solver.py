@@ -763,7 +763,7 @@ def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
         flag[i] = seen[key]
     if not flag.any():
         return sols
-    return sols._replace(status=jnp.where(jnp.asarray(flag), ZERO_SADDLE, sols.status).astype(jnp.int32))
+    return sols._replace(status=to_device(np.where(flag, ZERO_SADDLE, status).astype(np.int32)))  # host: no eager op
 
 
 def _restart_batch_at_zero_saddle(problem: UFM, sols: Solution, inputs, o, cfg: Config, dt, polish) -> Solution:
