@@ -280,16 +280,25 @@ def test_threads_do_not_change_any_run(engine):
     # and two must give each run the same result: losses to 1e-10 relative (measured: bit for bit), the same step
     # count and status. 8 runs on 3 lanes/slots per thread, refilled every 5 iterations: with two threads the runs
     # are handed out as threads free up, so lane composition differs from the one-thread order.
-    kw = dict(seeds=np.arange(8), lam_H=LAMS, lam_W=LAMS, engine=engine, slots=3, segment=5, max_steps=500)
+    # Run 7 (seed 15 at lambda 10^(-16/7), found by a scan) ends at a kink and needs the kink polish (76 steps): on
+    # two threads "map" polishes it on a thread as soon as its part is done (`map_threads`), the others after the
+    # engine; either way it must equal the one-thread polish (which follows the whole batch).
+    lams = np.r_[LAMS[:7], 0.005179474679231213]
+    kw = dict(seeds=np.r_[0:7, 15], lam_H=lams, lam_W=lams, engine=engine, slots=3, segment=5, max_steps=500)
     one = ufm.solve_batch(DEEP, threads=1, **kw)
     two = ufm.solve_batch(DEEP, threads=2, **kw)
     np.testing.assert_allclose(two.value, one.value, rtol=1e-10)
     np.testing.assert_array_equal(two.num_steps, one.num_steps)
     np.testing.assert_array_equal(two.status, one.status)
     np.testing.assert_allclose(two.params.H, one.params.H, rtol=1e-8, atol=1e-12)
+    if engine == "map":  # the same arithmetic as solve (lockstep's ends run 7 converged without the polish)
+        assert int(one.polish_steps[7]) > 0 and (np.asarray(one.polish_steps)[:7] == 0).all()
+    assert (two.polish_steps is None) == (one.polish_steps is None)
+    if one.polish_steps is not None:
+        np.testing.assert_array_equal(two.polish_steps, one.polish_steps)
     # every run was solved by one of the threads: its stored value is the objective at its stored parameters
     for i in (0, 7):
-        q = DEEP.replace(lam_H=float(LAMS[i]), lam_W=float(LAMS[i]))
+        q = DEEP.replace(lam_H=float(lams[i]), lam_W=float(lams[i]))
         np.testing.assert_allclose(ufm.objective(q, two.take(i).params), two.value[i], rtol=1e-12)
 
 
@@ -335,3 +344,67 @@ def test_an_exception_in_a_map_part_is_raised_naming_its_runs(monkeypatch):
     monkeypatch.setattr(solver, "batch_map_rows", failing)
     with pytest.raises(batch.ThreadFailed, match=r"map engine failed while solving runs \[5\]: FloatingPointError"):
         ufm.solve_batch(DEEP, seeds=np.arange(8), lam_H=LAMS, lam_W=LAMS, engine="map", threads=2, max_steps=500)
+
+
+def test_task_queue_hands_out_follow_up_tasks_first_and_waits_for_busy_items():
+    # `TaskQueue` (engine "map" on threads: parts, then the polish of a finished part's runs): items in order, a task
+    # added while an item is being done comes before the next item; once nothing is left, `take` waits while an item
+    # is still being done (it may add a task) and returns None after; `abort` ends every wait.
+    import threading
+
+    from ufm._batch import TaskQueue
+
+    q = TaskQueue(2)
+    assert q.take() == 0
+    q.add(("polish", 0))
+    assert q.take() == ("polish", 0)
+    assert q.take() == 1
+    q.done()  # the task
+    got = []
+    waiter = threading.Thread(target=lambda: got.append(q.take()))
+    waiter.start()
+    waiter.join(0.2)
+    assert waiter.is_alive()  # items 0 and 1 are still being done: nothing to hand out yet, but tasks may come
+    q.add("late")
+    waiter.join(5)
+    assert got == ["late"]
+    for _ in range(3):
+        q.done()  # items 0, 1 and the late task
+    assert q.take() is None
+    q2 = TaskQueue(1)
+    assert q2.take() == 0
+    waiter = threading.Thread(target=lambda: got.append(q2.take()))
+    waiter.start()
+    q2.abort()
+    waiter.join(5)
+    assert not waiter.is_alive() and got[-1] is None
+
+
+def test_an_exception_in_a_polish_task_is_raised_naming_its_run(monkeypatch):
+    # engine "map" on 2 threads polishes run 7 (the kinked run of test_threads_do_not_change_any_run) as a task of
+    # the thread that finished its part: a failure there is raised as ThreadFailed naming run 7 only
+    import ufm._batch as batch
+    import ufm._solver as solver
+
+    def failing(*a, **k):
+        raise FloatingPointError("injected")
+
+    monkeypatch.setattr(solver, "polish_kinks", failing)
+    lams = np.r_[LAMS[:7], 0.005179474679231213]
+    with pytest.raises(batch.ThreadFailed, match=r"map engine failed while solving runs \[7\]: FloatingPointError"):
+        ufm.solve_batch(DEEP, seeds=np.r_[0:7, 15], lam_H=lams, lam_W=lams, engine="map", threads=2, max_steps=500)
+
+
+def test_solve_batch_checks_init_rows_before_compute():
+    # batched init: run i's shapes are checked (on a row made on the host, no eager slicing) and a bad one is named
+    # in the papers' symbols; NumPy leaves are accepted; a leaf without the batch axis is refused, not an IndexError
+    hs, ws, _ = DEEP.param_shapes()
+    H, Ws = np.zeros((4,) + hs), tuple(np.zeros((4,) + s) for s in ws)
+    with pytest.raises(ValueError, match=r"init\[i\]\.H must have shape d_1 x N = \(3, 4\); got \(3, 3\)"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H[:, :, :3], Ws, None))
+    with pytest.raises(ValueError, match=r"init\[i\]\.Ws\[0\] \(W_1\) must have shape d_2 x d_1 = \(3, 3\) .*got \(\)"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H, (np.float64(0.0), Ws[1]), None))
+    with pytest.raises(ValueError, match="disagree on the batch size"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H[:3], Ws, None))
+    with pytest.raises(TypeError, match="one floating dtype"):
+        ufm.solve_batch(DEEP, init=ufm.Params(H.astype(np.float32), Ws, None))

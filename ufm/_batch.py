@@ -22,6 +22,7 @@ import functools
 import inspect
 import os
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
@@ -118,11 +119,63 @@ class RunQueue:
             self.aborted = True
 
 
+class TaskQueue:
+    """The work of a batch's host threads when doing an item can create more: items 0..n-1 handed out in order,
+    and follow-up tasks (`add`, any object but an int) handed out first, before the next item. `take` waits while
+    nothing is left to hand out but an item or task is still being done (it may add tasks); each thread calls `done`
+    after each item or task it took. `abort` makes every later `take` return None."""
+
+    def __init__(self, n: int):
+        self._next = 0
+        self._n = n
+        self._tasks: deque = deque()
+        self._busy = 0
+        self._cv = threading.Condition()
+        self.aborted = False
+
+    def take(self) -> Any:
+        """The next follow-up task, else the next item, else None once nothing is left and nothing is being done
+        (or the queue was aborted)."""
+        with self._cv:
+            while True:
+                if self.aborted:
+                    return None
+                if self._tasks:
+                    k = self._tasks.popleft()
+                elif self._next < self._n:
+                    k = self._next
+                    self._next += 1
+                elif self._busy == 0:
+                    return None
+                else:
+                    self._cv.wait()
+                    continue
+                self._busy += 1
+                return k
+
+    def add(self, task) -> None:
+        """A follow-up task, handed out before the next item."""
+        with self._cv:
+            self._tasks.append(task)
+            self._cv.notify()
+
+    def done(self) -> None:
+        """The item or task the calling thread took is done (its follow-up tasks added)."""
+        with self._cv:
+            self._busy -= 1
+            self._cv.notify_all()
+
+    def abort(self) -> None:
+        with self._cv:
+            self.aborted = True
+            self._cv.notify_all()
+
+
 class ThreadFailed(RuntimeError):
     """An exception inside one of a batch's host threads, with the runs that thread was solving."""
 
 
-def fan_out(work: Sequence[Callable[[], Any]], queue: RunQueue) -> list:
+def fan_out(work: Sequence[Callable[[], Any]], queue: RunQueue | TaskQueue) -> list:
     """Call each of ``work`` in its own host thread (`ThreadPoolExecutor`) and return their results in order. The
     first exception of a thread (re-raised here, with its runs named when the thread said them: `ThreadFailed`), or
     an interrupt of the caller, aborts ``queue``: the other threads stop after their current cycle, then it is
@@ -167,13 +220,20 @@ def merge_rows(done: Sequence[tuple[Any, Sequence[int]]], B: int):
     return jax.tree_util.tree_map(pick, *(o for o, _ in done))
 
 
-def drain(queue: RunQueue, do: Callable[[int], Any], held: Callable[[int], Sequence[int]], what: str) -> None:
-    """One host thread's loop over ``queue``: ``do(k)`` for every item k it takes, until the queue is empty or
-    aborted; an exception becomes the `ThreadFailed` of ``what`` naming the runs ``held(k)`` of the item at hand."""
+def drain(
+    queue: RunQueue | TaskQueue, do: Callable[[Any], Any], held: Callable[[Any], Sequence[int]], what: str
+) -> None:
+    """One host thread's loop over ``queue``: ``do(k)`` for every item k it takes (then `TaskQueue.done`), until the
+    queue is empty or aborted; an exception becomes the `ThreadFailed` of ``what`` naming the runs ``held(k)`` of the
+    item at hand."""
     k = None
     try:
         while (k := queue.take()) is not None:
-            do(k)
+            try:
+                do(k)
+            finally:
+                if isinstance(queue, TaskQueue):
+                    queue.done()
     except Exception as e:
         raise thread_failed(e, [] if k is None else held(k), what) from e
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import functools
 import math
+import threading
 import warnings
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
@@ -18,6 +20,7 @@ import optax
 
 from ._batch import (
     RunQueue,
+    TaskQueue,
     check_threads,
     drain,
     fan_out,
@@ -444,32 +447,61 @@ def polish_batch(
 
 
 def _polish_each(cp: UFM, sols: Solution, o: SolverOptions, need: np.ndarray, lams, threads: int = 1) -> Solution:
-    """`polish_batch` run by run: `ufm._kinks.polish` (`solve`'s compiled program) of each run with ``need``, at its
-    own lambdas, on ``threads`` host threads (the first run here: its call compiles the program once); the others
-    keep their result (``polish_steps`` 0). Runs are taken out and put back in NumPy (an eager ``.at[i].set`` would
-    compile a scatter per field shape); each run's row is written by one thread."""
+    """`polish_batch` run by run: `row_polisher` (`solve`'s compiled program) of each run with ``need``, at its own
+    lambdas, on ``threads`` host threads; the others keep their result (``polish_steps`` 0). Runs are taken out and
+    put back in NumPy (an eager ``.at[i].set`` would compile a scatter per field shape); each run's row is written by
+    one thread."""
     out = _host_rows(sols._replace(polish_steps=None))
-    lams = [np.asarray(a) for a in lams]
     steps = np.zeros(need.shape[0], np.int32)
     todo = np.flatnonzero(need)
     queue = RunQueue(todo.size)
+    polish_one = row_polisher(cp, o, lams)
 
-    def polish_one(i: int) -> None:
-        one = jax.tree_util.tree_map(lambda a: a[i], out)  # NumPy rows: no eager slicing programs to compile
-        p = member_problem(cp, *(a[i] for a in lams))
-        res = polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol), solve_cap(o.max_steps))
-        done = apply_polish(one, res)
-        steps[i] = int(np.asarray(done.polish_steps))
-        _put_row(out, i, done._replace(polish_steps=None))
+    def do(k: int) -> None:
+        i = int(todo[k])
+        steps[i] = polish_row(polish_one, out, i, i)
 
-    work = functools.partial(drain, queue, lambda k: polish_one(int(todo[k])), lambda k: [todo[k]], "polish")
+    work = functools.partial(drain, queue, do, lambda k: [todo[k]], "polish")
     if threads > 1 and todo.size > 1:
-        polish_one(int(todo[0]))
-        queue.take()  # run todo[0] is done
-        fan_out([work] * min(threads, todo.size - 1), queue)
+        fan_out([work] * min(threads, todo.size), queue)
     else:
         work()
     return jax.tree_util.tree_map(to_device, out)._replace(polish_steps=to_device(steps))
+
+
+def row_polisher(cp: UFM, o: SolverOptions, lams) -> Callable[[int, Solution], Solution]:
+    """The kink polish of one run of a batch, ``polish_one(i, row)``: `ufm._kinks.polish` (`solve`'s compiled
+    program, then `ufm._kinks.apply_polish`) of the single-run `Solution` ``row`` of run i, at run i's lambdas
+    ``lams`` = (lam_H (B,), lam_W (B, L), lam_b (B,)), for the polish problem ``cp`` (`polish_problem`). Safe to
+    call from several host threads: the first call (which compiles the program, once) runs alone."""
+    lams = [np.asarray(a) for a in lams]
+    first = threading.Lock()
+    warm: list[bool] = []
+
+    def polish(i: int, one: Solution) -> Solution:
+        p = member_problem(cp, *(a[i] for a in lams))
+        res = polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol), solve_cap(o.max_steps))
+        return apply_polish(one, res)
+
+    def polish_one(i: int, one: Solution) -> Solution:
+        if not warm:
+            with first:
+                if not warm:
+                    done = polish(i, one)
+                    warm.append(True)
+                    return done
+        return polish(i, one)
+
+    return polish_one
+
+
+def polish_row(polish_one: Callable[[int, Solution], Solution], rows: Solution, r: int, i: int) -> int:
+    """Row ``r`` of the NumPy batch ``rows`` (`_host_rows`), which holds run ``i``, replaced in place by its polish
+    ``polish_one(i, row)`` (`row_polisher`); returns the polish's steps."""
+    one = jax.tree_util.tree_map(lambda a: a[r], rows)  # NumPy rows: no eager slicing programs to compile
+    done = polish_one(i, one)
+    _put_row(rows, r, done._replace(polish_steps=None))
+    return int(np.asarray(done.polish_steps))
 
 
 def _host_rows(sols: Solution) -> Solution:
@@ -629,6 +661,8 @@ def solve_batch(
       engine: "auto", "lockstep", "map", "slots" or "vmap" (above).
       polish: the kink polish of `solve` on the runs that need it (`polish_batch`; default: True for ReLU models
         with L >= 2). Its program compiles only when some run of the batch needs it; not applied inside a trace.
+        With "map" on several threads a finished part's runs are polished on the threads before the next part
+        (`map_threads`); the result is the same.
       threads: host threads that solve the batch at the same time (default None: `ufm._batch.default_threads`,
         the usable CPU cores up to 8 on a CPU backend, 1 on an accelerator; 1: today's single-threaded engines).
         Each thread drives its own lanes/slots ("lockstep", "slots") or parts of the batch ("map") over a shared
@@ -682,10 +716,16 @@ def solve_batch(
     xdt = None if init is not None else dt  # None: the start is given parameters, not keys
     polish = resolve_polish(problem, polish)
     cfg = _config(o, history)
-    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment, threads)
+    if polish and not traced(inputs, o):  # engine "map" on threads polishes as its parts finish (`map_threads`)
+        lams = _batch_lambdas(problem, dt, B, inputs[1], inputs[2], inputs[3])
+        polisher = row_polisher(polish_problem(problem, dt), o, lams)
+    else:
+        polisher = None
+    sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment, threads, polisher)
     if traced(inputs, o):  # inside a trace: no host-side polish, zero-saddle test or restart
         return sols
-    sols = _polish_needed(problem, sols, o, inputs, threads) if polish else sols
+    # the runs that need the polish, unless the engine polished them already (then polish_steps is set)
+    sols = _polish_needed(problem, sols, o, inputs, threads) if polish and sols.polish_steps is None else sols
     sols = mark_zero_saddles(problem, sols, inputs)
     if init is None and isinstance(init_scale, str):
         sols = _restart_batch_at_zero_saddle(problem, sols, inputs, o, cfg, dt, polish)
@@ -723,7 +763,7 @@ def mark_zero_saddles(problem: UFM, sols: Solution, inputs) -> Solution:
         flag[i] = seen[key]
     if not flag.any():
         return sols
-    return sols._replace(status=jnp.where(jnp.asarray(flag), ZERO_SADDLE, sols.status).astype(jnp.int32))
+    return sols._replace(status=to_device(np.where(flag, ZERO_SADDLE, status).astype(np.int32)))  # host: no eager op
 
 
 def _restart_batch_at_zero_saddle(problem: UFM, sols: Solution, inputs, o, cfg: Config, dt, polish) -> Solution:
@@ -753,15 +793,14 @@ def _restart_batch_at_zero_saddle(problem: UFM, sols: Solution, inputs, o, cfg: 
 
 def _set_run(sols: Solution, i: int, one: Solution) -> Solution:
     """``sols`` with run ``i`` replaced by the single-run `Solution` ``one`` (``polish_steps`` 0 where unset)."""
-    if (sols.polish_steps is None) != (one.polish_steps is None):
-        B = np.shape(sols.value)[0]
-        if sols.polish_steps is None:
-            sols = sols._replace(polish_steps=jnp.zeros(B, jnp.int32))
-        else:
-            one = one._replace(polish_steps=jnp.int32(0))
-    out = _host_rows(sols)
-    _put_row(out, i, one)
-    return jax.tree_util.tree_map(to_device, out)
+    out = _host_rows(sols._replace(polish_steps=None))  # NumPy: the row and the steps are set on the host
+    _put_row(out, i, one._replace(polish_steps=None))
+    res = jax.tree_util.tree_map(to_device, out)
+    if sols.polish_steps is None and one.polish_steps is None:
+        return res
+    steps = np.zeros(np.shape(sols.value)[0], np.int32) if sols.polish_steps is None else np.array(sols.polish_steps)
+    steps[i] = 0 if one.polish_steps is None else int(np.asarray(one.polish_steps))
+    return res._replace(polish_steps=to_device(steps))
 
 
 def seed_keys(keys, seeds):
@@ -800,8 +839,13 @@ def batch_init(problem: UFM, init, dtype):
     leaves = jax.tree_util.tree_leaves(init)
     if not np.ndim(leaves[0]):
         raise ValueError("init must have a leading batch axis B on every leaf")
-    check_params(problem, jax.tree_util.tree_map(lambda x: x[0], init), "init[i]")
-    init = jax.tree_util.tree_map(jnp.asarray, init)
+    # NumPy leaves go to the device by one transfer (jnp.asarray compiles a small program per shape and dtype); run
+    # i's shapes are checked on a zero row made on the host (an eager x[0] compiles a slice and a squeeze per leaf)
+    init = jax.tree_util.tree_map(lambda x: x if isinstance(x, jax.Array) else to_device(np.asarray(x)), init)
+    row = jax.tree_util.tree_map(
+        lambda x: x[0] if isinstance(x, jax.core.Tracer) else to_device(np.zeros(np.shape(x)[1:], x.dtype)), init
+    )
+    check_params(problem, row, "init[i]")
     sizes = {np.shape(x)[0] for x in jax.tree_util.tree_leaves(init)}
     if len(sizes) != 1:
         raise ValueError(f"init leaves disagree on the batch size: {sorted(sizes)}")
@@ -856,10 +900,21 @@ def traced(inputs, o: SolverOptions) -> bool:
 
 
 def run_engine(
-    engine: str, prob: UFM, inputs, o: SolverOptions, cfg: Config, xdt, slots, segment, threads: int = 1
+    engine: str,
+    prob: UFM,
+    inputs,
+    o: SolverOptions,
+    cfg: Config,
+    xdt,
+    slots,
+    segment,
+    threads: int = 1,
+    polish: Callable[[int, Solution], Solution] | None = None,
 ) -> Solution:
     """Solve the batch ``inputs`` with ``engine`` on ``threads`` host threads (see `solve_batch`); inside a trace
-    always one ``vmap``."""
+    always one ``vmap``. Engine "map" on several threads also applies ``polish`` (`row_polisher`) to the runs
+    that need it as its parts finish (`map_threads`; ``polish_steps`` set when a run was polished); the other
+    engines leave the polish to the caller."""
     if traced(inputs, o):
         return batch_vmap(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "auto":
@@ -867,7 +922,7 @@ def run_engine(
     if engine == "lockstep" and not lockstep_applies(cfg):
         engine = "map"
     if engine == "map":
-        return map_threads(prob, inputs, o.tol, o.rtol, cfg, xdt, threads)
+        return map_threads(prob, inputs, o.tol, o.rtol, cfg, xdt, threads, polish)
     if engine == "vmap":
         return batch_vmap_jit(prob, inputs, o.tol, o.rtol, cfg=cfg, dtype=xdt)
     if engine == "lockstep":
@@ -878,27 +933,58 @@ def run_engine(
 MAP_PARTS_PER_THREAD = 4  # engine "map" on n threads: 4n equal parts, handed out as threads free up
 
 
-def map_threads(problem: UFM, inputs, tol, rtol, cfg: Config, dtype, threads: int) -> Solution:
+def map_threads(
+    problem: UFM,
+    inputs,
+    tol,
+    rtol,
+    cfg: Config,
+    dtype,
+    threads: int,
+    polish: Callable[[int, Solution], Solution] | None = None,
+) -> Solution:
     """Engine "map" on ``threads`` host threads: the B runs cut into n = `MAP_PARTS_PER_THREAD` x threads equal
     contiguous parts of c = ceil(B / n) runs (the last one padded by repeating run B - 1: fewer than n extra runs),
     each part one call of `batch_map_rows` (one compiled program), parts handed out in order to the threads as
-    they free up; the parts are joined in order (`join_parts`). One thread: `batch_map` of the whole batch."""
+    they free up; the parts are joined in order (`join_parts`). One thread: `batch_map` of the whole batch.
+
+    With ``polish`` (`row_polisher`, threads > 1 only), the kink polish is done on the same threads as the parts
+    finish: the runs of a finished part that need it (`ufm._kinks.needs_polish`) become tasks handed out before the
+    next part (`TaskQueue`), so the polish overlaps the other threads' parts instead of following the whole batch.
+    Then ``polish_steps`` is set (B,) when a run needed it, as `polish_batch` sets it; else it stays None."""
     B = int(np.shape(inputs[1])[0])
     if threads == 1 or B == 1:
         return batch_map(problem, inputs, tol, rtol, cfg=cfg, dtype=dtype)
     n = min(B, MAP_PARTS_PER_THREAD * threads)
     c = -(-B // n)
     n = -(-B // c)
-    queue = RunQueue(n)
+    queue = TaskQueue(n)
     parts: list = [None] * n
+    steps = np.zeros(B, np.int32)
+    polished: list[int] = []
 
     def part(j: int) -> None:
         rows = to_device(np.minimum(np.arange(j * c, (j + 1) * c), B - 1).astype(np.int32))
-        parts[j] = jax.block_until_ready(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
+        parts[j] = _host_rows(batch_map_rows(problem, inputs, rows, tol, rtol, cfg=cfg, dtype=dtype))
+        if polish is not None:  # the padding rows (run B - 1 again) are not polished
+            need = needs_polish(parts[j].status, parts[j].rel_grad)[: B - j * c]
+            for r in np.flatnonzero(need):
+                queue.add((j, int(r)))
 
-    work = functools.partial(drain, queue, part, lambda j: range(j * c, min(B, (j + 1) * c)), "map")
-    fan_out([work] * min(threads, n), queue)
-    return join_parts(tuple(parts), B)
+    def do(k) -> None:
+        if isinstance(k, int):
+            part(k)
+        else:
+            j, r = k
+            steps[j * c + r] = polish_row(polish, parts[j], r, j * c + r)  # type: ignore[arg-type]  # set when tasks exist
+            polished.append(j * c + r)
+
+    def held(k) -> Sequence[int]:
+        return range(k * c, min(B, (k + 1) * c)) if isinstance(k, int) else [k[0] * c + k[1]]
+
+    fan_out([functools.partial(drain, queue, do, held, "map")] * min(threads, n), queue)
+    out = join_parts(tuple(parts), B)
+    return out._replace(polish_steps=to_device(steps)) if polished else out
 
 
 def join_parts(parts: tuple, B: int) -> Solution:
@@ -921,8 +1007,11 @@ ENGINES = ("auto", "lockstep", "map", "slots", "vmap")
 # engine="auto" by backend (measured, benchmarks/README.md "Batched engine"): on a CPU "map". Round 6 gave both engines
 # both cores (threads=2): lockstep (16 lanes) against map at 1,000 runs measured 3x faster, equal and 1.4x slower in
 # three runs on the shared machine, and the same CPU time within noise at 256 runs; map keeps the single solve's
-# arithmetic, compiles faster and has no tail (the lanes' slowest run), so it stays. On an accelerator S lanes cost
-# about one.
+# arithmetic, compiles faster and has no tail (the lanes' slowest run), so it stays. Round 7 measured why lockstep
+# cannot lead on this CPU even without its tail: a lockstep iteration costs about 48 us for 1 lane, 127 us for 4,
+# 521 us for 16 and 693 us for 32 (22-33 us a lane, one evaluation each), while a map step (6 trial evaluations)
+# costs about 22-25 us of CPU; shrinking the lanes at the tail would only bring lockstep up to map. On an
+# accelerator S lanes cost about one.
 AUTO_ENGINE = {"cpu": "map"}
 
 
