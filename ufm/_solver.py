@@ -304,7 +304,7 @@ def _solve_from(problem: UFM, start, o: SolverOptions, cfg: Config, progress, dt
     sol = _run(_canonical(problem, dt), start, o, cfg, progress, dt)
     status = int(sol.status)
     if polish and bool(needs_polish(status, sol.rel_grad)):
-        sol = _polish(problem, sol, o)
+        sol = _polish(polish_problem(problem, sol.value.dtype), sol, o)
         status = int(sol.status)
     if status in (CONVERGED, MAX_STEPS, STALLED, PRECISION_FLOOR) and at_zero_saddle(problem, sol.value):
         sol = sol._replace(status=jax.device_put(np.int32(ZERO_SADDLE)))
@@ -365,13 +365,13 @@ def resolve_polish(problem: UFM, polish) -> bool:
     return problem.activation == "relu" and problem.L >= 2 and polish is not False
 
 
-def _polish(problem: UFM, sol: Solution, o: SolverOptions) -> Solution:
+def _polish(cp: UFM, sol: Solution, o: SolverOptions) -> Solution:
     """A ReLU run that stalled (or spent max_steps near a kink, `ufm._kinks.needs_polish`) finished by the kink polish
-    (`ufm._kinks.polish`), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted;
-    else the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set."""
-    dt = sol.value.dtype
-    cap = solve_cap(o.max_steps)
-    res = polish_kinks(polish_problem(problem, dt), sol.params, sol.value, float(o.rtol), float(o.tol), cap)
+    (`ufm._kinks.polish` on the polish problem ``cp``, `polish_problem`; capped at `ufm._kinks.solve_cap` of
+    ``max_steps``), applied by `ufm._kinks.apply_polish`: converged with the kink-aware measure when accepted; else
+    the polished point when it lowered both the loss and rel_grad; else ``sol``. ``polish_steps`` is set. `solve`
+    and every batch polish run by run (`row_polisher`) call it."""
+    res = polish_kinks(cp, sol.params, sol.value, float(o.rtol), float(o.tol), solve_cap(o.max_steps))
     return apply_polish(sol, res)
 
 
@@ -479,9 +479,7 @@ def row_polisher(cp: UFM, o: SolverOptions, lams) -> Callable[[int, Solution], S
     warm: list[bool] = []
 
     def polish(i: int, one: Solution) -> Solution:
-        p = member_problem(cp, *(a[i] for a in lams))
-        res = polish_kinks(p, one.params, one.value, float(o.rtol), float(o.tol), solve_cap(o.max_steps))
-        return apply_polish(one, res)
+        return _polish(member_problem(cp, *(a[i] for a in lams)), one, o)
 
     def polish_one(i: int, one: Solution) -> Solution:
         if not warm:
@@ -717,8 +715,7 @@ def solve_batch(
     polish = resolve_polish(problem, polish)
     cfg = _config(o, history)
     if polish and not traced(inputs, o):  # engine "map" on threads polishes as its parts finish (`map_threads`)
-        lams = _batch_lambdas(problem, dt, B, inputs[1], inputs[2], inputs[3])
-        polisher = row_polisher(polish_problem(problem, dt), o, lams)
+        polisher = row_polisher(polish_problem(problem, dt), o, inputs[1:4])  # the runs' lambdas, (B,) (B, L) (B,)
     else:
         polisher = None
     sols = run_engine(engine, _canonical(problem, dt), inputs, o, cfg, xdt, slots, segment, threads, polisher)
