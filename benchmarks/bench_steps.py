@@ -72,6 +72,17 @@ def _problem(K, n, d, L):
     )
 
 
+def case(K, n, d, L, dtype):
+    """The benchmark's problem at size (K, n, d, L) (`_problem`), its start x0 (``ufm.init_params``, key 0) in
+    ``dtype``, and the FLOPs of one GD step on it: ``(p, x0, flops)``."""
+    import jax
+
+    import ufm
+
+    p = _problem(K, n, d, L)
+    return p, ufm.init_params(p, jax.random.key(0), dtype=dtype), C.gd_step_flops(K, p.N, p.widths)
+
+
 def _calibrate(run_steps, target_s: float, max_steps: int = 100_000) -> int:
     """Number of steps of ``run_steps(k)`` that takes about target_s (also serves as warm-up)."""
     k = 1
@@ -187,9 +198,7 @@ def run_config(
 
     import ufm
 
-    p = _problem(K, n, d, L)
-    x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
-    flops = C.gd_step_flops(K, p.N, p.widths)
+    p, x0, flops = case(K, n, d, L, dtype)
     torch, why_no_torch = C.torch_or_none()
     res = dict(size=name, K=K, n=n, d=d, L=L, N=p.N, dtype=dtype, flops_per_step=flops, lr=LR, lam=LAM)
 
@@ -608,9 +617,7 @@ def step_breakdown(
     rows = []
     for name, (K, n, d, L) in sizes.items():
         for dtype in dtypes:
-            p = _problem(K, n, d, L)
-            x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
-            flops = C.gd_step_flops(K, p.N, p.widths)
+            p, x0, flops = case(K, n, d, L, dtype)
             progs = _loop_programs(p, LR)
             zero = np.zeros((), dtype)
             S = max(2, min(5000, int(target_s * 20e9 / flops)))  # ~target_s at 20 GFLOP/s
@@ -711,17 +718,14 @@ def product_variants(sizes=None, dtypes=("float32", "float64"), rounds: int = 9,
     (> 1: ufm's products win)."""
     import jax
 
-    import ufm
-
     C.enable_x64()
     one_blas_thread = _numpy_threads_ctx(1) or contextlib.nullcontext
     clock = time.process_time if cpu_time else time.perf_counter
     rows = []
     for name, (K, n, d, L) in (sizes or SIZES).items():
         for dtype in dtypes:
-            p = _problem(K, n, d, L)
-            x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
-            S = max(2, min(2000, int(0.1 * 20e9 / C.gd_step_flops(K, p.N, p.widths))))
+            p, x0, flops = case(K, n, d, L, dtype)
+            S = max(2, min(2000, int(0.1 * 20e9 / flops)))
             progs = _variant_programs(p, x0)
 
             def per_step(prog, x0=x0, S=S):

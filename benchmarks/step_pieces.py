@@ -293,21 +293,16 @@ def _round_measures(p, x0, g, S: int, traces: dict, np_samples: dict, faults: li
 def step_pieces(sizes: dict, dtypes=("float32", "float64"), dump_dir: str = "", rounds: int = 3, log=print) -> list:
     """Per-piece account of one GD step (XLA's ``ufm.solve`` loop and NumPy), per size and dtype, from ``rounds``
     interleaved rounds (see the module). ``dump_dir`` holds XLA's optimised HLO (`dump_flags`)."""
-    import jax
-
-    import ufm
 
     from . import _common as C
-    from .bench_steps import LR, _problem
+    from .bench_steps import LR, case
     from .peers import NumpyGD
 
     C.enable_x64()
     rows = []
     for name, (K, n, d, L) in sizes.items():
         for dtype in dtypes:
-            p = _problem(K, n, d, L)
-            x0 = ufm.init_params(p, jax.random.key(0), dtype=dtype)
-            flops = C.gd_step_flops(K, p.N, p.widths)
+            p, x0, flops = case(K, n, d, L, dtype)
             S = max(4, min(200, int(0.5 * 30e9 / flops)))
             for k in (S, 2 * S):  # compile; NumPy's temporaries then stay on malloc's heap (see the module)
                 _solve(p, x0, k, LR)
